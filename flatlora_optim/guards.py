@@ -1,0 +1,154 @@
+"""Guards that are installed only while noise is in the weights.
+
+In-place mode writes ``W + e`` into the frozen weights between ``perturb`` and ``restore``.
+Three things must not see those values by accident, and one thing must be known:
+
+* ``state_dict()`` of any module holding a perturbed weight returns a clean copy of it (so a
+  checkpoint saved at any moment holds the original weights);
+* ``train()`` / ``eval()`` that change the mode of a perturbed layer restore the weights and
+  raise (evaluating, or switching dropout, between forward and backward is a bug in in-place mode);
+* autograd: every forward of a perturbed layer that builds a graph marks a *pending* backward,
+  and the end of the backward pass that consumes it is reported, so that restoring can wait
+  until the gradient has been computed (restoring earlier would make autograd either raise its
+  in-place error or, through ``.data``, silently compute input gradients at the wrong weights).
+  A graph dropped without backward is reported too.
+
+All hooks are removed when the weights are restored; the model is then exactly as it was.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Dict, List
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from .targets import LoRATarget
+
+__all__ = ["PerturbationGuards"]
+
+
+class _GraphToken:
+    """Stored in a graph node's metadata: its finaliser says the graph was released."""
+
+    __slots__ = ("_callback", "__weakref__")
+
+    def __init__(self, callback: Callable[[], None]):
+        self._callback = callback
+
+    def __del__(self) -> None:
+        try:
+            self._callback()
+        except Exception:  # pragma: no cover - never raise from a finaliser
+            pass
+
+
+def _register_state_dict_post_hook(module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
+    register = getattr(module, "register_state_dict_post_hook", None)
+    if register is None:  # torch < 2.5
+        return module._register_state_dict_hook(hook)
+    return register(hook)
+
+
+class PerturbationGuards:
+    """Installs and removes the while-perturbed hooks on a set of targets.
+
+    Args:
+        targets: the perturbed targets.
+        clean_weight: ``clean_weight(target)`` returns a clean copy of that target's weight.
+        on_forward: called (no arguments) when a perturbed layer's forward builds a graph.
+        on_backward_end: called at the end of every backward pass through such a graph.
+        on_graph_released: called when such a graph is garbage-collected.
+        on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
+            it is expected to restore and raise.
+    """
+
+    def __init__(
+        self,
+        targets: List[LoRATarget],
+        clean_weight: Callable[[LoRATarget], torch.Tensor],
+        on_forward: Callable[[], None],
+        on_backward_end: Callable[[], None],
+        on_graph_released: Callable[[], None],
+        on_mode_change: Callable[[bool], None],
+    ):
+        self._handles: List[RemovableHandle] = []
+        self._patched_train: List[nn.Module] = []
+        self._callback_queued = False
+        self._on_forward = on_forward
+        self._on_backward_end = on_backward_end
+        self._on_graph_released = on_graph_released
+        owners: Dict[int, List[LoRATarget]] = {}
+        for target in targets:
+            owners.setdefault(id(target.owner), []).append(target)
+            self._handles.append(target.module.register_forward_hook(self._forward_hook))
+            self._patch_train(target.module, on_mode_change)
+        for group in owners.values():
+            self._handles.append(_register_state_dict_post_hook(group[0].owner, self._clean_state_hook(group, clean_weight)))
+
+    def remove(self) -> None:
+        """Take every hook out; idempotent."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for module in self._patched_train:
+            module.__dict__.pop("train", None)
+        self._patched_train.clear()
+
+    # -- autograd -----------------------------------------------------------------------------
+
+    def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+            return
+        self._on_forward()
+        output.register_hook(self._grad_hook)
+        node = output.grad_fn
+        metadata = getattr(node, "metadata", None)
+        if isinstance(metadata, dict):
+            metadata.setdefault("flatlora_optim", []).append(_GraphToken(self._released_callback()))
+
+    def _released_callback(self) -> Callable[[], None]:
+        owner = weakref.ref(self)
+
+        def released() -> None:
+            guards = owner()
+            if guards is not None and guards._handles:
+                guards._on_graph_released()
+
+        return released
+
+    def _grad_hook(self, grad: torch.Tensor) -> None:
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
+
+    def _backward_finished(self) -> None:
+        self._callback_queued = False
+        self._on_backward_end()
+
+    # -- train/eval ---------------------------------------------------------------------------
+
+    def _patch_train(self, module: nn.Module, on_mode_change: Callable[[bool], None]) -> None:
+        original = type(module).train
+
+        def guarded_train(mode: bool = True) -> nn.Module:
+            if bool(mode) != module.training:
+                on_mode_change(bool(mode))
+            return original(module, mode)
+
+        module.__dict__["train"] = guarded_train
+        self._patched_train.append(module)
+
+    # -- state_dict ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _clean_state_hook(group: List[LoRATarget], clean_weight: Callable[[LoRATarget], torch.Tensor]) -> Callable[..., None]:
+        def hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+            for target in group:
+                key = prefix + target.param_name
+                if key in state_dict:
+                    state_dict[key] = clean_weight(target)
+
+        return hook

@@ -1,0 +1,140 @@
+"""The paper's filter-wise noise: per-row scales, seeding and chunked generation.
+
+For a target weight ``W`` (``m x n``, rows = output units, ``n`` = fan-in) with active adapters
+``(A_a, B_a, s_a)``, Flat-LoRA draws
+
+.. math::
+    \\epsilon_{ij} \\sim \\mathcal{N}\\!\\left(0, \\frac{\\sigma_t^2}{n} \\, \\lVert W_i + \\textstyle\\sum_a s_a (B_a A_a)_i \\rVert^2\\right)
+
+so each row's noise std is ``sigma_t`` times the RMS of that row of the full weight ``W' = W + sBA``.
+
+The row norms come from the expansion
+``||W_i + b_i A||^2 = ||W_i||^2 + 2 b_i (A W_i^T) + b_i (A A^T) b_i^T`` (``b_i`` = row ``i`` of
+the stacked ``[s_1 B_1, ..., s_k B_k]``, ``A`` = the stacked ``[A_1; ...; A_k]``), which needs
+``O(m r + r^2 n)`` extra memory instead of an ``m x n`` copy of ``W + sBA``.
+
+Noise is generated in blocks of rows so that temporaries stay bounded (about 64 MiB), from a
+private ``torch.Generator`` per device re-seeded for every ``(seed, step, layer, block)``: the
+global CPU and CUDA RNGs are never used, any block can be regenerated alone (which is how
+restore works), and the same seed gives the same noise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Dict, Iterator, List, Tuple
+
+import torch
+
+from .targets import Adapter
+
+__all__ = ["CHUNK_BYTES", "rows_per_chunk", "chunk_bounds", "layer_key", "noise_seed", "GeneratorPool", "row_norms", "row_std", "block_noise"]
+
+CHUNK_BYTES = 64 * 2**20
+"""Budget for the temporaries of one block of rows (noise, candidates, codes)."""
+
+TEMP_BYTES_PER_ELEMENT = 48
+"""Upper bound on the bytes of temporaries per weight element while a block is perturbed or
+restored (noise 8, work copy 8, perturbed and candidate values 8, integer keys 16, masks 3, and
+slack); ``tests/test_memory.py`` checks the bound with the profiler."""
+
+
+def rows_per_chunk(n_cols: int) -> int:
+    """Rows per block: depends only on the fan-in, so the noise does not depend on the device."""
+    return max(1, CHUNK_BYTES // (TEMP_BYTES_PER_ELEMENT * max(1, n_cols)))
+
+
+def chunk_bounds(n_rows: int, n_cols: int) -> Iterator[Tuple[int, int, int]]:
+    """Yield ``(block_index, first_row, end_row)`` covering ``n_rows`` rows."""
+    step = rows_per_chunk(n_cols)
+    for index, start in enumerate(range(0, n_rows, step)):
+        yield index, start, min(n_rows, start + step)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def layer_key(name: str) -> int:
+    """A stable 64-bit key for a layer name (Python's ``hash`` is salted per process)."""
+    return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def noise_seed(seed: int, step: int, layer: int, block: int) -> int:
+    """Mix ``(seed, step, layer, block)`` into one 63-bit generator seed."""
+    x = 0
+    for part in (seed, step, layer, block):
+        x = _splitmix64(x ^ (part & _MASK64))
+    return x >> 1
+
+
+class GeneratorPool:
+    """One private ``torch.Generator`` per device, created on first use."""
+
+    def __init__(self) -> None:
+        self._generators: Dict[torch.device, torch.Generator] = {}
+
+    def seeded(self, device: torch.device, seed: int) -> torch.Generator:
+        generator = self._generators.get(device)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            self._generators[device] = generator
+        generator.manual_seed(seed)
+        return generator
+
+
+def _stack_adapters(adapters: List[Adapter], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(A, B)`` with the scalings folded into ``B``: ``sum_a s_a B_a A_a = B @ A``, in fp32."""
+    A = torch.cat([a.A.detach().to(device=device, dtype=torch.float32) for a in adapters], dim=0)
+    B = torch.cat([a.B.detach().to(device=device, dtype=torch.float32) * a.scaling for a in adapters], dim=1)
+    return A, B
+
+
+@torch.no_grad()
+def row_norms(rows: torch.Tensor, adapters: List[Adapter]) -> torch.Tensor:
+    """``||W_i + sum_a s_a (B_a A_a)_i||`` for every row ``i`` of ``rows`` (``m x n``), as float64.
+
+    ``||W_i||^2`` is accumulated in float64 (no overflow for any float32 weight); the adapter
+    terms use float32 matrix products over row blocks, never an ``m x n`` temporary.
+    """
+    m, n = rows.shape
+    squares = torch.empty(m, dtype=torch.float64, device=rows.device)
+    cross = torch.zeros(m, dtype=torch.float64, device=rows.device)
+    A = B = None
+    if adapters:
+        A, B = _stack_adapters(adapters, rows.device)
+    for _, start, end in chunk_bounds(m, n):
+        block = rows[start:end]
+        squares[start:end] = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square()
+        if A is not None:
+            projected = block.to(torch.float32) @ A.t()  # (rows x r): A W_i^T for each row
+            cross[start:end] = (projected * B[start:end]).sum(dim=1, dtype=torch.float64)
+    total = squares + 2.0 * cross
+    if A is not None:
+        low_rank = ((B @ (A @ A.t())) * B).sum(dim=1, dtype=torch.float64)
+        total = total + low_rank
+    # cancellation can leave a tiny negative number where W + sBA is ~0 in a row
+    return total.clamp_(min=0.0).sqrt_()
+
+
+def row_std(rows: torch.Tensor, adapters: List[Adapter], sigma: float) -> torch.Tensor:
+    """Per-row noise std ``sigma / sqrt(n) * ||W'_i||`` as float32; 0 where it is not finite.
+
+    A row whose norm overflows or holds inf/NaN has no meaningful scale: it is left unperturbed.
+    """
+    n = rows.shape[1]
+    std = (row_norms(rows, adapters) * (sigma / n**0.5)).to(torch.float32)
+    return torch.where(torch.isfinite(std), std, torch.zeros_like(std))
+
+
+def block_noise(pool: GeneratorPool, std_rows: torch.Tensor, n_cols: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """A ``len(std_rows) x n_cols`` block of N(0, std_i^2) noise of ``dtype`` from a fresh seed."""
+    generator = pool.seeded(std_rows.device, seed)
+    noise = torch.randn((std_rows.shape[0], n_cols), generator=generator, device=std_rows.device, dtype=dtype)
+    return noise.mul_(std_rows.to(dtype)[:, None])

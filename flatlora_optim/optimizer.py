@@ -1,0 +1,419 @@
+"""``FlatLoRA``: the optimizer wrapper that trains LoRA adapters at noisy full weights.
+
+One optimizer step, top to bottom:
+
+1. ``perturb()`` (entering ``with opt.perturbed():``) computes ``sigma_t`` from the schedule
+   and, for every target found by :func:`~flatlora_optim.targets.discover_targets`, writes
+   ``W + e`` into the frozen weight (:class:`~flatlora_optim.perturbation.Perturber`); the draw
+   is fixed by ``(seed, step, layer)``, so every micro-batch of the step sees the same noise.
+2. The user's forward and backward run at ``W + e``: the LoRA gradient is the gradient of
+   ``L(W + sBA + e)``.
+3. ``restore()`` (leaving the block) puts the original bits back. If a graph built in the block
+   still waits for its backward, the restore waits for the end of that backward pass.
+4. ``step()`` makes sure the weights are clean, steps the wrapped optimizer and counts the step.
+
+The wrapper *is* a ``torch.optim.Optimizer`` whose ``param_groups``, ``state`` and
+``defaults`` are the wrapped optimizer's own objects, so LR schedulers, ``GradScaler``,
+accelerate and Lightning see one optimizer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterator, List, Optional
+
+import torch
+from torch import nn
+
+from .guards import PerturbationGuards
+from .perturbation import Perturber, TargetPerturbation
+from .restore import STRATEGY_NAMES, make_strategy
+from .schedule import NoiseSchedule, ScheduleLike
+from .targets import LoRATarget, TargetsLike, discover_targets
+
+__all__ = ["FlatLoRA"]
+
+_STATE_VERSION = 1
+
+
+class FlatLoRA(torch.optim.Optimizer):
+    """Wrap a LoRA optimizer so that every step's gradient is taken at ``W + sBA + e``.
+
+    .. math::
+        \\min_{A,B} \\; \\mathbb{E}_{\\epsilon}\\, L(W + sBA + \\epsilon), \\qquad
+        \\epsilon_{ij} \\sim \\mathcal{N}\\big(0, \\tfrac{\\sigma_t^2}{n} \\lVert (W + sBA)_{i,:} \\rVert^2\\big)
+
+    Args:
+        optimizer: the optimizer of the LoRA parameters (e.g. ``torch.optim.AdamW``).
+        model: the model holding the LoRA layers; searched for targets by introspection.
+        rho: largest relative noise level ``sigma`` (paper: 0.05 for language, up to 0.15).
+        total_steps: optimizer steps of the whole run (needed by ``"cosine"`` and ``"linear"``).
+        schedule: ``"cosine"`` (default), ``"linear"``, ``"constant"`` or ``factor(step)``.
+        seed: seed of the private noise generators (the global RNGs are never used).
+        targets: restrict or override discovery: a regex (full match), a list of module names
+            or name suffixes, or ``callable(name, module) -> bool``.
+        restore: ``"exact"`` (default; bitwise, about 2-6% extra memory), ``"backup"`` (bitwise,
+            a full copy) or ``"subtract"`` (the paper's ``W~ - e``; drifts, not exact).
+
+    Example::
+
+        opt = FlatLoRA(torch.optim.AdamW(lora_params, lr=2e-4), model, rho=0.05, total_steps=1000)
+        for x, y in loader:
+            with opt.perturbed():
+                loss = loss_fn(model(x), y)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    """
+
+    def __init__(
+        self,
+        optimizer: torch.optim.Optimizer,
+        model: nn.Module,
+        rho: float = 0.05,
+        *,
+        total_steps: Optional[int] = None,
+        schedule: ScheduleLike = "cosine",
+        seed: int = 0,
+        targets: TargetsLike = None,
+        restore: str = "exact",
+    ):
+        if isinstance(optimizer, FlatLoRA):
+            raise ValueError("The optimizer is already a FlatLoRA; wrap the plain optimizer once.")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"FlatLoRA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module holding the LoRA layers, got {type(model).__name__}.")
+        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"Invalid seed {seed!r}: expected an int >= 0.")
+        if restore not in STRATEGY_NAMES:
+            make_strategy(restore)  # raises with the list of choices
+        self.schedule = NoiseSchedule(rho, schedule, total_steps)
+        self.base_optimizer = optimizer
+        self.model = model
+        self.targets: List[LoRATarget] = discover_targets(model, targets)
+        for target in self.targets:
+            target.check()
+        _check_one_device(self.targets)
+        trainable = [t.name for t in self.targets if t.weight.requires_grad]
+        if trainable:
+            warnings.warn(
+                f"Flat-LoRA perturbs base weights that require grad ({trainable[:3]}...): they will receive gradients at "
+                "W + e and, if the optimizer holds them, be updated. Freeze base weights for LoRA training.",
+                stacklevel=2,
+            )
+        self._strategy = make_strategy(restore)
+        self._perturber = Perturber(seed, self._strategy)
+        self._step_index = 0
+        self._perturbations: Optional[List[TargetPerturbation]] = None
+        self._guards: Optional[PerturbationGuards] = None
+        self._depth = 0  # nesting of perturbed() blocks
+        self._held = False  # perturb() called without restore()
+        self._pending_backward = False  # a graph built at W + e waits for its backward
+        self._live_graphs = 0
+        self.peak_restore_bytes = 0
+        self._init_optimizer_hooks()
+
+    def _init_optimizer_hooks(self) -> None:
+        # What torch.optim.Optimizer.__init__ sets up, minus building param_groups: those are
+        # the wrapped optimizer's own list (see the properties below).
+        self._optimizer_step_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_step_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_pre_hooks: Dict[int, Callable] = OrderedDict()
+        self._optimizer_load_state_dict_post_hooks: Dict[int, Callable] = OrderedDict()
+        self._warned_capturable_if_run_uncaptured = True
+        self._step_supports_amp_scaling = getattr(self.base_optimizer, "_step_supports_amp_scaling", False)
+        self._patch_step_function()
+
+    # -- shared optimizer state -------------------------------------------------------------------
+
+    @property  # type: ignore[override]
+    def param_groups(self) -> List[Dict[str, Any]]:
+        """The wrapped optimizer's ``param_groups`` (the same list object)."""
+        return self.base_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: List[Dict[str, Any]]) -> None:
+        self.base_optimizer.param_groups = value
+
+    @property  # type: ignore[override]
+    def state(self) -> Dict[Any, Any]:
+        """The wrapped optimizer's ``state`` (the same dict object)."""
+        return self.base_optimizer.state
+
+    @state.setter
+    def state(self, value: Dict[Any, Any]) -> None:
+        self.base_optimizer.state = value
+
+    @property  # type: ignore[override]
+    def defaults(self) -> Dict[str, Any]:
+        """The wrapped optimizer's ``defaults``."""
+        return self.base_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value: Dict[str, Any]) -> None:
+        self.base_optimizer.defaults = value
+
+    # -- public read-outs ----------------------------------------------------------------------
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps taken so far: ``t`` in ``sigma_t``."""
+        return self._step_index
+
+    @property
+    def sigma(self) -> float:
+        """``sigma_t`` for the current step (the noise the next ``perturb()`` draws)."""
+        return self.schedule.sigma(self._step_index)
+
+    @property
+    def seed(self) -> int:
+        return self._perturber.seed
+
+    @property
+    def restore_strategy(self) -> str:
+        return self._strategy.name
+
+    @property
+    def is_perturbed(self) -> bool:
+        """True while noise is in the weights."""
+        return self._perturbations is not None
+
+    @property
+    def restore_bytes(self) -> int:
+        """Bytes held right now to restore the weights (0 when clean)."""
+        if not self._perturbations:
+            return 0
+        return sum(p.nbytes(self._strategy) for p in self._perturbations)
+
+    @property
+    def perturbed_bytes(self) -> int:
+        """Bytes of all target weights (what a full backup would cost)."""
+        return sum(t.weight.numel() * t.weight.element_size() for t in self.targets)
+
+    # -- perturb / restore ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def perturbed(self) -> Iterator[FlatLoRA]:
+        """Noise in the weights for the body of the block; exact restore once the gradient is known.
+
+        ``backward()`` may run inside the block or right after it: when the block ends with a
+        graph still waiting for its backward, the restore happens at the end of that backward
+        pass. On an exception the weights are restored at once. Blocks may be nested; entering
+        twice in one optimizer step (gradient accumulation) reuses the same draw.
+        """
+        self._depth += 1
+        try:
+            self._apply_noise()
+            yield self
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self._held = False
+                self._restore_now()
+            raise
+        self._depth -= 1
+        self._release()
+
+    def perturb(self) -> None:
+        """Put this step's noise into the weights (idempotent within a step). Pair with :meth:`restore`."""
+        self._held = True
+        try:
+            self._apply_noise()
+        except BaseException:
+            self._held = False
+            raise
+
+    def restore(self, force: bool = False) -> None:
+        """Take the noise out of the weights, bitwise exactly.
+
+        If a forward at the noisy weights still waits for its backward, the restore is done at
+        the end of that backward pass (restoring now would corrupt its gradient); ``force=True``
+        restores now, and a later backward through that graph then raises autograd's in-place error.
+        """
+        self._held = False
+        if force:
+            self._restore_now()
+        else:
+            self._release()
+
+    def _release(self) -> None:
+        if self._depth or self._held or self._perturbations is None:
+            return
+        if self._pending_backward and self._live_graphs:
+            return  # restored by _on_backward_end or _on_graph_released
+        self._restore_now()
+
+    @torch.no_grad()
+    def _apply_noise(self) -> None:
+        if self._perturbations is not None:
+            return
+        for target in self.targets:
+            target.check()  # e.g. merged since construction: raise before touching anything
+        _check_one_device(self.targets)
+        sigma = self.schedule.sigma(self._step_index)
+        self._perturbations = []
+        if sigma == 0.0:
+            return
+        try:
+            for target in self.targets:
+                self._perturbations.append(self._perturber.perturb(target, sigma, self._step_index))
+        except BaseException:
+            self._restore_now()
+            raise
+        self.peak_restore_bytes = max(self.peak_restore_bytes, self.restore_bytes)
+        self._guards = PerturbationGuards(
+            [p.target for p in self._perturbations],
+            self._clean_weight,
+            self._on_forward,
+            self._on_backward_end,
+            self._on_graph_released,
+            self._on_mode_change,
+        )
+
+    @torch.no_grad()
+    def _restore_now(self) -> None:
+        if self._guards is not None:
+            self._guards.remove()
+            self._guards = None
+        perturbations, self._perturbations = self._perturbations, None
+        self._pending_backward = False
+        self._live_graphs = 0
+        if not perturbations:
+            return
+        error: Optional[BaseException] = None
+        for p in reversed(perturbations):
+            try:
+                self._perturber.restore(p)
+            except BaseException as exc:  # restore every other layer before reporting
+                error = error or exc
+        if error is not None:
+            raise error
+
+    def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
+        clean = target.weight.detach().clone()
+        for p in self._perturbations or []:
+            if p.target is target:
+                self._perturber.restore(p, dest=clean.t() if target.transposed else clean)
+        return clean
+
+    def _on_forward(self) -> None:
+        self._pending_backward = True
+        self._live_graphs += 1
+
+    def _on_backward_end(self) -> None:
+        self._pending_backward = False
+        self._release()
+
+    def _on_graph_released(self) -> None:
+        self._live_graphs = max(0, self._live_graphs - 1)
+        if self._live_graphs == 0:
+            self._release()
+
+    def _on_mode_change(self, mode: bool) -> None:
+        self._held = False
+        self._restore_now()
+        raise RuntimeError(
+            f"model.{'train' if mode else 'eval'}() was called while Flat-LoRA noise is in the base weights (inside "
+            "opt.perturbed() or between its forward and backward). The weights have been restored; the pending "
+            "gradient cannot be computed. Switch modes outside the block, after backward()."
+        )
+
+    # -- optimizer API -------------------------------------------------------------------------
+
+    def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:  # type: ignore[override]
+        """Restore the weights if needed, step the wrapped optimizer, advance ``t``.
+
+        With a ``closure`` (LBFGS, Lightning), every call of it runs inside ``perturbed()``.
+        Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
+        """
+        self._held = False
+        self._restore_now()  # the gradient is complete once step() is called
+        wrapped = None
+        if closure is not None:
+
+            def wrapped() -> Any:
+                with torch.enable_grad(), self.perturbed():
+                    return closure()
+
+        loss = self.base_optimizer.step(wrapped, **kwargs) if wrapped is not None else self.base_optimizer.step(**kwargs)
+        self._step_index += 1
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        self.base_optimizer.add_param_group(param_group)
+
+    def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
+        """The wrapped optimizer's ``state_dict`` plus a ``"flatlora"`` entry (step, seed, schedule)."""
+        state = self.base_optimizer.state_dict()
+        state["flatlora"] = {
+            "version": _STATE_VERSION,
+            "step": self._step_index,
+            "seed": self._perturber.seed,
+            "rho": self.schedule.rho,
+            "schedule": self.schedule.name,
+            "total_steps": self.schedule.total_steps,
+            "restore": self._strategy.name,
+            "targets": [t.name for t in self.targets],
+        }
+        return state
+
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
+        """Load what :meth:`state_dict` gave; training then continues bitwise as if uninterrupted."""
+        state = dict(state_dict)
+        flat = state.pop("flatlora", None)
+        self._held = False
+        self._restore_now()
+        self.base_optimizer.load_state_dict(state)
+        if flat is None:
+            warnings.warn("Loading a state_dict without Flat-LoRA state: the noise schedule restarts at step 0.", stacklevel=2)
+            return
+        if flat.get("version") != _STATE_VERSION:
+            raise ValueError(f"Unsupported Flat-LoRA state version {flat.get('version')!r} (this library writes {_STATE_VERSION}).")
+        schedule: ScheduleLike = flat["schedule"]
+        if schedule == "callable":
+            if isinstance(self.schedule.schedule, str):
+                raise ValueError("The checkpoint was trained with a callable schedule; construct FlatLoRA with that callable before loading.")
+            schedule = self.schedule.schedule
+        self.schedule = NoiseSchedule(flat["rho"], schedule, flat["total_steps"])
+        self._perturber.seed = int(flat["seed"])
+        self._step_index = int(flat["step"])
+
+    def regenerate_noise(self, name: str) -> torch.Tensor:
+        """The full noise matrix of target ``name`` for the current draw (while perturbed).
+
+        Regenerated from its seed, one layer alone; rows are output units (``m x n``).
+        """
+        for p in self._perturbations or []:
+            if p.target.name == name:
+                return self._perturber.noise(p)
+        known = [t.name for t in self.targets]
+        if name not in known:
+            raise KeyError(f"{name!r} is not a Flat-LoRA target; targets are {known}.")
+        raise RuntimeError("No noise is drawn right now: call regenerate_noise inside opt.perturbed() (sigma_t > 0).")
+
+    def __repr__(self) -> str:
+        return (
+            f"FlatLoRA({self.base_optimizer.__class__.__name__}, rho={self.schedule.rho}, schedule={self.schedule.name!r}, "
+            f"total_steps={self.schedule.total_steps}, seed={self._perturber.seed}, restore={self._strategy.name!r}, "
+            f"targets={len(self.targets)}, step={self._step_index})"
+        )
+
+    def __getstate__(self) -> Dict[str, Any]:
+        raise TypeError("FlatLoRA holds the model and private generators and is not picklable; save opt.state_dict() instead.")
+
+
+def _check_one_device(targets: List[LoRATarget]) -> None:
+    devices = sorted({str(t.weight.device) for t in targets})
+    if len(devices) > 1:
+        raise ValueError(
+            f"The LoRA target weights are spread over several devices ({devices}); FlatLoRA expects the model on one device "
+            "(for model parallelism use DDP/FSDP with one device per process)."
+        )

@@ -1,0 +1,81 @@
+"""Perturb one target weight with the paper's noise, and bring it back.
+
+One call of :meth:`Perturber.perturb` handles one layer: it computes the per-row noise std from
+the full weight ``W + sBA`` (see :mod:`flatlora_optim.noise`), then walks the rows in blocks,
+draws each block's noise from its own seed, writes ``fl(W + e)`` and keeps what the restore
+strategy needs. :meth:`Perturber.restore` regenerates every block's noise from the same seeds
+and undoes the blocks in reverse order. Nothing but the row stds (``m`` floats) and the
+strategy's records is kept in between.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional, Tuple
+
+import torch
+
+from .noise import GeneratorPool, block_noise, chunk_bounds, layer_key, noise_seed, row_std
+from .restore import RestoreStrategy, noise_dtype
+from .targets import LoRATarget
+
+__all__ = ["TargetPerturbation", "Perturber"]
+
+
+@dataclass
+class TargetPerturbation:
+    """What is needed to regenerate one layer's noise and undo it."""
+
+    target: LoRATarget
+    step: int
+    sigma: float
+    std: torch.Tensor  # per-row noise std, float32, length m
+    blocks: List[Tuple[int, int, int, Any]] = field(default_factory=list)  # (block, start, end, record)
+
+    def nbytes(self, strategy: RestoreStrategy) -> int:
+        """Bytes held for this layer between perturb and restore (row stds + records)."""
+        return self.std.numel() * self.std.element_size() + sum(strategy.nbytes(r) for *_, r in self.blocks)
+
+
+class Perturber:
+    """Applies and undoes the noise of ``(seed, step)`` on targets, one layer at a time."""
+
+    def __init__(self, seed: int, strategy: RestoreStrategy):
+        self.seed = seed
+        self.strategy = strategy
+        self.generators = GeneratorPool()
+
+    def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int) -> torch.Tensor:
+        rows = p.target.rows()
+        seed = noise_seed(self.seed, p.step, layer_key(p.target.name), block)
+        return block_noise(self.generators, p.std[start:end], rows.shape[1], seed, noise_dtype(rows.dtype))
+
+    @torch.no_grad()
+    def perturb(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
+        """Write ``W + e`` into ``target``'s weight; return what restores it."""
+        rows = target.rows()
+        p = TargetPerturbation(target, step, sigma, row_std(rows, target.adapters(), sigma))
+        try:
+            for block, start, end in chunk_bounds(*rows.shape):
+                noise = self._block_noise(p, block, start, end)
+                p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], noise)))
+        except BaseException:
+            self.restore(p)  # leave nothing half-perturbed
+            raise
+        return p
+
+    @torch.no_grad()
+    def restore(self, p: TargetPerturbation, dest: Optional[torch.Tensor] = None) -> None:
+        """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
+        rows = p.target.rows() if dest is None else dest
+        for block, start, end, record in reversed(p.blocks):
+            self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end), record)
+
+    @torch.no_grad()
+    def noise(self, p: TargetPerturbation) -> torch.Tensor:
+        """The full ``m x n`` noise drawn for ``p`` (for inspection; allocates the whole matrix)."""
+        m, n = p.target.shape
+        out = torch.zeros((m, n), dtype=noise_dtype(p.target.weight.dtype), device=p.std.device)
+        for block, start, end in chunk_bounds(m, n):
+            out[start:end] = self._block_noise(p, block, start, end)
+        return out
