@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 import sys
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -229,25 +229,32 @@ register_flavour(Flavour("flatlora", _is_flatlora, _describe_flatlora))
 
 # ---------------------------------------------------------------------------- discovery
 
-TargetsLike = Union[None, str, Sequence[str], Callable[[str, nn.Module], bool]]
+TargetsLike = Union[None, str, Sequence[Union[str, nn.Module]], Callable[[str, nn.Module], bool]]
 
 
-def _name_filter(targets: TargetsLike) -> Optional[Callable[[str, nn.Module], bool]]:
-    """peft's conventions: one string is a regex matched in full, a list matches name suffixes."""
+def _selector(targets: TargetsLike) -> Tuple[Optional[Callable[[str, nn.Module], bool]], Set[int]]:
+    """Turn ``targets=`` into (a name filter over LoRA layers, ids of explicitly given modules).
+
+    peft's conventions: one string is a regex matched against the whole name, a list matches
+    names or their last components. Module objects in the list are taken as given, even a plain
+    frozen ``nn.Linear`` without adapters (an override).
+    """
     if targets is None:
-        return None
+        return None, set()
     if isinstance(targets, str):
         pattern = re.compile(targets)
-        return lambda name, module: pattern.fullmatch(name) is not None
-    if callable(targets):
-        return targets  # type: ignore[return-value]
-    suffixes = list(targets)
-    if not suffixes or not all(isinstance(s, str) for s in suffixes):
+        return (lambda name, module: pattern.fullmatch(name) is not None), set()
+    if callable(targets) and not isinstance(targets, nn.Module):
+        return targets, set()  # type: ignore[return-value]
+    items = list(targets) if not isinstance(targets, nn.Module) else [targets]
+    if not items or not all(isinstance(s, (str, nn.Module)) for s in items):
         raise ValueError(
-            f"Invalid targets {targets!r}: expected a regex string, a non-empty list of module names or suffixes, "
-            "or a callable(name, module) -> bool."
+            f"Invalid targets {targets!r}: expected a regex string, a non-empty list of module names, name suffixes or "
+            "modules, or a callable(name, module) -> bool."
         )
-    return lambda name, module: any(name == s or name.endswith("." + s) for s in suffixes)
+    suffixes = [s for s in items if isinstance(s, str)]
+    modules = {id(m) for m in items if isinstance(m, nn.Module)}
+    return (lambda name, module: id(module) in modules or any(name == s or name.endswith("." + s) for s in suffixes)), modules
 
 
 def _flavour_of(module: nn.Module, explicit: bool) -> Optional[Flavour]:
@@ -263,11 +270,12 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
     """Return the weights Flat-LoRA should perturb, in ``model.named_modules()`` order.
 
     With ``targets=None`` every LoRA-bearing module is taken. A regex string, a list of names
-    or suffixes, or a callable ``(name, module) -> bool`` restricts the choice; a name that picks
-    a plain ``nn.Linear`` without adapters adds it (its noise is scaled by its own row norms).
+    or suffixes, or a callable ``(name, module) -> bool`` restricts the choice to the LoRA layers
+    it selects; module objects in the list override it: they are taken even when they are a
+    plain frozen ``nn.Linear`` (its noise is then scaled by its own row norms).
     Raises ``ValueError`` with what was searched for when nothing is found.
     """
-    selector = _name_filter(targets)
+    selector, explicit_modules = _selector(targets)
     found: List[LoRATarget] = []
     unsupported: Dict[str, List[str]] = {}
     claimed: List[str] = []
@@ -275,10 +283,9 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in claimed):
             continue  # the base layer inside a LoRA wrapper is described by the wrapper
-        explicit = selector is not None and bool(selector(name, module))
-        if selector is not None and not explicit:
+        if selector is not None and not selector(name, module):
             continue
-        flavour = _flavour_of(module, explicit)
+        flavour = _flavour_of(module, explicit=id(module) in explicit_modules)
         if flavour is None:
             if lora_layer_cls is not None and isinstance(module, lora_layer_cls):
                 unsupported.setdefault(type(module).__name__, []).append(name)
@@ -304,6 +311,6 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
         raise ValueError(
             f"No LoRA layers found in {type(model).__name__}: searched {sum(1 for _ in model.named_modules())} modules for "
             f"{searched}. Add adapters first (peft.get_peft_model(...) or flatlora_optim.inject_lora(model, [...], r=8, alpha=16)), "
-            "or name frozen Linear layers to perturb with targets=[...]."
+            "or pass frozen Linear modules to perturb with targets=[module, ...]."
         )
     return found

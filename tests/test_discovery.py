@@ -1,0 +1,183 @@
+"""Discovery by introspection: peft Linear (incl. GPT-2 Conv1D), the built-in LoRALinear, targets=."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import assert_frozen_unchanged, frozen_weights, make_mlp
+from torch import nn
+
+from flatlora_optim import FlatLoRA, discover_targets, inject_lora, lora_parameters
+from flatlora_optim.optimizer import _check_one_device
+
+
+def tiny_llama(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    )
+    return transformers.LlamaForCausalLM(config)
+
+
+def tiny_gpt2(seed: int = 0):
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=32))
+
+
+def _randomise_lora(model, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+
+
+def _expected_row_norms(module, adapters):
+    base = module.get_base_layer().weight.detach().double()
+    w = base.t() if module.fan_in_fan_out else base
+    delta = sum(module.scaling[a] * module.lora_B[a].weight.double() @ module.lora_A[a].weight.double() for a in adapters)
+    return (w + delta).norm(dim=1) if adapters else w.norm(dim=1)
+
+
+def _realised_row_std(opt, target):
+    rows = target.rows().detach().double().clone()
+    with opt.perturbed():
+        noisy = target.rows().detach().double().clone()
+    return (noisy - rows).std(dim=1)
+
+
+def test_finds_every_peft_linear_in_a_llama():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    targets = discover_targets(model)
+    assert len(targets) == 2 * 7
+    assert all(t.flavour == "peft" and not t.transposed for t in targets)
+    assert targets[0].name.endswith("self_attn.q_proj")
+    assert targets[0].weight is targets[0].module.base_layer.weight
+
+
+def test_gpt2_conv1d_rows_are_output_units():
+    model = peft.get_peft_model(tiny_gpt2(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    _randomise_lora(model)
+    targets = discover_targets(model)
+    assert {t.transposed for t in targets} == {True}
+    c_attn = next(t for t in targets if t.name.endswith("c_attn"))
+    assert c_attn.weight.shape == (32, 96) and c_attn.shape == (96, 32)  # Conv1D stores (in, out)
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), model, rho=0.5, schedule="constant")
+    std = _realised_row_std(opt, c_attn)
+    expected = 0.5 * _expected_row_norms(c_attn.module, ["default"]) / 32**0.5
+    # 32 samples per row: check the rank correlation and the mean ratio (seeded; tolerance 15%)
+    assert abs((std / expected).mean().item() - 1) < 0.15
+    ids = torch.randint(0, 64, (2, 8))
+    with opt.perturbed():
+        model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()
+    assert_frozen_unchanged(model, before)
+
+
+def test_several_active_adapters_are_summed_and_inactive_ones_ignored():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]), adapter_name="first")
+    model.add_adapter("second", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"]))
+    model.add_adapter("third", peft.LoraConfig(r=2, lora_alpha=8, target_modules=["q_proj"]))
+    _randomise_lora(model)
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.set_adapter(["first", "second"])
+    target = next(t for t in discover_targets(model) if t.module is layer)
+    assert [a.name for a in target.adapters()] == ["first", "second"]
+    from flatlora_optim.noise import row_norms
+
+    torch.testing.assert_close(row_norms(target.rows(), target.adapters()), _expected_row_norms(layer, ["first", "second"]))
+
+
+def test_disabled_adapters_count_only_the_base_weight():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    _randomise_lora(model)
+    with model.disable_adapter():
+        targets = discover_targets(model)
+        assert all(t.adapters() == [] for t in targets)
+    assert all(len(t.adapters()) == 1 for t in targets)
+
+
+def test_merged_peft_adapter_is_a_clear_error():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"]))
+    model.merge_adapter()
+    with pytest.raises(ValueError, match="merged"):
+        FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10)
+
+
+def test_dora_is_refused_clearly_for_now():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
+    with pytest.raises(ValueError, match="DoRA"):
+        FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10)
+
+
+def test_targets_restrict_by_suffix_regex_and_callable():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    assert len(discover_targets(model, targets=["q_proj"])) == 2
+    assert len(discover_targets(model, targets=r".*layers\.0\..*")) == 2
+    assert len(discover_targets(model, targets=lambda name, m: name.endswith("v_proj"))) == 2
+
+
+def test_targets_can_add_a_plain_frozen_linear():
+    model = make_mlp()
+    model.append(nn.Linear(5, 5))
+    targets = discover_targets(model, targets=["0", model[5]])
+    assert [(t.name, t.flavour) for t in targets] == [("0", "flatlora"), ("5", "plain")]
+    assert discover_targets(model)[-1].name == "4"  # plain Linear only when given as a module
+    assert [t.name for t in discover_targets(model, targets=["0", "5"])] == ["0"]  # names restrict
+
+
+def test_no_lora_found_says_what_was_searched():
+    with pytest.raises(ValueError, match="No LoRA layers found in Sequential.*LoRALinear.*inject_lora"):
+        FlatLoRA(torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1), nn.Sequential(nn.Linear(2, 2)), total_steps=10)
+    with pytest.raises(ValueError, match="selected no LoRA layer"):
+        discover_targets(make_mlp(), targets=["does_not_exist"])
+
+
+def test_unsupported_peft_layers_warn_and_are_skipped():
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
+    with pytest.warns(UserWarning, match="Embedding"):
+        targets = discover_targets(model)
+    assert all(t.name.endswith("q_proj") for t in targets)
+
+
+def test_meta_weights_and_several_devices_are_refused():
+    model = make_mlp()
+    model[0].weight = nn.Parameter(torch.empty(32, 12, device="meta"), requires_grad=False)
+    with pytest.raises(ValueError, match="meta device"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, total_steps=5)
+    fake = [SimpleNamespace(weight=torch.zeros(1)), SimpleNamespace(weight=torch.zeros(1, device="meta"))]
+    with pytest.raises(ValueError, match="several devices"):
+        _check_one_device(fake)
+
+
+def test_quantized_base_weight_is_refused():
+    model = make_mlp()
+    model[0].weight = nn.Parameter(torch.zeros(32, 12, dtype=torch.int8), requires_grad=False)
+    with pytest.raises(ValueError, match="quantized"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, total_steps=5)
+
+
+def test_inject_lora_keeps_the_function_and_freezes_the_base():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 6), nn.ReLU(), nn.Linear(6, 2))
+    x = torch.randn(3, 6)
+    before = model(x)
+    inject_lora(model, ["0", "2"], r=2, alpha=4)
+    torch.testing.assert_close(model(x), before)  # B = 0 at init
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["0.lora_A", "0.lora_B", "2.lora_A", "2.lora_B"]
+    with pytest.raises(ValueError, match="matched no nn.Linear"):
+        inject_lora(model, ["nope"])
+
+
+def test_peft_is_not_imported_by_the_library():
+    import subprocess
+    import sys
+
+    code = "import sys, flatlora_optim, torch; m = torch.nn.Sequential(torch.nn.Linear(2, 2)); flatlora_optim.inject_lora(m, ['0']); flatlora_optim.discover_targets(m); print('peft' in sys.modules, 'transformers' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -1,0 +1,191 @@
+"""FlatLoRA behaves as a torch optimizer: shared groups/state, schedulers, GradScaler, resume."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from torch import nn
+
+from flatlora_optim import FlatLoRA, lora_parameters
+
+
+def _opt(model, **kwargs):
+    kwargs.setdefault("rho", 0.1)
+    kwargs.setdefault("total_steps", 20)
+    base = torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2, weight_decay=0.01)
+    return FlatLoRA(base, model, **kwargs)
+
+
+def _train(model, opt, steps, start=0, scheduler=None):
+    losses = []
+    dtype = next(model.parameters()).dtype
+    for step in range(start, start + steps):
+        x, y = batch(step, dtype=dtype)
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        loss.backward()
+        opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def test_is_an_optimizer_sharing_the_wrapped_objects(mlp):
+    opt = _opt(mlp)
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.state is opt.base_optimizer.state
+    assert opt.defaults is opt.base_optimizer.defaults
+    _train(mlp, opt, 2)
+    assert len(opt.state) == len(list(lora_parameters(mlp)))  # AdamW state visible through the wrapper
+
+
+def test_lr_scheduler_acts_on_the_shared_groups(mlp):
+    opt = _opt(mlp)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    _train(mlp, opt, 3, scheduler=sched)
+    assert opt.base_optimizer.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.5**3)
+
+
+def test_add_param_group_and_zero_grad(mlp):
+    extra = nn.Parameter(torch.zeros(3))
+    opt = _opt(mlp)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert opt.base_optimizer.param_groups[-1]["params"] == [extra]
+    extra.grad = torch.ones(3)
+    opt.zero_grad()
+    assert extra.grad is None
+
+
+def test_closure_returns_its_loss_and_is_run_perturbed(mlp):
+    opt = _opt(mlp, schedule="constant", total_steps=None)
+    seen = []
+
+    def closure():
+        seen.append(opt.is_perturbed)
+        loss = nn.functional.cross_entropy(mlp(batch(0)[0]), batch(0)[1])
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert isinstance(loss, torch.Tensor) and seen == [True]
+    assert not opt.is_perturbed and opt.step_count == 1
+
+
+def test_lbfgs_closure_called_several_times_with_one_draw(mlp):
+    """Every closure call sees the same draw z; its row scale follows the adapters as they move."""
+    before = frozen_weights(mlp)
+    clean = mlp[0].weight.detach().clone()
+    opt = FlatLoRA(torch.optim.LBFGS(list(lora_parameters(mlp)), max_iter=4), mlp, rho=0.1, schedule="constant")
+    draws = []
+
+    def closure():
+        opt.zero_grad()
+        draws.append(mlp[0].weight.detach() - clean)
+        loss = nn.functional.cross_entropy(mlp(batch(0)[0]), batch(0)[1])
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert len(draws) > 1 and draws[0].abs().sum() > 0
+    for d in draws[1:]:
+        assert torch.corrcoef(torch.stack([d.flatten(), draws[0].flatten()]))[0, 1] > 0.9  # independent draws would give ~0
+    assert_frozen_unchanged(mlp, before)
+
+
+def test_grad_scaler_on_cpu_including_a_skipped_step(mlp):
+    before = frozen_weights(mlp)
+    opt = _opt(mlp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**4)
+    lora_before = [p.detach().clone() for p in lora_parameters(mlp)]
+    x, y = batch(0)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(mlp(x), y)
+    scaler.scale(loss).backward()
+    next(lora_parameters(mlp)).grad[0, 0] = float("inf")  # force an inf: the scaler skips step()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.step_count == 0 and not opt.is_perturbed
+    assert all(torch.equal(a, b) for a, b in zip(lora_before, lora_parameters(mlp)))
+    assert_frozen_unchanged(mlp, before)
+    opt.zero_grad()
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(mlp(x), y)
+    scaler.scale(loss).backward()
+    scaler.step(opt)
+    scaler.update()
+    assert opt.step_count == 1
+    assert not all(torch.equal(a, b) for a, b in zip(lora_before, lora_parameters(mlp)))
+    assert_frozen_unchanged(mlp, before)
+
+
+def _save(model, opt) -> bytes:
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(dtype):
+    model = make_mlp(seed=5).to(dtype)
+    opt = _opt(model, seed=7)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=20)
+    _train(model, opt, 6, scheduler=sched)
+    checkpoint = _save(model, opt)
+    sched_state = sched.state_dict()
+    uninterrupted = _train(model, opt, 6, start=6, scheduler=sched)
+    final = [bits(p) for p in model.parameters()]
+
+    model2 = make_mlp(seed=99).to(dtype)  # different init, overwritten by the checkpoint
+    opt2 = _opt(model2, seed=0, rho=0.3)  # different seed and rho: the checkpoint's win
+    sched2 = torch.optim.lr_scheduler.CosineAnnealingLR(opt2, T_max=20)
+    state = torch.load(io.BytesIO(checkpoint))
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["opt"])
+    sched2.load_state_dict(sched_state)
+    assert opt2.step_count == 6 and opt2.seed == 7 and opt2.schedule.rho == 0.1
+    assert opt2.param_groups is opt2.base_optimizer.param_groups
+    resumed = _train(model2, opt2, 6, start=6, scheduler=sched2)
+    assert resumed == uninterrupted
+    assert all(torch.equal(a, bits(b)) for a, b in zip(final, model2.parameters()))
+
+
+def test_state_dict_keeps_torch_format_and_flat_state(mlp):
+    opt = _opt(mlp, seed=3)
+    _train(mlp, opt, 2)
+    sd = opt.state_dict()
+    assert set(sd) == {"state", "param_groups", "flatlora"}
+    assert sd["flatlora"]["step"] == 2 and sd["flatlora"]["seed"] == 3 and sd["flatlora"]["schedule"] == "cosine"
+    plain = {k: v for k, v in sd.items() if k != "flatlora"}
+    opt.base_optimizer.load_state_dict(plain)  # the base optimizer accepts it as is
+
+
+def test_loading_a_plain_state_dict_warns(mlp):
+    opt = _opt(mlp)
+    with pytest.warns(UserWarning, match="restarts at step 0"):
+        opt.load_state_dict(opt.base_optimizer.state_dict())
+
+
+def test_same_seed_same_run_different_seed_different_run():
+    def run(seed):
+        model = make_mlp(seed=1)
+        opt = _opt(model, seed=seed, schedule="constant", total_steps=None)
+        return _train(model, opt, 4), [bits(p) for p in lora_parameters(model)]
+
+    (l1, p1), (l2, p2), (l3, _) = run(0), run(0), run(1)
+    assert l1 == l2 and all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert l1[1:] != l3[1:]
+
+
+def test_repr_and_read_outs(mlp):
+    opt = _opt(mlp)
+    assert "FlatLoRA(AdamW" in repr(opt) and "rho=0.1" in repr(opt)
+    assert opt.perturbed_bytes == sum(m.weight.numel() * 4 for m in mlp if hasattr(m, "lora_A"))
+    assert opt.restore_strategy == "exact" and opt.sigma == 0.0
+    opt.step()
+    assert opt.sigma > 0

@@ -1,0 +1,166 @@
+"""No way to keep noise by accident: exceptions, eval(), state_dict(), checkpoints, dropped graphs."""
+
+from __future__ import annotations
+
+import gc
+import io
+
+import pytest
+import torch
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from torch import nn
+
+from flatlora_optim import FlatLoRA, LoRALinear, lora_parameters
+
+
+@pytest.fixture
+def setup():
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant")
+    return model, opt, frozen_weights(model)
+
+
+@pytest.mark.parametrize("exc", [ValueError, KeyboardInterrupt])
+def test_exception_inside_block_restores(setup, exc):
+    model, opt, before = setup
+    with pytest.raises(exc):
+        with opt.perturbed():
+            nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+            raise exc("boom")
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_nested_blocks_restore_at_the_outermost_exit(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        with opt.perturbed():
+            inner = bits(model[0].weight)
+        assert opt.is_perturbed and torch.equal(bits(model[0].weight), inner)
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_eval_inside_block_restores_and_raises(setup):
+    model, opt, before = setup
+    with pytest.raises(RuntimeError, match="eval"):
+        with opt.perturbed():
+            model(batch(0)[0])
+            model.eval()
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_eval_between_forward_and_backward_restores_and_raises(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+    assert opt.is_perturbed
+    with pytest.raises(RuntimeError, match="Flat-LoRA noise"):
+        model.eval()
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    del loss
+
+
+def test_train_without_mode_change_is_allowed(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        model.train()  # already training: frameworks call this every step
+        nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    assert_frozen_unchanged(model, before)
+    model.eval()  # hooks are gone once restored
+    assert not model.training
+
+
+def test_state_dict_while_perturbed_is_clean(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        noisy = bits(model[0].weight)
+        sd = model.state_dict()
+        buffer = io.BytesIO()
+        torch.save(model.state_dict(), buffer)
+        assert torch.equal(bits(model[0].weight), noisy)  # the live weight stays perturbed
+    assert not torch.equal(noisy, before["0.weight"])
+    for key, value in before.items():
+        assert torch.equal(bits(sd[key]), value), key
+    saved = torch.load(io.BytesIO(buffer.getvalue()))
+    for key, value in before.items():
+        assert torch.equal(bits(saved[key]), value), key
+
+
+def test_submodule_state_dict_while_perturbed_is_clean(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        sd = model[2].state_dict()
+    assert torch.equal(bits(sd["weight"]), before["2.weight"])
+
+
+def test_dropped_graph_without_backward_restores(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+    assert opt.is_perturbed  # waiting for a backward that never comes...
+    del loss
+    gc.collect()
+    assert not opt.is_perturbed  # ...until the graph is dropped
+    assert_frozen_unchanged(model, before)
+
+
+def test_step_restores_a_pending_perturbation(setup):
+    model, opt, before = setup
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+    opt.step()
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    del loss
+
+
+def test_forward_under_no_grad_restores_at_exit(setup):
+    model, opt, before = setup
+    with opt.perturbed(), torch.no_grad():
+        model(batch(0)[0])
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_hooks_are_removed_after_restore(setup):
+    model, opt, _ = setup
+    with opt.perturbed():
+        nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+        assert any(m._forward_hooks for m in model.modules())
+        assert "train" in model[0].__dict__
+    for m in model.modules():
+        assert not m._forward_hooks and "train" not in m.__dict__
+        assert not getattr(m, "_state_dict_hooks", {})
+
+
+def test_merged_since_construction_raises_before_touching_weights(setup):
+    model, opt, _ = setup
+    model[2].merge()
+    merged = frozen_weights(model)
+    with pytest.raises(ValueError, match="merged"):
+        with opt.perturbed():
+            pass
+    assert_frozen_unchanged(model, merged)
+    assert not opt.is_perturbed
+
+
+def test_backward_twice_with_retain_graph_raises_clearly(setup):
+    model, opt, before = setup
+    x, y = batch(0)
+    x.requires_grad_(True)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward(retain_graph=True)  # weights restored at the end of this backward
+    assert_frozen_unchanged(model, before)
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+
+
+def test_lora_linear_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(nn.Linear(3, 3), r=0, alpha=1)
+    with pytest.raises(TypeError):
+        LoRALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
