@@ -51,7 +51,8 @@ def _realised_row_std(opt, target):
 
 
 def test_finds_every_peft_linear_in_a_llama():
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=projections))
     targets = discover_targets(model)
     assert len(targets) == 2 * 7
     assert all(t.flavour == "peft" and not t.transposed for t in targets)
@@ -178,6 +179,9 @@ def test_peft_is_not_imported_by_the_library():
     import subprocess
     import sys
 
-    code = "import sys, flatlora_optim, torch; m = torch.nn.Sequential(torch.nn.Linear(2, 2)); flatlora_optim.inject_lora(m, ['0']); flatlora_optim.discover_targets(m); print('peft' in sys.modules, 'transformers' in sys.modules)"
+    code = (
+        "import sys, flatlora_optim, torch; m = torch.nn.Sequential(torch.nn.Linear(2, 2)); flatlora_optim.inject_lora(m, ['0']); "
+        "flatlora_optim.discover_targets(m); print('peft' in sys.modules, 'transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
