@@ -119,7 +119,8 @@ def test_blocks_depend_only_on_fan_in():
 
 def test_seeds_differ_across_step_layer_block_and_seed():
     base = noise_seed(0, 5, layer_key("a"), 0)
-    others = [noise_seed(1, 5, layer_key("a"), 0), noise_seed(0, 6, layer_key("a"), 0), noise_seed(0, 5, layer_key("b"), 0), noise_seed(0, 5, layer_key("a"), 1)]
+    a, b = layer_key("a"), layer_key("b")
+    others = [noise_seed(1, 5, a, 0), noise_seed(0, 6, a, 0), noise_seed(0, 5, b, 0), noise_seed(0, 5, a, 1)]
     assert len({base, *others}) == 5
     assert 0 <= base < 2**63
     assert layer_key("model.layers.0.q_proj") == layer_key("model.layers.0.q_proj")
