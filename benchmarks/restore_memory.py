@@ -13,6 +13,7 @@ import json
 
 import torch
 
+from flatlora_optim.noise import add_noise
 from flatlora_optim.restore import BackupRestore, ExactRestore, noise_dtype
 
 
@@ -26,7 +27,7 @@ def fraction(strategy, dist: str, dtype: torch.dtype, rho: float, rows: int, col
     w = (w * 0.02).to(dtype)
     rms = w.to(torch.float64).pow(2).mean(1, keepdim=True).sqrt()
     noise = (torch.randn(rows, cols, generator=gen, dtype=torch.float64) * rho * rms).to(noise_dtype(dtype))
-    record = strategy.perturb(w, noise)
+    record = strategy.perturb(w, add_noise(w, noise), noise)
     return strategy.nbytes(record) / (w.numel() * w.element_size())
 
 

@@ -22,13 +22,26 @@ restore works), and the same seed gives the same noise.
 from __future__ import annotations
 
 import hashlib
-from typing import Dict, Iterator, List, Tuple
+import os
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
 from .targets import Adapter
 
-__all__ = ["CHUNK_BYTES", "rows_per_chunk", "chunk_bounds", "layer_key", "noise_seed", "GeneratorPool", "row_norms", "row_std", "block_noise"]
+__all__ = [
+    "CHUNK_BYTES",
+    "rows_per_chunk",
+    "chunk_bounds",
+    "layer_key",
+    "noise_seed",
+    "GeneratorPool",
+    "row_norms",
+    "row_std",
+    "TorchNoiseKernel",
+    "kernel_for",
+    "add_noise",
+]
 
 CHUNK_BYTES = 64 * 2**20
 """Budget for the temporaries of one block of rows (noise, candidates, codes)."""
@@ -133,8 +146,59 @@ def row_std(rows: torch.Tensor, adapters: List[Adapter], sigma: float) -> torch.
     return torch.where(torch.isfinite(std), std, torch.zeros_like(std))
 
 
-def block_noise(pool: GeneratorPool, std_rows: torch.Tensor, n_cols: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """A ``len(std_rows) x n_cols`` block of N(0, std_i^2) noise of ``dtype`` from a fresh seed."""
-    generator = pool.seeded(std_rows.device, seed)
-    noise = torch.randn((std_rows.shape[0], n_cols), generator=generator, device=std_rows.device, dtype=dtype)
-    return noise.mul_(std_rows.to(dtype)[:, None])
+class TorchNoiseKernel:
+    """Noise and perturbed values with plain torch ops (CPU, and GPUs without Triton).
+
+    The draw is ``z ~ N(0, 1)`` in float32 from a generator seeded for the block; the noise is
+    ``e = z * std_i`` computed in the *work* dtype (float32 for 16-bit weights, float64 for
+    float32/float64 weights), and the perturbed weight is ``fl(W + e)`` rounded once to the
+    weight's dtype. Both modes (in-place and virtual) form ``W + e`` through :meth:`perturbed`,
+    so they see the same values.
+    """
+
+    name = "torch"
+
+    def __init__(self) -> None:
+        self.generators = GeneratorPool()
+
+    def noise(self, std_rows: torch.Tensor, n_cols: int, seed: int, work: torch.dtype) -> torch.Tensor:
+        """``e`` for one block: ``len(std_rows) x n_cols`` in the work dtype."""
+        generator = self.generators.seeded(std_rows.device, seed)
+        z = torch.randn((std_rows.shape[0], n_cols), generator=generator, device=std_rows.device, dtype=torch.float32)
+        return z.to(work).mul_(std_rows.to(work)[:, None])
+
+    def perturbed(self, block: torch.Tensor, std_rows: torch.Tensor, seed: int, work: torch.dtype, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``fl(W + e)`` for one block, as a new tensor of the weight's dtype."""
+        if noise is None:
+            noise = self.noise(std_rows, block.shape[1], seed, work)
+        return add_noise(block, noise)
+
+
+def add_noise(block: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """``fl(W + e)``: the sum in the noise's (work) dtype, rounded once to the weight's dtype."""
+    return (block.to(noise.dtype) + noise).to(block.dtype)
+
+
+_KERNELS: Dict[str, object] = {}
+
+
+def kernel_for(device: torch.device) -> TorchNoiseKernel:
+    """The fastest available noise kernel for ``device``: Triton on CUDA when installed, else torch.
+
+    ``FLATLORA_NOISE_KERNEL=torch`` forces the torch kernel (for comparisons). The kernels draw
+    different streams, so a seed reproduces a run with the same kernel and device type.
+    """
+    choice = os.environ.get("FLATLORA_NOISE_KERNEL", "auto")
+    if device.type == "cuda" and choice != "torch":
+        if "triton" not in _KERNELS:
+            try:
+                from .kernels.triton_noise import TritonNoiseKernel
+
+                _KERNELS["triton"] = TritonNoiseKernel()
+            except ImportError:
+                _KERNELS["triton"] = None
+        if _KERNELS["triton"] is not None:
+            return _KERNELS["triton"]  # type: ignore[return-value]
+    if "torch" not in _KERNELS:
+        _KERNELS["torch"] = TorchNoiseKernel()
+    return _KERNELS["torch"]  # type: ignore[return-value]

@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .noise import GeneratorPool, block_noise, chunk_bounds, layer_key, noise_seed, row_std
+from .noise import chunk_bounds, kernel_for, layer_key, noise_seed, row_std
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
 
@@ -43,22 +43,41 @@ class Perturber:
     def __init__(self, seed: int, strategy: RestoreStrategy):
         self.seed = seed
         self.strategy = strategy
-        self.generators = GeneratorPool()
+
+    def block_seed(self, p: TargetPerturbation, block: int) -> int:
+        return noise_seed(self.seed, p.step, layer_key(p.target.name), block)
 
     def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int) -> torch.Tensor:
         rows = p.target.rows()
-        seed = noise_seed(self.seed, p.step, layer_key(p.target.name), block)
-        return block_noise(self.generators, p.std[start:end], rows.shape[1], seed, noise_dtype(rows.dtype))
+        return kernel_for(rows.device).noise(p.std[start:end], rows.shape[1], self.block_seed(p, block), noise_dtype(rows.dtype))
+
+    def describe(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
+        """The per-row scales of this step's noise for ``target`` (nothing is written)."""
+        return TargetPerturbation(target, step, sigma, row_std(target.rows(), target.adapters(), sigma))
+
+    @torch.no_grad()
+    def perturbed_rows(self, p: TargetPerturbation, source: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """A new ``m x n`` tensor holding ``fl(W + e)`` (virtual mode's temporary), block by block."""
+        rows = p.target.rows() if source is None else source
+        out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
+        kernel = kernel_for(rows.device)
+        work = noise_dtype(rows.dtype)
+        for block, start, end in chunk_bounds(*rows.shape):
+            out[start:end] = kernel.perturbed(rows[start:end], p.std[start:end], self.block_seed(p, block), work)
+        return out
 
     @torch.no_grad()
     def perturb(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
         """Write ``W + e`` into ``target``'s weight; return what restores it."""
         rows = target.rows()
-        p = TargetPerturbation(target, step, sigma, row_std(rows, target.adapters(), sigma))
+        p = self.describe(target, sigma, step)
+        kernel = kernel_for(rows.device)
+        work = noise_dtype(rows.dtype)
         try:
             for block, start, end in chunk_bounds(*rows.shape):
                 noise = self._block_noise(p, block, start, end)
-                p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], noise)))
+                perturbed = kernel.perturbed(rows[start:end], p.std[start:end], self.block_seed(p, block), work, noise=noise)
+                p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], perturbed, noise)))
         except BaseException:
             self.restore(p)  # leave nothing half-perturbed
             raise

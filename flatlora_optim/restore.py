@@ -79,10 +79,6 @@ def noise_dtype(weight_dtype: torch.dtype) -> torch.dtype:
     return _format(weight_dtype).work
 
 
-def _perturbed_values(block: torch.Tensor, noise: torch.Tensor, fmt: _Format) -> torch.Tensor:
-    return (block.to(fmt.work) + noise).to(block.dtype)
-
-
 def _candidates(perturbed: torch.Tensor, noise: torch.Tensor, fmt: _Format) -> torch.Tensor:
     return (perturbed.to(fmt.work) - noise).to(perturbed.dtype)
 
@@ -101,17 +97,18 @@ def _unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class RestoreStrategy:
-    """Writes ``fl(W + noise)`` into a block of rows and later brings back ``W``.
+    """Writes the perturbed values ``W~ = fl(W + noise)`` into a block of rows and later brings back ``W``.
 
-    ``perturb`` returns a record; ``restore(dest, noise, record)`` writes the original values
-    into ``dest``, which must hold the perturbed values (the live weight, or a copy of it when a
-    clean ``state_dict`` is taken while perturbed). Records are not consumed.
+    ``perturb(block, perturbed, noise)`` writes ``perturbed`` into ``block`` and returns a
+    record; ``restore(dest, noise, record)`` writes the original values into ``dest``, which must
+    hold the perturbed values (the live weight, or a copy of it when a clean ``state_dict`` is
+    taken while perturbed). Records are not consumed.
     """
 
     name = "base"
     exact = True
 
-    def perturb(self, block: torch.Tensor, noise: torch.Tensor) -> Any:
+    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> Any:
         raise NotImplementedError
 
     def restore(self, dest: torch.Tensor, noise: torch.Tensor, record: Any) -> None:
@@ -137,9 +134,8 @@ class ExactRestore(RestoreStrategy):
     name = "exact"
 
     @torch.no_grad()
-    def perturb(self, block: torch.Tensor, noise: torch.Tensor) -> _ExactRecord:
+    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> _ExactRecord:
         fmt = _format(block.dtype)
-        perturbed = _perturbed_values(block, noise, fmt)
         original_bits = block.view(fmt.bits)
         candidate_bits = _candidates(perturbed, noise, fmt).view(fmt.bits)
         ambiguous = _exponent(perturbed.view(fmt.bits), fmt) > _exponent(candidate_bits, fmt)
@@ -188,9 +184,9 @@ class BackupRestore(RestoreStrategy):
     name = "backup"
 
     @torch.no_grad()
-    def perturb(self, block: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         backup = block.clone()
-        block.copy_(_perturbed_values(block, noise, _format(block.dtype)))
+        block.copy_(perturbed)
         return backup
 
     @torch.no_grad()
@@ -209,8 +205,8 @@ class SubtractRestore(RestoreStrategy):
     exact = False
 
     @torch.no_grad()
-    def perturb(self, block: torch.Tensor, noise: torch.Tensor) -> None:
-        block.copy_(_perturbed_values(block, noise, _format(block.dtype)))
+    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> None:
+        block.copy_(perturbed)
         return None
 
     @torch.no_grad()

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from flatlora_optim import FlatLoRA, lora_parameters
+from flatlora_optim.noise import add_noise
 from flatlora_optim.restore import BackupRestore, ExactRestore, SubtractRestore, noise_dtype
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -48,7 +49,7 @@ def test_codec_restores_exact_bits(case, strategy_name, transposed):
     storage = w.t().contiguous() if transposed else w.clone()
     rows = storage.t() if transposed else storage  # a strided view, as for GPT-2 Conv1D
     before = bits(rows)
-    record = strategy.perturb(rows, noise)
+    record = strategy.perturb(rows, add_noise(rows, noise), noise)
     strategy.restore(rows, noise, record)
     assert torch.equal(bits(rows), before)
 
@@ -60,7 +61,7 @@ def test_clean_copy_restore_leaves_live_weight_perturbed(case):
     w, noise = case
     strategy = ExactRestore()
     before = bits(w)
-    record = strategy.perturb(w, noise)
+    record = strategy.perturb(w, add_noise(w, noise), noise)
     perturbed = bits(w)
     copy = w.clone()
     strategy.restore(copy, noise, record)
@@ -115,7 +116,7 @@ def test_subtract_restore_drifts_as_documented():
     strategy = SubtractRestore()
     for _ in range(100):
         noise = torch.randn(256, 256, generator=gen) * 0.05 * 0.02
-        strategy.restore(w, noise, strategy.perturb(w, noise))
+        strategy.restore(w, noise, strategy.perturb(w, add_noise(w, noise), noise))
     changed = (bits(w) != bits(original)).float().mean().item()
     assert changed > 0.05, changed  # seed 0: about a quarter of the elements drift
 
@@ -132,7 +133,7 @@ def test_exact_restore_memory_is_within_ten_percent(dtype, rho, seed):
     rms = w.to(torch.float64).pow(2).mean(1, keepdim=True).sqrt()
     noise = (torch.randn(256, 512, generator=gen, dtype=torch.float64) * rho * rms).to(noise_dtype(dtype))
     strategy = ExactRestore()
-    record = strategy.perturb(w, noise)
+    record = strategy.perturb(w, add_noise(w, noise), noise)
     assert strategy.nbytes(record) <= 0.10 * w.numel() * w.element_size()
 
 
