@@ -9,7 +9,8 @@ global RNG. See ``docs/user-guide.md``.
 from .lora import LoRALinear, inject_lora, lora_parameters
 from .optimizer import FlatLoRA
 from .schedule import NoiseSchedule
-from .targets import Adapter, Flavour, LoRATarget, discover_targets, register_flavour
+from .describe import describe_targets, format_targets
+from .targets import Adapter, Flavour, LoRALayerInfo, LoRATarget, discover_targets, register_flavour, register_lora_layer
 
 __all__ = [
     "FlatLoRA",
@@ -19,6 +20,10 @@ __all__ = [
     "lora_parameters",
     "discover_targets",
     "register_flavour",
+    "register_lora_layer",
+    "LoRALayerInfo",
+    "describe_targets",
+    "format_targets",
     "Flavour",
     "LoRATarget",
     "Adapter",

@@ -6,14 +6,18 @@ together with the low-rank adapters ``(A, B, scaling)`` that are currently added
 forward pass. The noise of row ``i`` is scaled by ``||W_i + sum_a s_a (B_a A_a)_i||``.
 
 Each LoRA implementation ("flavour") is one small :class:`Flavour`: a test that says whether a
-module is of that kind, and a function that describes it as a :class:`LoRATarget`. Adding a
-flavour is adding one such pair to the registry (see :func:`register_flavour`).
+module is of that kind, and a function that describes it as a :class:`LoRATarget`. The built-in
+flavours live in :mod:`flatlora_optim.flavours` (peft, loralib, torchtune, this package's own
+``LoRALinear``); a user adds one with :func:`register_lora_layer` (a describe function returning
+a :class:`LoRALayerInfo`) or, with full control, :func:`register_flavour`.
+See ``docs/flavours.md``.
 """
 
 from __future__ import annotations
 
 import re
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -23,10 +27,13 @@ from torch import nn
 __all__ = [
     "Adapter",
     "LoRATarget",
+    "LoRALayerInfo",
     "Flavour",
     "TargetsLike",
     "discover_targets",
     "register_flavour",
+    "register_lora_layer",
+    "packed_weight_reason",
 ]
 
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -52,11 +59,15 @@ class LoRATarget:
     Attributes:
         name: qualified module name in the model (as in ``model.named_modules()``).
         module: the LoRA-bearing module (the one discovery matched).
-        flavour: which LoRA implementation it is (``"peft"``, ``"flatlora"``, ``"plain"``...).
+        flavour: which LoRA implementation it is (``"peft"``, ``"peft-conv"``, ``"loralib"``...).
         owner: the module that holds the frozen weight as a parameter.
         param_name: the weight's attribute name on ``owner`` (usually ``"weight"``).
         transposed: True when the stored weight is ``n x m`` (GPT-2 ``Conv1D``, peft
-            ``fan_in_fan_out=True``); rows are then its columns.
+            ``fan_in_fan_out=True``, embeddings); rows are then its columns.
+
+    A weight with more than two dimensions (a convolution kernel ``out x in/groups x k...``) is
+    seen as ``out x (in/groups * prod(k))`` through ``weight.view(out, -1)``, which shares the
+    weight's storage; a non-contiguous kernel cannot be viewed so and is refused by :meth:`check`.
     """
 
     name: str
@@ -70,13 +81,27 @@ class LoRATarget:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The frozen weight parameter, as stored."""
+        """The frozen weight parameter, as stored.
+
+        When ``torch.nn.utils.parametrize`` is active on it (peft ``ParamWrapper`` registers one
+        during its forward), this is the stored original, not the parametrised value.
+        """
+        parametrizations = getattr(self.owner, "parametrizations", None)
+        if parametrizations is not None and self.param_name in parametrizations:
+            return parametrizations[self.param_name].original
         return getattr(self.owner, self.param_name)
+
+    def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (laid out like the weight) as the ``m x n`` row view; a view, never a copy."""
+        if self.transposed:
+            return tensor.t()
+        if tensor.dim() > 2:
+            return tensor.view(tensor.shape[0], -1)
+        return tensor
 
     def rows(self) -> torch.Tensor:
         """The weight as an ``m x n`` view (output rows x fan-in); writes go to the parameter."""
-        weight = self.weight
-        return weight.t() if self.transposed else weight
+        return self.rows_of(self.weight)
 
     def adapters(self) -> List[Adapter]:
         """The adapters that the module's forward adds to this weight right now."""
@@ -91,8 +116,13 @@ class LoRATarget:
                 f"Target {self.name!r} has a {weight.dtype} base weight (packed or quantized?); Flat-LoRA in-place mode "
                 f"perturbs only {', '.join(str(d) for d in _FLOAT_DTYPES)} weights. Exclude it with targets=..."
             )
-        if weight.dim() != 2:
-            raise ValueError(f"Target {self.name!r} has a {weight.dim()}-D weight; this flavour expects a 2-D Linear weight.")
+        if weight.dim() < 2 or (self.transposed and weight.dim() != 2):
+            raise ValueError(f"Target {self.name!r} has a {weight.dim()}-D weight; this flavour expects a 2-D weight.")
+        if weight.dim() > 2 and not weight.is_contiguous():
+            raise ValueError(
+                f"Target {self.name!r} has a non-contiguous {weight.dim()}-D weight: its rows cannot be viewed as "
+                "out x fan-in without a copy (channels_last?). Call model.to(memory_format=torch.contiguous_format)."
+            )
         if weight.device.type == "meta":
             raise ValueError(
                 f"Target {self.name!r} has its weight on the meta device (offloaded or not yet materialised); "
@@ -110,13 +140,15 @@ class Flavour:
     """A LoRA implementation discovery knows: ``matches(module)`` and ``describe(name, module)``.
 
     ``explicit_only`` flavours (a plain ``nn.Linear`` without adapters) are used only for modules
-    the user names in ``targets=``.
+    the user names in ``targets=``. A flavour with ``claims_submodules=False`` lets discovery
+    look inside the matched module for further targets (nested peft ``ParamWrapper``).
     """
 
     name: str
     matches: Callable[[nn.Module], bool]
     describe: Callable[[str, nn.Module], LoRATarget]
     explicit_only: bool = False
+    claims_submodules: bool = True
 
 
 _REGISTRY: List[Flavour] = []
@@ -130,101 +162,179 @@ def register_flavour(flavour: Flavour, *, first: bool = True) -> None:
         _REGISTRY.append(flavour)
 
 
-# ---------------------------------------------------------------------------- built-in flavours
+# ---------------------------------------------------------------------------- custom layers
 
 
-def _describe_flatlora(name: str, module: nn.Module) -> LoRATarget:
-    def adapters() -> List[Adapter]:
-        if module.merged:
-            return []
-        return [Adapter("default", module.lora_A, module.lora_B, float(module.scaling))]
-
-    def check() -> None:
-        if module.merged:
-            raise ValueError(
-                f"The LoRA update of {name!r} is merged into its base weight: training a merged adapter gives it no "
-                "gradient and Flat-LoRA would perturb W+sBA as if it were frozen. Call module.unmerge() before training."
-            )
-
-    return LoRATarget(name, module, "flatlora", module, "weight", False, adapters, check)
+AdapterLike = Union[Adapter, Tuple[torch.Tensor, torch.Tensor, float]]
 
 
-def _is_flatlora(module: nn.Module) -> bool:
-    from .lora import LoRALinear
+@dataclass
+class LoRALayerInfo:
+    """What a describe function returns for one custom LoRA layer (see :func:`register_lora_layer`).
 
-    return isinstance(module, LoRALinear)
+    Attributes:
+        weight: the frozen base weight: an ``nn.Parameter`` held by the layer or one of its
+            submodules, or its dotted name inside the layer (``"base.weight"``).
+        adapters: the low-rank updates the forward adds to the weight *now*, in row orientation:
+            ``Adapter(name, A, B, scaling)`` or ``(A, B, scaling)`` tuples with ``A`` ``r x n``
+            (fan-in ``n``) and ``B`` ``m x r`` (``m`` output rows). Empty when the adapters are
+            disabled: the noise then follows ``W`` alone.
+        transposed: the weight is stored ``n x m`` (``fan_in_fan_out``); rows are its columns.
+        merged: the update is merged into the weight: perturbing would be wrong, so Flat-LoRA
+            raises a ``ValueError`` asking to unmerge.
+        problem: any other reason the layer cannot be perturbed now (raised as ``ValueError``).
+    """
 
-
-def _peft_linear_class() -> Optional[type]:
-    # peft is optional: a model built with peft has imported it, so there is nothing to import
-    # (and nothing to pay) when it is absent from sys.modules.
-    if "peft" not in sys.modules:
-        return None
-    try:
-        from peft.tuners.lora.layer import Linear
-    except ImportError:  # pragma: no cover - a peft without the LoRA tuner
-        return None
-    return Linear
-
-
-def _peft_lora_layer_class() -> Optional[type]:
-    if "peft" not in sys.modules:
-        return None
-    try:
-        from peft.tuners.lora.layer import LoraLayer
-    except ImportError:  # pragma: no cover
-        return None
-    return LoraLayer
+    weight: Union[torch.Tensor, str]
+    adapters: Sequence[AdapterLike] = ()
+    transposed: bool = False
+    merged: bool = False
+    problem: Optional[str] = None
 
 
-def _is_peft_linear(module: nn.Module) -> bool:
-    cls = _peft_linear_class()
-    return cls is not None and isinstance(module, cls)
+def _locate_parameter(module: nn.Module, weight: Union[torch.Tensor, str]) -> Tuple[nn.Module, str]:
+    if isinstance(weight, str):
+        owner_path, _, param_name = weight.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        if param_name not in owner._parameters:
+            raise ValueError(f"{type(module).__name__} has no parameter {weight!r}.")
+        return owner, param_name
+    for _, sub in module.named_modules():
+        for param_name, param in sub._parameters.items():
+            if param is weight:
+                return sub, param_name
+    raise ValueError(
+        f"The weight returned for {type(module).__name__} is not a parameter of that module or of its submodules; "
+        "return the nn.Parameter itself (or its dotted name) so that Flat-LoRA can write into it."
+    )
 
 
-def _describe_peft_linear(name: str, module: nn.Module) -> LoRATarget:
-    base = module.get_base_layer()
-    transposed = bool(getattr(module, "fan_in_fan_out", False))
+def _as_adapters(items: Sequence[AdapterLike]) -> List[Adapter]:
+    out = []
+    for i, item in enumerate(items):
+        if isinstance(item, Adapter):
+            out.append(item)
+        else:
+            A, B, scaling = item
+            out.append(Adapter(f"adapter{i}" if len(items) > 1 else "default", A, B, float(scaling)))
+    return out
 
-    def active() -> List[str]:
-        if module.disable_adapters:
-            return []
-        return [a for a in module.active_adapters if a in module.lora_A]
 
-    def adapters() -> List[Adapter]:
-        if module.merged:
-            return []
-        return [Adapter(a, module.lora_A[a].weight, module.lora_B[a].weight, float(module.scaling[a])) for a in active()]
+def register_lora_layer(
+    cls: Union[type, Tuple[type, ...]],
+    describe: Callable[[nn.Module], LoRALayerInfo],
+    *,
+    name: Optional[str] = None,
+) -> Flavour:
+    """Give your own LoRA module class Flat-LoRA, without patching the library.
 
-    def check() -> None:
-        if module.merged:
-            raise ValueError(
-                f"peft adapter(s) {module.merged_adapters} of {name!r} are merged into the base weight; the LoRA "
-                "parameters get no gradient while merged. Call model.unmerge_adapter() (or layer.unmerge()) before training."
-            )
-        variants = getattr(module, "lora_variant", {})
-        use_dora = getattr(module, "use_dora", {})
-        for a in active():
-            if use_dora.get(a, False) or a in variants:
+    ``describe(module)`` returns a :class:`LoRALayerInfo`: the frozen weight, the adapters its
+    forward adds right now in row orientation (``A``: ``r x fan_in``, ``B``: ``out x r``, scaling),
+    whether the weight is stored transposed, and whether the update is merged. It is called once
+    at discovery and again at every perturbation (so that disabling or switching adapters is seen).
+    Instances of ``cls`` (subclasses included) are then found by discovery before the built-in
+    flavours. Returns the registered :class:`Flavour`. Example in ``docs/flavours.md``.
+    """
+    flavour_name = name or (cls.__name__ if isinstance(cls, type) else "custom")
+
+    def matches(module: nn.Module) -> bool:
+        return isinstance(module, cls)
+
+    def describe_target(module_name: str, module: nn.Module) -> LoRATarget:
+        info = describe(module)
+        owner, param_name = _locate_parameter(module, info.weight)
+
+        def adapters() -> List[Adapter]:
+            current = describe(module)
+            return [] if current.merged else _as_adapters(current.adapters)
+
+        def check() -> None:
+            current = describe(module)
+            if current.merged:
                 raise ValueError(
-                    f"Adapter {a!r} of {name!r} is a LoRA variant (DoRA or similar), which Flat-LoRA does not support yet; "
-                    "exclude this layer with targets=... or use plain LoRA."
+                    f"The LoRA update of {module_name!r} ({type(module).__name__}) is merged into its base weight; unmerge "
+                    "it before training with Flat-LoRA."
                 )
+            if current.problem:
+                raise ValueError(f"{module_name!r} ({type(module).__name__}): {current.problem}")
 
-    return LoRATarget(name, module, "peft", base, "weight", transposed, adapters, check)
+        return LoRATarget(module_name, module, flavour_name, owner, param_name, bool(info.transposed), adapters, check)
 
-
-def _is_plain_linear(module: nn.Module) -> bool:
-    return type(module) is nn.Linear
-
-
-def _describe_plain_linear(name: str, module: nn.Module) -> LoRATarget:
-    return LoRATarget(name, module, "plain", module, "weight", False)
+    flavour = Flavour(flavour_name, matches, describe_target)
+    register_flavour(flavour)
+    return flavour
 
 
-register_flavour(Flavour("plain", _is_plain_linear, _describe_plain_linear, explicit_only=True))
-register_flavour(Flavour("peft", _is_peft_linear, _describe_peft_linear))
-register_flavour(Flavour("flatlora", _is_flatlora, _describe_flatlora))
+# ---------------------------------------------------------------------------- packed weights
+
+_PACKED_LAYER_NAMES = {
+    "Linear4bit",
+    "Linear8bitLt",
+    "LinearNF4",
+    "LinearFP4",
+    "Params4bit",
+    "QuantLinear",
+    "TritonV2QuantLinear",
+    "ExllamaQuantLinear",
+    "ExllamaV2QuantLinear",
+    "MarlinQuantLinear",
+    "WQLinear_GEMM",
+    "WQLinear_GEMV",
+    "WQLinear_Exllama",
+    "WQLinear_ExllamaV2",
+    "HQQLinear",
+    "HQQLinearLoRA",
+    "EetqLinear",
+    "QuantizedLinear",
+    "QLinear",
+    "AqlmLinear",
+    "QuantizedLinearLayer",
+    "FP8Linear",
+}
+_PACKED_TENSOR_NAMES = {
+    "Params4bit",
+    "Int8Params",
+    "NF4Tensor",
+    "AffineQuantizedTensor",
+    "LinearActivationQuantizedTensor",
+    "Float8Tensor",
+    "QBytesTensor",
+    "QTensor",
+    "MarlinQBitsTensor",
+}
+_PACKED_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "eetq", "optimum.quanto", "aqlm", "torchao")
+
+
+def packed_weight_reason(module: nn.Module) -> Optional[str]:
+    """Why ``module``'s base weight is quantized/packed (so cannot take noise in place), or ``None``.
+
+    Detection needs none of the quantization packages: the base layer's class name and package,
+    a missing float ``weight`` next to a ``qweight``, the weight's tensor subclass, or a non-float
+    dtype. The base layer is ``module.get_base_layer()`` when the module has one (peft).
+    """
+    base = module
+    get_base = getattr(module, "get_base_layer", None)
+    if callable(get_base):
+        try:
+            base = get_base()
+        except Exception:  # pragma: no cover - a broken wrapper: let the flavour report it
+            base = module
+    cls = type(base)
+    if cls.__name__ in _PACKED_LAYER_NAMES or cls.__module__.startswith(_PACKED_PACKAGES):
+        return f"{cls.__name__} base layer"
+    if getattr(module, "_quantize_base", False):  # torchtune quantize_base=True (NF4)
+        return "quantize_base=True"
+    weight = base._parameters.get("weight") if isinstance(base, nn.Module) else None
+    if weight is None:
+        if hasattr(base, "qweight"):
+            return f"{cls.__name__} with packed qweight"
+        return None
+    tensor_cls = type(weight)
+    if tensor_cls.__name__ in _PACKED_TENSOR_NAMES or hasattr(weight, "quant_state"):
+        return f"{tensor_cls.__name__} weight"
+    if weight.dtype not in _FLOAT_DTYPES:
+        return f"{weight.dtype} weight"
+    return None
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -266,6 +376,24 @@ def _flavour_of(module: nn.Module, explicit: bool) -> Optional[Flavour]:
     return None
 
 
+def _unsupported_kind(module: nn.Module) -> Optional[str]:
+    """A label when ``module`` is a LoRA layer of a kind no flavour handles (warned about, skipped)."""
+    from .flavours import unsupported_kind
+
+    return unsupported_kind(module)
+
+
+def _searched() -> str:
+    parts = ["peft LoRA Linear/Embedding/Conv/ParamWrapper" + ("" if "peft" in sys.modules else " [peft not imported]")]
+    parts.append("loralib" + ("" if "loralib" in sys.modules else " [not imported]"))
+    parts.append("torchtune LoRALinear/DoRALinear" + ("" if "torchtune" in sys.modules else " [not imported]"))
+    parts.append("flatlora_optim.LoRALinear")
+    custom = [f.name for f in _REGISTRY if f.name not in _BUILTIN_NAMES]
+    if custom:
+        parts.append("registered: " + ", ".join(custom))
+    return ", ".join(parts)
+
+
 def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRATarget]:
     """Return the weights Flat-LoRA should perturb, in ``model.named_modules()`` order.
 
@@ -273,13 +401,19 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
     or suffixes, or a callable ``(name, module) -> bool`` restricts the choice to the LoRA layers
     it selects; module objects in the list override it: they are taken even when they are a
     plain frozen ``nn.Linear`` (its noise is then scaled by its own row norms).
-    Raises ``ValueError`` with what was searched for when nothing is found.
+
+    LoRA layers whose base weight is quantized or packed (bitsandbytes, GPTQ, AWQ, NF4, any
+    non-float weight) are skipped with one warning naming them; LoRA layers of kinds no flavour
+    handles are skipped with one warning; a weight shared with an earlier target (tied weights)
+    is taken once. Raises ``ValueError`` with what was searched for when nothing is found.
     """
     selector, explicit_modules = _selector(targets)
     found: List[LoRATarget] = []
     unsupported: Dict[str, List[str]] = {}
+    packed: List[Tuple[str, str]] = []
+    shared: List[Tuple[str, str]] = []
+    weights: Dict[int, str] = {}
     claimed: List[str] = []
-    lora_layer_cls = _peft_lora_layer_class()
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in claimed):
             continue  # the base layer inside a LoRA wrapper is described by the wrapper
@@ -287,22 +421,51 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
             continue
         flavour = _flavour_of(module, explicit=id(module) in explicit_modules)
         if flavour is None:
-            if lora_layer_cls is not None and isinstance(module, lora_layer_cls):
-                unsupported.setdefault(type(module).__name__, []).append(name)
+            kind = _unsupported_kind(module)
+            if kind is not None:
+                reason = packed_weight_reason(module)
+                if reason is not None:
+                    packed.append((name, reason))
+                else:
+                    unsupported.setdefault(kind, []).append(name)
+                claimed.append(name)
             continue
-        found.append(flavour.describe(name, module))
-        claimed.append(name)
+        if flavour.claims_submodules:
+            claimed.append(name)
+        reason = packed_weight_reason(module)
+        if reason is not None:
+            packed.append((name, reason))
+            continue
+        target = flavour.describe(name, module)
+        if target.weight.dtype not in _FLOAT_DTYPES:
+            packed.append((name, f"{target.weight.dtype} weight"))
+            continue
+        first = weights.get(id(target.weight))
+        if first is not None:
+            shared.append((name, first))
+            continue
+        weights[id(target.weight)] = name
+        found.append(target)
+    if packed:
+        listed = ", ".join(f"{n!r} ({why})" for n, why in packed[:8]) + (f" and {len(packed) - 8} more" if len(packed) > 8 else "")
+        message = (
+            f"Flat-LoRA skips {len(packed)} LoRA layer(s) whose base weights are quantized or packed: {listed}. "
+            "In-place mode cannot add noise to packed weights; their adapters train without Flat-LoRA noise."
+        )
+        if not found:
+            raise ValueError(message.replace("skips", "found only") + " Nothing is left to perturb.")
+        warnings.warn(message, stacklevel=3)
+    if shared:
+        listed = ", ".join(f"{n!r} (same weight as {f!r})" for n, f in shared)
+        warnings.warn(f"Flat-LoRA perturbs a shared (tied) weight once: skipped {listed}.", stacklevel=3)
     if unsupported and not found:
         kinds = ", ".join(f"{k} ({len(v)}, e.g. {v[0]!r})" for k, v in unsupported.items())
-        raise ValueError(f"Found only LoRA layer kinds Flat-LoRA does not support yet: {kinds}. Linear LoRA layers are supported.")
+        raise ValueError(f"Found only LoRA layer kinds Flat-LoRA does not support yet: {kinds}. See docs/flavours.md.")
     if unsupported:
-        import warnings
-
         kinds = ", ".join(f"{k} x{len(v)}" for k, v in unsupported.items())
         warnings.warn(f"Flat-LoRA skips LoRA layers of unsupported kinds: {kinds}; their base weights are not perturbed.", stacklevel=3)
     if not found:
-        searched = "peft LoRA Linear (incl. GPT-2 Conv1D)" + ("" if "peft" in sys.modules else " [peft not imported]")
-        searched += ", flatlora_optim.LoRALinear"
+        searched = _searched()
         if selector is not None:
             raise ValueError(
                 f"targets={targets!r} selected no LoRA layer (nor a plain nn.Linear) in {type(model).__name__}: searched "
@@ -311,6 +474,10 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
         raise ValueError(
             f"No LoRA layers found in {type(model).__name__}: searched {sum(1 for _ in model.named_modules())} modules for "
             f"{searched}. Add adapters first (peft.get_peft_model(...) or flatlora_optim.inject_lora(model, [...], r=8, alpha=16)), "
+            "register your own layer with flatlora_optim.register_lora_layer(cls, describe), "
             "or pass frozen Linear modules to perturb with targets=[module, ...]."
         )
     return found
+
+
+from .flavours import BUILTIN_NAMES as _BUILTIN_NAMES  # noqa: E402  (registers the built-in flavours)

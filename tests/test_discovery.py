@@ -1,4 +1,6 @@
-"""Discovery by introspection: peft Linear (incl. GPT-2 Conv1D), the built-in LoRALinear, targets=."""
+"""Discovery by introspection: peft Linear (incl. GPT-2 Conv1D), the built-in LoRALinear, targets=, skipping rules.
+
+The other flavours (peft Embedding/Conv/DoRA/ParamWrapper, loralib, torchtune, custom) are in test_flavours.py."""
 
 from __future__ import annotations
 
@@ -110,9 +112,12 @@ def test_merged_peft_adapter_is_a_clear_error():
         FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10)
 
 
-def test_dora_is_refused_clearly_for_now():
+def test_lora_variants_other_than_dora_and_mica_are_refused_clearly():
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True))
-    with pytest.raises(ValueError, match="DoRA"):
+    FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10)  # DoRA is supported
+    layer = model.base_model.model.model.layers[0].self_attn.q_proj
+    layer.lora_variant["default"] = type("SomeVariant", (), {})()
+    with pytest.raises(ValueError, match="SomeVariant.*not W \\+ sBA"):
         FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10)
 
 
@@ -139,11 +144,20 @@ def test_no_lora_found_says_what_was_searched():
         discover_targets(make_mlp(), targets=["does_not_exist"])
 
 
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2)
+        self.proj = nn.Linear(8, 8)
+
+
 def test_unsupported_peft_layers_warn_and_are_skipped():
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "embed_tokens"]))
-    with pytest.warns(UserWarning, match="Embedding"):
+    model = peft.get_peft_model(_Attention(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["attn", "proj"]))
+    with pytest.warns(UserWarning, match="unsupported kinds: MultiheadAttention x1"):
         targets = discover_targets(model)
-    assert all(t.name.endswith("q_proj") for t in targets)
+    assert [t.name.rsplit(".", 1)[-1] for t in targets] == ["proj"]
+    with pytest.raises(ValueError, match="only LoRA layer kinds .* MultiheadAttention"):
+        discover_targets(model, targets=["attn"])
 
 
 def test_meta_weights_and_several_devices_are_refused():
@@ -156,11 +170,16 @@ def test_meta_weights_and_several_devices_are_refused():
         _check_one_device(fake)
 
 
-def test_quantized_base_weight_is_refused():
+def test_quantized_base_weight_is_skipped_with_one_warning():
     model = make_mlp()
     model[0].weight = nn.Parameter(torch.zeros(32, 12, dtype=torch.int8), requires_grad=False)
-    with pytest.raises(ValueError, match="quantized"):
-        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, total_steps=5)
+    model[2].weight = nn.Parameter(torch.zeros(32, 32, dtype=torch.uint8), requires_grad=False)
+    with pytest.warns(UserWarning, match="skips 2 LoRA layer.*quantized or packed: '0' \\(torch.int8 weight\\), '2' \\(torch.uint8") as record:
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, total_steps=5)
+    assert len([w for w in record if "packed" in str(w.message)]) == 1
+    assert [t.name for t in opt.targets] == ["4"]
+    with pytest.raises(ValueError, match="found only 1 LoRA layer.*quantized or packed"):
+        discover_targets(model, targets=["0"])
 
 
 def test_inject_lora_keeps_the_function_and_freezes_the_base():
