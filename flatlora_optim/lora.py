@@ -54,8 +54,12 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
 
+    def base_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The frozen product ``x W^T + b`` (virtual mode reroutes this method while perturbed)."""
+        return F.linear(x, self.weight, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        result = F.linear(x, self.weight, self.bias)
+        result = self.base_forward(x)
         if self.merged:
             return result
         update = F.linear(F.linear(self.lora_dropout(x), self.lora_A), self.lora_B)

@@ -32,6 +32,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
 from .targets import LoRATarget, TargetsLike, discover_targets
+from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
 
 __all__ = ["FlatLoRA"]
 
@@ -56,6 +57,9 @@ class FlatLoRA(torch.optim.Optimizer):
             or name suffixes, or ``callable(name, module) -> bool``.
         restore: ``"exact"`` (default; bitwise, about 2-6% extra memory), ``"backup"`` (bitwise,
             a full copy) or ``"subtract"`` (the paper's ``W~ - e``; drifts, not exact).
+        mode: ``"inplace"`` (default: ``W + e`` is written into the weights and restored) or
+            ``"virtual"`` (the weights are never written: each layer's product uses a temporary
+            ``W + e``, regenerated in backward; see :mod:`flatlora_optim.virtual`).
 
     Example::
 
@@ -79,6 +83,7 @@ class FlatLoRA(torch.optim.Optimizer):
         seed: int = 0,
         targets: TargetsLike = None,
         restore: str = "exact",
+        mode: str = "inplace",
     ):
         if isinstance(optimizer, FlatLoRA):
             raise ValueError("The optimizer is already a FlatLoRA; wrap the plain optimizer once.")
@@ -90,6 +95,10 @@ class FlatLoRA(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed {seed!r}: expected an int >= 0.")
         if restore not in STRATEGY_NAMES:
             make_strategy(restore)  # raises with the list of choices
+        if mode not in MODES:
+            raise ValueError(
+                f"Invalid mode={mode!r}: choose 'inplace' (writes W+e into the weights, restores exactly) or 'virtual' (never writes the weights)."
+            )
         self.schedule = NoiseSchedule(rho, schedule, total_steps)
         self.base_optimizer = optimizer
         self.model = model
@@ -97,6 +106,9 @@ class FlatLoRA(torch.optim.Optimizer):
         for target in self.targets:
             target.check()
         _check_one_device(self.targets)
+        if mode == "virtual":
+            _check_virtual(model, self.targets)
+        self.mode = mode
         trainable = [t.name for t in self.targets if t.weight.requires_grad]
         if trainable:
             warnings.warn(
@@ -109,6 +121,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._step_index = 0
         self._perturbations: Optional[List[TargetPerturbation]] = None
         self._guards: Optional[PerturbationGuards] = None
+        self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
         self._pending_backward = False  # a graph built at W + e waits for its backward
@@ -259,6 +272,10 @@ class FlatLoRA(torch.optim.Optimizer):
         self._perturbations = []
         if sigma == 0.0:
             return
+        if self.mode == "virtual":
+            self._perturbations = [self._perturber.describe(t, sigma, self._step_index) for t in self.targets]
+            self._patches = VirtualPatches(self._perturber, self._perturbations)
+            return
         try:
             for target in self.targets:
                 self._perturbations.append(self._perturber.perturb(target, sigma, self._step_index))
@@ -277,6 +294,11 @@ class FlatLoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _restore_now(self) -> None:
+        if self._patches is not None:  # virtual mode: nothing was written
+            self._patches.remove()
+            self._patches = None
+            self._perturbations = None
+            return
         if self._guards is not None:
             self._guards.remove()
             self._guards = None
@@ -361,6 +383,7 @@ class FlatLoRA(torch.optim.Optimizer):
             "schedule": self.schedule.name,
             "total_steps": self.schedule.total_steps,
             "restore": self._strategy.name,
+            "mode": self.mode,
             "targets": [t.name for t in self.targets],
         }
         return state
@@ -402,12 +425,23 @@ class FlatLoRA(torch.optim.Optimizer):
     def __repr__(self) -> str:
         return (
             f"FlatLoRA({self.base_optimizer.__class__.__name__}, rho={self.schedule.rho}, schedule={self.schedule.name!r}, "
-            f"total_steps={self.schedule.total_steps}, seed={self._perturber.seed}, restore={self._strategy.name!r}, "
+            f"total_steps={self.schedule.total_steps}, seed={self._perturber.seed}, mode={self.mode!r}, restore={self._strategy.name!r}, "
             f"targets={len(self.targets)}, step={self._step_index})"
         )
 
     def __getstate__(self) -> Dict[str, Any]:
         raise TypeError("FlatLoRA holds the model and private generators and is not picklable; save opt.state_dict() instead.")
+
+
+MODES = ("inplace", "virtual")
+
+
+def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:
+    if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
+        raise ValueError("mode='virtual' does not work with torch.compile'd models; use mode='inplace' (or compile after training).")
+    unsupported = sorted({f"{type(t.owner).__name__} ({t.name})" for t in targets if interception_point(t) is None})
+    if unsupported:
+        raise ValueError(f"mode='virtual' cannot intercept {unsupported[:5]}; it handles {INTERCEPTABLE}. Use mode='inplace' for these layers.")
 
 
 def _check_one_device(targets: List[LoRATarget]) -> None:

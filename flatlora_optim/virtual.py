@@ -1,0 +1,120 @@
+"""Virtual mode: compute with ``W + e`` without ever writing ``W``.
+
+Inside ``perturbed()``, the base product of every target (``x W^T + b`` of an ``nn.Linear``, a
+GPT-2 ``Conv1D`` or a :class:`~flatlora_optim.LoRALinear`) is routed through
+:class:`NoisyLinearFunction`. Its forward forms ``fl(W + e)`` for that one layer (block by block,
+with the same kernel and seeds as in-place mode, so both modes see the same values), uses it and
+frees it. Its backward regenerates ``W + e`` from the seeds instead of keeping it. Peak extra memory
+is one layer's ``W + e``, whatever the depth of the model; there is nothing to restore, so
+``backward()`` after the block, ``model.eval()``, ``state_dict()`` and checkpoints are correct at any
+moment.
+
+The per-row noise scale (``sigma / sqrt(n) * ||W_i + sBA_i||``) is computed once when the block
+is entered and is a constant for autograd, as in the paper: no gradient flows from the loss into
+``A`` or ``B`` through the row norms.
+
+Interception replaces ``forward`` (``base_forward`` for ``LoRALinear``) on the module instance for
+the duration of the block only; outside it the model is exactly the model that was built.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .perturbation import Perturber, TargetPerturbation
+from .targets import LoRATarget
+
+__all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "INTERCEPTABLE"]
+
+INTERCEPTABLE = "nn.Linear (and subclasses that keep its forward), transformers Conv1D (GPT-2), flatlora_optim.LoRALinear"
+
+
+class NoisyLinearFunction(torch.autograd.Function):
+    """``y = x (W + e)^T + b`` with ``W + e`` formed in forward and regenerated in backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], perturber: Perturber, p: TargetPerturbation) -> torch.Tensor:
+        noisy = perturber.perturbed_rows(p)  # m x n, rows = output units, whatever the storage
+        ctx.perturber, ctx.p = perturber, p
+        ctx.save_for_backward(x, weight, bias)  # weight/bias only for autograd's version check
+        return F.linear(x, noisy.to(x.dtype) if noisy.dtype != x.dtype else noisy, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], ...]:
+        x, weight, bias = ctx.saved_tensors
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            noisy = ctx.perturber.perturbed_rows(ctx.p)
+            grad_x = grad_out @ noisy.to(grad_out.dtype)
+            del noisy
+        if ctx.needs_input_grad[1]:  # a trainable base weight: its gradient at W + e is x-only
+            rows_grad = grad_out.reshape(-1, grad_out.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(grad_out.dtype)
+            grad_weight = (rows_grad.t() if ctx.p.target.transposed else rows_grad).to(weight.dtype)
+        if bias is not None and ctx.needs_input_grad[2]:
+            grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype)
+        return grad_x, grad_weight, grad_bias, None, None
+
+
+def _is_compiling() -> bool:
+    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
+    return bool(check()) if check is not None else False
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
+    """Where virtual mode reroutes ``target``'s base product: ``(module, method name)``, or None."""
+    from .lora import LoRALinear
+
+    owner = target.owner
+    if isinstance(owner, LoRALinear):
+        return owner, "base_forward"
+    if isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
+        return owner, "forward"
+    if _is_conv1d(owner):
+        return owner, "forward"
+    return None
+
+
+def _noisy_forward(owner: nn.Module, perturber: Perturber, p: TargetPerturbation) -> Callable[[torch.Tensor], torch.Tensor]:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if _is_compiling():
+            raise RuntimeError(
+                "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
+                "and reroutes modules at run time). Use mode='inplace', which only writes the weights between compiled calls."
+            )
+        return NoisyLinearFunction.apply(x, p.target.weight, owner.bias, perturber, p)
+
+    return forward
+
+
+class VirtualPatches:
+    """Reroutes the targets' base products to :class:`NoisyLinearFunction` until :meth:`remove`."""
+
+    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation]):
+        self._patched: List[Tuple[nn.Module, str]] = []
+        try:
+            for p in perturbations:
+                point = interception_point(p.target)
+                if point is None:  # checked at construction; a target changed type since
+                    raise ValueError(f"mode='virtual' cannot intercept {type(p.target.owner).__name__} ({p.target.name}); it handles {INTERCEPTABLE}.")
+                module, attribute = point
+                if attribute in module.__dict__:
+                    raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
+                module.__dict__[attribute] = _noisy_forward(module, perturber, p)
+                self._patched.append((module, attribute))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Put every module back exactly as it was; idempotent."""
+        for module, attribute in self._patched:
+            module.__dict__.pop(attribute, None)
+        self._patched.clear()

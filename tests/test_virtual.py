@@ -1,0 +1,246 @@
+"""Virtual mode: the base weights are never written; same noise and gradients as in-place mode."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+
+import peft
+import pytest
+import torch
+import transformers
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from torch import nn
+
+from flatlora_optim import FlatLoRA, lora_parameters
+
+
+def _pair(model, **kwargs):
+    """The same model twice, one wrapped in in-place mode, one in virtual mode, same seed."""
+    twin = copy.deepcopy(model)
+    kwargs.setdefault("rho", 0.2)
+    kwargs.setdefault("schedule", "constant")
+    kwargs.setdefault("seed", 5)
+
+    def make(m, mode):
+        params = [p for p in m.parameters() if p.requires_grad]
+        return FlatLoRA(torch.optim.SGD(params, lr=0.05), m, mode=mode, **kwargs)
+
+    return (model, make(model, "inplace")), (twin, make(twin, "virtual"))
+
+
+def _grads(model):
+    return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+
+def _assert_same(a, b):
+    # CPU: both modes run the same ops on the same W + e, so the results agree to the last bit;
+    # the tolerance allows for a BLAS that reorders sums (1e-6 relative).
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def _llama(bias: bool = False):
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, attention_bias=bias, mlp_bias=bias)
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("accumulate", [1, 3])
+def test_lora_linear_same_losses_and_grads_as_inplace(dtype, bias, accumulate):
+    (m1, o1), (m2, o2) = _pair(make_mlp(seed=1, dtype=dtype, bias=bias))
+    for step in range(2):
+        losses = []
+        for opt, model in [(o1, m1), (o2, m2)]:
+            total = 0.0
+            for micro in range(accumulate):
+                x, y = batch(10 * step + micro, dtype=dtype)
+                with opt.perturbed():
+                    loss = nn.functional.cross_entropy(model(x).float(), y)
+                loss.backward()
+                total += loss.item()
+            losses.append(total)
+        assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+        _assert_same(_grads(m1), _grads(m2))
+        o1.step(), o2.step()
+        o1.zero_grad(), o2.zero_grad()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_peft_llama_same_losses_and_grads_as_inplace(dtype, bias):
+    (m1, o1), (m2, o2) = _pair(_llama(bias).to(dtype))
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for opt, model in [(o1, m1), (o2, m2)]:
+        with opt.perturbed():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        losses.append(loss.item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6)
+    _assert_same(_grads(m1), _grads(m2))
+
+
+def test_gpt2_conv1d_same_grads_as_inplace():
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=4, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    base = transformers.GPT2LMHeadModel(config)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True))
+    (m1, o1), (m2, o2) = _pair(model)
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    for opt, m in [(o1, m1), (o2, m2)]:
+        with opt.perturbed():
+            m(input_ids=ids, labels=ids).loss.backward()
+    _assert_same(_grads(m1), _grads(m2))
+
+
+def test_weights_are_never_written():
+    model = make_mlp(seed=2)
+    before = frozen_weights(model)
+    versions = {n: p._version for n, p in model.named_parameters()}
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    for step in range(3):
+        with opt.perturbed():
+            assert_frozen_unchanged(model, before)  # even inside the block
+            loss = nn.functional.cross_entropy(model(batch(step)[0]), batch(step)[1])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert {n: p._version for n, p in model.named_parameters() if not p.requires_grad} == {
+        n: v for n, v in versions.items() if not dict(model.named_parameters())[n].requires_grad
+    }
+    assert_frozen_unchanged(model, before)
+
+
+def test_noise_scale_is_a_constant_for_autograd():
+    """d(loss)/dB through the row norms would differ from the hand-perturbed reference grads."""
+    model = make_mlp(seed=3)
+    twin = copy.deepcopy(model)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.5, schedule="constant", mode="virtual")
+    inplace = FlatLoRA(torch.optim.SGD(list(lora_parameters(twin)), lr=0.1), twin, rho=0.5, schedule="constant")
+    with inplace.perturbed():
+        noisy = {n: m.weight.detach().clone() for n, m in twin.named_modules() if hasattr(m, "lora_A")}
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, m in reference.named_modules():
+            if n in noisy:
+                m.weight.copy_(noisy[n])
+    x, y = batch(0)
+    nn.functional.cross_entropy(reference(x), y).backward()
+    with opt.perturbed():
+        nn.functional.cross_entropy(model(x), y).backward()
+    _assert_same(_grads(reference), _grads(model))
+    assert all(not p.std.requires_grad for p in opt._perturbations or []) or opt._perturbations is None
+
+
+def test_eval_state_dict_and_checkpoint_mid_step_are_fine():
+    model = make_mlp(seed=4)
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    x, y = batch(0)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+        model.eval()  # allowed in virtual mode
+        sd = model.state_dict()
+        buffer = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+        model.train()
+    loss.backward()  # after the block: regenerated noise
+    for key, value in before.items():
+        assert torch.equal(bits(sd[key]), value)
+    saved = torch.load(io.BytesIO(buffer.getvalue()))
+    assert saved["opt"]["flatlora"]["mode"] == "virtual"
+    assert all(torch.equal(bits(saved["model"][k]), v) for k, v in before.items())
+    assert all(p.grad is not None for p in lora_parameters(model))
+
+
+def test_unwrapping_leaves_the_model_exactly_as_it_was():
+    model = make_mlp(seed=6)
+    x, _ = batch(0)
+    expected = model(x)
+    keys = list(model.state_dict())
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    with opt.perturbed():
+        noisy = model(x)
+        with opt.perturbed():  # nested: same draw, one patch
+            assert torch.equal(model(x), noisy)
+        assert torch.equal(model(x), noisy)
+        assert "base_forward" in model[0].__dict__
+    assert not torch.equal(noisy, expected)
+    assert torch.equal(model(x), expected)  # outside the block: the plain forward
+    assert all("base_forward" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+    assert list(model.state_dict()) == keys
+    pickle.loads(pickle.dumps(model))
+
+
+def test_torch_compile_is_refused_clearly():
+    model = make_mlp()
+    compiled = torch.compile(model)
+    with pytest.raises(ValueError, match="torch.compile"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), compiled, rho=0.1, schedule="constant", mode="virtual")
+
+
+def test_unsupported_layer_kind_is_refused_clearly():
+    from flatlora_optim.optimizer import _check_virtual
+    from flatlora_optim.targets import LoRATarget
+
+    class Custom(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = nn.Sequential(Custom(4, 4))
+    target = LoRATarget("0", model[0], "custom", model[0], "weight")
+    with pytest.raises(ValueError, match="cannot intercept.*Custom.*mode='inplace'"):
+        _check_virtual(model, [target])
+    with pytest.raises(ValueError, match="mode"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(make_mlp())), lr=0.1), make_mlp(), rho=0.1, schedule="constant", mode="lazy")
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys, torch
+    from torch import nn
+    from flatlora_optim import FlatLoRA, inject_lora, lora_parameters
+    mode = sys.argv[1]
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(12)])
+    inject_lora(model, [str(i) for i in range(12)], r=4, alpha=8)
+    x = torch.randn(4, 1024)
+    def step(opt):
+        if opt is None:
+            model(x).square().mean().backward()
+        else:
+            with opt.perturbed():
+                model(x).square().mean().backward()
+    opt = None if mode == "plain" else FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant", mode=mode)
+    step(opt)  # warm up
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    step(opt)
+    print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+    """
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss in KiB and MALLOC_MMAP_THRESHOLD_ are Linux/glibc")
+def test_virtual_peak_memory_is_about_one_layer():
+    """12 layers of 4 MiB: virtual mode's extra peak stays below 3 layers' bytes (one W+e, its noise block, slack)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="2")
+    rise = {}
+    for mode in ["plain", "virtual"]:
+        out = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, mode], capture_output=True, text=True, env=env, check=True)
+        rise[mode] = float(out.stdout.split()[-1])
+    layer = 1024 * 1024 * 4
+    assert rise["virtual"] - rise["plain"] < 3 * layer, rise
