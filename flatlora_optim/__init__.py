@@ -6,10 +6,10 @@ weights inside ``with opt.perturbed():`` and restores them bitwise exactly, with
 global RNG. See ``docs/user-guide.md``.
 """
 
+from .describe import describe_targets, format_targets
 from .lora import LoRALinear, inject_lora, lora_parameters
 from .optimizer import FlatLoRA
 from .schedule import NoiseSchedule
-from .describe import describe_targets, format_targets
 from .targets import Adapter, Flavour, LoRALayerInfo, LoRATarget, discover_targets, register_flavour, register_lora_layer
 
 __all__ = [
