@@ -1,0 +1,50 @@
+"""Framework-free helpers shared by the integrations (no framework is imported here)."""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from ..optimizer import FlatLoRA
+from ..schedule import NoiseSchedule
+
+__all__ = ["find_flatlora", "set_total_steps"]
+
+# Attributes under which framework wrappers keep the optimizer they wrap:
+# accelerate's AcceleratedOptimizer (and so the HF Trainer's) ``.optimizer``,
+# Lightning's LightningOptimizer ``._optimizer``.
+_WRAPPED_ATTRS = ("optimizer", "_optimizer")
+
+
+def find_flatlora(optimizer: Any) -> Optional[FlatLoRA]:
+    """Return the :class:`FlatLoRA` inside ``optimizer`` (itself, or wrapped by a framework), else None.
+
+    Frameworks wrap the optimizer they are given (accelerate's ``AcceleratedOptimizer``,
+    Lightning's ``LightningOptimizer``); the perturbation controls live on the ``FlatLoRA``
+    underneath, so callbacks and user code look it up through the wrappers.
+    """
+    seen = set()
+    current = optimizer
+    while current is not None and id(current) not in seen:
+        if isinstance(current, FlatLoRA):
+            return current
+        seen.add(id(current))
+        current = next((getattr(current, a) for a in _WRAPPED_ATTRS if getattr(current, a, None) is not None), None)
+    return None
+
+
+def set_total_steps(optimizer: Any, total_steps: int) -> FlatLoRA:
+    """Set the schedule length ``T`` of the FlatLoRA in ``optimizer`` to ``total_steps`` optimizer steps.
+
+    Frameworks know the real number of optimizer steps (after gradient accumulation, sharding
+    over ranks, ``max_steps`` and epochs) only once training is set up, after the optimizer was
+    built. This replaces ``opt.schedule`` by a :class:`NoiseSchedule` with the same ``rho`` and
+    shape and the new length; the step count and the noise stream are untouched. Returns the FlatLoRA.
+    """
+    flat = find_flatlora(optimizer)
+    if flat is None:
+        raise TypeError(f"No FlatLoRA found in {type(optimizer).__name__}: wrap the optimizer with FlatLoRA(...) first.")
+    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+        raise ValueError(f"Invalid total_steps {total_steps!r}: expected the positive number of optimizer steps of the run.")
+    if flat.schedule.total_steps != total_steps:
+        flat.schedule = NoiseSchedule(flat.schedule.rho, flat.schedule.schedule, total_steps)
+    return flat

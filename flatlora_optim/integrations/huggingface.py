@@ -1,0 +1,173 @@
+"""Flat-LoRA in the transformers ``Trainer`` (and subclasses of it, e.g. TRL's ``SFTTrainer``).
+
+One line after building the trainer::
+
+    from flatlora_optim.integrations.huggingface import add_flatlora
+
+    trainer = Trainer(model=peft_model, args=args, train_dataset=ds)
+    add_flatlora(trainer, rho=0.05, seed=0)
+    trainer.train()
+
+What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
+
+* ``on_step_begin`` (before the first micro-batch): the model is put in train mode (the Trainer
+  would do so in ``training_step`` a moment later; doing it first keeps a mode change from
+  hitting perturbed layers after a mid-training evaluation), then ``perturb()`` writes this
+  step's noise. Every micro-batch of the accumulation window sees the same draw.
+* ``on_pre_optimizer_step`` (after the last backward and gradient clipping, before
+  ``optimizer.step()``): ``restore()`` puts the original bits back. ``FlatLoRA.step`` would
+  restore too; restoring here makes the optimizer update start from clean weights whatever
+  wraps the step (a ``GradScaler`` that skips it, for instance).
+* ``on_step_end`` / ``on_epoch_end`` / ``on_train_end``: restore again if still perturbed (a
+  skipped step), so evaluation, logging and checkpoint saving always see clean weights.
+* ``on_train_begin`` (after the optimizer was created, prepared and, on resume, loaded from the
+  checkpoint): the schedule length ``T`` is set to ``state.max_steps``, the Trainer's own count of
+  optimizer steps (accumulation, epochs, ``max_steps``, world size all included).
+
+Checkpoints: the Trainer saves ``optimizer.state_dict()``, which holds the ``"flatlora"`` entry
+(step, seed, schedule); ``resume_from_checkpoint`` loads it back, so the noise stream continues.
+Model weights are saved after the step's restore (and ``state_dict()`` is clean even while
+perturbed), so no noisy weight reaches the disk.
+
+Not supported: DeepSpeed (it builds and steps its own optimizer), FSDP and other sharded
+strategies (the FlatLoRA core expects whole weights on one device per process).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Optional
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from ..optimizer import FlatLoRA
+from ..schedule import ScheduleLike
+from ..targets import TargetsLike
+from ._common import find_flatlora, set_total_steps
+
+__all__ = ["FlatLoRACallback", "add_flatlora"]
+
+
+class FlatLoRACallback(TrainerCallback):
+    """Perturb once per optimizer step before the first micro-batch; restore before the update.
+
+    Use :func:`add_flatlora` to install it together with the optimizer wrapping. It can also be
+    given directly when the Trainer's optimizer already is a :class:`FlatLoRA`::
+
+        flat = FlatLoRA(torch.optim.AdamW(lora_params, lr=2e-4), model, rho=0.05, total_steps=1)
+        Trainer(..., optimizers=(flat, None), callbacks=[FlatLoRACallback()])
+
+    Args:
+        optimizer: the FlatLoRA to drive; found in the Trainer's optimizer at ``on_train_begin``
+            when not given.
+        sync_total_steps: set the schedule length to the Trainer's ``state.max_steps`` at the
+            start of training (the ``total_steps`` given to ``FlatLoRA`` is then only a placeholder).
+    """
+
+    def __init__(self, optimizer: Optional[FlatLoRA] = None, *, sync_total_steps: bool = True):
+        self.flat = optimizer
+        self.sync_total_steps = sync_total_steps
+
+    def _require(self) -> FlatLoRA:
+        if self.flat is None:
+            raise RuntimeError(
+                "FlatLoRACallback found no FlatLoRA optimizer in the Trainer. Call add_flatlora(trainer, ...) after building "
+                "the Trainer, or pass optimizers=(FlatLoRA(...), None) together with the callback."
+            )
+        return self.flat
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if getattr(args, "deepspeed", None):
+            raise RuntimeError("Flat-LoRA does not support DeepSpeed: DeepSpeed builds and steps its own optimizer.")
+        found = find_flatlora(kwargs.get("optimizer"))
+        if found is not None:
+            self.flat = found
+        flat = self._require()
+        if self.sync_total_steps and state.max_steps > 0:
+            set_total_steps(flat, int(state.max_steps))
+        if state.global_step > 0 and flat.step_count == 0:
+            warnings.warn(
+                f"Resuming at global step {state.global_step} but the Flat-LoRA step count is 0: the checkpoint's optimizer "
+                "state has no 'flatlora' entry (it was not trained with Flat-LoRA?). The noise schedule restarts at 0.",
+                stacklevel=2,
+            )
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        flat = self._require()
+        model = kwargs.get("model")
+        if model is not None and not model.training:
+            model.train()  # training_step() does it next; a mode change on perturbed layers would raise
+        flat.perturb()
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._require().restore()
+
+    def _restore(self) -> None:
+        if self.flat is not None and self.flat.is_perturbed:
+            self.flat.restore()
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._restore()
+
+    def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._restore()
+
+    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if self.flat is not None and self.flat.is_perturbed:
+            self.flat.restore(force=True)  # nothing can be waiting for a backward once training ended
+
+
+def add_flatlora(
+    trainer: Any,
+    rho: float = 0.05,
+    *,
+    schedule: ScheduleLike = "cosine",
+    seed: int = 0,
+    targets: TargetsLike = None,
+    restore: str = "exact",
+) -> FlatLoRACallback:
+    """Make ``trainer`` train with Flat-LoRA: wrap its optimizer in :class:`FlatLoRA` and add the callback.
+
+    The optimizer the Trainer creates (or the one passed as ``optimizers=(opt, sched)``) is
+    wrapped when the Trainer creates it -- in ``create_optimizer``, before ``accelerator.prepare``
+    and before a checkpoint's optimizer state is loaded, so that the ``"flatlora"`` state is saved
+    and resumed with it. Works for subclasses that override ``create_optimizer`` (TRL trainers),
+    since the wrapping runs after whatever that method builds. The schedule length is the
+    Trainer's ``state.max_steps`` (set at ``on_train_begin``).
+
+    Args:
+        trainer: a ``transformers.Trainer`` (or subclass) whose model holds the LoRA layers.
+        rho, schedule, seed, targets, restore: as in :class:`FlatLoRA`.
+
+    Returns:
+        The installed :class:`FlatLoRACallback`; its ``flat`` attribute is the FlatLoRA once
+        training has started.
+    """
+    if any(isinstance(cb, FlatLoRACallback) for cb in trainer.callback_handler.callbacks):
+        raise ValueError("This Trainer already has a FlatLoRACallback; call add_flatlora once.")
+    callback = FlatLoRACallback()
+    create_optimizer = trainer.create_optimizer  # bound method of the (sub)class, or a user override
+
+    def create_flatlora_optimizer(*args: Any, **kwargs: Any) -> FlatLoRA:
+        create_optimizer(*args, **kwargs)
+        flat = find_flatlora(trainer.optimizer)
+        if flat is None:
+            # The real length is known only at on_train_begin; state.max_steps is already set here.
+            total = int(getattr(trainer.state, "max_steps", 0) or 0)
+            flat = FlatLoRA(
+                trainer.optimizer,
+                trainer.model,
+                rho,
+                total_steps=total if total > 0 else 1,
+                schedule=schedule,
+                seed=seed,
+                targets=targets,
+                restore=restore,
+            )
+            trainer.optimizer = flat
+        callback.flat = flat
+        return trainer.optimizer
+
+    trainer.create_optimizer = create_flatlora_optimizer
+    trainer.add_callback(callback)
+    return callback

@@ -1,0 +1,281 @@
+"""transformers Trainer + Flat-LoRA, end to end on tiny models built from configs (no download).
+
+What is checked against the real Trainer loop: the noise is in the weights for every micro-batch
+of an optimizer step (one draw per step, the same for all micro-batches, of the size the schedule
+says), it is gone before the update, evaluation and checkpoints see clean weights, the schedule
+length is the Trainer's real optimizer-step count, and a resumed run continues the noise stream.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from conftest import bits
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+from flatlora_optim import FlatLoRA, inject_lora, lora_parameters
+from flatlora_optim.integrations.huggingface import FlatLoRACallback, add_flatlora
+
+VOCAB = 64
+PROBED = "model.layers.0.self_attn.q_proj"  # a LoRALinear target of the tiny Llama
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread is much faster than two fighting over a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_llama_with_lora() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    cfg = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16
+    )
+    model = LlamaForCausalLM(cfg)
+    inject_lora(model, ["q_proj", "v_proj"], r=4, alpha=8)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.1)  # B != 0, so W + sBA != W
+    return model
+
+
+def tiny_peft_gpt2():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights=False)
+    return get_peft_model(GPT2LMHeadModel(cfg), lora)
+
+
+def lm_data(n: int, seed: int = 0) -> list:
+    gen = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(n):
+        ids = torch.randint(0, VOCAB, (8,), generator=gen)
+        rows.append({"input_ids": ids, "labels": ids.clone()})
+    return rows
+
+
+def training_args(out, **kwargs) -> TrainingArguments:
+    base = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        max_grad_norm=1.0,
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        logging_strategy="no",
+        save_strategy="no",
+        seed=0,
+        dataloader_num_workers=0,
+    )
+    base.update(kwargs)
+    return TrainingArguments(**base)
+
+
+def frozen_bits(model) -> dict:
+    return {n: bits(p) for n, p in model.named_parameters() if not p.requires_grad}
+
+
+def assert_same_bits(before: dict, after: dict) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        assert torch.equal(before[name], after[name]), f"{name} changed"
+
+
+class Probe(TrainerCallback):
+    """Records, inside the Trainer loop, what the weights look like at each event.
+
+    Placed before the Flat-LoRA callback (constructor callbacks come before add_callback's), so at
+    ``on_pre_optimizer_step`` it sees the weights the last backward used, before the restore.
+    """
+
+    def __init__(self, module_name: str, clean: torch.Tensor):
+        self.module_name = module_name
+        self.clean = clean  # bits of the clean weight
+        self.flat = None
+        self.micro = []  # (global_step, bits) after each non-final micro-batch and before each update
+        self.clean_events = []  # (event, is_perturbed, weight bits equal to clean)
+
+    def _weight(self, model):
+        return dict(model.named_modules())[self.module_name].weight
+
+    def _record(self, state, model):
+        module = dict(model.named_modules())[self.module_name]
+        weight = self._weight(model).detach()
+        relative = None
+        if hasattr(module, "delta_weight"):  # LoRALinear: the noise scale is the RMS of the rows of W + sBA
+            clean = self.clean.view(weight.dtype)
+            relative = ((weight - clean).norm() / (clean + module.delta_weight()).norm()).item()
+        self.micro.append((state.global_step, bits(weight), self.flat.sigma, relative))
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        from flatlora_optim.integrations import find_flatlora
+
+        self.flat = find_flatlora(optimizer)
+
+    def on_substep_end(self, args, state, control, model=None, **kwargs):
+        self._record(state, model)
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        self._record(state, model)
+
+    def _clean_event(self, event, model):
+        self.clean_events.append((event, self.flat.is_perturbed, torch.equal(bits(self._weight(model)), self.clean)))
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self._clean_event("evaluate", model)
+
+    def on_save(self, args, state, control, model=None, **kwargs):
+        self._clean_event("save", model)
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self._clean_event("step_end", model)
+
+
+def check_noise_records(records, rho: float, total: int, clean: torch.Tensor, accum: int) -> dict:
+    """One draw per optimizer step, shared by its micro-batches, of relative size ~ sigma_t; none at t = 0."""
+    by_step: dict = {}
+    for step, weight_bits, sigma, relative in records:
+        by_step.setdefault(step, []).append((weight_bits, sigma, relative))
+    for step, seen in by_step.items():
+        assert len(seen) == accum, f"step {step}: {len(seen)} micro-batch records"
+        assert all(torch.equal(seen[0][0], b) for b, _, _ in seen), f"step {step}: micro-batches saw different weights"
+        sigma = seen[0][1]
+        assert sigma == pytest.approx(rho * 0.5 * (1 - math.cos(math.pi * step / total)))
+        if step == 0:
+            assert torch.equal(seen[0][0], clean)  # sigma_0 = 0: no noise
+            continue
+        relative = seen[-1][2]  # ||W~ - W|| / ||W + sBA||, measured before the update
+        assert 0.6 * sigma < relative < 1.4 * sigma, f"step {step}: relative noise {relative} vs sigma {sigma}"
+    draws = [by_step[s][0][0] for s in sorted(by_step) if s > 0]
+    assert all(not torch.equal(a, b) for a, b in zip(draws, draws[1:])), "consecutive steps reused a draw"
+    return {s: v[0][0] for s, v in by_step.items()}
+
+
+def test_trainer_accumulation_eval_checkpoints_and_resume(tmp_path):
+    rho, total = 0.1, 12
+    model = tiny_llama_with_lora()
+    initial = frozen_bits(model)
+    clean = bits(dict(model.named_modules())[PROBED].weight)
+    data = lm_data(20)
+    args = training_args(tmp_path / "a", max_steps=total, eval_strategy="steps", eval_steps=4, save_strategy="steps", save_steps=6)
+    probe = Probe(PROBED, clean)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:4], callbacks=[probe])
+    callback = add_flatlora(trainer, rho=rho, seed=3)
+    trainer.train()
+    flat = callback.flat
+
+    # the schedule length and the step count are the Trainer's optimizer steps (20 samples / (2 x 2) = 5 per epoch)
+    assert isinstance(trainer.optimizer.optimizer, FlatLoRA) and trainer.optimizer.optimizer is flat
+    assert flat.schedule.total_steps == trainer.state.max_steps == total
+    assert flat.step_count == trainer.state.global_step == total
+    # noise in every micro-batch of every step, one draw per step
+    noise_a = check_noise_records(probe.micro, rho, total, clean, accum=2)
+    assert len(noise_a) == total
+    # evaluation, saving and step ends only ever saw clean weights
+    events = {e for e, _, _ in probe.clean_events}
+    assert events == {"evaluate", "save", "step_end"}
+    assert all(not perturbed and is_clean for _, perturbed, is_clean in probe.clean_events)
+    # the base weights are bitwise unchanged; the adapters trained
+    assert_same_bits(initial, frozen_bits(model))
+    # checkpoints on disk hold the clean base weights and the Flat-LoRA state
+    for step in (6, 12):
+        ckpt = tmp_path / "a" / f"checkpoint-{step}"
+        saved = load_file(str(ckpt / "model.safetensors"))
+        frozen_saved = {k: bits(v) for k, v in saved.items() if k in initial}
+        assert frozen_saved.keys() == initial.keys() - {"lm_head.weight"} or frozen_saved.keys() == initial.keys()
+        assert_same_bits({k: initial[k] for k in frozen_saved}, frozen_saved)
+        opt_state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+        assert opt_state["flatlora"]["step"] == step and opt_state["flatlora"]["seed"] == 3
+        assert opt_state["flatlora"]["total_steps"] == total
+    final_a = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    # resume from checkpoint-6 in a fresh trainer: the schedule and the noise stream continue
+    model_b = tiny_llama_with_lora()
+    probe_b = Probe(PROBED, clean)
+    args_b = training_args(tmp_path / "b", max_steps=total, eval_strategy="steps", eval_steps=4)
+    trainer_b = Trainer(model=model_b, args=args_b, train_dataset=data, eval_dataset=data[:4], callbacks=[probe_b])
+    callback_b = add_flatlora(trainer_b, rho=rho, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the output_dir differs from the checkpoint's
+        trainer_b.train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-6"))
+    flat_b = callback_b.flat
+    assert flat_b.step_count == trainer_b.state.global_step == total
+    assert flat_b.schedule.total_steps == total
+    noise_b = check_noise_records(probe_b.micro, rho, total, clean, accum=2)
+    assert sorted(noise_b) == list(range(6, total))  # the resumed run starts at step 6, not 0
+    for step, weight_bits in noise_b.items():
+        assert torch.equal(weight_bits, noise_a[step]), f"step {step}: the resumed run drew different noise"
+    assert_same_bits(initial, frozen_bits(model_b))
+    for name, value in final_a.items():
+        assert torch.equal(value, dict(model_b.named_parameters())[name]), f"{name}: resumed run diverged"
+
+
+class CustomLossTrainer(Trainer):
+    """A TRL-style subclass: its own loss, the Trainer loop untouched."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        logits = model(input_ids=inputs["input_ids"]).logits[:, :-1]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB).float(), inputs["labels"][:, 1:].reshape(-1))
+        return (loss, logits) if return_outputs else loss
+
+
+def test_trainer_epochs_peft_gpt2_subclass_bf16(tmp_path):
+    model = tiny_peft_gpt2()
+    initial = frozen_bits(model)
+    lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    target = "base_model.model.transformer.h.0.attn.c_attn"
+    clean = bits(dict(model.named_modules())[target].base_layer.weight)
+    data = lm_data(10, seed=1)  # 5 micro-batches of 2 per epoch -> 3 optimizer steps per epoch (the last one short)
+    args = training_args(tmp_path, num_train_epochs=2, bf16=True)
+    probe = Probe(target + ".base_layer", clean)
+    trainer = CustomLossTrainer(model=model, args=args, train_dataset=data, callbacks=[probe])
+    callback = add_flatlora(trainer, rho=0.05, seed=0)
+    trainer.train()
+    flat = callback.flat
+
+    naive = len(data) // (2 * 2) * 2  # dataset size / (batch x accumulation) x epochs = 4: wrong
+    assert flat.schedule.total_steps == trainer.state.max_steps == 6 != naive
+    assert flat.step_count == trainer.state.global_step == 6
+    assert {t.name for t in flat.targets} == {"base_model.model.transformer.h.0.attn.c_attn", "base_model.model.transformer.h.0.mlp.c_fc"}
+    # the short last step of each epoch has one micro-batch, the others two; every step >= 1 was perturbed
+    steps = sorted({s for s, _, _, _ in probe.micro})
+    assert steps == list(range(6))
+    for step, weight_bits, _, _ in probe.micro:
+        assert torch.equal(weight_bits, clean) == (step == 0)
+    assert_same_bits(initial, frozen_bits(model))
+    assert all(not torch.equal(lora_before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_callback_with_a_flatlora_passed_to_the_trainer(tmp_path):
+    model = tiny_llama_with_lora()
+    initial = frozen_bits(model)
+    flat = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), model, rho=0.1, total_steps=1000, seed=0)
+    args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=lm_data(6), optimizers=(flat, None), callbacks=[FlatLoRACallback()])
+    trainer.train()
+    assert flat.schedule.total_steps == 3  # the placeholder 1000 was replaced by the Trainer's count
+    assert flat.step_count == 3 and not flat.is_perturbed
+    assert_same_bits(initial, frozen_bits(model))
+
+
+def test_callback_without_a_flatlora_optimizer_says_what_to_do(tmp_path):
+    model = tiny_llama_with_lora()
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=lm_data(4), callbacks=[FlatLoRACallback()])
+    with pytest.raises(RuntimeError, match="add_flatlora"):
+        trainer.train()
+    with pytest.raises(ValueError, match="once"):
+        add_flatlora(trainer)
+        add_flatlora(trainer)
