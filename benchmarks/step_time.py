@@ -1,0 +1,251 @@
+"""Step time and peak memory: plain LoRA vs Flat-LoRA (each mode and restore strategy) vs a paper-style loop.
+
+Everything is measured side by side in one process on one model, with warm-up and medians:
+
+* ``lora``            plain LoRA step (forward, backward, AdamW step)
+* ``flat-exact``      Flat-LoRA, in-place, exact compact restore (the default)
+* ``flat-backup``     Flat-LoRA, in-place, full-copy restore
+* ``flat-subtract``   Flat-LoRA, in-place, the paper's subtraction restore (drifts)
+* ``flat-virtual``    Flat-LoRA, virtual mode (weights never written)
+* ``reference``       a loop written from the paper's description: W' = W + sBA materialised, a full
+                      std tensor, ``torch.normal`` after re-seeding the *global* RNG from the clock,
+                      restore by subtracting the regenerated noise
+* ``*/perturb+restore`` the perturb and restore calls alone (no forward/backward)
+
+Configurations (``--config``):
+
+* ``cpu``: a Llama-architecture model with random weights (hidden 256, 4 layers, MLP 688, vocab
+  1000), fp32, batch 4 x 128 tokens, LoRA r=8 on all seven projections, AdamW. A few minutes on 2 cores.
+* ``gpu``: the issue's configuration: hidden 2048, 16 layers, MLP 5632, vocab 32000 (about 0.96 B
+  parameters, 0.82 B in LoRA-wrapped linears), bf16, batch 8 x 1024 tokens, LoRA r=8 on all seven
+  projections, AdamW.
+
+Output: a table of ratios against plain LoRA, and the same numbers as JSON (``--json``).
+
+    python benchmarks/step_time.py --config cpu --json docs/benchmarks/cpu.json
+    python benchmarks/step_time.py --config gpu --json docs/benchmarks/gpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+
+CONFIGS = {
+    "cpu": dict(hidden=256, layers=4, mlp=688, vocab=1000, heads=4, batch=4, seq=128, dtype="float32", warmup=2, steps=6, pr_reps=5),
+    "gpu": dict(hidden=2048, layers=16, mlp=5632, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=15, pr_reps=20),
+}
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(cfg: dict, device: torch.device):
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=cfg["vocab"],
+        hidden_size=cfg["hidden"],
+        intermediate_size=cfg["mlp"],
+        num_hidden_layers=cfg["layers"],
+        num_attention_heads=cfg["heads"],
+        num_key_value_heads=cfg["heads"],
+        max_position_embeddings=cfg["seq"],
+    )
+    dtype = getattr(torch, cfg["dtype"])
+    model = transformers.LlamaForCausalLM(config).to(device=device, dtype=dtype)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, lora_dropout=0.0))
+    with torch.no_grad():  # a trained-looking adapter, so that W + sBA != W
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.01)
+    return model
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def checksum(model) -> List[int]:
+    """Two integer sums of the frozen weights' bit patterns (position-weighted), to check exactness cheaply."""
+    total = []
+    for p in model.parameters():
+        if p.requires_grad or not p.is_floating_point():
+            continue
+        bits = p.detach().reshape(-1).view({2: torch.int16, 4: torch.int32}[p.element_size()]).to(torch.int64)
+        weights = torch.arange(bits.numel(), device=bits.device) % 65521 + 1
+        total.append((int(bits.sum()), int((bits * weights).sum())))
+    return total
+
+
+class PaperStyleReference:
+    """Flat-LoRA as the paper describes it, written plainly, as users would otherwise copy it."""
+
+    def __init__(self, model, rho: float):
+        self.layers = [m for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer") and "default" in m.lora_A]
+        self.rho = rho
+        self.seed = 0
+
+    @torch.no_grad()
+    def perturb(self) -> None:
+        self.seed = int(time.time() * 1e6) % 2**31
+        torch.manual_seed(self.seed)  # the global RNG, from the wall clock
+        for m in self.layers:
+            W = m.base_layer.weight
+            full = W + m.scaling["default"] * (m.lora_B["default"].weight @ m.lora_A["default"].weight)  # W' (m x n)
+            std = (self.rho / math.sqrt(W.shape[1]) * full.norm(dim=1, keepdim=True)).expand_as(W).contiguous()  # full std tensor
+            W.add_(torch.normal(0.0, std))
+            m._reference_std = std.norm(dim=1, keepdim=True) / math.sqrt(W.shape[1])  # keep the row scale only
+
+    @torch.no_grad()
+    def restore(self) -> None:
+        torch.manual_seed(self.seed)  # regenerate the same noise, subtract it
+        for m in self.layers:
+            W = m.base_layer.weight
+            std = m._reference_std.expand_as(W).contiguous()
+            W.sub_(torch.normal(0.0, std))
+
+
+def make_step(model, ids, base, flat, reference) -> Callable[[], None]:
+    """One training step of the method: Flat-LoRA wrapper, paper-style reference, or plain LoRA."""
+
+    def step() -> None:
+        if flat is not None:
+            with flat.perturbed():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            flat.step()
+            flat.zero_grad()
+            return
+        if reference is not None:
+            reference.perturb()
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if reference is not None:
+            reference.restore()
+        base.step()
+        base.zero_grad()
+
+    return step
+
+
+def make_perturb_restore(method) -> Callable[[], None]:
+    def perturb_restore() -> None:
+        method.perturb()
+        method.restore()
+
+    return perturb_restore
+
+
+def run(cfg_name: str, methods: List[str]) -> Dict:
+    from flatlora_optim import FlatLoRA
+
+    cfg = CONFIGS[cfg_name]
+    device = torch.device("cuda" if cfg_name == "gpu" else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(2)
+    model = build_model(cfg, device)
+    lora_params = [p for p in model.parameters() if p.requires_grad]
+    wrapped = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
+    perturbed_params = sum(w.numel() for w in wrapped)
+    perturbed_bytes = sum(w.numel() * w.element_size() for w in wrapped)
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+    clean = checksum(model)
+    results: Dict[str, Dict] = {}
+
+    def time_steps(step: Callable[[], None], n_warm: int, n: int) -> List[float]:
+        for _ in range(n_warm):
+            step()
+        sync(device)
+        times = []
+        for _ in range(n):
+            sync(device)
+            start = time.perf_counter()
+            step()
+            sync(device)
+            times.append((time.perf_counter() - start) * 1000)
+        return times
+
+    for method in methods:
+        base = torch.optim.AdamW(lora_params, lr=1e-5)
+        flat = None
+        reference = None
+        if method.startswith("flat-"):
+            kind = method.split("-", 1)[1]
+            mode = "virtual" if kind == "virtual" else "inplace"
+            restore = "exact" if kind == "virtual" else kind
+            flat = FlatLoRA(base, model, rho=0.05, schedule="constant", seed=0, mode=mode, restore=restore)
+        elif method == "reference":
+            reference = PaperStyleReference(model, rho=0.05)
+
+        step = make_step(model, ids, base, flat, reference)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+        times = time_steps(step, cfg["warmup"], cfg["steps"])
+        peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
+        entry = {"ms_per_step": statistics.median(times), "ms_all": times, "peak_bytes": peak}
+        if flat is not None and flat.mode == "inplace":
+            pr = time_steps(make_perturb_restore(flat), 2, cfg["pr_reps"])
+            entry["perturb_restore_ms"] = statistics.median(pr)
+            entry["restore_bytes"] = flat.peak_restore_bytes
+        if reference is not None:
+            pr = time_steps(make_perturb_restore(reference), 2, cfg["pr_reps"])
+            entry["perturb_restore_ms"] = statistics.median(pr)
+        entry["weights_bitwise_equal"] = checksum(model) == clean
+        results[method] = entry
+        # the drifting methods (flat-subtract, reference) come last: they change the weights for good
+        extra = f"  perturb+restore {entry['perturb_restore_ms']:.2f} ms" if "perturb_restore_ms" in entry else ""
+        print(f"{method:<14} {entry['ms_per_step']:9.2f} ms/step{extra}", flush=True)
+
+    plain = results["lora"]
+    summary = {
+        "config": cfg_name,
+        "settings": cfg,
+        "perturbed_params": perturbed_params,
+        "perturbed_bytes": perturbed_bytes,
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "results": results,
+        "ratios": {m: r["ms_per_step"] / plain["ms_per_step"] for m, r in results.items()},
+    }
+    if plain["peak_bytes"]:
+        summary["extra_peak_fraction_of_perturbed"] = {m: (r["peak_bytes"] - plain["peak_bytes"]) / perturbed_bytes for m, r in results.items()}
+    return summary
+
+
+def print_table(summary: Dict) -> None:
+    print(f"\n{summary['config']} on {summary['device']} (torch {summary['torch']}), {summary['perturbed_params'] / 1e6:.1f} M perturbed parameters")
+    print(f"{'method':<14} | {'ms/step':>9} | {'x LoRA':>7} | {'perturb+restore ms':>18} | {'extra peak / perturbed bytes':>28} | exact")
+    for method, r in summary["results"].items():
+        pr = f"{r['perturb_restore_ms']:.2f}" if "perturb_restore_ms" in r else "-"
+        extra = summary.get("extra_peak_fraction_of_perturbed", {}).get(method)
+        extra_s = f"{extra:+.2%}" if extra is not None else "n/a (CPU)"
+        print(f"{method:<14} | {r['ms_per_step']:9.2f} | {summary['ratios'][method]:7.3f} | {pr:>18} | {extra_s:>28} | {r['weights_bitwise_equal']}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
+    parser.add_argument("--methods", default="lora,flat-exact,flat-backup,flat-virtual,flat-subtract,reference")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    summary = run(args.config, args.methods.split(","))
+    print_table(summary)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Optional fused GPU kernels (Triton). Imported only on CUDA devices when Triton is installed."""
