@@ -1,0 +1,155 @@
+"""Flat-LoRA in a Lightning ``Trainer``: one callback.
+
+::
+
+    from flatlora_optim.integrations.lightning import FlatLoRACallback
+
+    trainer = L.Trainer(max_steps=1000, accumulate_grad_batches=4, precision="bf16-mixed",
+                        callbacks=[FlatLoRACallback(rho=0.05, seed=0)])
+    trainer.fit(lit_module)   # configure_optimizers returns e.g. AdamW over the LoRA parameters
+
+The callback wraps the optimizer that ``configure_optimizers`` returned in :class:`FlatLoRA`
+(``on_fit_start``: after the strategy set the optimizer up, before a checkpoint's optimizer state
+is restored, so ``ckpt_path=`` resumes the Flat-LoRA step and schedule too). If
+``configure_optimizers`` already returns a ``FlatLoRA``, that one is used as it is.
+
+Per training batch (micro-batch):
+
+* ``on_train_batch_start``: ``perturb()``. Within one optimizer step every micro-batch gets the
+  same draw (the step count has not advanced), so with ``accumulate_grad_batches=k`` all ``k``
+  gradients are taken at the same ``W + e``.
+* the optimizer step -- ``FlatLoRA.step`` -- restores the weights exactly before the update.
+  With 32-bit and bf16 precision Lightning passes the training closure to ``step``, which runs
+  it inside ``perturbed()`` (same draw again); with 16-bit AMP the closure runs before the
+  ``GradScaler`` steps, inside the perturbation of ``on_train_batch_start``.
+* ``on_train_batch_end``: ``restore()`` (a no-op after a step). Between micro-batches the weights
+  are clean, so validation, checkpointing or logging that Lightning runs after any batch -- even
+  in the middle of an accumulation window -- sees clean weights and can switch the model to eval.
+  The price is one extra perturb/restore per micro-batch, small next to a forward/backward.
+* ``on_exception`` / ``on_train_end``: restore.
+
+The schedule length of a wrapper the callback creates is ``trainer.estimated_stepping_batches``,
+Lightning's own count of optimizer steps (accumulation, ``max_steps``/``max_epochs``,
+``limit_train_batches``, devices included).
+
+Not supported: DeepSpeed and FSDP strategies (they own the optimizer and shard the weights),
+several optimizers in one LightningModule (wrap the LoRA one yourself and return it).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import Callback
+
+from ..optimizer import FlatLoRA
+from ..schedule import ScheduleLike
+from ..targets import TargetsLike
+from ._common import find_flatlora, set_total_steps
+
+__all__ = ["FlatLoRACallback"]
+
+
+class FlatLoRACallback(Callback):
+    """Train a LightningModule's LoRA adapters with Flat-LoRA.
+
+    Args:
+        rho, schedule, seed, targets, restore: as in :class:`FlatLoRA`; used when the callback
+            wraps the optimizer, ignored when ``configure_optimizers`` returns a ``FlatLoRA``.
+        total_steps: the schedule length ``T``; ``None`` (default) takes Lightning's
+            ``trainer.estimated_stepping_batches``.
+
+    Attributes:
+        flat: the :class:`FlatLoRA` in use, once fitting started.
+    """
+
+    def __init__(
+        self,
+        rho: float = 0.05,
+        *,
+        schedule: ScheduleLike = "cosine",
+        seed: int = 0,
+        targets: TargetsLike = None,
+        restore: str = "exact",
+        total_steps: Optional[int] = None,
+    ):
+        self.rho = rho
+        self.schedule = schedule
+        self.seed = seed
+        self.targets = targets
+        self.restore = restore
+        self.total_steps = total_steps
+        self.flat: Optional[FlatLoRA] = None
+        self._owns_wrapper = False
+
+    def _schedule_length(self, trainer: pl.Trainer) -> int:
+        if self.total_steps is not None:
+            return int(self.total_steps)
+        estimated = trainer.estimated_stepping_batches
+        if not isinstance(estimated, (int, float)) or not math.isfinite(estimated) or estimated <= 0:
+            raise ValueError(
+                f"Lightning cannot tell the number of optimizer steps of this run (estimated_stepping_batches={estimated}); "
+                "set max_steps or max_epochs with a sized dataloader, or pass FlatLoRACallback(total_steps=...)."
+            )
+        return int(estimated)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizers = list(trainer.strategy.optimizers)
+        existing = [f for f in (find_flatlora(o) for o in optimizers) if f is not None]
+        if existing:
+            if len(existing) > 1:
+                raise ValueError("FlatLoRACallback drives one FlatLoRA optimizer; configure_optimizers returned several.")
+            self.flat, self._owns_wrapper = existing[0], False
+            return
+        if len(optimizers) != 1:
+            raise ValueError(
+                f"FlatLoRACallback wraps exactly one optimizer, but configure_optimizers returned {len(optimizers)}; wrap the one "
+                "holding the LoRA parameters in FlatLoRA(...) yourself and return it."
+            )
+        self.flat = FlatLoRA(
+            optimizers[0],
+            pl_module,
+            self.rho,
+            total_steps=self._schedule_length(trainer),
+            schedule=self.schedule,
+            seed=self.seed,
+            targets=self.targets,
+            restore=self.restore,
+        )
+        self._owns_wrapper = True
+        # LR schedulers keep acting on the wrapped optimizer's param_groups, which FlatLoRA shares.
+        trainer.strategy.optimizers = [self.flat]
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # After restore_training_state: a checkpoint's "flatlora" entry is loaded by now.
+        flat = self._require()
+        if self._owns_wrapper:
+            set_total_steps(flat, self._schedule_length(trainer))
+        if trainer.global_step > 0 and flat.step_count == 0:
+            warnings.warn(
+                f"Resuming at global step {trainer.global_step} but the Flat-LoRA step count is 0: the checkpoint's optimizer "
+                "state has no 'flatlora' entry. The noise schedule restarts at 0.",
+                stacklevel=2,
+            )
+
+    def _require(self) -> FlatLoRA:
+        if self.flat is None:
+            raise RuntimeError("FlatLoRACallback has no optimizer yet: it is set up in on_fit_start (Trainer.fit).")
+        return self.flat
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        self._require().perturb()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
+        self._require().restore()
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.flat is not None and self.flat.is_perturbed:
+            self.flat.restore(force=True)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        if self.flat is not None and self.flat.is_perturbed:
+            self.flat.restore(force=True)  # the failed batch's graph will never be backpropagated

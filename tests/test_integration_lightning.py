@@ -1,0 +1,212 @@
+"""Lightning Trainer + Flat-LoRA through FlatLoRACallback, on a tiny LoRA MLP (CPU).
+
+Checked against the real Lightning loop: every loss that is backpropagated was computed at the
+perturbed weights (one draw per optimizer step, shared by the accumulated batches), validation
+and checkpoints see clean weights (validation is scheduled in the middle of an accumulation
+window on purpose), the schedule length is Lightning's optimizer-step count, resuming from a
+checkpoint continues the noise stream bitwise, and 16-bit AMP with a GradScaler works.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import bits, frozen_weights, make_mlp
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.plugins import MixedPrecision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from flatlora_optim import FlatLoRA, lora_parameters
+from flatlora_optim.integrations.lightning import FlatLoRACallback
+
+PROBED = "net.2"  # the middle LoRALinear of make_mlp
+
+
+@pytest.fixture(autouse=True)
+def quiet_one_thread():
+    """One intra-op thread (tiny matrices on a shared 2-core machine); Lightning's tips silenced."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(does not have many workers|LightningModule.train|GPU available|TPU available).*")
+        warnings.filterwarnings("ignore", category=pl.utilities.warnings.PossibleUserWarning)
+        yield
+    torch.set_num_threads(threads)
+
+
+class LitMLP(pl.LightningModule):
+    def __init__(self, own_flatlora: bool = False):
+        super().__init__()
+        self.net = make_mlp(seed=0)
+        self.own_flatlora = own_flatlora
+        self.autocast_dtypes: set = set()
+
+    def forward(self, x):
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.autocast_dtypes.add(logits.dtype)
+        return nn.functional.cross_entropy(logits.float(), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x).float(), y)
+
+    def configure_optimizers(self):
+        adamw = torch.optim.AdamW(list(lora_parameters(self)), lr=1e-2)
+        if self.own_flatlora:  # the documented alternative: wrap it yourself with Lightning's step count
+            return FlatLoRA(adamw, self, rho=0.2, schedule="linear", total_steps=self.trainer.estimated_stepping_batches, seed=5)
+        return adamw
+
+
+def loader(n: int = 48, batch_size: int = 4) -> DataLoader:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 12, generator=gen)
+    y = torch.randint(0, 5, (n,), generator=gen)
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size, shuffle=False)
+
+
+class Probe(Callback):
+    """Records the probed weight where the loss is about to be backpropagated, and at validation."""
+
+    def __init__(self):
+        self.backward = []  # (global_step, weight bits, sigma)
+        self.validation = []  # (is_perturbed, weight bits)
+
+    def _flat(self, trainer):
+        return next(cb for cb in trainer.callbacks if isinstance(cb, FlatLoRACallback)).flat
+
+    def _weight(self, pl_module):
+        return bits(dict(pl_module.named_modules())[PROBED].weight)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self.backward.append((trainer.global_step, self._weight(pl_module), self._flat(trainer).sigma))
+
+    def on_validation_start(self, trainer, pl_module):
+        self.validation.append((self._flat(trainer).is_perturbed, self._weight(pl_module)))
+
+
+def trainer_for(tmp_path, callbacks, **kwargs) -> pl.Trainer:
+    base = dict(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False, enable_model_summary=False, default_root_dir=str(tmp_path))
+    base.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **base)
+
+
+def by_step(records) -> dict:
+    grouped: dict = {}
+    for step, weight_bits, sigma in records:
+        grouped.setdefault(step, []).append((weight_bits, sigma))
+    return grouped
+
+
+def test_fit_accumulation_mid_window_validation_checkpoint_and_resume(tmp_path):
+    total = 9  # 3 epochs of 6 batches = 3 optimizer steps
+    module = LitMLP()
+    initial = frozen_weights(module)
+    clean = bits(dict(module.named_modules())[PROBED].weight)
+    probe = Probe()
+    # checkpoints at epoch ends (Lightning cannot resume a plain DataLoader in the middle of an epoch)
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_epochs=1, save_on_train_epoch_end=True, save_top_k=-1, filename="{step}")
+    flat_cb = FlatLoRACallback(rho=0.1, seed=1)
+    trainer = trainer_for(
+        tmp_path, [probe, flat_cb, ckpt], max_steps=total, accumulate_grad_batches=2, val_check_interval=3, limit_val_batches=1, gradient_clip_val=1.0
+    )
+    trainer.fit(module, loader(24), loader(8))
+    flat = flat_cb.flat
+
+    assert find_in(trainer) is flat
+    assert flat.schedule.total_steps == trainer.estimated_stepping_batches == total
+    assert flat.step_count == trainer.global_step == total
+    steps = by_step(probe.backward)
+    assert sorted(steps) == list(range(total))
+    for step, seen in steps.items():
+        assert len(seen) == 2  # both accumulated batches ...
+        assert torch.equal(seen[0][0], seen[1][0])  # ... were backpropagated at the same weights
+        assert torch.equal(seen[0][0], clean) == (step == 0)  # sigma_0 = 0, noise at every later step
+    draws = [steps[s][0][0] for s in range(1, total)]
+    assert all(not torch.equal(a, b) for a, b in zip(draws, draws[1:]))
+    # validation ran (also in the middle of an accumulation window: after the 3rd batch of each epoch) on clean weights
+    assert len(probe.validation) >= 4
+    assert all(not perturbed and torch.equal(w, clean) for perturbed, w in probe.validation)
+    assert frozen_weights(module).keys() == initial.keys()
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+    # the checkpoints hold clean weights and the Flat-LoRA step
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step=3.ckpt", "step=6.ckpt", "step=9.ckpt"]
+    saved = torch.load(tmp_path / "ckpt" / "step=6.ckpt", weights_only=False)
+    for name, value in initial.items():
+        assert torch.equal(bits(saved["state_dict"][name]), value), name
+    assert saved["optimizer_states"][0]["flatlora"]["step"] == 6
+    final = {n: p.detach().clone() for n, p in module.named_parameters() if p.requires_grad}
+
+    # resume from step 6: the step count, the schedule and the noise draws continue
+    module_b = LitMLP()
+    probe_b = Probe()
+    flat_cb_b = FlatLoRACallback(rho=0.1, seed=1)
+    trainer_b = trainer_for(
+        tmp_path / "b", [probe_b, flat_cb_b], max_steps=total, accumulate_grad_batches=2, val_check_interval=3, limit_val_batches=1, gradient_clip_val=1.0
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "callbacks used to create the checkpoint need to be provided"
+        trainer_b.fit(module_b, loader(24), loader(8), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
+    assert flat_cb_b.flat.step_count == trainer_b.global_step == total
+    assert flat_cb_b.flat.schedule.total_steps == total
+    steps_b = by_step(probe_b.backward)
+    assert sorted(steps_b) == list(range(6, total))
+    for step, seen in steps_b.items():
+        assert torch.equal(seen[0][0], steps[step][0][0]), f"step {step}: resumed run drew different noise"
+        assert seen[0][1] == steps[step][0][1]
+    for name, value in final.items():
+        assert torch.equal(value, dict(module_b.named_parameters())[name]), f"{name}: resumed run diverged"
+
+
+def find_in(trainer):
+    from flatlora_optim.integrations import find_flatlora
+
+    (optimizer,) = trainer.optimizers
+    return find_flatlora(optimizer)
+
+
+@pytest.mark.parametrize("precision", ["16-mixed", "bf16-mixed"])
+def test_fast_dev_run_mixed_precision(tmp_path, precision):
+    module = LitMLP()
+    initial = frozen_weights(module)
+    clean = bits(dict(module.named_modules())[PROBED].weight)
+    probe = Probe()
+    flat_cb = FlatLoRACallback(rho=0.1, schedule="constant")  # noise from step 0, so that every step is checked
+    kwargs = dict(fast_dev_run=4, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    if precision == "16-mixed":  # Lightning maps 16-mixed to bf16 on CPU unless given the plugin with a GradScaler
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
+    else:
+        kwargs["precision"] = precision
+    trainer = trainer_for(tmp_path, [probe, flat_cb], **kwargs)
+    trainer.fit(module, loader())
+    flat = flat_cb.flat
+
+    assert module.autocast_dtypes == {torch.float16 if precision == "16-mixed" else torch.bfloat16}
+    assert trainer.global_step == 2 == flat.step_count  # fast_dev_run=4 batches, 2 per step
+    steps = by_step(probe.backward)
+    assert sorted(steps) == [0, 1]
+    for seen in steps.values():
+        assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[0][0], clean)
+    assert not torch.equal(steps[0][0][0], steps[1][0][0])
+    assert not flat.is_perturbed
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+
+
+def test_flatlora_returned_by_configure_optimizers_is_used_as_is(tmp_path):
+    module = LitMLP(own_flatlora=True)
+    initial = frozen_weights(module)
+    flat_cb = FlatLoRACallback(rho=0.9)  # its arguments do not apply to a user-made FlatLoRA
+    trainer = trainer_for(tmp_path, [flat_cb], max_epochs=1, limit_train_batches=6, accumulate_grad_batches=4, limit_val_batches=0)
+    trainer.fit(module, loader())
+    flat = flat_cb.flat
+    # 6 batches with accumulation 4: one full step and one short step -> 2 optimizer steps
+    assert flat.schedule.rho == 0.2 and flat.schedule.name == "linear" and flat.seed == 5
+    assert flat.schedule.total_steps == trainer.estimated_stepping_batches == 2 == flat.step_count
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
