@@ -51,7 +51,8 @@ def tiny_peft_gpt2():
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(vocab_size=VOCAB, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0)
+    cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = 0.0
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, lora_dropout=0.0, init_lora_weights=False)
     return get_peft_model(GPT2LMHeadModel(cfg), lora)
 
