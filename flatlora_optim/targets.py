@@ -252,8 +252,7 @@ def register_lora_layer(
             current = describe(module)
             if current.merged:
                 raise ValueError(
-                    f"The LoRA update of {module_name!r} ({type(module).__name__}) is merged into its base weight; unmerge "
-                    "it before training with Flat-LoRA."
+                    f"The LoRA update of {module_name!r} ({type(module).__name__}) is merged into its base weight; unmerge it before training with Flat-LoRA."
                 )
             if current.problem:
                 raise ValueError(f"{module_name!r} ({type(module).__name__}): {current.problem}")

@@ -440,3 +440,28 @@ def test_describe_lists_what_was_found():
     assert rows[1]["flavour"] == "peft" and (rows[1]["rows"], rows[1]["fan_in"]) == (4, 16)
     table = format_targets(discover_targets(model))
     assert "peft-embedding" in table and "16 x 2048" in table and "2 target(s), 128.2 KiB perturbed" in table
+
+
+@pytest.mark.xfail(
+    strict=False,
+    raises=RuntimeError,
+    reason="core: FlatLoRA._clean_weight restores into clean.t()/clean; for a >2-D (conv) weight it must use target.rows_of(clean)",
+)
+def test_state_dict_while_a_conv_weight_is_perturbed_is_clean():
+    model = peft.get_peft_model(_Convs(2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv"]))
+    _randomise(model)
+    opt = FlatLoRA(torch.optim.SGD(_trainable(model), lr=0.1), model, rho=RHO, schedule="constant")
+    clean = bits(opt.targets[0].weight)
+    with opt.perturbed():
+        state = model.state_dict()
+    assert torch.equal(bits(state["base_model.model.conv.base_layer.weight"]), clean)
+
+
+def test_custom_layer_example_runs():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "examples" / "custom_lora_layer.py"
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, check=True, timeout=120).stdout
+    assert "MyLoRALinear" in out and "restored bitwise" in out

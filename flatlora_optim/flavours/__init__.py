@@ -14,9 +14,7 @@ from torch import nn
 
 from . import builtin, loralib_flavours, peft_flavours, torchtune_flavours
 
-BUILTIN_NAMES = frozenset(
-    builtin.NAMES | peft_flavours.NAMES | loralib_flavours.NAMES | torchtune_flavours.NAMES
-)
+BUILTIN_NAMES = frozenset(builtin.NAMES | peft_flavours.NAMES | loralib_flavours.NAMES | torchtune_flavours.NAMES)
 
 
 def unsupported_kind(module: nn.Module) -> Optional[str]:
