@@ -320,7 +320,7 @@ class FlatLoRA(torch.optim.Optimizer):
         clean = target.weight.detach().clone()
         for p in self._perturbations or []:
             if p.target is target:
-                self._perturber.restore(p, dest=clean.t() if target.transposed else clean)
+                self._perturber.restore(p, dest=target.rows_of(clean))
         return clean
 
     def _on_forward(self) -> None:

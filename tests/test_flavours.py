@@ -442,11 +442,6 @@ def test_describe_lists_what_was_found():
     assert "peft-embedding" in table and "16 x 2048" in table and "2 target(s), 128.2 KiB perturbed" in table
 
 
-@pytest.mark.xfail(
-    strict=False,
-    raises=RuntimeError,
-    reason="core: FlatLoRA._clean_weight restores into clean.t()/clean; for a >2-D (conv) weight it must use target.rows_of(clean)",
-)
 def test_state_dict_while_a_conv_weight_is_perturbed_is_clean():
     model = peft.get_peft_model(_Convs(2), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["conv"]))
     _randomise(model)
