@@ -9,6 +9,8 @@ length is the Trainer's real optimizer-step count, and a resumed run continues t
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -233,14 +235,14 @@ class CustomLossTrainer(Trainer):
         return (loss, logits) if return_outputs else loss
 
 
-def test_trainer_epochs_peft_gpt2_subclass_bf16(tmp_path):
+def test_trainer_epochs_peft_gpt2_subclass_bf16_checkpointing(tmp_path):
     model = tiny_peft_gpt2()
     initial = frozen_bits(model)
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     target = "base_model.model.transformer.h.0.attn.c_attn"
     clean = bits(dict(model.named_modules())[target].base_layer.weight)
     data = lm_data(10, seed=1)  # 5 micro-batches of 2 per epoch -> 3 optimizer steps per epoch (the last one short)
-    args = training_args(tmp_path, num_train_epochs=2, bf16=True)
+    args = training_args(tmp_path, num_train_epochs=2, bf16=True, gradient_checkpointing=True)  # recomputation happens at W + e too
     probe = Probe(target + ".base_layer", clean)
     trainer = CustomLossTrainer(model=model, args=args, train_dataset=data, callbacks=[probe])
     callback = add_flatlora(trainer, rho=0.05, seed=0)
@@ -280,3 +282,13 @@ def test_callback_without_a_flatlora_optimizer_says_what_to_do(tmp_path):
     with pytest.raises(ValueError, match="once"):
         add_flatlora(trainer)
         add_flatlora(trainer)
+
+
+def test_importing_the_package_and_integrations_index_pulls_in_no_framework():
+    code = (
+        "import sys, flatlora_optim, flatlora_optim.integrations; "
+        "heavy = [m for m in ('transformers', 'lightning', 'accelerate', 'peft') if m in sys.modules]; "
+        "print(heavy); sys.exit(1 if heavy else 0)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
