@@ -15,7 +15,7 @@ from typing import Any, List, Optional, Tuple
 
 import torch
 
-from .noise import chunk_bounds, kernel_for, layer_key, noise_seed, row_std
+from .noise import chunk_bounds, kernel_for, layer_key, noise_seed, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
 
@@ -31,6 +31,7 @@ class TargetPerturbation:
     sigma: float
     std: torch.Tensor  # per-row noise std, float32, length m
     blocks: List[Tuple[int, int, int, Any]] = field(default_factory=list)  # (block, start, end, record)
+    block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
@@ -59,9 +60,15 @@ class Perturber:
     def perturbed_rows(self, p: TargetPerturbation, source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A new ``m x n`` tensor holding ``fl(W + e)`` (virtual mode's temporary), block by block."""
         rows = p.target.rows() if source is None else source
-        out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         kernel = kernel_for(rows.device)
         work = noise_dtype(rows.dtype)
+        if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
+            seeds = p.block_seeds
+            if seeds is None:
+                blocks = [self.block_seed(p, block) for block, _, _ in chunk_bounds(*rows.shape)]
+                seeds = p.block_seeds = torch.tensor(blocks, dtype=torch.int64, device=rows.device)
+            return kernel.perturbed_layer(rows, p.std, seeds, rows_per_chunk(rows.shape[1]), work)
+        out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         for block, start, end in chunk_bounds(*rows.shape):
             out[start:end] = kernel.perturbed(rows[start:end], p.std[start:end], self.block_seed(p, block), work)
         return out

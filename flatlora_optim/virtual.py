@@ -40,7 +40,9 @@ class NoisyLinearFunction(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], perturber: Perturber, p: TargetPerturbation) -> torch.Tensor:
         noisy = perturber.perturbed_rows(p)  # m x n, rows = output units, whatever the storage
         ctx.perturber, ctx.p = perturber, p
-        ctx.save_for_backward(x, weight, bias)  # weight/bias only for autograd's version check
+        # x is needed only for a trainable base weight's gradient (as in F.linear); the weight is
+        # saved for autograd's version check, so writing it before backward raises.
+        ctx.save_for_backward(x if weight.requires_grad else None, weight, bias)
         return F.linear(x, noisy.to(x.dtype) if noisy.dtype != x.dtype else noisy, bias)
 
     @staticmethod

@@ -114,3 +114,26 @@ def test_virtual_mode_matches_inplace_on_gpu(dtype):
         loss.backward()
     for p1, p2 in zip(lora_parameters(m1), lora_parameters(m2)):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+def test_layer_kernel_gives_the_per_block_values():
+    """The one-launch layer kernel (virtual mode) and the per-block kernel (in-place mode) agree bitwise."""
+    pytest.importorskip("triton")
+    from flatlora_optim.noise import chunk_bounds, rows_per_chunk
+
+    kernel = kernel_for(torch.device("cuda"))
+    rows = torch.randn(5000, 2048, device="cuda", dtype=torch.bfloat16).t()  # strided view, as GPT-2 Conv1D
+    std = torch.rand(rows.shape[0], device="cuda") * 0.05
+    seeds = [2**62 + 17 * b for b, _, _ in chunk_bounds(*rows.shape)]
+    layer = kernel.perturbed_layer(rows, std, torch.tensor(seeds, device="cuda"), rows_per_chunk(rows.shape[1]), torch.float32)
+    for block, start, end in chunk_bounds(*rows.shape):
+        expected = kernel.perturbed(rows[start:end], std[start:end], seeds[block], torch.float32)
+        assert torch.equal(bits(layer[start:end]), bits(expected))
+
+
+def test_row_sum_of_squares_kernel_matches_torch():
+    pytest.importorskip("triton")
+    kernel = kernel_for(torch.device("cuda"))
+    for dtype in [torch.bfloat16, torch.float32]:
+        rows = torch.randn(300, 5000, device="cuda", dtype=dtype)
+        torch.testing.assert_close(kernel.row_sumsq(rows), rows.double().square().sum(dim=1), rtol=1e-5, atol=0)
