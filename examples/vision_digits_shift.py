@@ -105,7 +105,9 @@ def few_shot_split(y: torch.Tensor, seed: int, shots: int, val_per_class: int) -
         parts["train"].append(idx[:shots])
         parts["val"].append(idx[shots : shots + val_per_class])
         parts["test"].append(idx[shots + val_per_class :])
-    return {k: torch.cat(v) for k, v in parts.items()}
+    split = {k: torch.cat(v) for k, v in parts.items()}
+    split["test"] = split["test"][torch.randperm(len(split["test"]), generator=gen)]  # classes mixed, for --max-test
+    return split
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
@@ -241,7 +243,8 @@ def run_one(method: str, seed: int, lr: float, rho: Optional[float], args, pretr
     out["val_acc"] = accuracy(model, x[split["val"]], y[split["val"]])
     if not with_test:
         return out
-    tx, ty = x[split["test"]], y[split["test"]]
+    test = split["test"][: args.max_test]
+    tx, ty = x[test], y[test]
     out["test_clean"] = accuracy(model, tx, ty)
     out["test_corrupted"] = {
         kind: [accuracy(model, corrupt(tx, kind, s, seed=1000 * seed + 10 * k + s), ty) for s in range(1, 6)] for k, kind in enumerate(CORRUPTIONS)
@@ -337,6 +340,7 @@ def run_experiment(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--shots", type=int, default=10, help="training examples per class")
     parser.add_argument("--val-per-class", type=int, default=30)
     parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--max-test", type=int, default=None, help="test on at most this many digits (default: all not used for train/val)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--r", type=int, default=4)
     parser.add_argument("--pretrain-epochs", type=int, default=4)
