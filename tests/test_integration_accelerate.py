@@ -26,8 +26,9 @@ PROBED = "2"  # the middle LoRALinear of make_mlp
 
 
 @pytest.fixture(autouse=True)
-def fresh_accelerate_state():
+def fresh_accelerate_state(monkeypatch):
     """accelerate keeps process-wide singletons; each test builds its own Accelerator. One thread: tiny matrices."""
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)  # full precision unless a test asks otherwise
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     AcceleratorState._reset_state(True)

@@ -27,8 +27,12 @@ PROBED = "model.layers.0.self_attn.q_proj"  # a LoRALinear target of the tiny Ll
 
 
 @pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread is much faster than two fighting over a shared 2-core machine."""
+def one_thread(monkeypatch):
+    """Tiny matrices: one intra-op thread is much faster than two fighting over a shared 2-core machine.
+
+    transformers 4.x's TrainingArguments(bf16=True) sets ACCELERATE_MIXED_PRECISION in os.environ; undo it after the test.
+    """
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -242,7 +246,10 @@ def test_trainer_epochs_peft_gpt2_subclass_bf16_checkpointing(tmp_path):
     target = "base_model.model.transformer.h.0.attn.c_attn"
     clean = bits(dict(model.named_modules())[target].base_layer.weight)
     data = lm_data(10, seed=1)  # 5 micro-batches of 2 per epoch -> 3 optimizer steps per epoch (the last one short)
-    args = training_args(tmp_path, num_train_epochs=2, bf16=True, gradient_checkpointing=True)  # recomputation happens at W + e too
+    # recomputation during backward happens at W + e too (non-reentrant: older transformers default to reentrant,
+    # which with frozen embeddings needs model.enable_input_require_grads(), with or without Flat-LoRA)
+    checkpointing = dict(gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False})
+    args = training_args(tmp_path, num_train_epochs=2, bf16=True, **checkpointing)
     probe = Probe(target + ".base_layer", clean)
     trainer = CustomLossTrainer(model=model, args=args, train_dataset=data, callbacks=[probe])
     callback = add_flatlora(trainer, rho=0.05, seed=0)
