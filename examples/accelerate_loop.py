@@ -5,7 +5,7 @@ are the wrapper, the schedule length (counted from the *prepared* loader, so it 
 every rank) and the ``perturbed()`` block around the forward. ``accelerator.save_state`` in the
 middle of training writes clean weights and the Flat-LoRA step; ``load_state`` resumes it.
 
-    python examples/accelerate_loop.py          # or: accelerate launch examples/accelerate_loop.py
+    python examples/accelerate_loop.py
 """
 
 from __future__ import annotations

@@ -62,7 +62,8 @@ class LitMLP(pl.LightningModule):
         adamw = torch.optim.AdamW(list(lora_parameters(self)), lr=1e-2)
         if self.own_flatlora:  # the documented alternative: wrap it yourself with Lightning's step count
             return FlatLoRA(adamw, self, rho=0.2, schedule="linear", total_steps=self.trainer.estimated_stepping_batches, seed=5)
-        return adamw
+        # an LR scheduler built on the plain optimizer keeps acting on it once the callback wraps it
+        return {"optimizer": adamw, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(adamw, 1, gamma=0.9), "interval": "step"}}
 
 
 def loader(n: int = 48, batch_size: int = 4) -> DataLoader:
@@ -121,6 +122,7 @@ def test_fit_accumulation_mid_window_validation_checkpoint_and_resume(tmp_path):
     flat = flat_cb.flat
 
     assert find_in(trainer) is flat
+    assert flat.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9**total)  # the LR scheduler stepped with the optimizer
     assert flat.schedule.total_steps == trainer.estimated_stepping_batches == total
     assert flat.step_count == trainer.global_step == total
     steps = by_step(probe.backward)
@@ -156,6 +158,7 @@ def test_fit_accumulation_mid_window_validation_checkpoint_and_resume(tmp_path):
         trainer_b.fit(module_b, loader(24), loader(8), ckpt_path=str(tmp_path / "ckpt" / "step=6.ckpt"))
     assert flat_cb_b.flat.step_count == trainer_b.global_step == total
     assert flat_cb_b.flat.schedule.total_steps == total
+    assert flat_cb_b.flat.param_groups[0]["lr"] == pytest.approx(1e-2 * 0.9**total)
     steps_b = by_step(probe_b.backward)
     assert sorted(steps_b) == list(range(6, total))
     for step, seen in steps_b.items():
