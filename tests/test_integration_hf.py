@@ -281,6 +281,26 @@ def test_callback_with_a_flatlora_passed_to_the_trainer(tmp_path):
     assert_same_bits(initial, frozen_bits(model))
 
 
+class FailingTrainer(Trainer):
+    """Raises in the middle of an accumulation window, while the noise is in the weights."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.state.global_step == 2 and self.optimizer.optimizer.is_perturbed:
+            raise KeyboardInterrupt("stop")
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def test_an_exception_leaving_train_restores_the_weights(tmp_path):
+    model = tiny_llama_with_lora()
+    initial = frozen_bits(model)
+    trainer = FailingTrainer(model=model, args=training_args(tmp_path, max_steps=5), train_dataset=lm_data(20))
+    callback = add_flatlora(trainer, rho=1.0, schedule="constant")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert callback.flat.step_count == 2 and not callback.flat.is_perturbed
+    assert_same_bits(initial, frozen_bits(model))
+
+
 def test_callback_without_a_flatlora_optimizer_says_what_to_do(tmp_path):
     model = tiny_llama_with_lora()
     trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=1), train_dataset=lm_data(4), callbacks=[FlatLoRACallback()])

@@ -213,3 +213,21 @@ def test_flatlora_returned_by_configure_optimizers_is_used_as_is(tmp_path):
     assert flat.schedule.rho == 0.2 and flat.schedule.name == "linear" and flat.seed == 5
     assert flat.schedule.total_steps == trainer.estimated_stepping_batches == 2 == flat.step_count
     assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+
+
+class FailingMLP(LitMLP):
+    def training_step(self, batch, batch_idx):
+        if batch_idx == 3:
+            raise RuntimeError("boom")  # the noise of this step is in the weights right now
+        return super().training_step(batch, batch_idx)
+
+
+def test_an_exception_in_training_step_restores_the_weights(tmp_path):
+    module = FailingMLP()
+    initial = frozen_weights(module)
+    flat_cb = FlatLoRACallback(rho=1.0, schedule="constant")
+    trainer = trainer_for(tmp_path, [flat_cb], max_steps=5, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer.fit(module, loader())
+    assert flat_cb.flat.step_count == 3 and not flat_cb.flat.is_perturbed
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())

@@ -19,7 +19,9 @@ What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
   restore too; restoring here makes the optimizer update start from clean weights whatever
   wraps the step (a ``GradScaler`` that skips it, for instance).
 * ``on_step_end`` / ``on_epoch_end`` / ``on_train_end``: restore again if still perturbed (a
-  skipped step), so evaluation, logging and checkpoint saving always see clean weights.
+  skipped step), so evaluation, logging and checkpoint saving always see clean weights. If
+  ``train()`` is left by an exception (the Trainer has no callback event for it), the wrapper
+  that :func:`add_flatlora` puts around ``trainer.train`` restores.
 * ``on_train_begin`` (after the optimizer was created, prepared and, on resume, loaded from the
   checkpoint): the schedule length ``T`` is set to ``state.max_steps``, the Trainer's own count of
   optimizer steps (accumulation, epochs, ``max_steps``, world size all included).
@@ -51,8 +53,10 @@ __all__ = ["FlatLoRACallback", "add_flatlora"]
 class FlatLoRACallback(TrainerCallback):
     """Perturb once per optimizer step before the first micro-batch; restore before the update.
 
-    Use :func:`add_flatlora` to install it together with the optimizer wrapping. It can also be
-    given directly when the Trainer's optimizer already is a :class:`FlatLoRA`::
+    Use :func:`add_flatlora` to install it together with the optimizer wrapping (and the restore
+    on an exception leaving ``train()``). It can also be given directly when the Trainer's
+    optimizer already is a :class:`FlatLoRA`; then restore after a failed ``train()`` yourself
+    (``flat.restore(force=True)``)::
 
         flat = FlatLoRA(torch.optim.AdamW(lora_params, lr=2e-4), model, rho=0.05, total_steps=1)
         Trainer(..., optimizers=(flat, None), callbacks=[FlatLoRACallback()])
@@ -103,8 +107,11 @@ class FlatLoRACallback(TrainerCallback):
         self._require().restore()
 
     def _restore(self) -> None:
+        # Called after the optimizer step (or where it would have been): every backward of the step
+        # is done, so nothing can still need the noisy weights -- restore now, even if a graph built
+        # at W + e is kept alive somewhere (restore() alone would wait for it to be collected).
         if self.flat is not None and self.flat.is_perturbed:
-            self.flat.restore()
+            self.flat.restore(force=True)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._restore()
@@ -113,8 +120,7 @@ class FlatLoRACallback(TrainerCallback):
         self._restore()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if self.flat is not None and self.flat.is_perturbed:
-            self.flat.restore(force=True)  # nothing can be waiting for a backward once training ended
+        self._restore()
 
 
 def add_flatlora(
@@ -168,6 +174,17 @@ def add_flatlora(
         callback.flat = flat
         return trainer.optimizer
 
+    train = trainer.train
+
+    def train_and_restore(*args: Any, **kwargs: Any) -> Any:
+        # The Trainer has no callback event for an exception in the loop: take the noise out here,
+        # so that an interrupted train() (error, KeyboardInterrupt) leaves the live weights clean.
+        try:
+            return train(*args, **kwargs)
+        finally:
+            callback._restore()
+
     trainer.create_optimizer = create_flatlora_optimizer
+    trainer.train = train_and_restore
     trainer.add_callback(callback)
     return callback

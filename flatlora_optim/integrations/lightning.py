@@ -144,7 +144,12 @@ class FlatLoRACallback(Callback):
         self._require().perturb()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._require().restore()
+        # The batch's backward (automatic or manual optimization) is done; a graph still alive (a
+        # training_step that returned None, outputs kept for logging) will not be backpropagated,
+        # so restore now instead of waiting for it to be collected.
+        flat = self._require()
+        if flat.is_perturbed:
+            flat.restore(force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.flat is not None and self.flat.is_perturbed:
