@@ -40,6 +40,7 @@ from __future__ import annotations
 import warnings
 from typing import Any, Optional
 
+import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from ..optimizer import FlatLoRA
@@ -154,7 +155,7 @@ def add_flatlora(
     callback = FlatLoRACallback()
     create_optimizer = trainer.create_optimizer  # bound method of the (sub)class, or a user override
 
-    def create_flatlora_optimizer(*args: Any, **kwargs: Any) -> FlatLoRA:
+    def create_flatlora_optimizer(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
         create_optimizer(*args, **kwargs)
         flat = find_flatlora(trainer.optimizer)
         if flat is None:
