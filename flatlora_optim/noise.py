@@ -104,6 +104,9 @@ class GeneratorPool:
 
 def _stack_adapters(adapters: List[Adapter], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` with the scalings folded into ``B``: ``sum_a s_a B_a A_a = B @ A``, in fp32."""
+    if len(adapters) == 1:  # the common case: no concatenation
+        a = adapters[0]
+        return a.A.detach().to(device=device, dtype=torch.float32), a.B.detach().to(device=device, dtype=torch.float32) * a.scaling
     A = torch.cat([a.A.detach().to(device=device, dtype=torch.float32) for a in adapters], dim=0)
     B = torch.cat([a.B.detach().to(device=device, dtype=torch.float32) * a.scaling for a in adapters], dim=1)
     return A, B
@@ -148,8 +151,13 @@ def row_std(rows: torch.Tensor, adapters: List[Adapter], sigma: float) -> torch.
     """Per-row noise std ``sigma / sqrt(n) * ||W'_i||`` as float32; 0 where it is not finite.
 
     A row whose norm overflows or holds inf/NaN has no meaningful scale: it is left unperturbed.
+    On CUDA with Triton the whole computation is one kernel per layer.
     """
     n = rows.shape[1]
+    kernel = kernel_for(rows.device)
+    if hasattr(kernel, "row_std"):
+        A, B = _stack_adapters(adapters, rows.device) if adapters else (None, None)
+        return kernel.row_std(rows, A, B, sigma / n**0.5)
     std = (row_norms(rows, adapters) * (sigma / n**0.5)).to(torch.float32)
     return torch.where(torch.isfinite(std), std, torch.zeros_like(std))
 

@@ -48,9 +48,24 @@ class Perturber:
     def block_seed(self, p: TargetPerturbation, block: int) -> int:
         return noise_seed(self.seed, p.step, layer_key(p.target.name), block)
 
+    def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
+        """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
+        if p.block_seeds is None:
+            rows = p.target.rows()
+            key = layer_key(p.target.name)
+            seeds = [noise_seed(self.seed, p.step, key, block) for block, _, _ in chunk_bounds(*rows.shape)]
+            p.block_seeds = torch.tensor(seeds, dtype=torch.int64).to(rows.device, non_blocking=True)
+        return p.block_seeds
+
+    def _seed_arg(self, p: TargetPerturbation, block: int, kernel: Any) -> Any:
+        if hasattr(kernel, "perturbed_layer"):
+            return self._device_seeds(p)[block : block + 1]
+        return self.block_seed(p, block)
+
     def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int) -> torch.Tensor:
         rows = p.target.rows()
-        return kernel_for(rows.device).noise(p.std[start:end], rows.shape[1], self.block_seed(p, block), noise_dtype(rows.dtype))
+        kernel = kernel_for(rows.device)
+        return kernel.noise(p.std[start:end], rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
 
     def describe(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
         """The per-row scales of this step's noise for ``target`` (nothing is written)."""
@@ -63,14 +78,10 @@ class Perturber:
         kernel = kernel_for(rows.device)
         work = noise_dtype(rows.dtype)
         if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
-            seeds = p.block_seeds
-            if seeds is None:
-                blocks = [self.block_seed(p, block) for block, _, _ in chunk_bounds(*rows.shape)]
-                seeds = p.block_seeds = torch.tensor(blocks, dtype=torch.int64, device=rows.device)
-            return kernel.perturbed_layer(rows, p.std, seeds, rows_per_chunk(rows.shape[1]), work)
+            return kernel.perturbed_layer(rows, p.std, self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         for block, start, end in chunk_bounds(*rows.shape):
-            out[start:end] = kernel.perturbed(rows[start:end], p.std[start:end], self.block_seed(p, block), work)
+            out[start:end] = kernel.perturbed(rows[start:end], p.std[start:end], self._seed_arg(p, block, kernel), work)
         return out
 
     @torch.no_grad()
@@ -83,7 +94,7 @@ class Perturber:
         try:
             for block, start, end in chunk_bounds(*rows.shape):
                 noise = self._block_noise(p, block, start, end)
-                perturbed = kernel.perturbed(rows[start:end], p.std[start:end], self.block_seed(p, block), work, noise=noise)
+                perturbed = kernel.perturbed(rows[start:end], p.std[start:end], self._seed_arg(p, block, kernel), work, noise=noise)
                 p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], perturbed, noise)))
         except BaseException:
             self.restore(p)  # leave nothing half-perturbed

@@ -137,3 +137,24 @@ def test_row_sum_of_squares_kernel_matches_torch():
     for dtype in [torch.bfloat16, torch.float32]:
         rows = torch.randn(300, 5000, device="cuda", dtype=dtype)
         torch.testing.assert_close(kernel.row_sumsq(rows), rows.double().square().sum(dim=1), rtol=1e-5, atol=0)
+
+
+def test_fused_row_std_kernel_matches_the_formula():
+    pytest.importorskip("triton")
+    from flatlora_optim.targets import Adapter
+
+    kernel = kernel_for(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    for dtype, transposed in [(torch.bfloat16, False), (torch.float32, True)]:
+        w = torch.randn(700, 3000, device="cuda", generator=gen).to(dtype)
+        rows = w.t().contiguous().t() if transposed else w  # strided rows view
+        adapters = [Adapter("a", torch.randn(8, 3000, device="cuda", generator=gen), torch.randn(700, 8, device="cuda", generator=gen), 0.5),
+                    Adapter("b", torch.randn(4, 3000, device="cuda", generator=gen), torch.randn(700, 4, device="cuda", generator=gen), 2.0)]
+        full = rows.double() + sum(a.scaling * a.B.double() @ a.A.double() for a in adapters)
+        A = torch.cat([a.A for a in adapters]).float()
+        B = torch.cat([a.B * a.scaling for a in adapters], dim=1).float()
+        got = kernel.row_std(rows, A, B, 0.1 / 3000**0.5)
+        torch.testing.assert_close(got.double(), 0.1 * full.norm(dim=1) / 3000**0.5, rtol=1e-4, atol=0)
+    inf_row = torch.ones(3, 64, device="cuda")
+    inf_row[1, 0] = float("inf")
+    assert kernel.row_std(inf_row, None, None, 1.0).tolist()[1] == 0.0
