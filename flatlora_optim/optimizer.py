@@ -273,7 +273,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if sigma == 0.0:
             return
         if self.mode == "virtual":
-            self._perturbations = [self._perturber.describe(t, sigma, self._step_index) for t in self.targets]
+            self._perturbations = [self._perturber.describe(t, sigma, self._step_index, lazy=True) for t in self.targets]
             self._patches = VirtualPatches(self._perturber, self._perturbations)
             return
         try:

@@ -29,13 +29,24 @@ class TargetPerturbation:
     target: LoRATarget
     step: int
     sigma: float
-    std: torch.Tensor  # per-row noise std, float32, length m
+    std: Optional[torch.Tensor]  # per-row noise std, float32, length m (None until first needed)
     blocks: List[Tuple[int, int, int, Any]] = field(default_factory=list)  # (block, start, end, record)
     block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
-        return self.std.numel() * self.std.element_size() + sum(strategy.nbytes(r) for *_, r in self.blocks)
+        std_bytes = 0 if self.std is None else self.std.numel() * self.std.element_size()
+        return std_bytes + sum(strategy.nbytes(r) for *_, r in self.blocks)
+
+    def scales(self) -> torch.Tensor:
+        """The per-row stds, computed on first use from the current ``W`` and adapters.
+
+        Virtual mode defers them to the layer's first forward, where their kernel launches overlap
+        the GPU work of the layers before it instead of stalling the start of the step.
+        """
+        if self.std is None:
+            self.std = row_std(self.target.rows(), self.target.adapters(), self.sigma)
+        return self.std
 
 
 class Perturber:
@@ -65,11 +76,14 @@ class Perturber:
     def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int) -> torch.Tensor:
         rows = p.target.rows()
         kernel = kernel_for(rows.device)
-        return kernel.noise(p.std[start:end], rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
+        return kernel.noise(p.scales()[start:end], rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
 
-    def describe(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
-        """The per-row scales of this step's noise for ``target`` (nothing is written)."""
-        return TargetPerturbation(target, step, sigma, row_std(target.rows(), target.adapters(), sigma))
+    def describe(self, target: LoRATarget, sigma: float, step: int, lazy: bool = False) -> TargetPerturbation:
+        """This step's noise for ``target`` (nothing is written); ``lazy`` defers the row stds to first use."""
+        p = TargetPerturbation(target, step, sigma, None)
+        if not lazy:
+            p.scales()
+        return p
 
     @torch.no_grad()
     def perturbed_rows(self, p: TargetPerturbation, source: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -78,10 +92,10 @@ class Perturber:
         kernel = kernel_for(rows.device)
         work = noise_dtype(rows.dtype)
         if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
-            return kernel.perturbed_layer(rows, p.std, self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
+            return kernel.perturbed_layer(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         for block, start, end in chunk_bounds(*rows.shape):
-            out[start:end] = kernel.perturbed(rows[start:end], p.std[start:end], self._seed_arg(p, block, kernel), work)
+            out[start:end] = kernel.perturbed(rows[start:end], p.scales()[start:end], self._seed_arg(p, block, kernel), work)
         return out
 
     @torch.no_grad()
@@ -94,7 +108,7 @@ class Perturber:
         try:
             for block, start, end in chunk_bounds(*rows.shape):
                 noise = self._block_noise(p, block, start, end)
-                perturbed = kernel.perturbed(rows[start:end], p.std[start:end], self._seed_arg(p, block, kernel), work, noise=noise)
+                perturbed = kernel.perturbed(rows[start:end], p.scales()[start:end], self._seed_arg(p, block, kernel), work, noise=noise)
                 p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], perturbed, noise)))
         except BaseException:
             self.restore(p)  # leave nothing half-perturbed
@@ -112,7 +126,7 @@ class Perturber:
     def noise(self, p: TargetPerturbation) -> torch.Tensor:
         """The full ``m x n`` noise drawn for ``p`` (for inspection; allocates the whole matrix)."""
         m, n = p.target.shape
-        out = torch.zeros((m, n), dtype=noise_dtype(p.target.weight.dtype), device=p.std.device)
+        out = torch.zeros((m, n), dtype=noise_dtype(p.target.weight.dtype), device=p.scales().device)
         for block, start, end in chunk_bounds(m, n):
             out[start:end] = self._block_noise(p, block, start, end)
         return out
