@@ -132,6 +132,7 @@ def add_flatlora(
     seed: int = 0,
     targets: TargetsLike = None,
     restore: str = "exact",
+    **flatlora_kwargs: Any,
 ) -> FlatLoRACallback:
     """Make ``trainer`` train with Flat-LoRA: wrap its optimizer in :class:`FlatLoRA` and add the callback.
 
@@ -145,6 +146,7 @@ def add_flatlora(
     Args:
         trainer: a ``transformers.Trainer`` (or subclass) whose model holds the LoRA layers.
         rho, schedule, seed, targets, restore: as in :class:`FlatLoRA`.
+        **flatlora_kwargs: any further :class:`FlatLoRA` keyword argument (e.g. ``mode=``).
 
     Returns:
         The installed :class:`FlatLoRACallback`; its ``flat`` attribute is the FlatLoRA once
@@ -170,6 +172,7 @@ def add_flatlora(
                 seed=seed,
                 targets=targets,
                 restore=restore,
+                **flatlora_kwargs,
             )
             trainer.optimizer = flat
         callback.flat = flat

@@ -61,6 +61,7 @@ class FlatLoRACallback(Callback):
             wraps the optimizer, ignored when ``configure_optimizers`` returns a ``FlatLoRA``.
         total_steps: the schedule length ``T``; ``None`` (default) takes Lightning's
             ``trainer.estimated_stepping_batches``.
+        **flatlora_kwargs: any further :class:`FlatLoRA` keyword argument (e.g. ``mode=``).
 
     Attributes:
         flat: the :class:`FlatLoRA` in use, once fitting started.
@@ -75,6 +76,7 @@ class FlatLoRACallback(Callback):
         targets: TargetsLike = None,
         restore: str = "exact",
         total_steps: Optional[int] = None,
+        **flatlora_kwargs: Any,
     ):
         self.rho = rho
         self.schedule = schedule
@@ -82,6 +84,7 @@ class FlatLoRACallback(Callback):
         self.targets = targets
         self.restore = restore
         self.total_steps = total_steps
+        self.flatlora_kwargs = flatlora_kwargs
         self.flat: Optional[FlatLoRA] = None
         self._owns_wrapper = False
 
@@ -118,6 +121,7 @@ class FlatLoRACallback(Callback):
             seed=self.seed,
             targets=self.targets,
             restore=self.restore,
+            **self.flatlora_kwargs,
         )
         self._owns_wrapper = True
         # LR schedulers keep acting on the wrapped optimizer's param_groups, which FlatLoRA shares.
