@@ -20,6 +20,7 @@ accelerate and Lightning see one optimizer.
 from __future__ import annotations
 
 import contextlib
+import logging
 import warnings
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterator, List, Optional
@@ -27,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional
 import torch
 from torch import nn
 
+from .describe import describe_targets, format_targets
 from .guards import PerturbationGuards
 from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
@@ -35,6 +37,8 @@ from .targets import LoRATarget, TargetsLike, discover_targets
 from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
 
 __all__ = ["FlatLoRA"]
+
+_logger = logging.getLogger("flatlora_optim")
 
 _STATE_VERSION = 1
 
@@ -57,6 +61,9 @@ class FlatLoRA(torch.optim.Optimizer):
             or name suffixes, or ``callable(name, module) -> bool``.
         restore: ``"exact"`` (default; bitwise, about 2-6% extra memory), ``"backup"`` (bitwise,
             a full copy) or ``"subtract"`` (the paper's ``W~ - e``; drifts, not exact).
+        rank_noise: under ``torch.distributed`` (DDP), ``"independent"`` (default: each rank draws its
+            own noise, stream ``rank``; rank 0 draws what one process would) or ``"shared"`` (every
+            rank draws the same noise).
         mode: ``"inplace"`` (default: ``W + e`` is written into the weights and restored) or
             ``"virtual"`` (the weights are never written: each layer's product uses a temporary
             ``W + e``, regenerated in backward; see :mod:`flatlora_optim.virtual`).
@@ -84,6 +91,7 @@ class FlatLoRA(torch.optim.Optimizer):
         targets: TargetsLike = None,
         restore: str = "exact",
         mode: str = "inplace",
+        rank_noise: str = "independent",
     ):
         if isinstance(optimizer, FlatLoRA):
             raise ValueError("The optimizer is already a FlatLoRA; wrap the plain optimizer once.")
@@ -95,6 +103,8 @@ class FlatLoRA(torch.optim.Optimizer):
             raise ValueError(f"Invalid seed {seed!r}: expected an int >= 0.")
         if restore not in STRATEGY_NAMES:
             make_strategy(restore)  # raises with the list of choices
+        if rank_noise not in ("independent", "shared"):
+            raise ValueError(f"Invalid rank_noise={rank_noise!r}: choose 'independent' (a stream per rank) or 'shared' (the same noise on every rank).")
         if mode not in MODES:
             raise ValueError(
                 f"Invalid mode={mode!r}: choose 'inplace' (writes W+e into the weights, restores exactly) or 'virtual' (never writes the weights)."
@@ -102,10 +112,13 @@ class FlatLoRA(torch.optim.Optimizer):
         self.schedule = NoiseSchedule(rho, schedule, total_steps)
         self.base_optimizer = optimizer
         self.model = model
-        self.targets: List[LoRATarget] = discover_targets(model, targets)
+        # DDP and torch.compile wrappers add a name prefix ("module.", "_orig_mod."); targets are
+        # named as in the bare model so that the noise does not depend on the wrapping.
+        self.targets: List[LoRATarget] = discover_targets(_unwrap(model), targets)
         for target in self.targets:
             target.check()
         _check_one_device(self.targets)
+        _check_not_sharded(self.targets)
         if mode == "virtual":
             _check_virtual(model, self.targets)
         self.mode = mode
@@ -118,6 +131,8 @@ class FlatLoRA(torch.optim.Optimizer):
             )
         self._strategy = make_strategy(restore)
         self._perturber = Perturber(seed, self._strategy)
+        self.rank_noise = rank_noise
+        _logger.info("Flat-LoRA targets (%s mode):\n%s", mode, format_targets(self.targets))
         self._step_index = 0
         self._perturbations: Optional[List[TargetPerturbation]] = None
         self._guards: Optional[PerturbationGuards] = None
@@ -193,8 +208,10 @@ class FlatLoRA(torch.optim.Optimizer):
 
     @property
     def is_perturbed(self) -> bool:
-        """True while noise is in the weights."""
-        return self._perturbations is not None
+        """True while noise is in the weights (in virtual mode: while the layers compute with it).
+
+        False at ``sigma_t = 0`` (the first step of the cosine ramp), when nothing is drawn."""
+        return bool(self._perturbations)
 
     @property
     def restore_bytes(self) -> int:
@@ -207,6 +224,15 @@ class FlatLoRA(torch.optim.Optimizer):
     def perturbed_bytes(self) -> int:
         """Bytes of all target weights (what a full backup would cost)."""
         return sum(t.weight.numel() * t.weight.element_size() for t in self.targets)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set ``T`` once it is known (frameworks learn the number of optimizer steps after building
+        the optimizer); the schedule's name and ``rho`` are kept."""
+        self.schedule = NoiseSchedule(self.schedule.rho, self.schedule.schedule, total_steps)
+
+    def describe(self) -> List[Dict[str, Any]]:
+        """One row per target: name, flavour, weight shape, rows, fan-in, adapters counted, bytes."""
+        return describe_targets(self.targets)
 
     # -- perturb / restore ---------------------------------------------------------------------
 
@@ -269,6 +295,7 @@ class FlatLoRA(torch.optim.Optimizer):
             target.check()  # e.g. merged since construction: raise before touching anything
         _check_one_device(self.targets)
         sigma = self.schedule.sigma(self._step_index)
+        self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
         self._perturbations = []
         if sigma == 0.0:
             return
@@ -384,6 +411,7 @@ class FlatLoRA(torch.optim.Optimizer):
             "total_steps": self.schedule.total_steps,
             "restore": self._strategy.name,
             "mode": self.mode,
+            "rank_noise": self.rank_noise,
             "targets": [t.name for t in self.targets],
         }
         return state
@@ -442,6 +470,32 @@ def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:
     unsupported = sorted({f"{type(t.owner).__name__} ({t.name})" for t in targets if interception_point(t) is None})
     if unsupported:
         raise ValueError(f"mode='virtual' cannot intercept {unsupported[:5]}; it handles {INTERCEPTABLE}. Use mode='inplace' for these layers.")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def _rank() -> int:
+    distributed = torch.distributed
+    if distributed.is_available() and distributed.is_initialized():
+        return distributed.get_rank()
+    return 0
+
+
+def _check_not_sharded(targets: List[LoRATarget]) -> None:
+    sharded = [t.name for t in targets if type(t.weight).__name__ == "DTensor"]
+    if sharded:
+        raise ValueError(
+            f"Base weights {sharded[:3]} are DTensors (FSDP2 / tensor parallel): sharded weights are not supported yet. "
+            "Use DDP (one full replica per rank), or wrap the model after gathering full weights."
+        )
 
 
 def _check_one_device(targets: List[LoRATarget]) -> None:

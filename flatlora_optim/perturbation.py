@@ -55,16 +55,23 @@ class Perturber:
     def __init__(self, seed: int, strategy: RestoreStrategy):
         self.seed = seed
         self.strategy = strategy
+        self.stream = 0  # the noise stream: 0 for one process; the rank under DDP with independent noise
+
+    def stream_seed(self) -> int:
+        """The seed of this process's noise stream; stream 0 is ``seed`` itself, so rank 0 of a
+        data-parallel run draws exactly what a single-process run draws."""
+        return self.seed if self.stream == 0 else noise_seed(self.seed, self.stream, 0x5EED, 0)
 
     def block_seed(self, p: TargetPerturbation, block: int) -> int:
-        return noise_seed(self.seed, p.step, layer_key(p.target.name), block)
+        return noise_seed(self.stream_seed(), p.step, layer_key(p.target.name), block)
 
     def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
         if p.block_seeds is None:
             rows = p.target.rows()
             key = layer_key(p.target.name)
-            seeds = [noise_seed(self.seed, p.step, key, block) for block, _, _ in chunk_bounds(*rows.shape)]
+            base = self.stream_seed()
+            seeds = [noise_seed(base, p.step, key, block) for block, _, _ in chunk_bounds(*rows.shape)]
             p.block_seeds = torch.tensor(seeds, dtype=torch.int64).to(rows.device, non_blocking=True)
         return p.block_seeds
 
