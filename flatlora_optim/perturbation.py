@@ -36,7 +36,7 @@ class TargetPerturbation:
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
         std_bytes = 0 if self.std is None else self.std.numel() * self.std.element_size()
-        return std_bytes + sum(strategy.nbytes(r) for *_, r in self.blocks)
+        return std_bytes + sum(r.nbytes() if callable(getattr(r, "nbytes", None)) else strategy.nbytes(r) for *_, r in self.blocks)
 
     def scales(self) -> torch.Tensor:
         """The per-row stds, computed on first use from the current ``W`` and adapters.
@@ -47,6 +47,9 @@ class TargetPerturbation:
         if self.std is None:
             self.std = row_std(self.target.rows(), self.target.adapters(), self.sigma)
         return self.std
+
+
+_WHOLE_LAYER = -1  # block index of a record that covers the whole layer (fused GPU codec)
 
 
 class Perturber:
@@ -74,6 +77,9 @@ class Perturber:
             seeds = [noise_seed(base, p.step, key, block) for block, _, _ in chunk_bounds(*rows.shape)]
             p.block_seeds = torch.tensor(seeds, dtype=torch.int64).to(rows.device, non_blocking=True)
         return p.block_seeds
+
+    def _fused_exact(self, kernel: Any, rows: torch.Tensor) -> bool:
+        return self.strategy.name == "exact" and hasattr(kernel, "exact_perturb") and kernel.fused_exact_supported(rows.dtype)
 
     def _seed_arg(self, p: TargetPerturbation, block: int, kernel: Any) -> Any:
         if hasattr(kernel, "perturbed_layer"):
@@ -112,6 +118,10 @@ class Perturber:
         p = self.describe(target, sigma, step)
         kernel = kernel_for(rows.device)
         work = noise_dtype(rows.dtype)
+        if self._fused_exact(kernel, rows):  # GPU: the whole layer in two fused passes
+            record = kernel.exact_perturb(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]))
+            p.blocks.append((_WHOLE_LAYER, 0, rows.shape[0], record))
+            return p
         try:
             for block, start, end in chunk_bounds(*rows.shape):
                 noise = self._block_noise(p, block, start, end)
@@ -127,6 +137,9 @@ class Perturber:
         """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
         rows = p.target.rows() if dest is None else dest
         for block, start, end, record in reversed(p.blocks):
+            if block == _WHOLE_LAYER:
+                kernel_for(rows.device).exact_restore(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), record)
+                continue
             self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end), record)
 
     @torch.no_grad()

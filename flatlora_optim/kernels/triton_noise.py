@@ -116,6 +116,81 @@ def _row_std_kernel(w_ptr, a_ptr, b_ptr, g_ptr, out_ptr, n_cols, rank, stride_ro
     tl.store(out_ptr + row, tl.where(finite, std, 0.0))
 
 
+@triton.jit
+def _exact_kernel(w_ptr, std_ptr, seeds_ptr, counts_ptr, amb_offsets_ptr, exc_offsets_ptr, codes_ptr, exc_index_ptr, exc_bits_ptr,
+                  n_rows, n_cols, rows_per_block, stride_row, stride_col, tiles_per_block,
+                  PHASE: tl.constexpr, MANT: tl.constexpr, BLOCK: tl.constexpr):
+    """The exact-restore codec of restore.ExactRestore, fused, for 16-bit weights (work dtype fp32).
+
+    PHASE 0 counts each tile's ambiguous elements and exceptions; PHASE 1 writes W + e in place,
+    the 4-bit key offsets of ambiguous elements (packed 8 per int32, at the tile's prefix-sum
+    offset) and the exceptions; PHASE 2 restores W from W + e (possibly in a copy) and the codes.
+    """
+    block = tl.program_id(0)
+    tile = tl.program_id(1)
+    tile_id = block * tiles_per_block + tile
+    first_row = block.to(tl.int64) * rows_per_block
+    block_rows = tl.minimum(rows_per_block, n_rows - first_row)
+    local = tile * BLOCK + tl.arange(0, BLOCK)
+    mask = local < block_rows * n_cols
+    seed = tl.load(seeds_ptr + block)
+    z = _normals(seed, tile * (BLOCK // 4), BLOCK // 4)
+    row = first_row + local // n_cols
+    col = local % n_cols
+    e = z * tl.load(std_ptr + row, mask=mask, other=0.0)
+    pointers = w_ptr + row * stride_row + col * stride_col
+    w = tl.load(pointers, mask=mask, other=0.0)
+    if PHASE == 2:
+        new = w
+    else:
+        new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
+    candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
+    new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
+    cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
+    ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
+    cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
+    position = tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
+    if PHASE == 2:
+        base = tl.load(amb_offsets_ptr + tile_id)
+        slot = base + position
+        word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
+        code = (word >> ((slot & 7) * 4)) & 15
+        key = cand_key + tl.where(ambiguous, code - 8, 0)
+        restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
+        tl.store(pointers, restored, mask=mask)
+    else:
+        w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
+        offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
+        fits = (offset >= -8) & (offset <= 7)
+        exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
+        if PHASE == 0:
+            tl.store(counts_ptr + 2 * tile_id, tl.sum(ambiguous.to(tl.int32), axis=0))
+            tl.store(counts_ptr + 2 * tile_id + 1, tl.sum(exception.to(tl.int32), axis=0))
+        else:
+            slot = tl.load(amb_offsets_ptr + tile_id) + position
+            code = tl.where(fits, offset + 8, 8)
+            tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4), mask=ambiguous)
+            exc_slot = tl.load(exc_offsets_ptr + tile_id) + tl.cumsum(exception.to(tl.int32), axis=0) - 1
+            tl.store(exc_index_ptr + exc_slot, (row * n_cols + col).to(exc_index_ptr.dtype.element_ty), mask=exception)
+            tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+            tl.store(pointers, new, mask=mask)
+
+
+class FusedExactRecord:
+    """What the fused codec keeps between perturb and restore, for one layer."""
+
+    def __init__(self, codes, amb_offsets, exc_offsets, exc_index, exc_bits, counts):
+        self.codes, self.amb_offsets, self.exc_offsets = codes, amb_offsets, exc_offsets
+        self.exc_index, self.exc_bits, self.counts = exc_index, exc_bits, counts
+
+    def nbytes(self) -> int:
+        tensors = (self.codes, self.amb_offsets, self.exc_offsets, self.exc_index, self.exc_bits)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+_MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+
+
 def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
             rows_per_block: int, work: torch.dtype) -> torch.Tensor:
     n_blocks = triton.cdiv(n_rows, rows_per_block)
@@ -123,7 +198,7 @@ def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, 
     source = rows if rows is not None else out
     _noise_kernel[(n_blocks, tiles)](
         out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
-        ADD=rows is not None, BLOCK=_BLOCK, WORK_FP64=work == torch.float64,
+        ADD=rows is not None, BLOCK=_BLOCK, WORK_FP64=work == torch.float64, enable_fp_fusion=False,
     )
     return out
 
@@ -173,9 +248,59 @@ class TritonNoiseKernel:
         out = torch.empty(m, dtype=torch.float32, device=rows.device)
         _row_std_kernel[(m,)](
             rows, A, B, G, out, n_cols, rank, rows.stride(0), rows.stride(1), scale,
-            BLOCK=256, R=max(triton.next_power_of_2(rank), 2), ACC_FP64=rows.element_size() >= 4,
+            BLOCK=256, R=max(triton.next_power_of_2(rank), 2), ACC_FP64=rows.element_size() >= 4, enable_fp_fusion=False,
         )
         return out
+
+    @staticmethod
+    def fused_exact_supported(dtype: torch.dtype) -> bool:
+        return dtype in _MANTISSA
+
+    def _exact(self, phase: int, rows: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record=None, counts=None):
+        m, n_cols = rows.shape
+        n_blocks = triton.cdiv(m, rows_per_block)
+        tiles = triton.cdiv(min(rows_per_block, m) * n_cols, _BLOCK)
+        dummy = std  # unused pointer arguments of a phase
+        r = record
+        _exact_kernel[(n_blocks, tiles)](
+            rows, std, seeds,
+            counts if counts is not None else dummy,
+            r.amb_offsets if r is not None else dummy, r.exc_offsets if r is not None else dummy,
+            r.codes if r is not None else dummy, r.exc_index if r is not None else dummy, r.exc_bits if r is not None else dummy,
+            m, n_cols, rows_per_block, rows.stride(0), rows.stride(1), tiles,
+            PHASE=phase, MANT=_MANTISSA[rows.dtype], BLOCK=_BLOCK, enable_fp_fusion=False,
+        )
+        return n_blocks * tiles
+
+    def exact_perturb(self, rows: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int) -> FusedExactRecord:
+        """Write ``fl(W + e)`` into ``rows`` and return the exact-restore record (two passes, one sync)."""
+        std = std_rows.to(torch.float32).contiguous()
+        m, n_cols = rows.shape
+        n_tiles = triton.cdiv(m, rows_per_block) * triton.cdiv(min(rows_per_block, m) * n_cols, _BLOCK)
+        counts = torch.empty(2 * n_tiles, dtype=torch.int32, device=rows.device)
+        self._exact(0, rows, std, seeds, rows_per_block, counts=counts)
+        per_tile = counts.view(n_tiles, 2).to(torch.int64)
+        ends = per_tile.cumsum(0)
+        n_amb, n_exc = (int(v) for v in ends[-1].tolist())  # the one host sync per layer
+        starts = (ends - per_tile).to(torch.int32)
+        index_dtype = torch.int32 if m * n_cols < 2**31 else torch.int64
+        record = FusedExactRecord(
+            torch.zeros(n_amb // 8 + 1, dtype=torch.int32, device=rows.device),
+            starts[:, 0].contiguous(), starts[:, 1].contiguous(),
+            torch.empty(n_exc, dtype=index_dtype, device=rows.device), torch.empty(n_exc, dtype=torch.int16, device=rows.device),
+            (n_amb, n_exc),
+        )
+        self._exact(1, rows, std, seeds, rows_per_block, record=record)
+        return record
+
+    def exact_restore(self, dest: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record: FusedExactRecord) -> None:
+        """Write the original bits into ``dest`` (which holds ``fl(W + e)``) from the record."""
+        std = std_rows.to(torch.float32).contiguous()
+        self._exact(2, dest, std, seeds, rows_per_block, record=record)
+        if record.exc_index.numel():
+            index = record.exc_index.long()
+            n_cols = dest.shape[1]
+            dest.view(torch.int16)[index // n_cols, index % n_cols] = record.exc_bits
 
     def row_sumsq(self, rows: torch.Tensor) -> torch.Tensor:
         """``||W_i||^2`` per row as float64, accumulated in float32 (16-bit weights) or float64."""
