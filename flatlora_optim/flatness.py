@@ -147,6 +147,10 @@ def measure_flatness(
 
     Returns:
         A :class:`FlatnessResult`; the model's weights are bitwise what they were.
+
+    Call it on clean weights, outside ``with opt.perturbed():`` of a training ``FlatLoRA`` (the meter
+    would otherwise measure around ``W + e`` of the training draw). Compare models at similar
+    training loss: near zero loss the softmax saturates and small noise barely moves a cross-entropy.
     """
     if isinstance(draws, bool) or not isinstance(draws, int) or draws < 1:
         raise ValueError(f"Invalid draws={draws!r}: expected an int >= 1.")
