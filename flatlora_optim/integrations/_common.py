@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 from ..optimizer import FlatLoRA
-from ..schedule import NoiseSchedule
 
 __all__ = ["find_flatlora", "set_total_steps"]
 
@@ -43,8 +42,6 @@ def set_total_steps(optimizer: Any, total_steps: int) -> FlatLoRA:
     flat = find_flatlora(optimizer)
     if flat is None:
         raise TypeError(f"No FlatLoRA found in {type(optimizer).__name__}: wrap the optimizer with FlatLoRA(...) first.")
-    if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
-        raise ValueError(f"Invalid total_steps {total_steps!r}: expected the positive number of optimizer steps of the run.")
     if flat.schedule.total_steps != total_steps:
-        flat.schedule = NoiseSchedule(flat.schedule.rho, flat.schedule.schedule, total_steps)
+        flat.set_total_steps(total_steps)  # NoiseSchedule validates the value
     return flat
