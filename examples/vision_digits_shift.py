@@ -356,7 +356,7 @@ def run_experiment(argv: Optional[Sequence[str]] = None) -> Dict:
     parser.add_argument("--out", default=None, help="JSON of raw per-seed numbers (default docs/results/vision_digits_shift[_tune].json)")
     parser.add_argument("--plot", default=str(ROOT / "docs" / "vision_digits_shift.png"))
     parser.add_argument("--no-plot", action="store_true")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for this small CNN, and on shared CPUs)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     started = time.perf_counter()

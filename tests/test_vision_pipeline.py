@@ -46,9 +46,14 @@ def test_corruptions_are_deterministic_and_grow_with_severity():
 def test_vision_pipeline_end_to_end(tmp_path):
     example = _load_example()
     out = tmp_path / "vision.json"
-    argv = ["--seeds", "2", "--steps", "40", "--pretrain-epochs", "1", "--radii", "0,0.1,0.3", "--draws", "2", "--max-test", "500"]
+    argv = ["--seeds", "2", "--steps", "40", "--pretrain-epochs", "1", "--radii", "0,0.1,0.3", "--draws", "2", "--max-test", "200"]
+    argv += ["--val-per-class", "10", "--threads", "1"]
     argv += ["--no-plot", "--out", str(out)]
-    payload = example.run_experiment(argv)
+    threads = torch.get_num_threads()
+    try:
+        payload = example.run_experiment(argv)  # sets torch's thread count: put it back for the other tests
+    finally:
+        torch.set_num_threads(threads)
     saved = json.loads(out.read_text())
     assert saved["runs"] == payload["runs"]
     runs = saved["runs"]
