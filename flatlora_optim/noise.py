@@ -27,6 +27,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .sharding import full, local
 from .targets import Adapter
 
 __all__ = [
@@ -104,11 +105,12 @@ class GeneratorPool:
 
 def _stack_adapters(adapters: List[Adapter], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(A, B)`` with the scalings folded into ``B``: ``sum_a s_a B_a A_a = B @ A``, in fp32."""
+    # Under FSDP2 A (r x n) is gathered whole (small) and B (m x r) is this rank's rows, like W's.
     if len(adapters) == 1:  # the common case: no concatenation
         a = adapters[0]
-        return a.A.detach().to(device=device, dtype=torch.float32), a.B.detach().to(device=device, dtype=torch.float32) * a.scaling
-    A = torch.cat([a.A.detach().to(device=device, dtype=torch.float32) for a in adapters], dim=0)
-    B = torch.cat([a.B.detach().to(device=device, dtype=torch.float32) * a.scaling for a in adapters], dim=1)
+        return full(a.A.detach()).to(device=device, dtype=torch.float32), local(a.B.detach()).to(device=device, dtype=torch.float32) * a.scaling
+    A = torch.cat([full(a.A.detach()).to(device=device, dtype=torch.float32) for a in adapters], dim=0)
+    B = torch.cat([local(a.B.detach()).to(device=device, dtype=torch.float32) * a.scaling for a in adapters], dim=1)
     return A, B
 
 

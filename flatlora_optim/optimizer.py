@@ -33,6 +33,7 @@ from .guards import PerturbationGuards
 from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
+from .sharding import check_row_sharded
 from .targets import LoRATarget, TargetsLike, discover_targets
 from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
 
@@ -118,7 +119,7 @@ class FlatLoRA(torch.optim.Optimizer):
         for target in self.targets:
             target.check()
         _check_one_device(self.targets)
-        _check_not_sharded(self.targets)
+        _check_sharding(self.targets, mode)
         if mode == "virtual":
             _check_virtual(model, self.targets)
         self.mode = mode
@@ -489,13 +490,10 @@ def _rank() -> int:
     return 0
 
 
-def _check_not_sharded(targets: List[LoRATarget]) -> None:
-    sharded = [t.name for t in targets if type(t.weight).__name__ == "DTensor"]
-    if sharded:
-        raise ValueError(
-            f"Base weights {sharded[:3]} are DTensors (FSDP2 / tensor parallel): sharded weights are not supported yet. "
-            "Use DDP (one full replica per rank), or wrap the model after gathering full weights."
-        )
+def _check_sharding(targets: List[LoRATarget], mode: str) -> None:
+    for t in targets:
+        if t.sharded:
+            check_row_sharded(t.name, t.weight, t.transposed, mode)
 
 
 def _check_one_device(targets: List[LoRATarget]) -> None:

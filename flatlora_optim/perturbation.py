@@ -11,11 +11,11 @@ strategy's records is kept in between.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
-from .noise import chunk_bounds, kernel_for, layer_key, noise_seed, row_std, rows_per_chunk
+from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
 
@@ -30,7 +30,7 @@ class TargetPerturbation:
     step: int
     sigma: float
     std: Optional[torch.Tensor]  # per-row noise std, float32, length m (None until first needed)
-    blocks: List[Tuple[int, int, int, Any]] = field(default_factory=list)  # (block, start, end, record)
+    blocks: List[Tuple[int, int, int, int, int, Any]] = field(default_factory=list)  # (block, start, end, skip, block_rows, record)
     block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
@@ -49,6 +49,7 @@ class TargetPerturbation:
         return self.std
 
 
+_TORCH_KERNEL = TorchNoiseKernel()
 _WHOLE_LAYER = -1  # block index of a record that covers the whole layer (fused GPU codec)
 
 
@@ -78,6 +79,12 @@ class Perturber:
             p.block_seeds = torch.tensor(seeds, dtype=torch.int64).to(rows.device, non_blocking=True)
         return p.block_seeds
 
+    @staticmethod
+    def _kernel(p: TargetPerturbation) -> Any:
+        # a sharded (FSDP2) weight draws whole global blocks and keeps its rows: the torch kernel
+        # takes the block's noise as an argument, the fused GPU kernels do not
+        return _TORCH_KERNEL if p.target.sharded else kernel_for(p.target.weight.device)
+
     def _fused_exact(self, kernel: Any, rows: torch.Tensor) -> bool:
         return self.strategy.name == "exact" and hasattr(kernel, "exact_perturb") and kernel.fused_exact_supported(rows.dtype)
 
@@ -86,10 +93,30 @@ class Perturber:
             return self._device_seeds(p)[block : block + 1]
         return self.block_seed(p, block)
 
-    def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int) -> torch.Tensor:
+    @staticmethod
+    def _blocks(p: TargetPerturbation) -> Iterator[Tuple[int, int, int, int, int]]:
+        """``(block, start, end, skip, block_rows)``: the global row blocks that cover this process's rows.
+
+        ``start:end`` are local rows; ``skip`` is how many rows of the block come before ``start``.
+        Without sharding every block is whole (``skip == 0``, ``end - start == block_rows``).
+        """
         rows = p.target.rows()
-        kernel = kernel_for(rows.device)
-        return kernel.noise(p.scales()[start:end], rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
+        first, global_rows = p.target.row_range()
+        for block, block_start, block_end in chunk_bounds(global_rows, rows.shape[1]):
+            start, end = max(block_start, first), min(block_end, first + rows.shape[0])
+            if start < end:
+                yield block, start - first, end - first, start - block_start, block_end - block_start
+
+    def _block_noise(self, p: TargetPerturbation, block: int, start: int, end: int, skip: int = 0, block_rows: Optional[int] = None) -> torch.Tensor:
+        rows = p.target.rows()
+        kernel = self._kernel(p)
+        std = p.scales()[start:end]
+        if block_rows is not None and (skip or block_rows != end - start):  # part of a global block
+            whole = torch.zeros(block_rows, dtype=std.dtype, device=std.device)
+            whole[skip : skip + end - start] = std
+            noise = kernel.noise(whole, rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
+            return noise[skip : skip + end - start]
+        return kernel.noise(std, rows.shape[1], self._seed_arg(p, block, kernel), noise_dtype(rows.dtype))
 
     def describe(self, target: LoRATarget, sigma: float, step: int, lazy: bool = False) -> TargetPerturbation:
         """This step's noise for ``target`` (nothing is written); ``lazy`` defers the row stds to first use."""
@@ -102,7 +129,7 @@ class Perturber:
     def perturbed_rows(self, p: TargetPerturbation, source: Optional[torch.Tensor] = None) -> torch.Tensor:
         """A new ``m x n`` tensor holding ``fl(W + e)`` (virtual mode's temporary), block by block."""
         rows = p.target.rows() if source is None else source
-        kernel = kernel_for(rows.device)
+        kernel = self._kernel(p)
         work = noise_dtype(rows.dtype)
         if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
             return kernel.perturbed_layer(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
@@ -116,17 +143,17 @@ class Perturber:
         """Write ``W + e`` into ``target``'s weight; return what restores it."""
         rows = target.rows()
         p = self.describe(target, sigma, step)
-        kernel = kernel_for(rows.device)
+        kernel = self._kernel(p)
         work = noise_dtype(rows.dtype)
         if self._fused_exact(kernel, rows):  # GPU: the whole layer in two fused passes
             record = kernel.exact_perturb(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]))
-            p.blocks.append((_WHOLE_LAYER, 0, rows.shape[0], record))
+            p.blocks.append((_WHOLE_LAYER, 0, rows.shape[0], 0, rows.shape[0], record))
             return p
         try:
-            for block, start, end in chunk_bounds(*rows.shape):
-                noise = self._block_noise(p, block, start, end)
+            for block, start, end, skip, block_rows in self._blocks(p):
+                noise = self._block_noise(p, block, start, end, skip, block_rows)
                 perturbed = kernel.perturbed(rows[start:end], p.scales()[start:end], self._seed_arg(p, block, kernel), work, noise=noise)
-                p.blocks.append((block, start, end, self.strategy.perturb(rows[start:end], perturbed, noise)))
+                p.blocks.append((block, start, end, skip, block_rows, self.strategy.perturb(rows[start:end], perturbed, noise)))
         except BaseException:
             self.restore(p)  # leave nothing half-perturbed
             raise
@@ -136,11 +163,11 @@ class Perturber:
     def restore(self, p: TargetPerturbation, dest: Optional[torch.Tensor] = None) -> None:
         """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
         rows = p.target.rows() if dest is None else dest
-        for block, start, end, record in reversed(p.blocks):
+        for block, start, end, skip, block_rows, record in reversed(p.blocks):
             if block == _WHOLE_LAYER:
                 kernel_for(rows.device).exact_restore(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), record)
                 continue
-            self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end), record)
+            self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end, skip, block_rows), record)
 
     @torch.no_grad()
     def noise(self, p: TargetPerturbation) -> torch.Tensor:

@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
+from .sharding import is_dtensor, local, row_range
+
 __all__ = [
     "Adapter",
     "LoRATarget",
@@ -92,7 +94,11 @@ class LoRATarget:
         return getattr(self.owner, self.param_name)
 
     def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """``tensor`` (laid out like the weight) as the ``m x n`` row view; a view, never a copy."""
+        """``tensor`` (laid out like the weight) as the ``m x n`` row view; a view, never a copy.
+
+        For an FSDP2 (DTensor) weight this is this rank's rows (see :mod:`flatlora_optim.sharding`).
+        """
+        tensor = local(tensor)
         if self.transposed:
             return tensor.t()
         if tensor.dim() > 2:
@@ -131,8 +137,19 @@ class LoRATarget:
 
     @property
     def shape(self) -> torch.Size:
-        """``(m, n)``: output rows and fan-in."""
+        """``(m, n)``: output rows (held by this process) and fan-in."""
         return self.rows().shape
+
+    @property
+    def sharded(self) -> bool:
+        """True for an FSDP2 (DTensor) weight: this process holds only some of its rows."""
+        return is_dtensor(self.weight)
+
+    def row_range(self) -> Tuple[int, int]:
+        """``(first global row held here, global number of rows)`` of the row view."""
+        if not self.sharded:
+            return 0, self.rows().shape[0]
+        return row_range(self.weight)  # FSDP2 shards dim 0: rows (transposed weights are refused)
 
 
 @dataclass(frozen=True)

@@ -80,11 +80,59 @@ def test_ddp_shared_noise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0["lora"], r1["lora"]))
 
 
-def test_dtensor_weights_are_refused_clearly():
-    from types import SimpleNamespace
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
 
-    from flatlora_optim.optimizer import _check_not_sharded
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_mlp(seed=0)
+    for layer in model:
+        if hasattr(layer, "lora_A"):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    before = [bits(p.to_local()) for p in frozen]
+    try:
+        FlatLoRA(torch.optim.AdamW(list(lora_parameters(model))), model, rho=0.2, schedule="constant", mode="virtual")
+        refused = False
+    except ValueError as error:
+        refused = "FSDP2" in str(error)
+    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), model, rho=0.2, schedule="constant", seed=3, rank_noise="shared")
+    layer = model[2]
+    clean = layer.weight.to_local().detach().clone()
+    with opt.perturbed():
+        noise = layer.weight.to_local().detach() - clean
+        state = model.state_dict()  # while perturbed: clean copies, still sharded
+    clean_state = torch.equal(bits(state["2.weight"].to_local()), bits(clean)) and not torch.equal(bits(clean), bits(clean + noise))
+    offset = opt.targets[1].row_range()[0]
+    for step in range(3):
+        x, y = batch(100 * step + rank)
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
+    result = {"noise": noise, "offset": offset, "restored": restored, "refused": refused, "clean_state": clean_state}
+    torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.destroy_process_group()
 
-    DTensor = type("DTensor", (), {})
-    with pytest.raises(ValueError, match="FSDP2"):
-        _check_not_sharded([SimpleNamespace(name="q", weight=DTensor())])
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+def test_fsdp2_perturbs_local_rows_like_a_single_process(tmp_path):
+    """Each rank perturbs its own Shard(0) rows in place; together they draw the single-process noise
+    (same z for the same global row; the row stds agree to float32 rounding, rtol 1e-5)."""
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    ranks = sorted((torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)), key=lambda r: r["offset"])
+    assert all(r["restored"] for r in ranks)  # base weights bitwise identical on every rank
+    assert all(r["refused"] for r in ranks)  # virtual mode refuses FSDP2 clearly
+    assert all(r["clean_state"] for r in ranks)  # state_dict() while perturbed holds the clean shards
+    assert [r["offset"] for r in ranks] == [0, 16] and all(r["noise"].shape == (16, 32) for r in ranks)
+    sharded_noise = torch.cat([r["noise"] for r in ranks])
+    single = make_mlp(seed=0)
+    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(single)), lr=1e-2), single, rho=0.2, schedule="constant", seed=3)
+    torch.testing.assert_close(sharded_noise, _noise_of_first_step(opt, single), rtol=1e-5, atol=1e-7)
+    assert sharded_noise.abs().sum() > 0
