@@ -14,33 +14,20 @@ compared bit for bit with the pre-trained ones.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
+import sys
 import time
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the examples' shared helpers
+from _progress import progress  # noqa: E402
+
 from flatlora_optim import FlatLoRA, inject_lora, lora_parameters
 
 DIM, HIDDEN, CLASSES = 16, 256, 4
-
-
-def progress(iterable, total: int, desc: str):
-    """tqdm when installed (the 'demo' extra), else a plain one-line bar."""
-    try:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, leave=False, ncols=90)
-    except ImportError:
-        return _plain_bar(iterable, total, desc)
-
-
-def _plain_bar(iterable, total, desc):
-    for i, item in enumerate(iterable, 1):
-        if i == total or i % max(1, total // 20) == 0:
-            print(f"\r{desc}: {'#' * (20 * i // total):<20} {i}/{total}", end="", flush=True)
-        yield item
-    print("\r" + " " * 60 + "\r", end="")
 
 
 def make_tasks(seed: int):

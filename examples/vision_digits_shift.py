@@ -32,12 +32,16 @@ import json
 import math
 import pathlib
 import statistics
+import sys
 import time
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the examples' shared helpers
+from _progress import progress  # noqa: E402
 
 from flatlora_optim import FlatLoRA, inject_lora, lora_parameters
 from flatlora_optim.flatness import FlatnessResult, measure_flatness, plot_flatness
@@ -53,24 +57,6 @@ SEVERITY = {
 }
 LORA_LAYERS = ["conv1.proj", "conv2.proj", "fc1", "fc2"]
 Tensors = Tuple[torch.Tensor, torch.Tensor]
-
-
-def progress(iterable: Iterable, total: int, desc: str) -> Iterable:
-    """tqdm when installed (the 'demo' extra), else a plain one-line bar."""
-    try:
-        from tqdm import tqdm
-
-        return tqdm(iterable, total=total, desc=desc, leave=False, ncols=90)
-    except ImportError:
-        return _plain_bar(iterable, total, desc)
-
-
-def _plain_bar(iterable: Iterable, total: int, desc: str) -> Iterator:
-    for i, item in enumerate(iterable, 1):
-        if i == total or i % max(1, total // 20) == 0:
-            print(f"\r{desc}: {'#' * (20 * i // total):<20} {i}/{total}", end="", flush=True)
-        yield item
-    print("\r" + " " * 60 + "\r", end="")
 
 
 # ---------------------------------------------------------------------------- data
