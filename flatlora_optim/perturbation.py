@@ -171,9 +171,9 @@ class Perturber:
 
     @torch.no_grad()
     def noise(self, p: TargetPerturbation) -> torch.Tensor:
-        """The full ``m x n`` noise drawn for ``p`` (for inspection; allocates the whole matrix)."""
+        """The ``m x n`` noise drawn for ``p`` on this process's rows (for inspection; allocates it whole)."""
         m, n = p.target.shape
         out = torch.zeros((m, n), dtype=noise_dtype(p.target.weight.dtype), device=p.scales().device)
-        for block, start, end in chunk_bounds(m, n):
-            out[start:end] = self._block_noise(p, block, start, end)
+        for block, start, end, skip, block_rows in self._blocks(p):
+            out[start:end] = self._block_noise(p, block, start, end, skip, block_rows)
         return out
