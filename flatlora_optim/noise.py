@@ -125,14 +125,6 @@ def row_norms(rows: torch.Tensor, adapters: List[Adapter]) -> torch.Tensor:
     A = B = None
     if adapters:
         A, B = _stack_adapters(adapters, rows.device)
-    kernel = kernel_for(rows.device)
-    if hasattr(kernel, "row_sumsq"):  # GPU: one fused pass, and A W^T on the tensor cores
-        total = kernel.row_sumsq(rows)
-        if A is not None:
-            projected = (rows @ A.t().to(rows.dtype)).to(torch.float32)
-            total = total + 2.0 * (projected * B).sum(dim=1, dtype=torch.float64)
-            total = total + ((B @ (A @ A.t())) * B).sum(dim=1, dtype=torch.float64)
-        return total.clamp_(min=0.0).sqrt_()
     squares = torch.empty(m, dtype=torch.float64, device=rows.device)
     cross = torch.zeros(m, dtype=torch.float64, device=rows.device)
     for _, start, end in chunk_bounds(m, n):

@@ -67,24 +67,6 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
 
 
 @triton.jit
-def _row_sumsq_kernel(w_ptr, out_ptr, n_cols, stride_row, stride_col, BLOCK: tl.constexpr, ACC_FP64: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    if ACC_FP64:
-        acc = tl.zeros((BLOCK,), dtype=tl.float64)
-    else:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        w = tl.load(w_ptr + row * stride_row + cols * stride_col, mask=cols < n_cols, other=0.0)
-        if ACC_FP64:
-            w = w.to(tl.float64)
-        else:
-            w = w.to(tl.float32)
-        acc += w * w
-    tl.store(out_ptr + row, tl.sum(acc, axis=0).to(tl.float64))
-
-
-@triton.jit
 def _row_std_kernel(w_ptr, a_ptr, b_ptr, g_ptr, out_ptr, n_cols, rank, stride_row, stride_col, scale,
                     BLOCK: tl.constexpr, R: tl.constexpr, ACC_FP64: tl.constexpr):
     # One program per row i: ||W_i||^2 + 2 b_i (A W_i^T) + b_i G b_i^T, G = A A^T, then
@@ -301,10 +283,3 @@ class TritonNoiseKernel:
             index = record.exc_index.long()
             n_cols = dest.shape[1]
             dest.view(torch.int16)[index // n_cols, index % n_cols] = record.exc_bits
-
-    def row_sumsq(self, rows: torch.Tensor) -> torch.Tensor:
-        """``||W_i||^2`` per row as float64, accumulated in float32 (16-bit weights) or float64."""
-        m, n_cols = rows.shape
-        out = torch.empty(m, dtype=torch.float64, device=rows.device)
-        _row_sumsq_kernel[(m,)](rows, out, n_cols, rows.stride(0), rows.stride(1), BLOCK=1024, ACC_FP64=rows.element_size() >= 4)
-        return out
