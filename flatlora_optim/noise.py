@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
 from .sharding import full, local
@@ -36,6 +37,7 @@ __all__ = [
     "chunk_bounds",
     "layer_key",
     "noise_seed",
+    "noise_seeds",
     "GeneratorPool",
     "row_norms",
     "row_std",
@@ -86,6 +88,26 @@ def noise_seed(seed: int, step: int, layer: int, block: int) -> int:
     for part in (seed, step, layer, block):
         x = _splitmix64(x ^ (part & _MASK64))
     return x >> 1
+
+
+def _splitmix64_array(x: np.ndarray) -> np.ndarray:
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def noise_seeds(seed: int, step: int, layers: Sequence[int], blocks: Sequence[int]) -> np.ndarray:
+    """``noise_seed(seed, step, layers[l], b)`` for every layer ``l`` and block ``b < blocks[l]``, in
+    that order, as int64: the same numbers, computed for a whole step at once (numpy, wrapping
+    uint64 arithmetic) instead of one Python call per block."""
+    prefix = _splitmix64(_splitmix64(seed & _MASK64) ^ (step & _MASK64))
+    with np.errstate(over="ignore"):
+        per_layer = _splitmix64_array(np.uint64(prefix) ^ np.array([k & _MASK64 for k in layers], dtype=np.uint64))
+        counts = np.asarray(blocks, dtype=np.int64)
+        block_index = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        mixed = _splitmix64_array(np.repeat(per_layer, counts) ^ block_index.astype(np.uint64))
+    return (mixed >> np.uint64(1)).astype(np.int64)
 
 
 class GeneratorPool:

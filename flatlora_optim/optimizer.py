@@ -301,15 +301,10 @@ class FlatLoRA(torch.optim.Optimizer):
         if sigma == 0.0:
             return
         if self.mode == "virtual":
-            self._perturbations = [self._perturber.describe(t, sigma, self._step_index, lazy=True) for t in self.targets]
+            self._perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
             self._patches = VirtualPatches(self._perturber, self._perturbations)
             return
-        try:
-            for target in self.targets:
-                self._perturbations.append(self._perturber.perturb(target, sigma, self._step_index))
-        except BaseException:
-            self._restore_now()
-            raise
+        self._perturbations = self._perturber.perturb_all(self.targets, sigma, self._step_index)  # restores itself on error
         self.peak_restore_bytes = max(self.peak_restore_bytes, self.restore_bytes)
         self._guards = PerturbationGuards(
             [p.target for p in self._perturbations],
@@ -335,14 +330,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._live_graphs = 0
         if not perturbations:
             return
-        error: Optional[BaseException] = None
-        for p in reversed(perturbations):
-            try:
-                self._perturber.restore(p)
-            except BaseException as exc:  # restore every other layer before reporting
-                error = error or exc
-        if error is not None:
-            raise error
+        self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
 
     def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
         clean = target.weight.detach().clone()

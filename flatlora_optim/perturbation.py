@@ -15,6 +15,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 
 import torch
 
+from .grouped import StepGroup, TableCache
 from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
@@ -50,7 +51,7 @@ class TargetPerturbation:
 
 
 _TORCH_KERNEL = TorchNoiseKernel()
-_WHOLE_LAYER = -1  # block index of a record that covers the whole layer (fused GPU codec)
+_GROUPED = -1  # block index of a record kept by a StepGroup (fused GPU codec, whole layer)
 
 
 class Perturber:
@@ -60,6 +61,7 @@ class Perturber:
         self.seed = seed
         self.strategy = strategy
         self.stream = 0  # the noise stream: 0 for one process; the rank under DDP with independent noise
+        self._tables = TableCache()
 
     def stream_seed(self) -> int:
         """The seed of this process's noise stream; stream 0 is ``seed`` itself, so rank 0 of a
@@ -80,13 +82,13 @@ class Perturber:
         return p.block_seeds
 
     @staticmethod
-    def _kernel(p: TargetPerturbation) -> Any:
+    def _kernel_of(target: LoRATarget) -> Any:
         # a sharded (FSDP2) weight draws whole global blocks and keeps its rows: the torch kernel
         # takes the block's noise as an argument, the fused GPU kernels do not
-        return _TORCH_KERNEL if p.target.sharded else kernel_for(p.target.weight.device)
+        return _TORCH_KERNEL if target.sharded else kernel_for(target.weight.device)
 
-    def _fused_exact(self, kernel: Any, rows: torch.Tensor) -> bool:
-        return self.strategy.name == "exact" and hasattr(kernel, "exact_perturb") and kernel.fused_exact_supported(rows.dtype)
+    def _kernel(self, p: TargetPerturbation) -> Any:
+        return self._kernel_of(p.target)
 
     def _seed_arg(self, p: TargetPerturbation, block: int, kernel: Any) -> Any:
         if hasattr(kernel, "perturbed_layer"):
@@ -141,33 +143,103 @@ class Perturber:
     @torch.no_grad()
     def perturb(self, target: LoRATarget, sigma: float, step: int) -> TargetPerturbation:
         """Write ``W + e`` into ``target``'s weight; return what restores it."""
-        rows = target.rows()
-        p = self.describe(target, sigma, step)
+        return self.perturb_all([target], sigma, step)[0]
+
+    def _groupable(self, target: LoRATarget) -> bool:
+        """Whether ``target``'s stds and seeds can come from a :class:`StepGroup` (CUDA with Triton)."""
+        return not target.sharded and hasattr(self._kernel_of(target), "row_stds")
+
+    def describe_all(self, targets: List[LoRATarget], sigma: float, step: int) -> Tuple[List[TargetPerturbation], Optional[StepGroup]]:
+        """This step's noise for every target (nothing written): on CUDA all row stds in one launch."""
+        grouped = [t for t in targets if self._groupable(t)]
+        group = StepGroup(self._kernel_of(grouped[0]), self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
+        described = []
+        for target in targets:
+            k = group.index_of(target) if group is not None else None
+            if k is None:
+                described.append(self.describe(target, sigma, step, lazy=True))
+            else:
+                described.append(TargetPerturbation(target, step, sigma, group.std_of(k), block_seeds=group.seeds_of(k)))
+        return described, group
+
+    @torch.no_grad()
+    def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
+        """Write ``W + e`` into every target; return what restores each (restore with :meth:`restore_all`).
+
+        On CUDA, 16-bit weights with exact restore go through the fused codec together (a few
+        launches for the whole list); every other target is perturbed block by block.
+        """
+        described, group = self.describe_all(targets, sigma, step)
+        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused_exact(p)]
+        done: List[TargetPerturbation] = []
+        try:
+            if fused:
+                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused])
+                for k, slot in zip(fused, slots):
+                    rows = described[k].target.rows()
+                    described[k].blocks.append((_GROUPED, 0, rows.shape[0], 0, rows.shape[0], slot))
+                    done.append(described[k])
+            for k, p in enumerate(described):
+                if k not in fused:
+                    self._perturb_blocks(p)
+                    done.append(p)
+        except BaseException:
+            self.restore_all(done)  # leave nothing half-perturbed
+            raise
+        return described
+
+    def _fused_exact(self, p: TargetPerturbation) -> bool:
+        dtype = p.target.weight.dtype
+        kernel = self._kernel_of(p.target)
+        fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(dtype)
+        return self.strategy.name == "exact" and fused_kernel and p.target.rows().numel() < 2**31
+
+    def _perturb_blocks(self, p: TargetPerturbation) -> None:
+        rows = p.target.rows()
         kernel = self._kernel(p)
         work = noise_dtype(rows.dtype)
-        if self._fused_exact(kernel, rows):  # GPU: the whole layer in two fused passes
-            record = kernel.exact_perturb(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]))
-            p.blocks.append((_WHOLE_LAYER, 0, rows.shape[0], 0, rows.shape[0], record))
-            return p
         try:
             for block, start, end, skip, block_rows in self._blocks(p):
                 noise = self._block_noise(p, block, start, end, skip, block_rows)
                 perturbed = kernel.perturbed(rows[start:end], p.scales()[start:end], self._seed_arg(p, block, kernel), work, noise=noise)
                 p.blocks.append((block, start, end, skip, block_rows, self.strategy.perturb(rows[start:end], perturbed, noise)))
         except BaseException:
-            self.restore(p)  # leave nothing half-perturbed
+            self.restore(p)
             raise
-        return p
 
     @torch.no_grad()
     def restore(self, p: TargetPerturbation, dest: Optional[torch.Tensor] = None) -> None:
         """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
         rows = p.target.rows() if dest is None else dest
         for block, start, end, skip, block_rows, record in reversed(p.blocks):
-            if block == _WHOLE_LAYER:
-                kernel_for(rows.device).exact_restore(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), record)
+            if block == _GROUPED:
+                record.restore(dest)
                 continue
             self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end, skip, block_rows), record)
+
+    @torch.no_grad()
+    def restore_all(self, perturbations: List[TargetPerturbation]) -> None:
+        """Undo every perturbation in its live weight, the fused ones together; every layer is
+        attempted before the first error is raised."""
+        error: Optional[BaseException] = None
+        groups = {}
+        for p in reversed(perturbations):
+            slots = [record for block, *_, record in p.blocks if block == _GROUPED]
+            for slot in slots:
+                groups[id(slot.group)] = slot.group
+            if slots:
+                continue
+            try:
+                self.restore(p)
+            except BaseException as exc:
+                error = error or exc
+        for group in groups.values():
+            try:
+                group.restore_all()
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            raise error
 
     @torch.no_grad()
     def noise(self, p: TargetPerturbation) -> torch.Tensor:

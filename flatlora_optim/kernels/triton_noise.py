@@ -16,11 +16,13 @@ The Triton stream differs from ``torch.randn``'s: on CUDA a seed reproduces a ru
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
+
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE, LayerTable, adapter_table
 
 __all__ = ["TritonNoiseKernel"]
 
@@ -67,107 +69,179 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
 
 
 @triton.jit
-def _row_std_kernel(w_ptr, a_ptr, b_ptr, g_ptr, out_ptr, n_cols, rank, stride_row, stride_col, scale,
-                    BLOCK: tl.constexpr, R: tl.constexpr, ACC_FP64: tl.constexpr):
-    # One program per row i: ||W_i||^2 + 2 b_i (A W_i^T) + b_i G b_i^T, G = A A^T, then
-    # std_i = scale * sqrt(max(., 0)), 0 where not finite. A is (rank x n), b (m x rank), fp32.
-    row = tl.program_id(0).to(tl.int64)
-    r = tl.arange(0, R)
-    r_mask = r < rank
-    if ACC_FP64:
-        squares = tl.zeros((BLOCK,), dtype=tl.float64)
+def _typed(raw, CODE: tl.constexpr):
+    """An address from a layer table as a pointer of the float type ``CODE`` (layer_table.DTYPE_CODES)."""
+    if CODE == 0:
+        return raw.to(tl.pointer_type(tl.float32))
+    elif CODE == 1:
+        return raw.to(tl.pointer_type(tl.bfloat16))
+    elif CODE == 2:
+        return raw.to(tl.pointer_type(tl.float16))
     else:
-        squares = tl.zeros((BLOCK,), dtype=tl.float32)
-    projected = tl.zeros((R,), dtype=tl.float32)
-    for start in range(0, n_cols, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
-        col_mask = cols < n_cols
-        w = tl.load(w_ptr + row * stride_row + cols * stride_col, mask=col_mask, other=0.0)
-        if ACC_FP64:
-            squares += w.to(tl.float64) * w.to(tl.float64)
-        else:
-            squares += w.to(tl.float32) * w.to(tl.float32)
-        a = tl.load(a_ptr + r[:, None] * n_cols + cols[None, :], mask=r_mask[:, None] & col_mask[None, :], other=0.0)
-        projected += tl.sum(a * w.to(tl.float32)[None, :], axis=1)
-    b = tl.load(b_ptr + row * rank + r, mask=r_mask, other=0.0)
-    g = tl.load(g_ptr + r[:, None] * rank + r[None, :], mask=r_mask[:, None] & r_mask[None, :], other=0.0)
-    low_rank = tl.sum(tl.sum(g * b[None, :], axis=1) * b, axis=0)
-    total = tl.sum(squares, axis=0).to(tl.float64) + 2.0 * tl.sum(projected * b, axis=0).to(tl.float64) + low_rank.to(tl.float64)
-    std = (tl.sqrt(tl.maximum(total, 0.0)) * scale).to(tl.float32)
-    finite = (std == std) & (tl.abs(std) < float("inf"))
-    tl.store(out_ptr + row, tl.where(finite, std, 0.0))
+        return raw.to(tl.pointer_type(tl.float64))
+
+
+_NF = 12  # columns of the layer table (layer_table.FIELDS)
 
 
 @triton.jit
-def _exact_kernel(w_ptr, std_ptr, seeds_ptr, counts_ptr, amb_offsets_ptr, exc_offsets_ptr, codes_ptr, exc_index_ptr, exc_bits_ptr,
-                  n_rows, n_cols, rows_per_block, stride_row, stride_col, tiles_per_block,
-                  PHASE: tl.constexpr, MANT: tl.constexpr, BLOCK: tl.constexpr):
-    """The exact-restore codec of restore.ExactRestore, fused, for 16-bit weights (work dtype fp32).
+def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
+                    W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ACC_FP64: tl.constexpr):
+    """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
-    PHASE 0 counts each tile's ambiguous elements and exceptions; PHASE 1 writes W + e in place,
-    the 4-bit key offsets of ambiguous elements (packed 8 per int32, at the tile's prefix-sum
-    offset) and the exceptions; PHASE 2 restores W from W + e (possibly in a copy) and the codes.
+    The full row ``W_i + s b_i A`` is formed tile by tile (``rank`` fused multiply-adds per
+    element, never stored), squared and summed; 0 where the result is not finite. Programs whose
+    layer has another weight or adapter type return at once (those get their own launch).
     """
-    block = tl.program_id(0)
-    tile = tl.program_id(1)
-    tile_id = block * tiles_per_block + tile
-    first_row = block.to(tl.int64) * rows_per_block
-    block_rows = tl.minimum(rows_per_block, n_rows - first_row)
-    local = tile * BLOCK + tl.arange(0, BLOCK)
-    mask = local < block_rows * n_cols
-    seed = tl.load(seeds_ptr + block)
-    z = _normals(seed, tile * (BLOCK // 4), BLOCK // 4)
-    row = first_row + local // n_cols
-    col = local % n_cols
-    e = z * tl.load(std_ptr + row, mask=mask, other=0.0)
-    pointers = w_ptr + row * stride_row + col * stride_col
-    w = tl.load(pointers, mask=mask, other=0.0)
-    if PHASE == 2:
-        new = w
+    t = tl.program_id(0)
+    layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
+    info = layers_ptr + layer * _NF
+    adapter = adapters_ptr + layer * 8
+    if (tl.load(info + 11) != W_CODE) | (tl.load(adapter + 7) != AB_CODE):
+        return
+    w_ptr = _typed(tl.load(info), W_CODE)
+    n_rows = tl.load(info + 1)
+    n_cols = tl.load(info + 2)
+    stride_row = tl.load(info + 3)
+    stride_col = tl.load(info + 4)
+    a_ptr = _typed(tl.load(adapter), AB_CODE)
+    a_row, a_col = tl.load(adapter + 1), tl.load(adapter + 2)
+    b_ptr = _typed(tl.load(adapter + 3), AB_CODE)
+    b_row, b_col = tl.load(adapter + 4), tl.load(adapter + 5)
+    rank = tl.load(adapter + 6)
+    s = tl.load(factors_ptr + 2 * layer).to(tl.float32)
+    scale = tl.load(factors_ptr + 2 * layer + 1)
+    rows = (t - tl.load(info + 10)) * ROWS + tl.arange(0, ROWS)
+    row_mask = rows < n_rows
+    if ACC_FP64:
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
     else:
-        new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
-    candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
-    new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
-    cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
-    ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
-    cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
-    position = tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
-    if PHASE == 2:
-        base = tl.load(amb_offsets_ptr + tile_id)
-        slot = base + position
-        word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
-        code = (word >> ((slot & 7) * 4)) & 15
-        key = cand_key + tl.where(ambiguous, code - 8, 0)
-        restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
-        tl.store(pointers, restored, mask=mask)
-    else:
-        w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
-        offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
-        fits = (offset >= -8) & (offset <= 7)
-        exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
-        if PHASE == 0:
-            tl.store(counts_ptr + 2 * tile_id, tl.sum(ambiguous.to(tl.int32), axis=0))
-            tl.store(counts_ptr + 2 * tile_id + 1, tl.sum(exception.to(tl.int32), axis=0))
+        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    for start in range(0, n_cols, BLOCK_N):
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        mask = row_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
+        low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for k in range(0, rank):
+            b = tl.load(b_ptr + rows * b_row + k * b_col, mask=row_mask, other=0.0).to(tl.float32) * s
+            a = tl.load(a_ptr + k * a_row + cols * a_col, mask=col_mask, other=0.0).to(tl.float32)
+            low_rank += b[:, None] * a[None, :]
+        if ACC_FP64:
+            full = w.to(tl.float64) + low_rank.to(tl.float64)
         else:
-            slot = tl.load(amb_offsets_ptr + tile_id) + position
-            code = tl.where(fits, offset + 8, 8)
-            tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4), mask=ambiguous)
-            exc_slot = tl.load(exc_offsets_ptr + tile_id) + tl.cumsum(exception.to(tl.int32), axis=0) - 1
-            tl.store(exc_index_ptr + exc_slot, (row * n_cols + col).to(exc_index_ptr.dtype.element_ty), mask=exception)
-            tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
-            tl.store(pointers, new, mask=mask)
+            full = w.to(tl.float32) + low_rank
+        acc += full * full
+    total = tl.sum(acc, axis=1).to(tl.float64)
+    std = (tl.sqrt(total) * scale).to(tl.float32)
+    finite = (std == std) & (tl.abs(std) < float("inf"))
+    tl.store(out_ptr + tl.load(info + 8) + rows, tl.where(finite, std, 0.0), mask=row_mask)
 
 
-class FusedExactRecord:
-    """What the fused codec keeps between perturb and restore, for one layer."""
+@triton.jit
+def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counts_ptr, bounds_ptr, codes_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
+                  PHASE: tl.constexpr, W_CODE: tl.constexpr, MANT: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr):
+    """The exact-restore codec of restore.ExactRestore, fused, for 16-bit weights, many layers per launch.
 
-    def __init__(self, codes, amb_offsets, exc_offsets, exc_index, exc_bits, counts):
-        self.codes, self.amb_offsets, self.exc_offsets = codes, amb_offsets, exc_offsets
-        self.exc_index, self.exc_bits, self.counts = exc_index, exc_bits, counts
+    One program handles ``TILE`` consecutive elements of one row block of one layer. PHASE 0
+    counts the tile's ambiguous elements and exceptions; PHASE 1 writes ``W + e`` in place, the
+    4-bit key offsets of the ambiguous elements (8 per int32 word, from the tile's prefix-sum slot
+    in ``bounds``) and the exceptions (layer, layer-local flat index, original bits); PHASE 2 writes back
+    every element the codes determine (the exceptions are put back by ``_exceptions_kernel``).
+    """
+    t = tl.program_id(0)
+    layer = tl.load(tile_layer_ptr + t).to(tl.int64)
+    info = layers_ptr + layer * _NF
+    if tl.load(info + 11) != W_CODE:
+        return
+    w_ptr = _typed(tl.load(info), W_CODE)
+    n_rows = tl.load(info + 1)
+    n_cols = tl.load(info + 2)
+    stride_row = tl.load(info + 3)
+    stride_col = tl.load(info + 4)
+    rows_per_block = tl.load(info + 5)
+    tiles_per_block = tl.load(info + 6)
+    in_layer = t - tl.load(info + 7)
+    block = in_layer // tiles_per_block
+    tile = in_layer % tiles_per_block
+    first_row = block * rows_per_block
+    block_elements = tl.minimum(rows_per_block, n_rows - first_row) * n_cols
+    seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
+    std_base = tl.load(info + 8)
+    amb_seen = tl.sum(tl.zeros((1,), dtype=tl.int32), axis=0)
+    exc_seen = tl.sum(tl.zeros((1,), dtype=tl.int32), axis=0)
+    if PHASE != 0:
+        amb_base = tl.load(bounds_ptr + 2 * t)
+        exc_base = tl.load(bounds_ptr + 2 * t + 1)
+    for part in tl.static_range(TILE // SUB):
+        first = tile * TILE + part * SUB
+        local = first + tl.arange(0, SUB)  # row-major position inside the row block
+        mask = local < block_elements
+        z = _normals(seed, first // 4, SUB // 4)
+        row = first_row + local // n_cols
+        col = local % n_cols
+        e = z * tl.load(std_ptr + std_base + row, mask=mask, other=0.0)
+        pointers = w_ptr + row * stride_row + col * stride_col
+        w = tl.load(pointers, mask=mask, other=0.0)
+        if PHASE == 2:
+            new = w
+        else:
+            new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
+        candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
+        new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
+        cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
+        ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
+        cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
+        position = amb_seen + tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
+        if PHASE == 2:
+            slot = amb_base + position
+            word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
+            code = (word >> ((slot & 7) * 4).to(tl.int32)) & 15
+            key = cand_key + tl.where(ambiguous, code - 8, 0)
+            restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
+            tl.store(pointers, restored, mask=mask)
+        else:
+            w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
+            offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
+            fits = (offset >= -8) & (offset <= 7)
+            exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
+            if PHASE == 1:
+                slot = amb_base + position
+                code = tl.where(fits, offset + 8, 8)
+                tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4).to(tl.int32), mask=ambiguous)
+                exc_slot = exc_base + exc_seen + tl.cumsum(exception.to(tl.int32), axis=0) - 1
+                flat = (row * n_cols + col).to(exc_index_ptr.dtype.element_ty)
+                tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
+                tl.store(exc_layer_ptr + exc_slot, layer.to(tl.int32), mask=exception)
+                tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+                tl.store(pointers, new, mask=mask)
+            exc_seen += tl.sum(exception.to(tl.int32), axis=0)
+        amb_seen += tl.sum(ambiguous.to(tl.int32), axis=0)
+    if PHASE == 0:
+        tl.store(counts_ptr + 2 * t, amb_seen)
+        tl.store(counts_ptr + 2 * t + 1, exc_seen)
 
-    def nbytes(self) -> int:
-        tensors = (self.codes, self.amb_offsets, self.exc_offsets, self.exc_index, self.exc_bits)
-        return sum(t.numel() * t.element_size() for t in tensors)
+
+@triton.jit
+def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, first_slot, n_slots, ONE_LAYER: tl.constexpr, BLOCK: tl.constexpr):
+    """Put back the original bits of exceptions ``first_slot:first_slot + n_slots`` (after PHASE 2).
+
+    With ``ONE_LAYER`` every exception belongs to the table's only layer (a one-layer restore).
+    """
+    slots = first_slot + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = slots < first_slot + n_slots
+    if ONE_LAYER:
+        layer = tl.zeros((BLOCK,), dtype=tl.int64)
+    else:
+        layer = tl.load(exc_layer_ptr + slots, mask=mask, other=0).to(tl.int64)
+    info = layers_ptr + layer * _NF
+    w_ptr = tl.load(info, mask=mask, other=0).to(tl.pointer_type(tl.int16))
+    n_cols = tl.load(info + 2, mask=mask, other=1)
+    stride_row = tl.load(info + 3, mask=mask, other=0)
+    stride_col = tl.load(info + 4, mask=mask, other=0)
+    flat = tl.load(exc_index_ptr + slots, mask=mask, other=0).to(tl.int64)
+    bits = tl.load(exc_bits_ptr + slots, mask=mask, other=0)
+    tl.store(w_ptr + (flat // n_cols) * stride_row + (flat % n_cols) * stride_col, bits, mask=mask)
 
 
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
@@ -214,72 +288,129 @@ class TritonNoiseKernel:
         out = torch.empty((m, n_cols), dtype=rows.dtype, device=rows.device)
         return _launch(out, rows, std_rows, seeds, m, n_cols, rows_per_block, work)
 
-    def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
-        """Per-row noise std ``scale * ||W_i + (B A)_i||`` (float32, 0 where not finite), one launch.
 
-        ``A`` (``R x n``) and ``B`` (``m x R``, scalings folded in) are float32, or None without adapters.
+    # ----------------------------------------------------------------- grouped (many layers per launch)
+
+    def row_stds(self, table: LayerTable, adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
+                 out: torch.Tensor) -> None:
+        """Write ``std_scales[l] * ||W_i + s (B A)_i||`` for every row of every layer into ``out``
+        (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
+        adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device)
+        for w_code in table.dtype_codes:
+            for ab_code in ab_codes:
+                _row_std_kernel[(table.n_rowtiles,)](
+                    table.layers, adapter_rows, factors, table.rowtile_layer, out,
+                    W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=128, ACC_FP64=w_code in (0, 3), enable_fp_fusion=False,
+                )
+
+    def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+        """Per-row noise std ``scale * ||W_i + (B A)_i||`` of one layer (float32, 0 where not finite).
+
+        ``A`` (``R x n``) and ``B`` (``m x R``, scalings folded in), or None without adapters.
         """
-        m, n_cols = rows.shape
-        if A is None:
-            A = torch.zeros((1, n_cols), dtype=torch.float32, device=rows.device)
-            B = torch.zeros((m, 1), dtype=torch.float32, device=rows.device)
-        A = A.contiguous()
-        B = B.contiguous()
-        rank = A.shape[0]
-        G = (A @ A.t()).contiguous()
-        out = torch.empty(m, dtype=torch.float32, device=rows.device)
-        _row_std_kernel[(m,)](
-            rows, A, B, G, out, n_cols, rank, rows.stride(0), rows.stride(1), scale,
-            BLOCK=256, R=max(triton.next_power_of_2(rank), 2), ACC_FP64=rows.element_size() >= 4, enable_fp_fusion=False,
-        )
+        out = torch.empty(rows.shape[0], dtype=torch.float32, device=rows.device)
+        adapter = None if A is None else (A, B.to(A.dtype), 1.0)
+        self.row_stds(LayerTable([rows]), [adapter], [scale], out)
         return out
 
     @staticmethod
     def fused_exact_supported(dtype: torch.dtype) -> bool:
         return dtype in _MANTISSA
 
-    def _exact(self, phase: int, rows: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record=None, counts=None):
-        m, n_cols = rows.shape
-        n_blocks = triton.cdiv(m, rows_per_block)
-        tiles = triton.cdiv(min(rows_per_block, m) * n_cols, _BLOCK)
-        dummy = std  # unused pointer arguments of a phase
+    def _exact(self, phase: int, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, counts=None, record=None) -> None:
+        dummy = std  # pointer arguments a phase does not use
         r = record
-        _exact_kernel[(n_blocks, tiles)](
-            rows, std, seeds,
-            counts if counts is not None else dummy,
-            r.amb_offsets if r is not None else dummy, r.exc_offsets if r is not None else dummy,
-            r.codes if r is not None else dummy, r.exc_index if r is not None else dummy, r.exc_bits if r is not None else dummy,
-            m, n_cols, rows_per_block, rows.stride(0), rows.stride(1), tiles,
-            PHASE=phase, MANT=_MANTISSA[rows.dtype], BLOCK=_BLOCK, enable_fp_fusion=False,
-        )
-        return n_blocks * tiles
+        for code in table.dtype_codes:
+            dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
+            _exact_kernel[(table.n_tiles,)](
+                table.layers, table.tile_layer, std, seeds,
+                counts if counts is not None else dummy,
+                r.bounds if r is not None else dummy, r.codes if r is not None else dummy,
+                r.exc_layer if r is not None else dummy, r.exc_index if r is not None else dummy, r.exc_bits if r is not None else dummy,
+                PHASE=phase, W_CODE=code, MANT=_MANTISSA[dtype], TILE=TILE, SUB=_BLOCK, enable_fp_fusion=False,
+            )
 
-    def exact_perturb(self, rows: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int) -> FusedExactRecord:
-        """Write ``fl(W + e)`` into ``rows`` and return the exact-restore record (two passes, one sync)."""
-        std = std_rows.to(torch.float32).contiguous()
-        m, n_cols = rows.shape
-        n_tiles = triton.cdiv(m, rows_per_block) * triton.cdiv(min(rows_per_block, m) * n_cols, _BLOCK)
-        counts = torch.empty(2 * n_tiles, dtype=torch.int32, device=rows.device)
-        self._exact(0, rows, std, seeds, rows_per_block, counts=counts)
-        per_tile = counts.view(n_tiles, 2).to(torch.int64)
-        ends = per_tile.cumsum(0)
-        n_amb, n_exc = (int(v) for v in ends[-1].tolist())  # the one host sync per layer
-        starts = (ends - per_tile).to(torch.int32)
-        index_dtype = torch.int32 if m * n_cols < 2**31 else torch.int64
-        record = FusedExactRecord(
-            torch.zeros(n_amb // 8 + 1, dtype=torch.int32, device=rows.device),
-            starts[:, 0].contiguous(), starts[:, 1].contiguous(),
-            torch.empty(n_exc, dtype=index_dtype, device=rows.device), torch.empty(n_exc, dtype=torch.int16, device=rows.device),
-            (n_amb, n_exc),
+    def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> ExactGroupRecord:
+        """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
+
+        Two passes over the weights (count, then write) and one host sync in between, for the whole
+        group: the sync sizes the code and exception buffers exactly.
+        """
+        if not all(d in _MANTISSA for d in table.dtypes):
+            raise ValueError("the fused exact codec takes bfloat16 and float16 weights only")
+        device = table.device
+        counts = torch.empty(2 * table.n_tiles, dtype=torch.int32, device=device)
+        self._exact(0, table, std, seeds, counts=counts)
+        bounds = torch.zeros((table.n_tiles + 1, 2), dtype=torch.int64, device=device)
+        torch.cumsum(counts.view(-1, 2), dim=0, out=bounds[1:])
+        del counts
+        edges = torch.tensor(table.tile_bases + [table.n_tiles], dtype=torch.int64).to(device, non_blocking=True)
+        layer_bounds = bounds.index_select(0, edges).tolist()  # the one host sync
+        n_amb, n_exc = layer_bounds[-1]
+        index_dtype = torch.int32
+        record = ExactGroupRecord(
+            bounds, torch.zeros(n_amb // 8 + 1, dtype=torch.int32, device=device), torch.empty(n_exc, dtype=torch.int32, device=device),
+            torch.empty(n_exc, dtype=index_dtype, device=device), torch.empty(n_exc, dtype=torch.int16, device=device), layer_bounds,
         )
-        self._exact(1, rows, std, seeds, rows_per_block, record=record)
+        self._exact(1, table, std, seeds, record=record)
         return record
 
-    def exact_restore(self, dest: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record: FusedExactRecord) -> None:
-        """Write the original bits into ``dest`` (which holds ``fl(W + e)``) from the record."""
-        std = std_rows.to(torch.float32).contiguous()
-        self._exact(2, dest, std, seeds, rows_per_block, record=record)
-        if record.exc_index.numel():
-            index = record.exc_index.long()
-            n_cols = dest.shape[1]
-            dest.view(torch.int16)[index // n_cols, index % n_cols] = record.exc_bits
+    def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord) -> None:
+        """Write the original bits back into every layer of ``table`` (which hold ``fl(W + e)``)."""
+        self._exact(2, table, std, seeds, record=record)
+        first, end = record.exceptions
+        if end > first:
+            _exceptions_kernel[(triton.cdiv(end - first, 256),)](
+                table.layers, record.exc_layer, record.exc_index, record.exc_bits, first, end - first, ONE_LAYER=len(table) == 1, BLOCK=256,
+            )
+
+    def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
+                          record: ExactGroupRecord) -> None:
+        """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
+        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]])
+        if one.shapes[0] != table.shapes[layer]:
+            raise ValueError(f"restore destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
+        first = table.tile_bases[layer]
+        self.exact_restore_layers(one, std, seeds, record.slice(layer, first, first + table.tiles[layer]))
+
+    # one-layer forms (tests, and callers that handle a single weight)
+
+    def exact_perturb(self, rows: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int) -> ExactGroupRecord:
+        """Write ``fl(W + e)`` into one layer's rows and return the record (``seeds[b]`` seeds row block ``b``)."""
+        table = LayerTable([rows])
+        assert table.layers[0, 5].item() == rows_per_block, "row blocks are rows_per_chunk(n) rows"
+        return self.exact_perturb_layers(table, std_rows.to(torch.float32).contiguous(), seeds)
+
+    def exact_restore(self, dest: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record: ExactGroupRecord) -> None:
+        """Write the original bits into ``dest`` (which holds ``fl(W + e)``) from a one-layer record."""
+        self.exact_restore_layers(LayerTable([dest]), std_rows.to(torch.float32).contiguous(), seeds, record)
+
+
+class ExactGroupRecord:
+    """What the fused codec keeps between perturb and restore for a group of layers.
+
+    ``bounds[t]`` holds tile ``t``'s first code slot and first exception slot (int64, one row per
+    tile plus the totals); ``layer_bounds`` the same on the host at each layer's first tile (and
+    the totals); ``exceptions`` the range of exception slots this record restores.
+    """
+
+    def __init__(self, bounds: torch.Tensor, codes: torch.Tensor, exc_layer: torch.Tensor, exc_index: torch.Tensor, exc_bits: torch.Tensor,
+                 layer_bounds: List[List[int]], exceptions: Optional[Tuple[int, int]] = None):
+        self.bounds, self.codes = bounds, codes
+        self.exc_layer, self.exc_index, self.exc_bits = exc_layer, exc_index, exc_bits
+        self.layer_bounds = layer_bounds
+        self.exceptions = exceptions if exceptions is not None else (0, layer_bounds[-1][1])
+
+    def slice(self, layer: int, first_tile: int, end_tile: int) -> ExactGroupRecord:
+        """Layer ``layer``'s part (tiles ``first_tile:end_tile``); code and exception slots stay absolute."""
+        exceptions = (self.layer_bounds[layer][1], self.layer_bounds[layer + 1][1])
+        return ExactGroupRecord(self.bounds[first_tile : end_tile + 1], self.codes, self.exc_layer, self.exc_index, self.exc_bits,
+                                self.layer_bounds, exceptions)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.bounds, self.codes, self.exc_layer, self.exc_index, self.exc_bits))
+
+    def layer_nbytes(self, layer: int, tiles: int) -> int:
+        """Bytes attributable to one layer: its codes, exceptions and tile bounds."""
+        (amb0, exc0), (amb1, exc1) = self.layer_bounds[layer], self.layer_bounds[layer + 1]
+        return (amb1 - amb0 + 1) // 2 + 10 * (exc1 - exc0) + 16 * tiles

@@ -1,0 +1,135 @@
+"""The whole step's noise in a handful of GPU launches, for every layer at once.
+
+On CUDA with Triton, :class:`StepGroup` computes every target's row stds in one launch (per
+weight/adapter type), uploads every row block's seed in one copy, and -- in in-place mode with
+exact restore on 16-bit weights -- perturbs and later restores all those layers with the fused
+codec in two and two launches, with one host sync per step (to size the records). Per-layer
+Python work is limited to reading each target's weight view and adapters.
+
+The values are the per-layer path's: the same seeds (:func:`flatlora_optim.noise.noise_seeds`),
+the same row-std kernel and the same codec, so a layer restored alone (a clean ``state_dict``
+copy, say) and the group restore agree bit for bit.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, List, Optional, Sequence, Tuple
+
+import torch
+
+from .noise import _stack_adapters, layer_key, noise_seeds
+from .targets import LoRATarget
+
+__all__ = ["StepGroup", "GroupSlot", "TableCache"]
+
+
+class TableCache:
+    """The last few layer tables, keyed by the views' addresses, shapes, strides and types."""
+
+    def __init__(self, size: int = 4):
+        self.size = size
+        self._tables: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None) -> Any:
+        from .kernels.layer_table import LayerTable, table_key
+
+        key = (table_key(rows), tuple(std_bases or ()), tuple(seed_bases or ()))
+        table = self._tables.get(key)
+        if table is None:
+            table = LayerTable(rows, std_bases, seed_bases)
+            self._tables[key] = table
+            while len(self._tables) > self.size:
+                self._tables.popitem(last=False)
+        else:
+            self._tables.move_to_end(key)
+        return table
+
+
+def _adapter_args(target: LoRATarget) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """``(A, B, scaling)`` for the row-std kernel: the adapter's own tensors when there is one."""
+    adapters = target.adapters()
+    if not adapters:
+        return None
+    if len(adapters) == 1 and adapters[0].A.dtype == adapters[0].B.dtype:
+        a = adapters[0]
+        return a.A.detach(), a.B.detach(), a.scaling
+    A, B = _stack_adapters(adapters, target.weight.device)  # several adapters: fp32, scalings folded into B
+    return A, B, 1.0
+
+
+class StepGroup:
+    """One step's row stds and seeds for a list of targets on one CUDA device."""
+
+    def __init__(self, kernel: Any, cache: TableCache, targets: Sequence[LoRATarget], sigma: float, stream_seed: int, step: int):
+        self.kernel = kernel
+        self.targets = list(targets)
+        self._position = {id(t): k for k, t in enumerate(self.targets)}
+        self.rows = [t.rows() for t in self.targets]
+        self.table = cache.get(self.rows)
+        device = self.table.device
+        adapters = [_adapter_args(t) for t in self.targets]
+        self.std = torch.empty(self.table.total_rows, dtype=torch.float32, device=device)
+        kernel.row_stds(self.table, adapters, [sigma / n**0.5 for _, n in self.table.shapes], self.std)
+        seeds = noise_seeds(stream_seed, step, [layer_key(t.name) for t in self.targets], self.table.blocks)
+        self.seeds = torch.from_numpy(seeds).to(device, non_blocking=True)
+        self.record: Any = None
+        self.codec_table: Any = None
+        self.restored: List[bool] = []
+        self._codec_index: List[int] = []
+
+    def index_of(self, target: LoRATarget) -> Optional[int]:
+        """``target``'s position in the group, or None when it is not in it."""
+        return self._position.get(id(target))
+
+    def std_of(self, index: int) -> torch.Tensor:
+        base = self.table.std_bases[index]
+        return self.std[base : base + self.table.shapes[index][0]]
+
+    def seeds_of(self, index: int) -> torch.Tensor:
+        base = self.table.seed_bases[index]
+        return self.seeds[base : base + self.table.blocks[index]]
+
+    def perturb(self, cache: TableCache, indices: Sequence[int]) -> List[GroupSlot]:
+        """Write ``W + e`` into the layers ``indices`` with the fused exact codec; one slot per layer."""
+        self._codec_index = list(indices)
+        rows = [self.rows[i] for i in indices]
+        self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices])
+        self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds)
+        self.restored = [False] * len(indices)
+        return [GroupSlot(self, k) for k in range(len(indices))]
+
+    def restore_all(self) -> None:
+        """Undo every layer not restored yet: one grouped restore when none was restored alone."""
+        if self.record is None or all(self.restored):
+            return
+        if not any(self.restored):
+            self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
+            self.restored = [True] * len(self.restored)
+            return
+        for k, done in enumerate(self.restored):
+            if not done:
+                self.restore_one(k, None)
+
+    def restore_one(self, k: int, dest: Optional[torch.Tensor]) -> None:
+        """Undo codec layer ``k`` in ``dest`` (a copy of its perturbed rows), or in the live weight."""
+        live = dest is None
+        if live and self.restored[k]:
+            return
+        rows = self.rows[self._codec_index[k]] if live else dest
+        self.kernel.exact_restore_one(self.codec_table, k, rows, self.std, self.seeds, self.record)
+        if live:
+            self.restored[k] = True
+
+
+class GroupSlot:
+    """A layer's entry in a :class:`StepGroup`'s fused record (what ``TargetPerturbation.blocks`` holds)."""
+
+    def __init__(self, group: StepGroup, k: int):
+        self.group, self.k = group, k
+
+    def restore(self, dest: Optional[torch.Tensor]) -> None:
+        self.group.restore_one(self.k, dest)
+
+    def nbytes(self) -> int:
+        return self.group.record.layer_nbytes(self.k, self.group.codec_table.tiles[self.k])

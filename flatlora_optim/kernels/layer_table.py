@@ -1,0 +1,131 @@
+"""Tables that let one GPU kernel launch work on many layers at once.
+
+Launching a kernel per layer costs tens of microseconds of host time each; a Llama of 16 blocks
+has 112 target layers, so per-layer launches (several per layer) cost more than the GPU work
+itself. The grouped kernels instead read each layer's pointer, shape and strides from a small
+device table and find their layer from a per-program index, so a whole step is a few launches.
+
+This module only builds the tables (plain torch, no Triton): :class:`LayerTable` describes a list
+of ``m x n`` row views -- where each layer's row stds and block seeds live in the step's shared
+buffers, and how its rows split into the exact codec's tiles -- and :func:`adapter_table` the
+adapters acting on each layer at this step.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from ..noise import rows_per_chunk
+
+__all__ = ["TILE", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "adapter_table", "FIELDS"]
+
+TILE = 8192
+"""Elements of one row block handled by one program of the exact codec (a multiple of 4)."""
+
+ROWS_PER_PROGRAM = 16
+"""Rows handled by one program of the row-std kernel."""
+
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
+"""How a kernel is told which float type a table's pointer points to."""
+
+FIELDS = ("ptr", "rows", "cols", "stride_row", "stride_col", "rows_per_block", "tiles_per_block", "tile_base", "std_base", "seed_base",
+          "rowtile_base", "dtype")
+"""Columns of the layer table, in order (all int64)."""
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class LayerTable:
+    """The static description of ``m x n`` row views for the grouped kernels.
+
+    ``std_bases``/``seed_bases`` say where each layer's row stds and first block seed sit in the
+    step's shared buffers; by default layers are packed one after the other. A table is valid as
+    long as the views keep their storage, shape and strides (:attr:`key` captures those).
+    """
+
+    def __init__(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None):
+        if not rows:
+            raise ValueError("LayerTable needs at least one layer")
+        self.device = rows[0].device
+        self.key = table_key(rows)
+        self.shapes: List[Tuple[int, int]] = [(int(r.shape[0]), int(r.shape[1])) for r in rows]
+        self.dtypes = [r.dtype for r in rows]
+        self.blocks: List[int] = []  # row blocks per layer (the noise's seeding unit)
+        self.tiles: List[int] = []  # exact-codec tiles per layer
+        self.tile_bases: List[int] = []
+        self.std_bases: List[int] = []
+        self.seed_bases: List[int] = []
+        entries = []
+        tile_layer, rowtile_layer = [], []
+        std_next = seed_next = 0
+        for index, r in enumerate(rows):
+            m, n = self.shapes[index]
+            per_block = rows_per_chunk(n)
+            n_blocks = _cdiv(m, per_block)
+            tiles_per_block = _cdiv(min(per_block, m) * n, TILE)
+            std_base = std_next if std_bases is None else std_bases[index]
+            seed_base = seed_next if seed_bases is None else seed_bases[index]
+            std_next, seed_next = std_next + m, seed_next + n_blocks
+            self.blocks.append(n_blocks)
+            self.tiles.append(n_blocks * tiles_per_block)
+            self.tile_bases.append(len(tile_layer))
+            self.std_bases.append(std_base)
+            self.seed_bases.append(seed_base)
+            entries.append([r.data_ptr(), m, n, r.stride(0), r.stride(1), per_block, tiles_per_block, len(tile_layer), std_base, seed_base,
+                            len(rowtile_layer), DTYPE_CODES[r.dtype]])
+            tile_layer.extend([index] * (n_blocks * tiles_per_block))
+            rowtile_layer.extend([index] * _cdiv(m, ROWS_PER_PROGRAM))
+        self.n_tiles = len(tile_layer)
+        self.n_rowtiles = len(rowtile_layer)
+        self.total_rows = std_next
+        self.total_blocks = seed_next
+        self.layers = torch.tensor(entries, dtype=torch.int64).to(self.device)
+        self.tile_layer = torch.tensor(tile_layer, dtype=torch.int32).to(self.device)
+        self.rowtile_layer = torch.tensor(rowtile_layer, dtype=torch.int32).to(self.device)
+        self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.layers, self.tile_layer, self.rowtile_layer))
+
+
+def table_key(rows: Sequence[torch.Tensor]) -> Tuple:
+    """What a :class:`LayerTable` depends on: every view's storage address, shape, strides and type."""
+    return tuple((r.data_ptr(), tuple(r.shape), r.stride(), r.dtype) for r in rows)
+
+
+def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
+                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """This step's adapters, one ``(A, B, scaling)`` or None per layer, as device tables.
+
+    Returns ``(table, factors, codes)``: ``table`` is ``L x 8`` int64 (A's address and strides,
+    B's address and strides, rank, dtype code); ``factors`` is ``L x 2`` float64 (the adapter
+    scaling, and the factor ``sigma / sqrt(n)`` that turns a row norm into a noise std); ``codes``
+    the adapter dtype codes present. ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type.
+    The tensors must stay alive until the kernels that read the table have run.
+    """
+    rows, factors, codes = [], [], set()
+    for adapter, std_scale in zip(adapters, std_scales):
+        if adapter is None:
+            rows.append([0, 0, 0, 0, 0, 0, 0, -1])
+            factors.append([0.0, std_scale])
+            continue
+        A, B, scaling = adapter
+        if B.dtype != A.dtype:
+            raise ValueError(f"adapter_table: A and B must share a dtype, got {A.dtype} and {B.dtype}")
+        code = DTYPE_CODES[A.dtype]
+        codes.add(code)
+        rows.append([A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), A.shape[0], code])
+        factors.append([float(scaling), std_scale])
+    present = sorted(codes) or [0]
+    for row in rows:  # a layer without adapters is done by the first launch
+        if row[7] < 0:
+            row[7] = present[0]
+    table = torch.tensor(rows, dtype=torch.int64).to(device)
+    return table, torch.tensor(factors, dtype=torch.float64).to(device), present
