@@ -34,25 +34,35 @@ def timed(fn, reps=10):
 def main() -> None:
     model = build_model(CONFIGS["gpu"], torch.device("cuda"))
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", mode="virtual")
+    flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant")
     perturber = flat._perturber
     targets = flat.targets
     weights = [t.weight for t in targets]
     print(f"{len(targets)} targets, {sum(w.numel() for w in weights) / 1e6:.1f} M params")
-    print(f"row stds, all layers:            {timed(lambda: [perturber.describe(t, 0.05, 0) for t in targets]):8.2f} ms")
-    ps = [perturber.describe(t, 0.05, 0) for t in targets]
-    for p in ps:
-        perturber.perturbed_rows(p)  # seeds on the device
+    print(f"row stds + seeds, all layers:    {timed(lambda: perturber.describe_all(targets, 0.05, 0)):8.2f} ms")
+    ps, _ = perturber.describe_all(targets, 0.05, 0)
     print(f"W+e formed twice, all layers:    {timed(lambda: [perturber.perturbed_rows(p) for p in ps for _ in range(2)]):8.2f} ms")
     print(f"clone twice, all layers (floor): {timed(lambda: [w.clone() for w in weights for _ in range(2)]):8.2f} ms")
+    print(f"in-place exact perturb+restore:  {timed(lambda: (flat.perturb(), flat.restore())):8.2f} ms")
+    host = []
+    for _ in range(10):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        flat.perturb()
+        middle = time.perf_counter()
+        flat.restore()
+        host.append(((middle - start) * 1000, (time.perf_counter() - middle) * 1000))
+        torch.cuda.synchronize()
+    print(f"host time: perturb {statistics.median(h[0] for h in host):.2f} ms, restore {statistics.median(h[1] for h in host):.2f} ms")
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        [perturber.describe(t, 0.05, 0) for t in targets[:14]]
+        flat.perturb()
+        flat.restore()
+        [perturber.perturbed_rows(p) for p in ps]  # virtual mode's W + e, once per layer
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=50))
-    inplace = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", restore="backup")
-    print(f"in-place perturb (backup):       {timed(lambda: (inplace.perturb(), inplace.restore())):8.2f} ms (perturb+restore)")
+    print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 if __name__ == "__main__":

@@ -132,4 +132,4 @@ class GroupSlot:
         self.group.restore_one(self.k, dest)
 
     def nbytes(self) -> int:
-        return self.group.record.layer_nbytes(self.k, self.group.codec_table.tiles[self.k])
+        return self.group.record.layer_nbytes(self.group.codec_table.tiles[self.k])

@@ -13,6 +13,7 @@ adapters acting on each layer at this step.
 
 from __future__ import annotations
 
+import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -21,10 +22,10 @@ from ..noise import rows_per_chunk
 
 __all__ = ["TILE", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "adapter_table", "FIELDS"]
 
-TILE = 8192
-"""Elements of one row block handled by one program of the exact codec (a multiple of 4)."""
+TILE = 4096
+"""Elements of one row block handled by one program of the exact codec, in one pass (a multiple of 4)."""
 
-ROWS_PER_PROGRAM = 16
+ROWS_PER_PROGRAM = int(os.environ.get("FLATLORA_STD_ROWS", 16))
 """Rows handled by one program of the row-std kernel."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
@@ -87,6 +88,7 @@ class LayerTable:
         self.tile_layer = torch.tensor(tile_layer, dtype=torch.int32).to(self.device)
         self.rowtile_layer = torch.tensor(rowtile_layer, dtype=torch.int32).to(self.device)
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
+        self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
 
     def __len__(self) -> int:
         return len(self.shapes)

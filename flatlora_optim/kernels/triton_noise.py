@@ -16,7 +16,7 @@ The Triton stream differs from ``torch.randn``'s: on CUDA a seed reproduces a ru
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -26,7 +26,8 @@ from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE, LayerTable, adapte
 
 __all__ = ["TritonNoiseKernel"]
 
-_BLOCK = 2048  # elements per program; a multiple of 4
+_BLOCK = 2048  # elements per program of the noise kernel; a multiple of 4
+_EXACT_WARPS = int(os.environ.get('FLATLORA_EXACT_WARPS', 8))  # warps per exact-codec program: TILE / (32 * 8) = 16 elements per thread stay in registers
 
 
 @triton.jit
@@ -81,17 +82,19 @@ def _typed(raw, CODE: tl.constexpr):
         return raw.to(tl.pointer_type(tl.float64))
 
 
-_NF = 12  # columns of the layer table (layer_table.FIELDS)
+_NF = tl.constexpr(12)  # columns of the layer table (layer_table.FIELDS)
 
 
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
-                    W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, ACC_FP64: tl.constexpr):
+                    W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
+                    ACC_FP64: tl.constexpr):
     """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
-    The full row ``W_i + s b_i A`` is formed tile by tile (``rank`` fused multiply-adds per
-    element, never stored), squared and summed; 0 where the result is not finite. Programs whose
-    layer has another weight or adapter type return at once (those get their own launch).
+    The full rows ``W + s B A`` are formed tile by tile (``B``'s rows are loaded once, ``s B A``
+    as an exact float32 product padded to rank ``R``, never stored), squared and summed; 0 where
+    the result is not finite. Programs whose layer has another weight or adapter type return at
+    once (those get their own launch).
     """
     t = tl.program_id(0)
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
@@ -113,6 +116,9 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     scale = tl.load(factors_ptr + 2 * layer + 1)
     rows = (t - tl.load(info + 10)) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
+    r = tl.arange(0, R)
+    r_mask = r < rank
+    b = tl.load(b_ptr + rows[:, None] * b_row + r[None, :] * b_col, mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32) * s
     if ACC_FP64:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
     else:
@@ -120,13 +126,9 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
-        mask = row_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-        low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for k in range(0, rank):
-            b = tl.load(b_ptr + rows * b_row + k * b_col, mask=row_mask, other=0.0).to(tl.float32) * s
-            a = tl.load(a_ptr + k * a_row + cols * a_col, mask=col_mask, other=0.0).to(tl.float32)
-            low_rank += b[:, None] * a[None, :]
+        w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        a = tl.load(a_ptr + r[:, None] * a_row + cols[None, :] * a_col, mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+        low_rank = tl.dot(b, a, input_precision="ieee")
         if ACC_FP64:
             full = w.to(tl.float64) + low_rank.to(tl.float64)
         else:
@@ -139,101 +141,111 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
 
 
 @triton.jit
-def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counts_ptr, bounds_ptr, codes_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
-                  PHASE: tl.constexpr, W_CODE: tl.constexpr, MANT: tl.constexpr, TILE: tl.constexpr, SUB: tl.constexpr):
+def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, amb_capacity, exc_capacity, bounds_ptr, bounds_stride,
+                  codes_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
+                  RESTORE: tl.constexpr, W_CODE: tl.constexpr, MANT: tl.constexpr, TILE: tl.constexpr):
     """The exact-restore codec of restore.ExactRestore, fused, for 16-bit weights, many layers per launch.
 
-    One program handles ``TILE`` consecutive elements of one row block of one layer. PHASE 0
-    counts the tile's ambiguous elements and exceptions; PHASE 1 writes ``W + e`` in place, the
-    4-bit key offsets of the ambiguous elements (8 per int32 word, from the tile's prefix-sum slot
-    in ``bounds``) and the exceptions (layer, layer-local flat index, original bits); PHASE 2 writes back
-    every element the codes determine (the exceptions are put back by ``_exceptions_kernel``).
+    One program handles ``TILE`` consecutive elements of one row block of one layer, in one pass.
+    Perturb (``RESTORE`` false): form ``W + e``, find the ambiguous elements and the exceptions,
+    reserve slots for them with one atomic add per buffer, then write the 4-bit key offsets (8 per
+    int32 word), the exceptions (layer, layer-local flat index, original bits) and ``W + e``, and
+    keep the tile's first slots in ``bounds[:, t]``. A tile whose slots would pass a buffer's
+    capacity writes nothing (its weights stay clean), marks itself with -1 and voids the exception
+    slots it reserved; the host sees the counters pass the capacity, undoes the rest and redoes
+    the step with bigger buffers. Restore: recompute the same positions and write back every
+    element the codes determine (exceptions are put back by ``_exceptions_kernel``).
     """
     t = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + t).to(tl.int64)
     info = layers_ptr + layer * _NF
     if tl.load(info + 11) != W_CODE:
         return
+    if RESTORE:
+        amb_base = tl.load(bounds_ptr + t)
+        if amb_base < 0:  # skipped at perturb time: nothing to undo
+            return
     w_ptr = _typed(tl.load(info), W_CODE)
-    n_rows = tl.load(info + 1)
-    n_cols = tl.load(info + 2)
+    # positions inside a row block fit in int32 (a block is at most CHUNK_BYTES / 48 elements):
+    # 32-bit division is several times cheaper than 64-bit on the GPU
+    n_rows = tl.load(info + 1).to(tl.int32)
+    n_cols = tl.load(info + 2).to(tl.int32)
     stride_row = tl.load(info + 3)
     stride_col = tl.load(info + 4)
-    rows_per_block = tl.load(info + 5)
-    tiles_per_block = tl.load(info + 6)
-    in_layer = t - tl.load(info + 7)
+    rows_per_block = tl.load(info + 5).to(tl.int32)
+    tiles_per_block = tl.load(info + 6).to(tl.int32)
+    in_layer = (t - tl.load(info + 7)).to(tl.int32)
     block = in_layer // tiles_per_block
-    tile = in_layer % tiles_per_block
+    tile = in_layer - block * tiles_per_block
     first_row = block * rows_per_block
     block_elements = tl.minimum(rows_per_block, n_rows - first_row) * n_cols
     seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
-    std_base = tl.load(info + 8)
-    amb_seen = tl.sum(tl.zeros((1,), dtype=tl.int32), axis=0)
-    exc_seen = tl.sum(tl.zeros((1,), dtype=tl.int32), axis=0)
-    if PHASE != 0:
-        amb_base = tl.load(bounds_ptr + 2 * t)
-        exc_base = tl.load(bounds_ptr + 2 * t + 1)
-    for part in tl.static_range(TILE // SUB):
-        first = tile * TILE + part * SUB
-        local = first + tl.arange(0, SUB)  # row-major position inside the row block
-        mask = local < block_elements
-        z = _normals(seed, first // 4, SUB // 4)
-        row = first_row + local // n_cols
-        col = local % n_cols
-        e = z * tl.load(std_ptr + std_base + row, mask=mask, other=0.0)
-        pointers = w_ptr + row * stride_row + col * stride_col
-        w = tl.load(pointers, mask=mask, other=0.0)
-        if PHASE == 2:
-            new = w
-        else:
-            new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
-        candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
-        new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
-        cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
-        ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
-        cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
-        position = amb_seen + tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
-        if PHASE == 2:
+    first = tile * TILE
+    local = first + tl.arange(0, TILE)  # row-major position inside the row block (int32)
+    mask = local < block_elements
+    z = _normals(seed, first // 4, TILE // 4)
+    row = local // n_cols  # inside the block
+    col = local - row * n_cols
+    e = z * tl.load(std_ptr + tl.load(info + 8) + first_row + row, mask=mask, other=0.0)
+    pointers = w_ptr + first_row.to(tl.int64) * stride_row + row.to(tl.int64) * stride_row + col.to(tl.int64) * stride_col
+    w = tl.load(pointers, mask=mask, other=0.0)
+    if RESTORE:
+        new = w
+    else:
+        new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
+    candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
+    new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
+    cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
+    ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
+    cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
+    position = tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
+    if RESTORE:
+        slot = amb_base + position
+        word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
+        code = (word >> ((slot & 7) * 4).to(tl.int32)) & 15
+        key = cand_key + tl.where(ambiguous, code - 8, 0)
+        restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
+        tl.store(pointers, restored, mask=mask)
+    else:
+        w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
+        offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
+        fits = (offset >= -8) & (offset <= 7)
+        exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
+        n_amb = tl.sum(ambiguous.to(tl.int64), axis=0)
+        n_exc = tl.sum(exception.to(tl.int64), axis=0)
+        amb_base = tl.atomic_add(counters_ptr, n_amb)
+        exc_base = tl.atomic_add(counters_ptr + 1, n_exc)
+        exc_position = tl.cumsum(exception.to(tl.int32), axis=0) - 1
+        if (amb_base + n_amb <= amb_capacity) & (exc_base + n_exc <= exc_capacity):
             slot = amb_base + position
-            word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
-            code = (word >> ((slot & 7) * 4).to(tl.int32)) & 15
-            key = cand_key + tl.where(ambiguous, code - 8, 0)
-            restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
-            tl.store(pointers, restored, mask=mask)
+            code = tl.where(fits, offset + 8, 8)
+            tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4).to(tl.int32), mask=ambiguous)
+            exc_slot = exc_base + exc_position
+            flat = ((first_row + row) * n_cols + col).to(exc_index_ptr.dtype.element_ty)
+            tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
+            tl.store(exc_layer_ptr + exc_slot, layer.to(tl.int32), mask=exception)
+            tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+            tl.store(pointers, new, mask=mask)
+            tl.store(bounds_ptr + t, amb_base)
         else:
-            w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
-            offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
-            fits = (offset >= -8) & (offset <= 7)
-            exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
-            if PHASE == 1:
-                slot = amb_base + position
-                code = tl.where(fits, offset + 8, 8)
-                tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4).to(tl.int32), mask=ambiguous)
-                exc_slot = exc_base + exc_seen + tl.cumsum(exception.to(tl.int32), axis=0) - 1
-                flat = (row * n_cols + col).to(exc_index_ptr.dtype.element_ty)
-                tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
-                tl.store(exc_layer_ptr + exc_slot, layer.to(tl.int32), mask=exception)
-                tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
-                tl.store(pointers, new, mask=mask)
-            exc_seen += tl.sum(exception.to(tl.int32), axis=0)
-        amb_seen += tl.sum(ambiguous.to(tl.int32), axis=0)
-    if PHASE == 0:
-        tl.store(counts_ptr + 2 * t, amb_seen)
-        tl.store(counts_ptr + 2 * t + 1, exc_seen)
+            void = exc_base + exc_position
+            tl.store(exc_layer_ptr + void, tl.full((TILE,), -1, tl.int32), mask=exception & (void < exc_capacity))
+            tl.store(bounds_ptr + t, -1)
 
 
 @triton.jit
-def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, first_slot, n_slots, ONE_LAYER: tl.constexpr, BLOCK: tl.constexpr):
-    """Put back the original bits of exceptions ``first_slot:first_slot + n_slots`` (after PHASE 2).
+def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n_slots, only_layer, BLOCK: tl.constexpr):
+    """Put back the original bits of the exceptions in slots ``0:n_slots`` (after a restore pass).
 
-    With ``ONE_LAYER`` every exception belongs to the table's only layer (a one-layer restore).
+    Slots marked -1 belong to skipped tiles. With ``only_layer >= 0`` only that layer's exceptions
+    are put back, into the table's only layer (a one-layer restore into a copy).
     """
-    slots = first_slot + tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = slots < first_slot + n_slots
-    if ONE_LAYER:
-        layer = tl.zeros((BLOCK,), dtype=tl.int64)
-    else:
-        layer = tl.load(exc_layer_ptr + slots, mask=mask, other=0).to(tl.int64)
+    slots = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    layer = tl.load(exc_layer_ptr + slots, mask=slots < n_slots, other=-1).to(tl.int64)
+    mask = (slots < n_slots) & (layer >= 0)
+    if only_layer >= 0:
+        mask = mask & (layer == only_layer)
+        layer = layer * 0
     info = layers_ptr + layer * _NF
     w_ptr = tl.load(info, mask=mask, other=0).to(tl.pointer_type(tl.int16))
     n_cols = tl.load(info + 2, mask=mask, other=1)
@@ -296,11 +308,13 @@ class TritonNoiseKernel:
         """Write ``std_scales[l] * ||W_i + s (B A)_i||`` for every row of every layer into ``out``
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
         adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device)
+        rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
         for w_code in table.dtype_codes:
             for ab_code in ab_codes:
                 _row_std_kernel[(table.n_rowtiles,)](
                     table.layers, adapter_rows, factors, table.rowtile_layer, out,
-                    W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=128, ACC_FP64=w_code in (0, 3), enable_fp_fusion=False,
+                    W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=int(os.environ.get('FLATLORA_STD_COLS', 64)), num_warps=int(os.environ.get('FLATLORA_STD_WARPS', 4)), R=max(16, triton.next_power_of_2(rank)),
+                    ACC_FP64=w_code in (0, 3), enable_fp_fusion=False,
                 )
 
     def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -317,51 +331,55 @@ class TritonNoiseKernel:
     def fused_exact_supported(dtype: torch.dtype) -> bool:
         return dtype in _MANTISSA
 
-    def _exact(self, phase: int, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, counts=None, record=None) -> None:
-        dummy = std  # pointer arguments a phase does not use
-        r = record
+    def _exact(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, restore: bool,
+               counters: Optional[torch.Tensor] = None) -> None:
         for code in table.dtype_codes:
             dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
             _exact_kernel[(table.n_tiles,)](
-                table.layers, table.tile_layer, std, seeds,
-                counts if counts is not None else dummy,
-                r.bounds if r is not None else dummy, r.codes if r is not None else dummy,
-                r.exc_layer if r is not None else dummy, r.exc_index if r is not None else dummy, r.exc_bits if r is not None else dummy,
-                PHASE=phase, W_CODE=code, MANT=_MANTISSA[dtype], TILE=TILE, SUB=_BLOCK, enable_fp_fusion=False,
+                table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, record.amb_capacity, record.exc_capacity,
+                record.bounds, record.bounds.stride(0), record.codes, record.exc_layer, record.exc_index, record.exc_bits,
+                RESTORE=restore, W_CODE=code, MANT=_MANTISSA[dtype], TILE=TILE, enable_fp_fusion=False, num_warps=_EXACT_WARPS,
             )
 
     def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> ExactGroupRecord:
         """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
 
-        Two passes over the weights (count, then write) and one host sync in between, for the whole
-        group: the sync sizes the code and exception buffers exactly.
+        One pass over the weights and one host sync for the whole group (to read how many slots
+        were used). The buffers are sized from the previous step's counts plus headroom (kept on
+        the table); when they turn out too small, what was written is undone and the step redone.
         """
         if not all(d in _MANTISSA for d in table.dtypes):
             raise ValueError("the fused exact codec takes bfloat16 and float16 weights only")
         device = table.device
-        counts = torch.empty(2 * table.n_tiles, dtype=torch.int32, device=device)
-        self._exact(0, table, std, seeds, counts=counts)
-        bounds = torch.zeros((table.n_tiles + 1, 2), dtype=torch.int64, device=device)
-        torch.cumsum(counts.view(-1, 2), dim=0, out=bounds[1:])
-        del counts
-        edges = torch.tensor(table.tile_bases + [table.n_tiles], dtype=torch.int64).to(device, non_blocking=True)
-        layer_bounds = bounds.index_select(0, edges).tolist()  # the one host sync
-        n_amb, n_exc = layer_bounds[-1]
-        index_dtype = torch.int32
-        record = ExactGroupRecord(
-            bounds, torch.zeros(n_amb // 8 + 1, dtype=torch.int32, device=device), torch.empty(n_exc, dtype=torch.int32, device=device),
-            torch.empty(n_exc, dtype=index_dtype, device=device), torch.empty(n_exc, dtype=torch.int16, device=device), layer_bounds,
-        )
-        self._exact(1, table, std, seeds, record=record)
-        return record
+        elements = sum(m * n for m, n in table.shapes)
+        amb_capacity, exc_capacity = table.codec_capacity or (elements // 4 + 4096, elements // 100 + 4096)
+        while True:
+            counters = torch.zeros(2, dtype=torch.int64, device=device)
+            record = ExactGroupRecord(
+                torch.empty((1, table.n_tiles), dtype=torch.int64, device=device),
+                torch.zeros(amb_capacity // 8 + 1, dtype=torch.int32, device=device),
+                torch.empty(exc_capacity, dtype=torch.int32, device=device), torch.empty(exc_capacity, dtype=torch.int32, device=device),
+                torch.empty(exc_capacity, dtype=torch.int16, device=device), amb_capacity, exc_capacity,
+            )
+            self._exact(table, std, seeds, record, restore=False, counters=counters)
+            n_amb, n_exc = counters.tolist()  # the one host sync
+            record.n_exceptions = min(n_exc, exc_capacity)
+            if n_amb <= amb_capacity and n_exc <= exc_capacity:
+                table.codec_capacity = (int(n_amb * 1.02) + 4096, int(n_exc * 1.02) + 4096)  # next step's buffers
+                return record
+            self.exact_restore_layers(table, std, seeds, record)  # undo the tiles that were written
+            amb_capacity, exc_capacity = max(amb_capacity, int(n_amb * 1.1) + 4096), max(exc_capacity, int(n_exc * 1.1) + 4096)
 
-    def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord) -> None:
-        """Write the original bits back into every layer of ``table`` (which hold ``fl(W + e)``)."""
-        self._exact(2, table, std, seeds, record=record)
-        first, end = record.exceptions
-        if end > first:
-            _exceptions_kernel[(triton.cdiv(end - first, 256),)](
-                table.layers, record.exc_layer, record.exc_index, record.exc_bits, first, end - first, ONE_LAYER=len(table) == 1, BLOCK=256,
+    def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord,
+                             only_layer: int = -1) -> None:
+        """Write the original bits back into every layer of ``table`` (which hold ``fl(W + e)``).
+
+        ``only_layer`` restores one layer of the record into a one-layer ``table`` (see exact_restore_one).
+        """
+        self._exact(table, std, seeds, record, restore=True)
+        if record.n_exceptions:
+            _exceptions_kernel[(triton.cdiv(record.n_exceptions, 256),)](
+                table.layers, record.exc_layer, record.exc_index, record.exc_bits, record.n_exceptions, only_layer, BLOCK=256,
             )
 
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
@@ -371,7 +389,7 @@ class TritonNoiseKernel:
         if one.shapes[0] != table.shapes[layer]:
             raise ValueError(f"restore destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
         first = table.tile_bases[layer]
-        self.exact_restore_layers(one, std, seeds, record.slice(layer, first, first + table.tiles[layer]))
+        self.exact_restore_layers(one, std, seeds, record.slice(first, first + table.tiles[layer]), only_layer=layer)
 
     # one-layer forms (tests, and callers that handle a single weight)
 
@@ -383,34 +401,32 @@ class TritonNoiseKernel:
 
     def exact_restore(self, dest: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record: ExactGroupRecord) -> None:
         """Write the original bits into ``dest`` (which holds ``fl(W + e)``) from a one-layer record."""
-        self.exact_restore_layers(LayerTable([dest]), std_rows.to(torch.float32).contiguous(), seeds, record)
+        self.exact_restore_layers(LayerTable([dest]), std_rows.to(torch.float32).contiguous(), seeds, record, only_layer=0)
 
 
 class ExactGroupRecord:
     """What the fused codec keeps between perturb and restore for a group of layers.
 
-    ``bounds[t]`` holds tile ``t``'s first code slot and first exception slot (int64, one row per
-    tile plus the totals); ``layer_bounds`` the same on the host at each layer's first tile (and
-    the totals); ``exceptions`` the range of exception slots this record restores.
+    ``bounds[0, t]`` is tile ``t``'s first code slot (-1 for a tile left unperturbed); ``codes``
+    holds 8 4-bit codes per int32 word; the exception buffers hold ``n_exceptions`` used slots
+    (layer, layer-local flat index, original bits; layer -1 for void slots).
     """
 
     def __init__(self, bounds: torch.Tensor, codes: torch.Tensor, exc_layer: torch.Tensor, exc_index: torch.Tensor, exc_bits: torch.Tensor,
-                 layer_bounds: List[List[int]], exceptions: Optional[Tuple[int, int]] = None):
+                 amb_capacity: int, exc_capacity: int, n_exceptions: int = 0):
         self.bounds, self.codes = bounds, codes
         self.exc_layer, self.exc_index, self.exc_bits = exc_layer, exc_index, exc_bits
-        self.layer_bounds = layer_bounds
-        self.exceptions = exceptions if exceptions is not None else (0, layer_bounds[-1][1])
+        self.amb_capacity, self.exc_capacity = amb_capacity, exc_capacity
+        self.n_exceptions = n_exceptions
 
-    def slice(self, layer: int, first_tile: int, end_tile: int) -> ExactGroupRecord:
-        """Layer ``layer``'s part (tiles ``first_tile:end_tile``); code and exception slots stay absolute."""
-        exceptions = (self.layer_bounds[layer][1], self.layer_bounds[layer + 1][1])
-        return ExactGroupRecord(self.bounds[first_tile : end_tile + 1], self.codes, self.exc_layer, self.exc_index, self.exc_bits,
-                                self.layer_bounds, exceptions)
+    def slice(self, first_tile: int, end_tile: int) -> ExactGroupRecord:
+        """The part for tiles ``first_tile:end_tile`` (code and exception slots stay absolute)."""
+        return ExactGroupRecord(self.bounds[:, first_tile:end_tile], self.codes, self.exc_layer, self.exc_index, self.exc_bits,
+                                self.amb_capacity, self.exc_capacity, self.n_exceptions)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.bounds, self.codes, self.exc_layer, self.exc_index, self.exc_bits))
 
-    def layer_nbytes(self, layer: int, tiles: int) -> int:
-        """Bytes attributable to one layer: its codes, exceptions and tile bounds."""
-        (amb0, exc0), (amb1, exc1) = self.layer_bounds[layer], self.layer_bounds[layer + 1]
-        return (amb1 - amb0 + 1) // 2 + 10 * (exc1 - exc0) + 16 * tiles
+    def layer_nbytes(self, tiles: int) -> int:
+        """A layer's share of the record: the bytes in proportion to its tiles (slots are not kept per layer)."""
+        return self.nbytes() * tiles // self.bounds.shape[1]
