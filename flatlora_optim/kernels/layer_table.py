@@ -13,7 +13,6 @@ adapters acting on each layer at this step.
 
 from __future__ import annotations
 
-import os
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -25,7 +24,7 @@ __all__ = ["TILE", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "adapter_tab
 TILE = 4096
 """Elements of one row block handled by one program of the exact codec, in one pass (a multiple of 4)."""
 
-ROWS_PER_PROGRAM = int(os.environ.get("FLATLORA_STD_ROWS", 16))
+ROWS_PER_PROGRAM = 16
 """Rows handled by one program of the row-std kernel."""
 
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.float64: 3}
