@@ -223,13 +223,13 @@ def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
             exc_slot = exc_base + exc_position
             flat = ((first_row + row) * n_cols + col).to(exc_index_ptr.dtype.element_ty)
             tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
-            tl.store(exc_layer_ptr + exc_slot, layer.to(tl.int32), mask=exception)
+            tl.store(exc_layer_ptr + exc_slot, layer.to(exc_layer_ptr.dtype.element_ty), mask=exception)
             tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
             tl.store(pointers, new, mask=mask)
             tl.store(bounds_ptr + t, amb_base)
         else:
             void = exc_base + exc_position
-            tl.store(exc_layer_ptr + void, tl.full((TILE,), -1, tl.int32), mask=exception & (void < exc_capacity))
+            tl.store(exc_layer_ptr + void, tl.full((TILE,), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (void < exc_capacity))
             tl.store(bounds_ptr + t, -1)
 
 
@@ -359,7 +359,8 @@ class TritonNoiseKernel:
             record = ExactGroupRecord(
                 torch.empty((1, table.n_tiles), dtype=torch.int64, device=device),
                 torch.zeros(amb_capacity // 8 + 1, dtype=torch.int32, device=device),
-                torch.empty(exc_capacity, dtype=torch.int32, device=device), torch.empty(exc_capacity, dtype=torch.int32, device=device),
+                torch.empty(exc_capacity, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
+                torch.empty(exc_capacity, dtype=torch.int32, device=device),
                 torch.empty(exc_capacity, dtype=torch.int16, device=device), amb_capacity, exc_capacity,
             )
             self._exact(table, std, seeds, record, restore=False, counters=counters)
