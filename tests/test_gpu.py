@@ -182,3 +182,30 @@ def test_fused_exact_codec_restores_every_bit(dtype, scale):
         # the perturbed values are the virtual-mode values (same kernel stream, no FMA contraction)
         expected = kernel.perturbed_layer(rows, std, seeds, rows_per_chunk(rows.shape[1]), torch.float32)
         assert torch.equal(bits(expected), after)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
+    """Several layers in one launch; one layer restored into a copy; buffers too small on purpose
+    (the tiles that do not fit are left clean, undone and redone with bigger buffers)."""
+    pytest.importorskip("triton")
+    from flatlora_optim.kernels.layer_table import LayerTable
+
+    kernel = kernel_for(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    weights = [(torch.randn(m, n, device="cuda", generator=gen) * 0.02).to(dtype) for m, n in [(500, 1700), (330, 1300), (2000, 900)]]
+    rows = [weights[0], weights[1].t(), weights[2]]
+    before = [bits(r).clone() for r in rows]
+    for capacity in (None, (1000, 3)):
+        table = LayerTable(rows)
+        table.codec_capacity = capacity
+        std = torch.rand(table.total_rows, device="cuda", generator=gen) * 0.005
+        seeds = torch.arange(table.total_blocks, dtype=torch.int64, device="cuda") * 7919 + 3
+        record = kernel.exact_perturb_layers(table, std, seeds)
+        assert all((bits(r) != b).float().mean() > 0.5 for r, b in zip(rows, before))
+        assert (record.bounds < 0).sum().item() == 0  # the redo left no tile unperturbed
+        copy = rows[1].clone()
+        kernel.exact_restore_one(table, 1, copy, std, seeds, record)
+        assert torch.equal(bits(copy), before[1])
+        kernel.exact_restore_layers(table, std, seeds, record)
+        assert all(torch.equal(bits(r), b) for r, b in zip(rows, before))

@@ -138,3 +138,36 @@ def test_one_draw_per_step_shared_by_micro_batches():
     opt.step()
     with opt.perturbed():
         assert not torch.equal(model[0].weight, draws[0])
+
+
+def test_step_seeds_equal_the_per_block_seeds():
+    """The whole-step numpy seed computation gives exactly noise_seed's numbers, in layer-block order."""
+    from flatlora_optim.noise import layer_key, noise_seed, noise_seeds
+
+    keys = [layer_key("model.layers.0.q_proj"), layer_key("x"), 2**64 - 1, 0]
+    blocks = [3, 1, 5, 2]
+    for seed in (0, 1234, 2**63 - 5):
+        for step in (0, 7, 10**9):
+            expected = [noise_seed(seed, step, key, block) for key, count in zip(keys, blocks) for block in range(count)]
+            assert noise_seeds(seed, step, keys, blocks).tolist() == expected
+
+
+def test_layer_table_describes_every_tile_and_row_once():
+    """The grouped kernels' table: tiles cover each row block, bases pack layers one after another."""
+    from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM, TILE, LayerTable
+    from flatlora_optim.noise import rows_per_chunk
+
+    weights = [torch.zeros(300, 100, dtype=torch.bfloat16), torch.zeros(70, 9000, dtype=torch.float16).t(), torch.zeros(5, 3)]
+    table = LayerTable(weights)
+    assert table.total_rows == 300 + 9000 + 5
+    for index, w in enumerate(weights):
+        m, n = w.shape
+        per_block = rows_per_chunk(n)
+        blocks = -(-m // per_block)
+        assert table.blocks[index] == blocks
+        assert table.tiles[index] == blocks * -(-min(per_block, m) * n // TILE)
+        layer = table.layers[index].tolist()
+        assert layer[:5] == [w.data_ptr(), m, n, w.stride(0), w.stride(1)]
+        assert (table.tile_layer == index).sum().item() == table.tiles[index]
+        assert (table.rowtile_layer == index).sum().item() == -(-m // ROWS_PER_PROGRAM)
+    assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]
