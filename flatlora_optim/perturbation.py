@@ -16,7 +16,7 @@ from typing import Any, Iterator, List, Optional, Tuple
 import torch
 
 from .grouped import StepGroup, TableCache
-from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, row_std, rows_per_chunk
+from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
 
@@ -75,10 +75,9 @@ class Perturber:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
         if p.block_seeds is None:
             rows = p.target.rows()
-            key = layer_key(p.target.name)
-            base = self.stream_seed()
-            seeds = [noise_seed(base, p.step, key, block) for block, _, _ in chunk_bounds(*rows.shape)]
-            p.block_seeds = torch.tensor(seeds, dtype=torch.int64).to(rows.device, non_blocking=True)
+            blocks = len(list(chunk_bounds(*rows.shape)))
+            seeds = noise_seeds(self.stream_seed(), p.step, [layer_key(p.target.name)], [blocks])
+            p.block_seeds = torch.from_numpy(seeds).to(rows.device, non_blocking=True)
         return p.block_seeds
 
     @staticmethod
