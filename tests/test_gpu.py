@@ -196,7 +196,7 @@ def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
     weights = [(torch.randn(m, n, device="cuda", generator=gen) * 0.02).to(dtype) for m, n in [(500, 1700), (330, 1300), (2000, 900)]]
     rows = [weights[0], weights[1].t(), weights[2]]
     before = [bits(r).clone() for r in rows]
-    for capacity in (None, (1000, 3)):
+    for capacity in (None, (60, 3)):
         table = LayerTable(rows)
         table.codec_capacity = capacity
         std = torch.rand(table.total_rows, device="cuda", generator=gen) * 0.005

@@ -154,10 +154,10 @@ def test_step_seeds_equal_the_per_block_seeds():
 
 def test_layer_table_describes_every_tile_and_row_once():
     """The grouped kernels' table: tiles cover each row block, bases pack layers one after another."""
-    from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM, TILE, LayerTable
+    from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable
     from flatlora_optim.noise import rows_per_chunk
 
-    weights = [torch.zeros(300, 100, dtype=torch.bfloat16), torch.zeros(70, 9000, dtype=torch.float16).t(), torch.zeros(5, 3)]
+    weights = [torch.zeros(300, 128, dtype=torch.bfloat16), torch.zeros(70, 9000, dtype=torch.float16).t(), torch.zeros(5, 3)]
     table = LayerTable(weights)
     assert table.total_rows == 300 + 9000 + 5
     for index, w in enumerate(weights):
@@ -165,9 +165,12 @@ def test_layer_table_describes_every_tile_and_row_once():
         per_block = rows_per_chunk(n)
         blocks = -(-m // per_block)
         assert table.blocks[index] == blocks
-        assert table.tiles[index] == blocks * -(-min(per_block, m) * n // TILE)
+        assert table.tiles[index] == blocks * -(-min(per_block, m) // TILE_ROWS) * -(-n // TILE_COLS)
         layer = table.layers[index].tolist()
         assert layer[:5] == [w.data_ptr(), m, n, w.stride(0), w.stride(1)]
         assert (table.tile_layer == index).sum().item() == table.tiles[index]
         assert (table.rowtile_layer == index).sum().item() == -(-m // ROWS_PER_PROGRAM)
+        assert layer[12] == -(-n // TILE_COLS)
+    # codec variants: fan-in a multiple of 4 (bit 0), contiguous 16-byte-aligned rows (bit 1)
+    assert [row[13] for row in table.layers.tolist()] == [3, 0, 0]
     assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]

@@ -16,18 +16,22 @@ The Triton stream differs from ``torch.randn``'s: on CUDA a seed reproduces a ru
 
 from __future__ import annotations
 
+import os
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import triton
 import triton.language as tl
 
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE, LayerTable, adapter_table
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, adapter_table
 
 __all__ = ["TritonNoiseKernel"]
 
 _BLOCK = 2048  # elements per program of the noise kernel; a multiple of 4
-_EXACT_WARPS = 16  # warps per exact-codec program: TILE / (32 * 16) = 8 elements per thread stay in registers (fastest of 4, 8, 16 on an H200)
+_STD_BLOCK_N = 256  # columns per step of the row-std kernel (fastest of 256, 512, 1024 on an H200)
+_STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
+_PERTURB_WARPS = 8  # warps per exact-codec program (a 2048-element tile); fastest of 4, 8, 16 on an H200
+_RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiprocessor win there
 
 
 @triton.jit
@@ -82,25 +86,27 @@ def _typed(raw, CODE: tl.constexpr):
         return raw.to(tl.pointer_type(tl.float64))
 
 
-_NF = tl.constexpr(12)  # columns of the layer table (layer_table.FIELDS)
+_NF = tl.constexpr(14)  # columns of the layer table (layer_table.FIELDS)
+_ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
 
 
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                    ACC_FP64: tl.constexpr):
+                    ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr):
     """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
-    The full rows ``W + s B A`` are formed tile by tile (``B``'s rows are loaded once, ``s B A``
-    as an exact float32 product padded to rank ``R``, never stored), squared and summed; 0 where
+    The full rows ``W + s B A`` are formed tile by tile (``s B A`` as a sum of ``R`` float32
+    rank-one products, masked past the layer's rank, never stored), squared and summed; 0 where
     the result is not finite. Programs whose layer has another weight or adapter type return at
-    once (those get their own launch).
+    once (those get their own launch), as do layers whose rows are (``CONTIG``) or are not
+    contiguous and 16-byte aligned (codec variant bit 1): aligned rows are read with wide loads.
     """
     t = tl.program_id(0)
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
     info = layers_ptr + layer * _NF
     adapter = adapters_ptr + layer * 8
-    if (tl.load(info + 11) != W_CODE) | (tl.load(adapter + 7) != AB_CODE):
+    if (tl.load(info + 11) != W_CODE) | (tl.load(adapter + 7) != AB_CODE) | ((tl.load(info + 13) >= 2) != CONTIG):
         return
     w_ptr = _typed(tl.load(info), W_CODE)
     n_rows = tl.load(info + 1)
@@ -116,9 +122,6 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     scale = tl.load(factors_ptr + 2 * layer + 1)
     rows = (t - tl.load(info + 10)) * ROWS + tl.arange(0, ROWS)
     row_mask = rows < n_rows
-    r = tl.arange(0, R)
-    r_mask = r < rank
-    b = tl.load(b_ptr + rows[:, None] * b_row + r[None, :] * b_col, mask=row_mask[:, None] & r_mask[None, :], other=0.0).to(tl.float32) * s
     if ACC_FP64:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
     else:
@@ -126,9 +129,20 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
-        w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        a = tl.load(a_ptr + r[:, None] * a_row + cols[None, :] * a_col, mask=r_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
-        low_rank = tl.dot(b, a, input_precision="ieee")
+        if CONTIG:  # rows are whole 16-byte vectors long (codec variant bit 1)
+            col_mask = cols < tl.multiple_of(n_cols, VEC)
+            row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
+            w = tl.load(row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
+        # 1.9x faster than tl.dot on an H200); each product of two 16-bit floats is exact in float32
+        low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+        for j in tl.static_range(R):
+            b_j = tl.load(b_ptr + rows * b_row + j * b_col, mask=row_mask & (j < rank), other=0.0).to(tl.float32) * s
+            a_j = tl.load(a_ptr + j * a_row + cols * a_col, mask=col_mask & (j < rank), other=0.0).to(tl.float32)
+            low_rank += b_j[:, None] * a_j[None, :]
         if ACC_FP64:
             full = w.to(tl.float64) + low_rank.to(tl.float64)
         else:
@@ -141,53 +155,124 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
 
 
 @triton.jit
-def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, amb_capacity, exc_capacity, bounds_ptr, bounds_stride,
-                  codes_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
-                  RESTORE: tl.constexpr, W_CODE: tl.constexpr, MANT: tl.constexpr, TILE: tl.constexpr):
-    """The exact-restore codec of restore.ExactRestore, fused, for 16-bit weights, many layers per launch.
+def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr):
+    """The standard normals of a ``TR x TC`` tile of a row block (``rows`` inside the block).
 
-    One program handles ``TILE`` consecutive elements of one row block of one layer, in one pass.
-    Perturb (``RESTORE`` false): form ``W + e``, find the ambiguous elements and the exceptions,
-    reserve slots for them with one atomic add per buffer, then write the 4-bit key offsets (8 per
-    int32 word), the exceptions (layer, layer-local flat index, original bits) and ``W + e``, and
-    keep the tile's first slots in ``bounds[:, t]``. A tile whose slots would pass a buffer's
-    capacity writes nothing (its weights stay clean), marks itself with -1 and voids the exception
-    slots it reserved; the host sees the counters pass the capacity, undoes the rest and redoes
-    the step with bigger buffers. Restore: recompute the same positions and write back every
-    element the codes determine (exceptions are put back by ``_exceptions_kernel``).
+    Element ``L = row * n_cols + col`` takes lane ``L % 4`` of Philox counter ``L // 4`` (the stream
+    of :func:`_normals`). When ``n_cols`` is a multiple of 4 a row's counters are consecutive and
+    one evaluation gives four neighbours; otherwise every element evaluates its own counter.
+    """
+    if ALIGNED4:
+        counters = (rows[:, None] * n_cols + first_col) // 4 + tl.arange(0, TC // 4)[None, :]
+        n1, n2, n3, n4 = tl.randn4x(seed, counters)
+        z = tl.join(tl.join(n1, n3), tl.join(n2, n4))  # [TR, TC // 4, 2, 2] = n1 n2 n3 n4 per counter
+        return tl.reshape(z, (TR, TC))
+    else:
+        local = rows[:, None] * n_cols + cols[None, :]
+        n1, n2, n3, n4 = tl.randn4x(seed, local // 4)
+        lane = local % 4
+        return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
+
+
+@triton.jit
+def _key(bits):
+    """Sign-magnitude 16-bit patterns (as int32) to integers in the order of the values they encode."""
+    return bits ^ ((bits >> 31) & 0x7FFF)
+
+
+@triton.jit
+def _popcount(x, ASM: tl.constexpr):
+    """Set bits of each uint32 (the ``popc`` instruction on the GPU; a SWAR count in the interpreter)."""
+    if ASM:
+        return tl.inline_asm_elementwise("popc.b32 $0, $1;", "=r,r", [x], dtype=tl.uint32, is_pure=True, pack=1)
+    else:
+        x = x - ((x >> 1) & 0x55555555)
+        x = (x & 0x33333333) + ((x >> 2) & 0x33333333)
+        x = (x + (x >> 4)) & 0x0F0F0F0F
+        return (x * 0x01010101) >> 24
+
+
+@triton.jit
+def _group_masks(flags, TR: tl.constexpr, G: tl.constexpr):
+    """``flags`` (0/1, ``TR x 32G``) as one uint32 bit mask per group of 32 neighbours in a row."""
+    bits = tl.reshape(flags, (TR, G, 32)).to(tl.uint32) << tl.arange(0, 32).to(tl.uint32)[None, None, :]
+    return tl.sum(bits, axis=2)  # distinct bits: the sum is the OR
+
+
+@triton.jit
+def _ranks_in_group(masks, TR: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
+    """For every element, how many flagged elements come before it in its group (``TR x G x 32``)."""
+    below = (tl.full((32,), 1, tl.uint32) << tl.arange(0, 32).to(tl.uint32)) - 1
+    return _popcount(masks[:, :, None] & below[None, None, :], ASM).to(tl.int32)
+
+
+@triton.jit
+def _group_starts(counts, TR: tl.constexpr):
+    """Exclusive running total of ``counts`` (``TR x G``) in row-major order."""
+    within = tl.cumsum(counts, axis=1)
+    totals = tl.sum(counts, axis=1)
+    return within - counts + (tl.cumsum(totals, axis=0) - totals)[:, None]
+
+
+@triton.jit
+def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
+                  bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
+                  RESTORE: tl.constexpr, W_CODE: tl.constexpr, VARIANT: tl.constexpr, MANT: tl.constexpr,
+                  TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr):
+    """The exact-restore codec, fused, for 16-bit weights, many layers per launch, one tile per program.
+
+    Perturb (``RESTORE`` false) writes ``fl(W + e)`` and what is needed to undo it. The restore
+    pass computes ``cand = fl(fl(W + e) - e)``, which is ``W`` for most elements. It cannot be
+    trusted where ``fl(W + e)`` lies in a coarser binade than ``cand`` (the rounding step there is
+    at least twice ``W``'s, so several ``W`` give the same result) or where ``cand`` is a power of
+    two (``W`` may sit just below it): those *ambiguous* elements, about 9% at rho = 0.05, get a
+    2-bit code -- the key offset ``W - cand`` of 0, +1 or -1, or 3 for an *escape* whose offset
+    (-128..127) takes a byte. Anything else that restores wrongly is an *exception* (layer, index,
+    original bits). A tile's codes (in row-major order) and then its escape bytes fill whole
+    64-bit words of one stream, which the tile reserves with one atomic add (no word is shared
+    between programs); ``bounds[t]`` keeps the first. A tile whose words or exceptions would pass
+    a buffer's capacity writes nothing (its weights stay clean), voids the exception slots it
+    took and marks itself -1; the host then redoes the step with bigger buffers.
     """
     t = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + t).to(tl.int64)
     info = layers_ptr + layer * _NF
-    if tl.load(info + 11) != W_CODE:
+    if (tl.load(info + 11) != W_CODE) | (tl.load(info + 13) != VARIANT):
         return
     if RESTORE:
-        amb_base = tl.load(bounds_ptr + t)
-        if amb_base < 0:  # skipped at perturb time: nothing to undo
+        word_base = tl.load(bounds_ptr + t).to(tl.int64)
+        if word_base < 0:  # left clean at perturb time: nothing to undo
             return
     w_ptr = _typed(tl.load(info), W_CODE)
-    # positions inside a row block fit in int32 (a block is at most CHUNK_BYTES / 48 elements):
-    # 32-bit division is several times cheaper than 64-bit on the GPU
+    # positions inside a row block fit in int32 (a block is at most CHUNK_BYTES / 48 elements)
     n_rows = tl.load(info + 1).to(tl.int32)
     n_cols = tl.load(info + 2).to(tl.int32)
+    if VARIANT >= 2:
+        n_cols = tl.multiple_of(n_cols, 8)  # whole 16-byte vectors per row: masks stay uniform across a vector
     stride_row = tl.load(info + 3)
-    stride_col = tl.load(info + 4)
     rows_per_block = tl.load(info + 5).to(tl.int32)
     tiles_per_block = tl.load(info + 6).to(tl.int32)
+    col_tiles = tl.load(info + 12).to(tl.int32)
     in_layer = (t - tl.load(info + 7)).to(tl.int32)
     block = in_layer // tiles_per_block
-    tile = in_layer - block * tiles_per_block
+    in_block = in_layer - block * tiles_per_block
+    row_tile = in_block // col_tiles
+    first_col = (in_block - row_tile * col_tiles) * TC
     first_row = block * rows_per_block
-    block_elements = tl.minimum(rows_per_block, n_rows - first_row) * n_cols
+    rows = row_tile * TR + tl.arange(0, TR)  # inside the block
+    cols = first_col + tl.arange(0, TC)
+    row_mask = rows < tl.minimum(rows_per_block, n_rows - first_row)
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
     seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
-    first = tile * TILE
-    local = first + tl.arange(0, TILE)  # row-major position inside the row block (int32)
-    mask = local < block_elements
-    z = _normals(seed, first // 4, TILE // 4)
-    row = local // n_cols  # inside the block
-    col = local - row * n_cols
-    e = z * tl.load(std_ptr + tl.load(info + 8) + first_row + row, mask=mask, other=0.0)
-    pointers = w_ptr + first_row.to(tl.int64) * stride_row + row.to(tl.int64) * stride_row + col.to(tl.int64) * stride_col
+    z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1)
+    std = tl.load(std_ptr + tl.load(info + 8) + first_row + rows, mask=row_mask, other=0.0)
+    e = z * std[:, None]
+    row_offsets = (first_row + rows).to(tl.int64) * stride_row
+    if VARIANT >= 2:  # contiguous, 16-byte aligned rows: tell the compiler, so it vectorises
+        row_pointers = tl.multiple_of(w_ptr + row_offsets, 16)
+        pointers = row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, TC), TC)[None, :]
+    else:
+        pointers = w_ptr + row_offsets[:, None] + cols[None, :].to(tl.int64) * tl.load(info + 4)
     w = tl.load(pointers, mask=mask, other=0.0)
     if RESTORE:
         new = w
@@ -196,40 +281,72 @@ def _exact_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
     new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
     cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
-    ambiguous = (((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)) & mask
-    cand_key = cand_bits ^ ((cand_bits >> 31) & 0x7FFF)
-    position = tl.cumsum(ambiguous.to(tl.int32), axis=0) - 1
+    coarser = ((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)
+    power_of_two = (cand_bits & ((1 << MANT) - 1)) == 0
+    ambiguous = (coarser | power_of_two) & mask
+    cand_key = _key(cand_bits)
+    G: tl.constexpr = TC // 32
+    # slots in row-major order: a bit mask per group of 32, running totals over the groups and a
+    # popcount inside the group (much cheaper than a running count over the whole tile)
+    amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
+    amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
     if RESTORE:
-        slot = amb_base + position
-        word = tl.load(codes_ptr + (slot >> 3), mask=ambiguous, other=0)
-        code = (word >> ((slot & 7) * 4).to(tl.int32)) & 15
-        key = cand_key + tl.where(ambiguous, code - 8, 0)
-        restored = (key ^ ((key >> 31) & 0x7FFF)).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True)
-        tl.store(pointers, restored, mask=mask)
+        amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
+        bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
+        word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
+        code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
+        escape = ambiguous & (code == 3)
+        esc_masks = _group_masks(escape.to(tl.int32), TR, G)
+        esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
+        byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
+        escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
+        offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
+        key = cand_key + tl.where(ambiguous, offset, 0)
+        tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
     else:
         w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
-        offset = (w_bits ^ ((w_bits >> 31) & 0x7FFF)) - cand_key
-        fits = (offset >= -8) & (offset <= 7)
-        exception = mask & ((ambiguous & ~fits) | (~ambiguous & (w_bits != cand_bits)))
-        n_amb = tl.sum(ambiguous.to(tl.int64), axis=0)
-        n_exc = tl.sum(exception.to(tl.int64), axis=0)
-        amb_base = tl.atomic_add(counters_ptr, n_amb)
-        exc_base = tl.atomic_add(counters_ptr + 1, n_exc)
-        exc_position = tl.cumsum(exception.to(tl.int32), axis=0) - 1
-        if (amb_base + n_amb <= amb_capacity) & (exc_base + n_exc <= exc_capacity):
-            slot = amb_base + position
-            code = tl.where(fits, offset + 8, 8)
-            tl.atomic_or(codes_ptr + (slot >> 3), code << ((slot & 7) * 4).to(tl.int32), mask=ambiguous)
-            exc_slot = exc_base + exc_position
-            flat = ((first_row + row) * n_cols + col).to(exc_index_ptr.dtype.element_ty)
+        offset = _key(w_bits) - cand_key
+        small = (offset >= -1) & (offset <= 1)
+        escape = ambiguous & ~small
+        exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
+        esc_masks = _group_masks(escape.to(tl.int32), TR, G)
+        exc_masks = _group_masks(exception.to(tl.int32), TR, G)
+        counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
+        starts = _group_starts(counts, TR)
+        exc_counts = _popcount(exc_masks, ASM).to(tl.int32)
+        n_exc = tl.sum(tl.sum(exc_counts, axis=1), axis=0)
+        totals = tl.sum(tl.sum(counts, axis=1), axis=0)
+        n_amb = (totals & 0xFFFF).to(tl.int32)
+        first_byte = (2 * n_amb + 7) // 8  # of the escapes
+        n_words = (first_byte + (totals >> 16).to(tl.int32) + 7) // 8
+        word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")
+        exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed").to(tl.int32)
+        exc_slot = exc_base + tl.reshape(_group_starts(exc_counts, TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
+        if (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity):
+            # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
+            # the tile's bit stream at twice the group's first slot: one or two atomics per group
+            code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
+            codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
+            group_codes = tl.sum(codes, axis=2)
+            bit = 2 * (starts & 0xFFFF).to(tl.int64)
+            shift = (bit & 63).to(tl.uint64)
+            low = (group_codes << shift).to(tl.int64, bitcast=True)
+            high = ((group_codes >> 1) >> (63 - shift)).to(tl.int64, bitcast=True)
+            word = stream_ptr + word_base + (bit >> 6)
+            tl.atomic_or(word, low, mask=low != 0, sem="relaxed")
+            tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
+            byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
+            escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
+            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
+            flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
             tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
-            tl.store(exc_layer_ptr + exc_slot, layer.to(exc_layer_ptr.dtype.element_ty), mask=exception)
+            tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), 0, exc_layer_ptr.dtype.element_ty) + layer.to(exc_layer_ptr.dtype.element_ty),
+                     mask=exception)
             tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
             tl.store(pointers, new, mask=mask)
-            tl.store(bounds_ptr + t, amb_base)
+            tl.store(bounds_ptr + t, word_base.to(tl.int32))
         else:
-            void = exc_base + exc_position
-            tl.store(exc_layer_ptr + void, tl.full((TILE,), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (void < exc_capacity))
+            tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
             tl.store(bounds_ptr + t, -1)
 
 
@@ -257,6 +374,7 @@ def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n
 
 
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
+_ITEMSIZE = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
 
 
 def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
@@ -311,11 +429,13 @@ class TritonNoiseKernel:
         rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
         for w_code in table.dtype_codes:
             for ab_code in ab_codes:
-                _row_std_kernel[(table.n_rowtiles,)](
-                    table.layers, adapter_rows, factors, table.rowtile_layer, out,
-                    W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=64, R=max(16, triton.next_power_of_2(rank)),
-                    ACC_FP64=w_code in (0, 3), enable_fp_fusion=False,
-                )
+                for contig in sorted({v >= 2 for v in table.variants}):
+                    _row_std_kernel[(table.n_rowtiles,)](
+                        table.layers, adapter_rows, factors, table.rowtile_layer, out,
+                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N,
+                        R=triton.next_power_of_2(rank), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
+                        enable_fp_fusion=False, num_warps=_STD_WARPS,
+                    )
 
     def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         """Per-row noise std ``scale * ||W_i + (B A)_i||`` of one layer (float32, 0 where not finite).
@@ -335,11 +455,13 @@ class TritonNoiseKernel:
                counters: Optional[torch.Tensor] = None) -> None:
         for code in table.dtype_codes:
             dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
-            _exact_kernel[(table.n_tiles,)](
-                table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, record.amb_capacity, record.exc_capacity,
-                record.bounds, record.bounds.stride(0), record.codes, record.exc_layer, record.exc_index, record.exc_bits,
-                RESTORE=restore, W_CODE=code, MANT=_MANTISSA[dtype], TILE=TILE, enable_fp_fusion=False, num_warps=_EXACT_WARPS,
-            )
+            for variant in table.variants:
+                _codec_kernel[(table.n_tiles,)](
+                    table.layers, table.tile_layer, std, seeds, counters if counters is not None else std,
+                    record.word_capacity, record.exc_capacity, record.bounds, record.stream, record.exc_layer, record.exc_index, record.exc_bits,
+                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM,
+                    enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore else _PERTURB_WARPS,
+                )
 
     def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> ExactGroupRecord:
         """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
@@ -350,27 +472,23 @@ class TritonNoiseKernel:
         """
         if not all(d in _MANTISSA for d in table.dtypes):
             raise ValueError("the fused exact codec takes bfloat16 and float16 weights only")
+        if any(m * n >= 2**31 for m, n in table.shapes):
+            raise ValueError("the fused exact codec indexes a layer's elements with int32: a layer has 2**31 elements or more")
         device = table.device
-        # the first step has no counts to go by: a pass with no room counts them (every tile is
-        # skipped, nothing is written), then the real pass runs with exact buffers
-        amb_capacity, exc_capacity = table.codec_capacity or (0, 0)
+        # the first step has no counts to go by: a pass with no room counts them (tiles that need
+        # room are skipped, nothing is written for them), then the real pass runs with exact buffers
+        capacity = table.codec_capacity or (0, 0)
         while True:
             counters = torch.zeros(2, dtype=torch.int64, device=device)
-            record = ExactGroupRecord(
-                torch.empty((1, table.n_tiles), dtype=torch.int64, device=device),
-                torch.zeros(amb_capacity // 8 + 1, dtype=torch.int32, device=device),
-                torch.empty(exc_capacity, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
-                torch.empty(exc_capacity, dtype=torch.int32, device=device),
-                torch.empty(exc_capacity, dtype=torch.int16, device=device), amb_capacity, exc_capacity,
-            )
+            record = ExactGroupRecord.allocate(table, capacity)
             self._exact(table, std, seeds, record, restore=False, counters=counters)
-            n_amb, n_exc = counters.tolist()  # the one host sync
-            record.n_exceptions = min(n_exc, exc_capacity)
-            if n_amb <= amb_capacity and n_exc <= exc_capacity:
-                table.codec_capacity = (int(n_amb * 1.02) + 4096, int(n_exc * 1.02) + 4096)  # next step's buffers
+            used = counters.tolist()  # the one host sync
+            record.n_exceptions = min(used[1], capacity[1])
+            if all(u <= c for u, c in zip(used, capacity)):
+                table.codec_capacity = tuple(int(u * 1.02) + 1024 for u in used)  # next step's buffers
                 return record
             self.exact_restore_layers(table, std, seeds, record)  # undo the tiles that were written
-            amb_capacity, exc_capacity = max(amb_capacity, int(n_amb * 1.1) + 4096), max(exc_capacity, int(n_exc * 1.1) + 4096)
+            capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
 
     def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord,
                              only_layer: int = -1) -> None:
@@ -409,26 +527,43 @@ class TritonNoiseKernel:
 class ExactGroupRecord:
     """What the fused codec keeps between perturb and restore for a group of layers.
 
-    ``bounds[0, t]`` is tile ``t``'s first code slot (-1 for a tile left unperturbed); ``codes``
-    holds 8 4-bit codes per int32 word; the exception buffers hold ``n_exceptions`` used slots
-    (layer, layer-local flat index, original bits; layer -1 for void slots).
+    ``bounds[t]`` is tile ``t``'s first word in ``stream`` (-1 for a tile left unperturbed); a
+    tile's words hold its 2-bit codes, 32 per int64 word, then its escape bytes; the exception
+    buffers hold ``n_exceptions`` used slots (layer, layer-local flat index, original bits; layer
+    -1 for void slots).
     """
 
-    def __init__(self, bounds: torch.Tensor, codes: torch.Tensor, exc_layer: torch.Tensor, exc_index: torch.Tensor, exc_bits: torch.Tensor,
-                 amb_capacity: int, exc_capacity: int, n_exceptions: int = 0):
-        self.bounds, self.codes = bounds, codes
+    def __init__(self, bounds: torch.Tensor, stream: torch.Tensor, exc_layer: torch.Tensor, exc_index: torch.Tensor, exc_bits: torch.Tensor,
+                 capacity: Tuple[int, int], n_exceptions: int = 0):
+        self.bounds, self.stream = bounds, stream
         self.exc_layer, self.exc_index, self.exc_bits = exc_layer, exc_index, exc_bits
-        self.amb_capacity, self.exc_capacity = amb_capacity, exc_capacity
+        self.word_capacity, self.exc_capacity = capacity
         self.n_exceptions = n_exceptions
 
+    @classmethod
+    def allocate(cls, table: LayerTable, capacity: Tuple[int, int]) -> ExactGroupRecord:
+        """Empty buffers of ``capacity`` (stream words, exceptions) for ``table``'s tiles."""
+        words, exceptions = capacity
+        if exceptions >= 2**31 or words >= 2**31:
+            raise ValueError("the fused exact codec's record needs more than 2**31 slots: use smaller groups of layers")
+        device = table.device
+        return cls(
+            torch.empty(table.n_tiles, dtype=torch.int32, device=device),
+            torch.zeros(words + 1, dtype=torch.int64, device=device),  # codes are OR-ed in: start from 0
+            torch.empty(exceptions, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
+            torch.empty(exceptions, dtype=torch.int32, device=device),
+            torch.empty(exceptions, dtype=torch.int16, device=device),
+            capacity,
+        )
+
     def slice(self, first_tile: int, end_tile: int) -> ExactGroupRecord:
-        """The part for tiles ``first_tile:end_tile`` (code and exception slots stay absolute)."""
-        return ExactGroupRecord(self.bounds[:, first_tile:end_tile], self.codes, self.exc_layer, self.exc_index, self.exc_bits,
-                                self.amb_capacity, self.exc_capacity, self.n_exceptions)
+        """The part for tiles ``first_tile:end_tile`` (word and exception slots stay absolute)."""
+        return ExactGroupRecord(self.bounds[first_tile:end_tile], self.stream, self.exc_layer, self.exc_index, self.exc_bits,
+                                (self.word_capacity, self.exc_capacity), self.n_exceptions)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bounds, self.codes, self.exc_layer, self.exc_index, self.exc_bits))
+        return sum(t.numel() * t.element_size() for t in (self.bounds, self.stream, self.exc_layer, self.exc_index, self.exc_bits))
 
     def layer_nbytes(self, tiles: int) -> int:
         """A layer's share of the record: the bytes in proportion to its tiles (slots are not kept per layer)."""
-        return self.nbytes() * tiles // self.bounds.shape[1]
+        return self.nbytes() * tiles // self.bounds.shape[0]
