@@ -193,8 +193,10 @@ def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
 
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(3)
-    weights = [(torch.randn(m, n, device="cuda", generator=gen) * 0.02).to(dtype) for m, n in [(500, 1700), (330, 1300), (2000, 900)]]
-    rows = [weights[0], weights[1].t(), weights[2]]
+    shapes = [(500, 1700), (330, 1300), (2000, 900), (300, 1024)]
+    weights = [(torch.randn(m, n, device="cuda", generator=gen) * 0.02).to(dtype) for m, n in shapes]
+    rows = [weights[0], weights[1].t(), weights[2], weights[3]]
+    assert sorted(LayerTable(rows).variants) == [0, 1, 3]  # fan-in not a multiple of 4, unaligned rows, aligned (wide loads)
     before = [bits(r).clone() for r in rows]
     for capacity in (None, (60, 3)):
         table = LayerTable(rows)

@@ -66,7 +66,7 @@ class LayerTable:
         self.std_bases: List[int] = []
         self.seed_bases: List[int] = []
         entries = []
-        tile_layer, rowtile_layer = [], []
+        tile_count, rowtile_layer = 0, []
         std_next = seed_next = 0
         for index, r in enumerate(rows):
             m, n = self.shapes[index]
@@ -79,29 +79,40 @@ class LayerTable:
             std_next, seed_next = std_next + m, seed_next + n_blocks
             self.blocks.append(n_blocks)
             self.tiles.append(n_blocks * tiles_per_block)
-            self.tile_bases.append(len(tile_layer))
+            self.tile_bases.append(tile_count)
             self.std_bases.append(std_base)
             self.seed_bases.append(seed_base)
-            entries.append([r.data_ptr(), m, n, r.stride(0), r.stride(1), per_block, tiles_per_block, len(tile_layer), std_base, seed_base,
+            entries.append([r.data_ptr(), m, n, r.stride(0), r.stride(1), per_block, tiles_per_block, tile_count, std_base, seed_base,
                             len(rowtile_layer), DTYPE_CODES[r.dtype], col_tiles, codec_variant(r)])
-            tile_layer.extend([index] * (n_blocks * tiles_per_block))
+            tile_count += n_blocks * tiles_per_block
             rowtile_layer.extend([index] * _cdiv(m, ROWS_PER_PROGRAM))
-        self.n_tiles = len(tile_layer)
+        self.n_tiles = tile_count
         self.n_rowtiles = len(rowtile_layer)
         self.total_rows = std_next
         self.total_blocks = seed_next
         self.layers = torch.tensor(entries, dtype=torch.int64).to(self.device)
-        self.tile_layer = torch.tensor(tile_layer, dtype=torch.int32).to(self.device)
-        self.rowtile_layer = torch.tensor(rowtile_layer, dtype=torch.int32).to(self.device)
+        self._index_type = torch.int16 if len(rows) < 2**15 else torch.int32
+        self._tile_layer: Optional[torch.Tensor] = None
+        self.rowtile_layer = torch.tensor(rowtile_layer, dtype=self._index_type).to(self.device)
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
         self.variants = sorted({int(e[-1]) for e in entries})
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
+
+    @property
+    def tile_layer(self) -> torch.Tensor:
+        """Each codec tile's layer index (built on first use: only the codec needs it, and it has
+        one entry per 2048 elements)."""
+        if self._tile_layer is None:
+            counts = torch.tensor(self.tiles, dtype=torch.int64)
+            self._tile_layer = torch.repeat_interleave(torch.arange(len(self), dtype=self._index_type), counts).to(self.device)
+        return self._tile_layer
 
     def __len__(self) -> int:
         return len(self.shapes)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.layers, self.tile_layer, self.rowtile_layer))
+        tables = (self.layers, self.rowtile_layer) + (() if self._tile_layer is None else (self._tile_layer,))
+        return sum(t.numel() * t.element_size() for t in tables)
 
 
 def codec_variant(rows: torch.Tensor) -> int:
