@@ -61,6 +61,7 @@ class TargetPerturbation:
 _TORCH_KERNEL = TorchNoiseKernel()
 _GROUPED = -1  # block index of a record kept by a StepGroup (fused GPU codec, whole layer)
 _BATCHED = -2  # block index of a record kept by a BlockBatch (torch kernel, several layers' blocks)
+_FEW_BLOCKS = 4  # up to this many blocks, seeds are computed in Python rather than with numpy
 
 
 def _global_blocks(target: LoRATarget) -> int:
@@ -90,19 +91,24 @@ class Perturber:
         return p.seeds[block]  # type: ignore[index]
 
     def assign_seeds(self, perturbations: List[TargetPerturbation]) -> None:
-        """Fill ``p.seeds`` (every global block's ``noise_seed``) for every ``p`` that lacks them,
-        in one vectorised :func:`~flatlora_optim.noise.noise_seeds` call for all of them."""
+        """Fill ``p.seeds`` (every global block's ``noise_seed``) for every ``p`` that lacks them:
+        for a whole step in one vectorised :func:`~flatlora_optim.noise.noise_seeds` call; for
+        a handful of blocks with :func:`~flatlora_optim.noise.noise_seed` (cheaper than numpy's
+        fixed cost). Both give the same numbers."""
         missing = [p for p in perturbations if p.seeds is None]
         if not missing:
             return
+        stream = self.stream_seed()
         counts = [_global_blocks(p.target) for p in missing]
-        seeds = noise_seeds(self.stream_seed(), missing[0].step, [layer_key(p.target.name) for p in missing], counts).tolist()
+        if sum(counts) <= _FEW_BLOCKS or any(p.step != missing[0].step for p in missing):
+            for p, count in zip(missing, counts):
+                key = layer_key(p.target.name)
+                p.seeds = [noise_seed(stream, p.step, key, block) for block in range(count)]
+            return
+        seeds = noise_seeds(stream, missing[0].step, [layer_key(p.target.name) for p in missing], counts).tolist()
         offset = 0
         for p, count in zip(missing, counts):
-            if p.step != missing[0].step:  # not one step: each layer on its own
-                p.seeds = noise_seeds(self.stream_seed(), p.step, [layer_key(p.target.name)], [count]).tolist()
-            else:
-                p.seeds = seeds[offset : offset + count]
+            p.seeds = seeds[offset : offset + count]
             offset += count
 
     def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
@@ -198,6 +204,7 @@ class Perturber:
                 described.append(self.describe(target, sigma, step, lazy=True))
             else:
                 described.append(TargetPerturbation(target, step, sigma, group.std_of(k), block_seeds=group.seeds_of(k)))
+        self.assign_seeds([p for p in described if p.block_seeds is None])
         return described, group
 
     @torch.no_grad()
@@ -210,7 +217,6 @@ class Perturber:
         described, group = self.describe_all(targets, sigma, step)
         fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused_exact(p)]
         rest = [p for k, p in enumerate(described) if k not in fused]
-        self.assign_seeds([p for p in rest if p.block_seeds is None])
         done: List[TargetPerturbation] = []
         try:
             if fused:
