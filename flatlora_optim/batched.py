@@ -16,7 +16,7 @@ the weight's rows directly, exactly as before batching.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import torch
 
@@ -95,6 +95,7 @@ class BlockBatch:
             offset += part.numel
         self.size = offset
         self.record: Any = None
+        self.restored: Set[int] = set()  # ids of the targets whose live weights are restored
 
     def _views(self, rows: Dict[int, torch.Tensor]) -> List[torch.Tensor]:
         return [rows[id(part.target)][part.start : part.end] for part in self.parts]
@@ -146,24 +147,39 @@ class BlockBatch:
 
         A single layer is restored by undoing the whole batch in a gathered copy (the other
         layers' rows read from their live weights) and writing back that layer's blocks only.
+        A layer restored alone in its live weight is not written again; while the rest is
+        undone, its perturbed values are formed anew from its clean rows (``fl(W + e)`` is
+        deterministic), so the record still decodes.
         """
+        live = dest is None
+        wanted = {id(part.target) for part in self.parts} if target is None else {id(target)}
+        if live and wanted <= self.restored:
+            return
         rows = self._live_rows()
         if target is not None and dest is not None:
             rows[id(target)] = dest
         views = self._views(rows)
-        noise = None
-        if len(views) == 1:
-            if self.strategy.restore_needs_noise:
-                noise = self._block_noise()
-            self.strategy.restore(views[0], noise, self.record)
-            return
-        gathered = torch.cat([view.reshape(-1) for view in views])
-        if self.strategy.restore_needs_noise:
-            noise = self.noise()
+        noise = (self._block_noise() if len(views) == 1 else self.noise()) if self.strategy.restore_needs_noise else None
+        gathered = views[0] if len(views) == 1 else torch.cat([view.reshape(-1) for view in views])
+        self._reform_restored(gathered, noise)
         self.strategy.restore(gathered, noise, self.record)
-        slices = self._slices(gathered)
-        keep = [k for k, part in enumerate(self.parts) if target is None or part.target is target]
-        _foreach_copy([views[k] for k in keep], [slices[k] for k in keep])
+        if len(views) > 1:
+            slices = self._slices(gathered)
+            keep = [k for k, part in enumerate(self.parts) if id(part.target) in wanted and not (live and id(part.target) in self.restored)]
+            _foreach_copy([views[k] for k in keep], [slices[k] for k in keep])
+        if live:
+            self.restored |= wanted
+
+    def _reform_restored(self, gathered: torch.Tensor, noise: Optional[torch.Tensor]) -> None:
+        """Put ``fl(W + e)`` back into the gathered slices of layers already restored alone."""
+        if noise is None or not self.restored:  # (a strategy without noise keeps a full copy: nothing to form)
+            return
+        if len(self.parts) == 1:  # the weight's own rows (maybe strided) and the block's noise
+            gathered.copy_(add_noise(gathered, noise))
+            return
+        for part, (lo, hi) in zip(self.parts, self.spans):
+            if id(part.target) in self.restored:
+                gathered[lo:hi] = add_noise(gathered[lo:hi], noise[lo:hi])
 
     def nbytes(self) -> int:
         return self.strategy.nbytes(self.record) if self.record is not None else 0

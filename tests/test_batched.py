@@ -154,9 +154,10 @@ def test_few_and_many_block_seeds_agree():
     perturber = opt._perturber
     one = perturber.describe(opt.targets[2], 0.1, step=4, lazy=True)
     perturber.assign_seeds([one])  # one block: the Python path
-    described, _ = perturber.describe_all(opt.targets, 0.1, step=4)  # five blocks: the numpy path
-    assert described[2].seeds == one.seeds
-    for p in described:
+    many = [perturber.describe(opt.targets[k % 4], 0.1, step=4, lazy=True) for k in range(16)]
+    perturber.assign_seeds(many)  # 20 blocks: the numpy path
+    assert many[2].seeds == many[14].seeds == one.seeds
+    for p in many:
         assert p.seeds == [noise_seed(11, 4, layer_key(p.target.name), b) for b in range(len(p.seeds))]
 
 
@@ -173,3 +174,25 @@ def test_backup_restore_does_not_regenerate_noise(strategy, draws_on_restore, mo
     calls.clear()
     perturber.restore_all(done)
     assert len(calls) == draws_on_restore
+
+
+@pytest.mark.parametrize("restore", ["exact", "backup"])
+def test_a_layer_restored_alone_then_the_rest(restore):
+    """One layer of a shared batch restored in its live weight first, then everything: all exact.
+
+    (The order the flatness probe and error paths may use; the batch re-forms that layer's W~.)
+    """
+    model = _model()
+    before = frozen_weights(model)
+    opt = _flat(model, restore=restore)
+    perturber = opt._perturber
+    done = perturber.perturb_all(opt.targets, 0.1, step=3)
+    perturber.restore(done[2])
+    assert torch.equal(bits(model[2].weight), before["2.weight"])
+    assert not torch.equal(bits(model[1].weight), before["1.weight"])
+    clean = model[2].weight.detach().clone()
+    perturber.restore(done[2], dest=clean)  # a clean copy of a restored layer stays clean
+    assert torch.equal(bits(clean), before["2.weight"])
+    perturber.restore(done[2])  # idempotent
+    perturber.restore_all(done)
+    assert all(torch.equal(before[k], v) for k, v in frozen_weights(model).items())
