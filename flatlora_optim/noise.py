@@ -21,6 +21,7 @@ restore works), and the same seed gives the same noise.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -77,8 +78,10 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=4096)
 def layer_key(name: str) -> int:
-    """A stable 64-bit key for a layer name (Python's ``hash`` is salted per process)."""
+    """A stable 64-bit key for a layer name (Python's ``hash`` is salted per process); cached, as
+    the same names come back every step."""
     return int.from_bytes(hashlib.blake2b(name.encode("utf-8"), digest_size=8).digest(), "little")
 
 
@@ -136,29 +139,34 @@ def _stack_adapters(adapters: List[Adapter], device: torch.device) -> Tuple[torc
     return A, B
 
 
+def _block_squares(block: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor]) -> torch.Tensor:
+    """``||W_i||^2 + 2 b_i (A W_i^T)`` for the rows of one block, as float64 (``B``: the block's rows)."""
+    squares = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square()
+    if A is None:
+        return squares
+    projected = block.to(torch.float32) @ A.t()  # (rows x r): A W_i^T for each row
+    return squares + 2.0 * (projected * B).sum(dim=1, dtype=torch.float64)
+
+
 @torch.no_grad()
 def row_norms(rows: torch.Tensor, adapters: List[Adapter]) -> torch.Tensor:
     """``||W_i + sum_a s_a (B_a A_a)_i||`` for every row ``i`` of ``rows`` (``m x n``), as float64.
 
     ``||W_i||^2`` is accumulated in float64 (no overflow for any float32 weight); the adapter
-    terms use float32 matrix products over row blocks, never an ``m x n`` temporary.
+    terms use float32 matrix products over row blocks, never an ``m x n`` temporary. A layer of
+    one block (most layers) is computed without the per-block output buffer.
     """
     m, n = rows.shape
-    A = B = None
-    if adapters:
-        A, B = _stack_adapters(adapters, rows.device)
-    squares = torch.empty(m, dtype=torch.float64, device=rows.device)
-    cross = torch.zeros(m, dtype=torch.float64, device=rows.device)
-    for _, start, end in chunk_bounds(m, n):
-        block = rows[start:end]
-        squares[start:end] = torch.linalg.vector_norm(block, dim=1, dtype=torch.float64).square()
-        if A is not None:
-            projected = block.to(torch.float32) @ A.t()  # (rows x r): A W_i^T for each row
-            cross[start:end] = (projected * B[start:end]).sum(dim=1, dtype=torch.float64)
-    total = squares + 2.0 * cross
+    A, B = _stack_adapters(adapters, rows.device) if adapters else (None, None)
+    bounds = list(chunk_bounds(m, n))
+    if len(bounds) == 1:
+        total = _block_squares(rows, A, B)
+    else:
+        total = torch.empty(m, dtype=torch.float64, device=rows.device)
+        for _, start, end in bounds:
+            total[start:end] = _block_squares(rows[start:end], A, None if B is None else B[start:end])
     if A is not None:
-        low_rank = ((B @ (A @ A.t())) * B).sum(dim=1, dtype=torch.float64)
-        total = total + low_rank
+        total += ((B @ (A @ A.t())) * B).sum(dim=1, dtype=torch.float64)
     # cancellation can leave a tiny negative number where W + sBA is ~0 in a row
     return total.clamp_(min=0.0).sqrt_()
 
@@ -175,7 +183,7 @@ def row_std(rows: torch.Tensor, adapters: List[Adapter], sigma: float) -> torch.
         A, B = _stack_adapters(adapters, rows.device) if adapters else (None, None)
         return kernel.row_std(rows, A, B, sigma / n**0.5)
     std = (row_norms(rows, adapters) * (sigma / n**0.5)).to(torch.float32)
-    return torch.where(torch.isfinite(std), std, torch.zeros_like(std))
+    return torch.nan_to_num_(std, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 class TorchNoiseKernel:
@@ -201,8 +209,8 @@ class TorchNoiseKernel:
 
     def perturbed(self, block: torch.Tensor, std_rows: torch.Tensor, seed: int, work: torch.dtype, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``fl(W + e)`` for one block, as a new tensor of the weight's dtype."""
-        if noise is None:
-            noise = self.noise(std_rows, block.shape[1], seed, work)
+        if noise is None:  # the noise is ours: form the sum in its buffer (one pass and one allocation less)
+            return self.noise(std_rows, block.shape[1], seed, work).add_(block).to(block.dtype)
         return add_noise(block, noise)
 
 
@@ -220,8 +228,7 @@ def kernel_for(device: torch.device) -> TorchNoiseKernel:
     ``FLATLORA_NOISE_KERNEL=torch`` forces the torch kernel (for comparisons). The kernels draw
     different streams, so a seed reproduces a run with the same kernel and device type.
     """
-    choice = os.environ.get("FLATLORA_NOISE_KERNEL", "auto")
-    if device.type == "cuda" and choice != "torch":
+    if device.type == "cuda" and os.environ.get("FLATLORA_NOISE_KERNEL", "auto") != "torch":
         if "triton" not in _KERNELS:
             try:
                 from .kernels.triton_noise import TritonNoiseKernel

@@ -6,15 +6,21 @@ draws each block's noise from its own seed, writes ``fl(W + e)`` and keeps what 
 strategy needs. :meth:`Perturber.restore` regenerates every block's noise from the same seeds
 and undoes the blocks in reverse order. Nothing but the row stds (``m`` floats) and the
 strategy's records is kept in between.
+
+:meth:`Perturber.perturb_all` computes every block's seed for the whole step at once and, on the
+torch kernel, sends the row blocks of small layers through the strategy in batches
+(:mod:`flatlora_optim.batched`), so that a model of many small layers does not pay the codec's
+fixed cost once per layer.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
 from .grouped import StepGroup, TableCache
 from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
@@ -33,6 +39,8 @@ class TargetPerturbation:
     std: Optional[torch.Tensor]  # per-row noise std, float32, length m (None until first needed)
     blocks: List[Tuple[int, int, int, int, int, Any]] = field(default_factory=list)  # (block, start, end, skip, block_rows, record)
     block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
+    seeds: Optional[List[int]] = None  # every global row block's seed, computed once per step
+    kernel: Any = None  # the noise kernel, chosen once per step (see Perturber._kernel)
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
@@ -52,6 +60,15 @@ class TargetPerturbation:
 
 _TORCH_KERNEL = TorchNoiseKernel()
 _GROUPED = -1  # block index of a record kept by a StepGroup (fused GPU codec, whole layer)
+_BATCHED = -2  # block index of a record kept by a BlockBatch (torch kernel, several layers' blocks)
+_FEW_BLOCKS = 16  # up to this many blocks, Python noise_seed beats numpy noise_seeds (about 25 us per call)
+
+
+def _global_blocks(target: LoRATarget) -> int:
+    """How many global row blocks cover ``target`` (all ranks' rows under FSDP2)."""
+    _, global_rows = target.row_range()
+    per_block = rows_per_chunk(target.shape[1])
+    return -(-global_rows // per_block)
 
 
 class Perturber:
@@ -69,7 +86,30 @@ class Perturber:
         return self.seed if self.stream == 0 else noise_seed(self.seed, self.stream, 0x5EED, 0)
 
     def block_seed(self, p: TargetPerturbation, block: int) -> int:
-        return noise_seed(self.stream_seed(), p.step, layer_key(p.target.name), block)
+        if p.seeds is None:
+            self.assign_seeds([p])
+        return p.seeds[block]  # type: ignore[index]
+
+    def assign_seeds(self, perturbations: List[TargetPerturbation]) -> None:
+        """Fill ``p.seeds`` (every global block's ``noise_seed``) for every ``p`` that lacks them:
+        for a whole step in one vectorised :func:`~flatlora_optim.noise.noise_seeds` call; for
+        a handful of blocks with :func:`~flatlora_optim.noise.noise_seed` (cheaper than numpy's
+        fixed cost). Both give the same numbers."""
+        missing = [p for p in perturbations if p.seeds is None]
+        if not missing:
+            return
+        stream = self.stream_seed()
+        counts = [_global_blocks(p.target) for p in missing]
+        if sum(counts) <= _FEW_BLOCKS or any(p.step != missing[0].step for p in missing):
+            for p, count in zip(missing, counts):
+                key = layer_key(p.target.name)
+                p.seeds = [noise_seed(stream, p.step, key, block) for block in range(count)]
+            return
+        seeds = noise_seeds(stream, missing[0].step, [layer_key(p.target.name) for p in missing], counts).tolist()
+        offset = 0
+        for p, count in zip(missing, counts):
+            p.seeds = seeds[offset : offset + count]
+            offset += count
 
     def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
@@ -87,7 +127,9 @@ class Perturber:
         return _TORCH_KERNEL if target.sharded else kernel_for(target.weight.device)
 
     def _kernel(self, p: TargetPerturbation) -> Any:
-        return self._kernel_of(p.target)
+        if p.kernel is None:
+            p.kernel = self._kernel_of(p.target)
+        return p.kernel
 
     def _seed_arg(self, p: TargetPerturbation, block: int, kernel: Any) -> Any:
         if hasattr(kernel, "perturbed_layer"):
@@ -134,8 +176,11 @@ class Perturber:
         work = noise_dtype(rows.dtype)
         if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
             return kernel.perturbed_layer(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
+        bounds = list(chunk_bounds(*rows.shape))
+        if len(bounds) == 1:  # the whole layer is one block: no copy into an output buffer
+            return kernel.perturbed(rows, p.scales(), self._seed_arg(p, 0, kernel), work)
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
-        for block, start, end in chunk_bounds(*rows.shape):
+        for block, start, end in bounds:
             out[start:end] = kernel.perturbed(rows[start:end], p.scales()[start:end], self._seed_arg(p, block, kernel), work)
         return out
 
@@ -159,6 +204,7 @@ class Perturber:
                 described.append(self.describe(target, sigma, step, lazy=True))
             else:
                 described.append(TargetPerturbation(target, step, sigma, group.std_of(k), block_seeds=group.seeds_of(k)))
+        self.assign_seeds([p for p in described if p.block_seeds is None])
         return described, group
 
     @torch.no_grad()
@@ -170,6 +216,7 @@ class Perturber:
         """
         described, group = self.describe_all(targets, sigma, step)
         fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused_exact(p)]
+        rest = [p for k, p in enumerate(described) if k not in fused]
         done: List[TargetPerturbation] = []
         try:
             if fused:
@@ -178,14 +225,42 @@ class Perturber:
                     rows = described[k].target.rows()
                     described[k].blocks.append((_GROUPED, 0, rows.shape[0], 0, rows.shape[0], slot))
                     done.append(described[k])
-            for k, p in enumerate(described):
-                if k not in fused:
+            batchable = {id(p): p for p in rest if self._batchable(p)}
+            owners = {id(p.target): p for p in batchable.values()}
+            for parts in group_parts(part for p in batchable.values() for part in self._parts(p)):
+                self._perturb_batch(parts, owners, done)
+            for p in rest:
+                if id(p) not in batchable:
                     self._perturb_blocks(p)
                     done.append(p)
         except BaseException:
             self.restore_all(done)  # leave nothing half-perturbed
             raise
         return described
+
+    def _batchable(self, p: TargetPerturbation) -> bool:
+        """Whether ``p``'s blocks can go through a :class:`BlockBatch`: the torch kernel, whole blocks."""
+        return p.block_seeds is None and not p.target.sharded and isinstance(self._kernel(p), TorchNoiseKernel)
+
+    def _parts(self, p: TargetPerturbation) -> Iterator[BatchPart]:
+        rows = p.target.rows()
+        std = p.scales()
+        for block, start, end in chunk_bounds(*rows.shape):
+            yield BatchPart(p.target, block, start, end, rows.shape[1], std[start:end], self.block_seed(p, block))
+
+    def _perturb_batch(self, parts: List[BatchPart], owners: Dict[int, TargetPerturbation], done: List[TargetPerturbation]) -> None:
+        """Perturb one batch of blocks; each layer in it gets one slot (the first layer's counts the record)."""
+        batch = BlockBatch(self.strategy, self._kernel(owners[id(parts[0].target)]), parts)
+        batch.perturb()
+        spans: Dict[int, Tuple[int, int]] = {}
+        for part in parts:
+            start, end = spans.get(id(part.target), (part.start, part.end))
+            spans[id(part.target)] = (min(start, part.start), max(end, part.end))
+        for k, (key, (start, end)) in enumerate(spans.items()):
+            p = owners[key]
+            p.blocks.append((_BATCHED, start, end, 0, end - start, BatchSlot(batch, p.target, counts_record=k == 0)))
+            if not any(q is p for q in done):
+                done.append(p)
 
     def _fused_exact(self, p: TargetPerturbation) -> bool:
         dtype = p.target.weight.dtype
@@ -211,30 +286,33 @@ class Perturber:
         """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
         rows = p.target.rows() if dest is None else dest
         for block, start, end, skip, block_rows, record in reversed(p.blocks):
-            if block == _GROUPED:
+            if block in (_GROUPED, _BATCHED):  # a slot of a record shared with other layers
                 record.restore(dest)
                 continue
-            self.strategy.restore(rows[start:end], self._block_noise(p, block, start, end, skip, block_rows), record)
+            noise = self._block_noise(p, block, start, end, skip, block_rows) if self.strategy.restore_needs_noise else None
+            self.strategy.restore(rows[start:end], noise, record)
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation]) -> None:
-        """Undo every perturbation in its live weight, the fused ones together; every layer is
-        attempted before the first error is raised."""
+        """Undo every perturbation in its live weight, the fused groups and the batches each in
+        one call; every layer is attempted before the first error is raised."""
         error: Optional[BaseException] = None
-        groups = {}
+        shared: Dict[int, Callable[[], None]] = {}  # one restore call per StepGroup / BlockBatch
         for p in reversed(perturbations):
-            slots = [record for block, *_, record in p.blocks if block == _GROUPED]
-            for slot in slots:
-                groups[id(slot.group)] = slot.group
-            if slots:
+            for block, *_, record in reversed(p.blocks):
+                if block == _GROUPED:
+                    shared[id(record.group)] = record.group.restore_all
+                elif block == _BATCHED:
+                    shared[id(record.batch)] = record.batch.restore
+            if any(block in (_GROUPED, _BATCHED) for block, *_ in p.blocks):
                 continue
             try:
                 self.restore(p)
             except BaseException as exc:
                 error = error or exc
-        for group in groups.values():
+        for restore in shared.values():
             try:
-                group.restore_all()
+                restore()
             except BaseException as exc:
                 error = error or exc
         if error is not None:

@@ -88,10 +88,13 @@ class LoRATarget:
         When ``torch.nn.utils.parametrize`` is active on it (peft ``ParamWrapper`` registers one
         during its forward), this is the stored original, not the parametrised value.
         """
-        parametrizations = getattr(self.owner, "parametrizations", None)
+        # read nn.Module's registries directly: this runs several times per layer and step, and
+        # ``getattr`` of a missing submodule goes through a raised and caught AttributeError
+        parametrizations = self.owner._modules.get("parametrizations")
         if parametrizations is not None and self.param_name in parametrizations:
             return parametrizations[self.param_name].original
-        return getattr(self.owner, self.param_name)
+        parameter = self.owner._parameters.get(self.param_name)
+        return parameter if parameter is not None else getattr(self.owner, self.param_name)
 
     def rows_of(self, tensor: torch.Tensor) -> torch.Tensor:
         """``tensor`` (laid out like the weight) as the ``m x n`` row view; a view, never a copy.
