@@ -1,0 +1,180 @@
+"""The CUDA kernels' logic, run on the CPU by Triton's interpreter (``TRITON_INTERPRET=1``).
+
+CI has no GPU, so ``tests/test_gpu.py`` skips there; this script runs the same fused exact codec,
+row-std kernel and noise kernel through Triton's interpreter instead, on CPU tensors, so that every
+change to their logic is checked on every CI run: bitwise restore (grouped, one layer alone, after
+a forced buffer overflow, on zeros/inf/NaN/subnormals/huge values, on transposed and odd-width
+views), the codec writing exactly the noise kernel's ``fl(W + e)``, and the row stds against
+their formula. It does not check speed, nor the compiled code's own behaviour (the GPU tests do).
+
+Run by ``tests/test_triton_interpreter.py`` in a subprocess, because the interpreter is chosen
+when the kernels are defined (the environment variable must be set before the import).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import triton.runtime.interpreter as interpreter  # noqa: E402
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_original_patch = interpreter._patch_lang_tensor
+
+
+def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
+    """Triton 3.6's interpreter turns a scalar into an int with ``int(array)``, which NumPy 2 refuses
+    for its one-element 1-D arrays (a ``range`` over a value loaded in the kernel hits it)."""
+    _original_patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+
+interpreter._patch_lang_tensor = _patch_lang_tensor
+
+from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
+from flatlora_optim.kernels.triton_noise import TritonNoiseKernel  # noqa: E402
+from flatlora_optim.noise import rows_per_chunk  # noqa: E402
+
+KERNEL = TritonNoiseKernel()
+SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 6.0e4, -6.0e4, 2.0**-14, -(2.0**-24), 1.0e-7]
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int16)
+
+
+def layers(shapes, dtype, generator, transposed=(), special=False):
+    """Weights of ``shapes`` (``m x n`` rows; a transposed view for the indices in ``transposed``)."""
+    rows = []
+    for index, (m, n) in enumerate(shapes):
+        if index in transposed:
+            rows.append((torch.randn(n, m, generator=generator) * 0.02).to(dtype).t())
+        else:
+            rows.append((torch.randn(m, n, generator=generator) * 0.02).to(dtype))
+    if special:
+        first = rows[0].reshape(-1)
+        first[: len(SPECIAL)] = torch.tensor(SPECIAL[: first.numel()], dtype=dtype)
+    return rows
+
+
+def perturb_and_restore(rows, std_scale, generator, capacity=None):
+    """Perturb ``rows`` together, restore one into a copy, then all; return the record's counts."""
+    before = [bits(r).clone() for r in rows]
+    table = LayerTable(rows)
+    table.codec_capacity = capacity
+    std = torch.rand(table.total_rows, generator=generator) * std_scale
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
+    record = KERNEL.exact_perturb_layers(table, std, seeds)
+    assert (record.bounds < 0).sum().item() == 0, "a tile was left unperturbed after the redo"
+    assert any((bits(r) != b).any() for r, b in zip(rows, before)) or std_scale == 0, "nothing was perturbed"
+    last = len(rows) - 1
+    copy = rows[last].clone()
+    KERNEL.exact_restore_one(table, last, copy, std, seeds, record)
+    assert torch.equal(bits(copy), before[last]), "one layer restored alone differs"
+    KERNEL.exact_restore_layers(table, std, seeds, record)
+    for index, (r, b) in enumerate(zip(rows, before)):
+        wrong = (bits(r) != b).sum().item()
+        assert wrong == 0, f"layer {index}: {wrong} elements differ after restore"
+    return table.codec_capacity
+
+
+def check_examples() -> None:
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float16, torch.bfloat16):
+        # odd fan-in (not a multiple of 4), transposed view, unaligned rows, aligned rows, special values
+        rows = layers([(9, 1030), (7, 330), (6, 900), (5, 1024)], dtype, gen, transposed=(1,), special=True)
+        assert sorted(LayerTable(rows).variants) == [0, 1, 3]
+        perturb_and_restore(rows, 0.002, gen)
+        perturb_and_restore(rows, 0.002, gen, capacity=(3, 2))  # too small on purpose: undone and redone
+    # the codec writes exactly the noise kernel's fl(W + e) (same seeds, same Philox positions)
+    for shape in [(12, 900), (10, 1030)]:
+        w = layers([shape], torch.float16, gen)[0]
+        table = LayerTable([w])
+        std = torch.rand(table.total_rows, generator=gen) * 0.002
+        seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
+        expected = KERNEL.perturbed_layer(w.clone(), std, seeds, rows_per_chunk(w.shape[1]), torch.float32)
+        KERNEL.exact_perturb_layers(table, std, seeds)
+        assert torch.equal(bits(expected), bits(w)), f"codec and noise kernel disagree on {shape}"
+    # row stds: sigma / sqrt(n) * ||W_i + s (B A)_i|| for layers with and without adapters
+    weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half()]
+    adapters = [(torch.randn(8, w.shape[1]).half(), torch.randn(w.shape[0], 8).half(), 2.0) for w in weights]
+    adapters[1] = None
+    table = LayerTable(weights)
+    out = torch.empty(table.total_rows)
+    KERNEL.row_stds(table, adapters, [0.1] * 3, out)
+    expected = []
+    for w, adapter in zip(weights, adapters):
+        full = w.float() + (0 if adapter is None else adapter[2] * (adapter[1].float() @ adapter[0].float()))
+        expected.append(full.norm(dim=1) * 0.1)
+    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
+
+
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(
+    shapes=st.lists(st.tuples(st.integers(1, 12), st.integers(1, 1100)), min_size=1, max_size=3),
+    dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    std_scale=st.sampled_from([0.0, 1e-4, 2e-3, 0.05, 3.0]),
+    transpose_first=st.booleans(),
+    seed=st.integers(0, 2**31 - 1),
+)
+def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, seed) -> None:
+    """Any shapes, either 16-bit type, noise from none to far larger than the weights: bitwise restore."""
+    gen = torch.Generator().manual_seed(seed)
+    perturb_and_restore(layers(shapes, dtype, gen, transposed=(0,) if transpose_first else ()), std_scale, gen)
+
+
+def check_training_steps_through_the_grouped_path() -> None:
+    """FlatLoRA itself with the Triton kernel forced onto CPU tensors: the step-wide group (row stds,
+    seeds, fused codec), a clean ``state_dict`` while perturbed (one layer restored into a copy), and
+    weights bitwise equal after every step; both modes see the same ``W + e``."""
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL  # the interpreter runs on CPU tensors
+    torch.manual_seed(0)
+    dims = [(24, 40, torch.bfloat16), (40, 33, torch.float16), (33, 516, torch.bfloat16)]
+    model = torch.nn.Sequential(*[LoRALinear(torch.nn.Linear(i, o).to(dtype), r=4, alpha=8) for i, o, dtype in dims])
+    for layer in model:
+        torch.nn.init.normal_(layer.lora_B, std=0.05)
+    frozen = [layer.weight for layer in model]
+    before = [bits(w).clone() for w in frozen]
+    params = [p for p in model.parameters() if p.requires_grad]
+    noisy = {}
+    for mode in ("inplace", "virtual"):
+        opt = FlatLoRA(torch.optim.SGD(params, lr=0.0), model, rho=0.05, schedule="constant", seed=1, mode=mode)
+        for step in range(2):
+            x = torch.randn(5, 24)
+            with opt.perturbed():
+                h = x
+                for layer in model:
+                    h = layer(h.to(layer.weight.dtype)).float()
+                loss = h.square().mean()
+                if mode == "inplace":
+                    assert any(not torch.equal(bits(w), b) for w, b in zip(frozen, before)), "nothing perturbed"
+                    clean = model.state_dict()
+                    for k, b in enumerate(before):
+                        assert torch.equal(bits(clean[f"{k}.weight"]), b), "state_dict while perturbed is not clean"
+                    noisy[step] = [bits(w).clone() for w in frozen]
+                else:
+                    formed = [bits(opt._perturber.perturbed_rows(p)) for p in opt._perturbations]
+                    assert all(torch.equal(f, n) for f, n in zip(formed, noisy[step])), "virtual W + e differs from in-place"
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            for k, (w, b) in enumerate(zip(frozen, before)):
+                assert torch.equal(bits(w), b), f"{mode}, step {step}: layer {k} not restored bitwise"
+
+
+if __name__ == "__main__":
+    check_examples()
+    check_training_steps_through_the_grouped_path()
+    check_restore_is_bitwise()
+    print("triton interpreter checks passed")
+    sys.exit(0)
