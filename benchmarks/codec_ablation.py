@@ -1,0 +1,158 @@
+"""Where the fused exact codec's time goes: the codec against variants of itself, side by side.
+
+Each variant is the kernel module's own source with one change (a constant, or a stage left out),
+loaded as a separate module, and timed on the same weights with CUDA events (kernels only, no
+host work): the perturb pass and the restore pass, median of 7. Variants marked *exact* must still
+restore every bit (checked); the others leave a stage out and only say what that stage costs.
+
+    python benchmarks/codec_ablation.py            # 24 bf16 weights of 5632 x 2048 (277 M elements)
+    TRITON_INTERPRET=1 python benchmarks/codec_ablation.py --small   # a smoke test on CPU (times meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+
+import flatlora_optim.kernels.layer_table as layer_table
+from flatlora_optim.kernels.layer_table import LayerTable
+
+SOURCE = Path(__file__).resolve().parents[1] / "flatlora_optim" / "kernels" / "triton_noise.py"
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+FAST_BOX_MULLER = '''
+@triton.jit
+def _fast_randn4x(seed, offsets):
+    u1, u2, u3, u4 = tl.rand4x(seed, offsets)
+    u1 = tl.maximum(1.0e-7, u1)
+    u3 = tl.maximum(1.0e-7, u3)
+    t1 = 6.283185307179586 * u2 - 3.141592653589793
+    t2 = 6.283185307179586 * u4 - 3.141592653589793
+    r1 = tl.sqrt(-2.0 * libdevice.fast_logf(u1))
+    r2 = tl.sqrt(-2.0 * libdevice.fast_logf(u3))
+    return r1 * libdevice.fast_cosf(t1), r1 * libdevice.fast_sinf(t1), r2 * libdevice.fast_cosf(t2), r2 * libdevice.fast_sinf(t2)
+
+
+@triton.jit
+def _normals('''
+
+# name -> (edits of the source, tile rows or None, restores exactly?)
+Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
+VARIANTS: Dict[str, Variant] = {
+    "as shipped": ([], None, True),
+    "acquire-release atomics": ([('sem="relaxed"', "sem=None")], None, True),
+    "Philox 7 rounds": ([("tl.randn4x(seed, counters)", "tl.randn4x(seed, counters, 7)"),
+                         ("tl.randn4x(seed, local // 4)", "tl.randn4x(seed, local // 4, 7)")], None, True),
+    "perturb with 4 warps": ([("_PERTURB_WARPS = 8", "_PERTURB_WARPS = 4")], None, True),
+    "restore with 8 warps": ([("_RESTORE_WARPS = 4", "_RESTORE_WARPS = 8")], None, True),
+    "8 x 512 tiles, 16/8 warps": ([("TR=TILE_ROWS", "TR=8"), ("_PERTURB_WARPS = 8", "_PERTURB_WARPS = 16"),
+                                   ("_RESTORE_WARPS = 4", "_RESTORE_WARPS = 8")], 8, True),
+    "2 x 512 tiles, 4/4 warps": ([("TR=TILE_ROWS", "TR=2"), ("_PERTURB_WARPS = 8", "_PERTURB_WARPS = 4")], 2, True),
+    "fast Box-Muller intrinsics": ([("import triton.language as tl\n", "import triton.language as tl\nfrom triton.language.extra.cuda import libdevice\n"),
+                                    ("@triton.jit\ndef _normals(", FAST_BOX_MULLER),
+                                    ("tl.randn4x(seed, counters)", "_fast_randn4x(seed, counters)"),
+                                    ("tl.randn4x(seed, local // 4)", "_fast_randn4x(seed, local // 4)")], None, True),
+    "restore: escapes left out": ([("escape = ambiguous & (code == 3)\n", "escape = ambiguous & (code == 7)\n")], None, False),
+    "restore: code words not read": ([("word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)",
+                                       "word = bit.to(tl.int64) * 0")], None, False),
+    "restore: no slot ranks": ([("bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))",
+                                 "bit = ambiguous.to(tl.int32)")], None, False),
+    "restore: no codec (noise floor)": ([("        key = cand_key + tl.where(ambiguous, offset, 0)", "        key = cand_key")], None, False),
+}
+
+
+def load_variant(name: str, edits: List[Tuple[str, str]], folder: Path):
+    """The kernel module with ``edits`` applied, imported under its own name."""
+    text = SOURCE.read_text().replace("from .layer_table import", "from flatlora_optim.kernels.layer_table import")
+    for old, new in edits:
+        if old not in text:
+            raise RuntimeError(f"variant {name!r}: {old!r} is not in the kernel source any more")
+        text = text.replace(old, new)
+    module_name = "codec_variant_" + "".join(c if c.isalnum() else "_" for c in name)
+    path = folder / f"{module_name}.py"
+    path.write_text(text)
+    spec = importlib.util.spec_from_file_location(module_name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # Triton resolves a kernel's globals through its module
+    spec.loader.exec_module(module)
+    return module
+
+
+def timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    def timed(fn: Callable[[], None]) -> float:
+        if device.type != "cuda":
+            fn()
+            return float("nan")  # the interpreter: a smoke test, no times
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    return timed
+
+
+def measure(module, weights: List[torch.Tensor], tile_rows: Optional[int], exact: bool, timed, reps: int) -> Dict[str, float]:
+    kernel = module.TritonNoiseKernel()
+    originals = [w.clone() for w in weights]
+    saved = layer_table.TILE_ROWS
+    if tile_rows is not None:
+        layer_table.TILE_ROWS = tile_rows
+    try:
+        table = LayerTable(weights)
+    finally:
+        layer_table.TILE_ROWS = saved
+    std = torch.full((table.total_rows,), 0.001, device=weights[0].device)
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device=weights[0].device) * 7919 + 3
+    record = kernel.exact_perturb_layers(table, std, seeds)  # compiles, sizes the buffers
+    kernel.exact_restore_layers(table, std, seeds, record)
+    perturb, restore = [], []
+    for _ in range(reps):
+        for w, o in zip(weights, originals):
+            w.copy_(o)
+        counters = torch.zeros(2, dtype=torch.int64, device=weights[0].device)
+        record.stream.zero_()
+        perturb.append(timed(lambda counters=counters: kernel._exact(table, std, seeds, record, restore=False, counters=counters)))
+        restore.append(timed(lambda: kernel.exact_restore_layers(table, std, seeds, record)))
+    wrong = sum(int((w.view(torch.int16) != o.view(torch.int16)).sum()) for w, o in zip(weights, originals))
+    for w, o in zip(weights, originals):
+        w.copy_(o)
+    if exact and wrong:
+        raise AssertionError(f"a variant that should restore exactly left {wrong} wrong elements")
+    elements = sum(w.numel() for w in weights)
+    return {"perturb_ms": statistics.median(perturb), "restore_ms": statistics.median(restore),
+            "record_pct": 100 * record.nbytes() / (2 * elements), "wrong_elements": wrong}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="4 weights of 40 x 1024 (a smoke test; float16 under the interpreter)")
+    args = parser.parse_args()
+    device = torch.device("cpu" if INTERPRETED else "cuda")
+    gen = torch.Generator(device=device).manual_seed(0)
+    shape, count = ((40, 1024), 4) if args.small else ((5632, 2048), 24)
+    dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
+    weights = [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(dtype) for _ in range(count)]
+    timed, reps = timer(device), (1 if args.small else 7)
+    print(f"{count} {dtype} weights of {shape[0]} x {shape[1]}, row std 1e-3 (rho 0.05 on weights of std 0.02)")
+    print(f"{'variant':34s} {'perturb ms':>11s} {'restore ms':>11s} {'record %':>9s}  exact")
+    with tempfile.TemporaryDirectory() as folder:
+        for name, (edits, tile_rows, exact) in VARIANTS.items():
+            if INTERPRETED and "intrinsics" in name:
+                continue  # libdevice does not run in the interpreter
+            result = measure(load_variant(name, edits, Path(folder)), weights, tile_rows, exact, timed, reps)
+            print(f"{name:34s} {result['perturb_ms']:11.3f} {result['restore_ms']:11.3f} {result['record_pct']:9.3f}  "
+                  f"{'yes' if result['wrong_elements'] == 0 else 'no (stage left out)'}")
+
+
+if __name__ == "__main__":
+    main()
