@@ -114,10 +114,8 @@ class Perturber:
     def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
         if p.block_seeds is None:
-            rows = p.target.rows()
-            blocks = len(list(chunk_bounds(*rows.shape)))
-            seeds = noise_seeds(self.stream_seed(), p.step, [layer_key(p.target.name)], [blocks])
-            p.block_seeds = torch.from_numpy(seeds).to(rows.device, non_blocking=True)
+            self.assign_seeds([p])  # usually done already, for the whole step, by describe_all
+            p.block_seeds = torch.tensor(p.seeds, dtype=torch.int64).to(p.target.weight.device, non_blocking=True)
         return p.block_seeds
 
     @staticmethod

@@ -35,11 +35,17 @@ _RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiproces
 
 
 @triton.jit
+def _in_lane_order(n1, n2, n3, n4):
+    """Philox's four normals per counter side by side: ``[..., 2, 2]`` holding n1 n2 n3 n4 in order,
+    so that flattening the last two axes gives element ``4c + lane`` its lane of counter ``c``."""
+    return tl.join(tl.join(n1, n3), tl.join(n2, n4))
+
+
+@triton.jit
 def _normals(seed, first_counter, QUARTER: tl.constexpr):
     """``4 * QUARTER`` standard normals for consecutive elements, four per Philox evaluation."""
     n1, n2, n3, n4 = tl.randn4x(seed, first_counter + tl.arange(0, QUARTER))
-    z = tl.join(tl.join(n1, n3), tl.join(n2, n4))  # [QUARTER, 2, 2] = n1 n2 n3 n4 per counter
-    return tl.reshape(z, (4 * QUARTER,))
+    return tl.reshape(_in_lane_order(n1, n2, n3, n4), (4 * QUARTER,))
 
 
 @triton.jit
@@ -126,12 +132,13 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
     else:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    if CONTIG:  # rows start 16-byte aligned and are whole 16-byte vectors long (codec variant bit 1)
+        n_cols = tl.multiple_of(n_cols, VEC)
+        row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
     for start in range(0, n_cols, BLOCK_N):
         cols = start + tl.arange(0, BLOCK_N)
         col_mask = cols < n_cols
-        if CONTIG:  # rows are whole 16-byte vectors long (codec variant bit 1)
-            col_mask = cols < tl.multiple_of(n_cols, VEC)
-            row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
+        if CONTIG:
             w = tl.load(row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)[None, :],
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         else:
@@ -165,8 +172,7 @@ def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.
     if ALIGNED4:
         counters = (rows[:, None] * n_cols + first_col) // 4 + tl.arange(0, TC // 4)[None, :]
         n1, n2, n3, n4 = tl.randn4x(seed, counters)
-        z = tl.join(tl.join(n1, n3), tl.join(n2, n4))  # [TR, TC // 4, 2, 2] = n1 n2 n3 n4 per counter
-        return tl.reshape(z, (TR, TC))
+        return tl.reshape(_in_lane_order(n1, n2, n3, n4), (TR, TC))
     else:
         local = rows[:, None] * n_cols + cols[None, :]
         n1, n2, n3, n4 = tl.randn4x(seed, local // 4)
