@@ -44,6 +44,12 @@ def _fast_randn4x(seed, offsets):
 @triton.jit
 def _normals('''
 
+CODE_WRITE = "            _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
+ESCAPE_WRITE = ("            _or_bits_at(stream_ptr + word_base, 8 * esc_first.to(tl.int64), "
+                "_packed_bytes(escape_byte, esc_ranks, tl.reshape(escape, (TR, G, 32))))\n")
+FAR_ESCAPE_WRITE = '            tl.atomic_or(stream_ptr + word_base + (byte >> 3), far_value, mask=far, sem="relaxed")\n'
+CODE_READ = "group_codes = _bits_at(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
+
 # name -> (edits of the source, tile rows or None, restores exactly?)
 Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
 VARIANTS: Dict[str, Variant] = {
@@ -60,18 +66,19 @@ VARIANTS: Dict[str, Variant] = {
                                     ("@triton.jit\ndef _normals(", FAST_BOX_MULLER),
                                     ("tl.randn4x(seed, counters)", "_fast_randn4x(seed, counters)"),
                                     ("tl.randn4x(seed, local // 4)", "_fast_randn4x(seed, local // 4)")], None, True),
+    "perturb: code words not written": ([(CODE_WRITE, "")], None, False),
+    "perturb: escapes not written": ([(ESCAPE_WRITE, ""), (FAR_ESCAPE_WRITE, "")], None, False),
     "restore: escapes left out": ([("escape = ambiguous & (code == 3)\n", "escape = ambiguous & (code == 7)\n")], None, False),
-    "restore: code words not read": ([("word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)",
-                                       "word = bit.to(tl.int64) * 0")], None, False),
-    "restore: no slot ranks": ([("bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))",
-                                 "bit = ambiguous.to(tl.int32)")], None, False),
+    "restore: code words not read": ([(CODE_READ, "group_codes = amb_masks.to(tl.uint64)")], None, False),
+    "restore: no slot ranks": ([("(group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64))",
+                                 "(group_codes[:, :, None] >> tl.arange(0, 32).to(tl.uint64)[None, None, :])")], None, False),
     "restore: no codec (noise floor)": ([("        key = cand_key + tl.where(ambiguous, offset, 0)", "        key = cand_key")], None, False),
 }
 
 
-def load_variant(name: str, edits: List[Tuple[str, str]], folder: Path):
-    """The kernel module with ``edits`` applied, imported under its own name."""
-    text = SOURCE.read_text().replace("from .layer_table import", "from flatlora_optim.kernels.layer_table import")
+def load_variant(name: str, edits: List[Tuple[str, str]], folder: Path, source: Path = SOURCE):
+    """The kernel module (``source``) with ``edits`` applied, imported under its own name."""
+    text = source.read_text().replace("from .layer_table import", "from flatlora_optim.kernels.layer_table import")
     for old, new in edits:
         if old not in text:
             raise RuntimeError(f"variant {name!r}: {old!r} is not in the kernel source any more")
@@ -136,6 +143,9 @@ def measure(module, weights: List[torch.Tensor], tile_rows: Optional[int], exact
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="4 weights of 40 x 1024 (a smoke test; float16 under the interpreter)")
+    parser.add_argument("--against", type=Path, action="append", default=[],
+                        help="also time another version of triton_noise.py (e.g. `git show REV:flatlora_optim/kernels/triton_noise.py > old.py`)")
+    parser.add_argument("--only", default="", help="time only the variants whose name contains this text (and the codec as shipped)")
     args = parser.parse_args()
     device = torch.device("cpu" if INTERPRETED else "cuda")
     gen = torch.Generator(device=device).manual_seed(0)
@@ -146,10 +156,14 @@ def main() -> None:
     print(f"{count} {dtype} weights of {shape[0]} x {shape[1]}, row std 1e-3 (rho 0.05 on weights of std 0.02)")
     print(f"{'variant':34s} {'perturb ms':>11s} {'restore ms':>11s} {'record %':>9s}  exact")
     with tempfile.TemporaryDirectory() as folder:
-        for name, (edits, tile_rows, exact) in VARIANTS.items():
+        runs = [(name, load_variant, edits, tile_rows, exact, SOURCE) for name, (edits, tile_rows, exact) in VARIANTS.items()]
+        runs[1:1] = [(f"source {path.name}", load_variant, [], None, True, path) for path in args.against]
+        for name, load, edits, tile_rows, exact, source in runs:
+            if args.only not in name and name != "as shipped":
+                continue
             if INTERPRETED and "intrinsics" in name:
                 continue  # libdevice does not run in the interpreter
-            result = measure(load_variant(name, edits, Path(folder)), weights, tile_rows, exact, timed, reps)
+            result = measure(load(name, edits, Path(folder), source), weights, tile_rows, exact, timed, reps)
             print(f"{name:34s} {result['perturb_ms']:11.3f} {result['restore_ms']:11.3f} {result['record_pct']:9.3f}  "
                   f"{'yes' if result['wrong_elements'] == 0 else 'no (stage left out)'}")
 

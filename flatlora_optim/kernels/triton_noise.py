@@ -220,6 +220,38 @@ def _group_starts(counts, TR: tl.constexpr):
     return within - counts + (tl.cumsum(totals, axis=0) - totals)[:, None]
 
 
+
+@triton.jit
+def _bits_at(ptr, first_bit, n_bits):
+    """The 64 bits of the int64 words at ``ptr`` that start at bit ``first_bit`` (per group), as
+    uint64; only the words that hold the first ``n_bits`` of them are read (none for 0 bits)."""
+    shift = (first_bit & 63).to(tl.uint64)
+    word = ptr + (first_bit >> 6)
+    low = tl.load(word, mask=n_bits > 0, other=0).to(tl.uint64, bitcast=True)
+    high = tl.load(word + 1, mask=(first_bit & 63) + n_bits > 64, other=0).to(tl.uint64, bitcast=True)
+    return (low >> shift) | ((high << 1) << (63 - shift))  # two steps: no shift by 64 when shift is 0
+
+
+@triton.jit
+def _or_bits_at(ptr, first_bit, value):
+    """OR the 64-bit ``value`` (per group) into the int64 words at ``ptr`` from bit ``first_bit`` on:
+    one or two atomics, none for the words it leaves unchanged."""
+    shift = (first_bit & 63).to(tl.uint64)
+    low = (value << shift).to(tl.int64, bitcast=True)
+    high = ((value >> 1) >> (63 - shift)).to(tl.int64, bitcast=True)
+    word = ptr + (first_bit >> 6)
+    tl.atomic_or(word, low, mask=low != 0, sem="relaxed")
+    tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
+
+
+@triton.jit
+def _packed_bytes(values, ranks, selected):
+    """Per group, the bytes ``values`` of the ``selected`` elements with ``ranks`` 0..7 side by side
+    in one uint64 (rank r in byte r)."""
+    near = selected & (ranks < 8)
+    shifted = (values & 0xFF).to(tl.uint64) << (8 * tl.minimum(ranks, 7)).to(tl.uint64)
+    return tl.sum(tl.where(near, shifted, 0), axis=2)  # distinct bytes: the sum is the OR
+
 @triton.jit
 def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
                   bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
@@ -297,16 +329,24 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
     amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
     if RESTORE:
+        # a group's codes are at most 64 consecutive bits of the stream: one or two word loads per
+        # group, not one per element, then each element shifts its own two bits out
         amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
-        bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
-        word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
-        code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
+        group_codes = _bits_at(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)
+        code = tl.reshape(((group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64)) & 3).to(tl.int32), (TR, TC))
         escape = ambiguous & (code == 3)
+        # likewise the first 8 escape bytes of a group; further ones (rare) are read one by one
         esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-        esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
-        byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
-        escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
-        offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
+        esc_counts = _popcount(esc_masks, ASM).to(tl.int32)
+        esc_ranks = _ranks_in_group(esc_masks, TR, G, ASM)
+        esc_first = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + _group_starts(esc_counts, TR)
+        window = _bits_at(stream_ptr + word_base, 8 * esc_first.to(tl.int64), 8 * tl.minimum(esc_counts, 8))
+        near_byte = tl.reshape(((window[:, :, None] >> (8 * tl.minimum(esc_ranks, 7)).to(tl.uint64)) & 0xFF).to(tl.int32), (TR, TC))
+        far = escape & tl.reshape(esc_ranks >= 8, (TR, TC))
+        byte = tl.reshape(esc_first[:, :, None] + esc_ranks, (TR, TC))
+        far_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=far, other=0)
+        far_byte = ((far_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32)
+        offset = tl.where(escape, tl.where(far, far_byte, near_byte) - 128, tl.where(code == 2, -1, code))
         key = cand_key + tl.where(ambiguous, offset, 0)
         tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
     else:
@@ -316,45 +356,51 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         escape = ambiguous & ~small
         exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
         esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-        exc_masks = _group_masks(exception.to(tl.int32), TR, G)
         counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
         starts = _group_starts(counts, TR)
-        exc_counts = _popcount(exc_masks, ASM).to(tl.int32)
-        n_exc = tl.sum(tl.sum(exc_counts, axis=1), axis=0)
         totals = tl.sum(tl.sum(counts, axis=1), axis=0)
         n_amb = (totals & 0xFFFF).to(tl.int32)
         first_byte = (2 * n_amb + 7) // 8  # of the escapes
         n_words = (first_byte + (totals >> 16).to(tl.int32) + 7) // 8
         word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")
-        exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed").to(tl.int32)
-        exc_slot = exc_base + tl.reshape(_group_starts(exc_counts, TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
-        if (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity):
+        # exceptions are rare (offsets past a byte, non-finite values): a tile without any skips
+        # their slot bookkeeping and its atomic altogether
+        n_exc = tl.sum(tl.sum(exception.to(tl.int32), axis=1), axis=0)
+        exc_base = n_exc.to(tl.int64) * 0
+        if n_exc > 0:
+            exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed")
+        fits = (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity)
+        if fits:
             # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
-            # the tile's bit stream at twice the group's first slot: one or two atomics per group
+            # the tile's bit stream at twice the group's first slot; likewise its first 8 escape
+            # bytes, at the group's first escape byte; further escapes (rare) one by one
             code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
             codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
-            group_codes = tl.sum(codes, axis=2)
-            bit = 2 * (starts & 0xFFFF).to(tl.int64)
-            shift = (bit & 63).to(tl.uint64)
-            low = (group_codes << shift).to(tl.int64, bitcast=True)
-            high = ((group_codes >> 1) >> (63 - shift)).to(tl.int64, bitcast=True)
-            word = stream_ptr + word_base + (bit >> 6)
-            tl.atomic_or(word, low, mask=low != 0, sem="relaxed")
-            tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
-            byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
-            escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
-            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
-            flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
-            tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
-            tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), 0, exc_layer_ptr.dtype.element_ty) + layer.to(exc_layer_ptr.dtype.element_ty),
-                     mask=exception)
-            tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+            _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))
+            esc_ranks = _ranks_in_group(esc_masks, TR, G, ASM)
+            esc_first = first_byte + (starts >> 16).to(tl.int32)
+            escape_byte = tl.reshape(offset + 128, (TR, G, 32))
+            _or_bits_at(stream_ptr + word_base, 8 * esc_first.to(tl.int64), _packed_bytes(escape_byte, esc_ranks, tl.reshape(escape, (TR, G, 32))))
+            byte = tl.reshape(esc_first[:, :, None] + esc_ranks, (TR, TC))
+            far = escape & tl.reshape(esc_ranks >= 8, (TR, TC))
+            far_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
+            tl.atomic_or(stream_ptr + word_base + (byte >> 3), far_value, mask=far, sem="relaxed")
             tl.store(pointers, new, mask=mask)
             tl.store(bounds_ptr + t, word_base.to(tl.int32))
         else:
-            tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
             tl.store(bounds_ptr + t, -1)
-
+        if n_exc > 0:
+            exc_masks = _group_masks(exception.to(tl.int32), TR, G)
+            exc_slot = exc_base.to(tl.int32) + tl.reshape(
+                _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
+            if fits:
+                flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
+                tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
+                tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), 0, exc_layer_ptr.dtype.element_ty) + layer.to(exc_layer_ptr.dtype.element_ty),
+                         mask=exception)
+                tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+            else:  # void the slots this tile took, so that the exceptions pass skips them
+                tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
 
 @triton.jit
 def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n_slots, only_layer, BLOCK: tl.constexpr):
