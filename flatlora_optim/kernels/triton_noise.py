@@ -220,7 +220,6 @@ def _group_starts(counts, TR: tl.constexpr):
     return within - counts + (tl.cumsum(totals, axis=0) - totals)[:, None]
 
 
-
 @triton.jit
 def _bits_at(ptr, first_bit, n_bits):
     """The 64 bits of the int64 words at ``ptr`` that start at bit ``first_bit`` (per group), as
@@ -243,14 +242,6 @@ def _or_bits_at(ptr, first_bit, value):
     tl.atomic_or(word, low, mask=low != 0, sem="relaxed")
     tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
 
-
-@triton.jit
-def _packed_bytes(values, ranks, selected):
-    """Per group, the bytes ``values`` of the ``selected`` elements with ``ranks`` 0..7 side by side
-    in one uint64 (rank r in byte r)."""
-    near = selected & (ranks < 8)
-    shifted = (values & 0xFF).to(tl.uint64) << (8 * tl.minimum(ranks, 7)).to(tl.uint64)
-    return tl.sum(tl.where(near, shifted, 0), axis=2)  # distinct bytes: the sum is the OR
 
 @triton.jit
 def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
@@ -335,18 +326,11 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         group_codes = _bits_at(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)
         code = tl.reshape(((group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64)) & 3).to(tl.int32), (TR, TC))
         escape = ambiguous & (code == 3)
-        # likewise the first 8 escape bytes of a group; further ones (rare) are read one by one
         esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-        esc_counts = _popcount(esc_masks, ASM).to(tl.int32)
-        esc_ranks = _ranks_in_group(esc_masks, TR, G, ASM)
-        esc_first = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + _group_starts(esc_counts, TR)
-        window = _bits_at(stream_ptr + word_base, 8 * esc_first.to(tl.int64), 8 * tl.minimum(esc_counts, 8))
-        near_byte = tl.reshape(((window[:, :, None] >> (8 * tl.minimum(esc_ranks, 7)).to(tl.uint64)) & 0xFF).to(tl.int32), (TR, TC))
-        far = escape & tl.reshape(esc_ranks >= 8, (TR, TC))
-        byte = tl.reshape(esc_first[:, :, None] + esc_ranks, (TR, TC))
-        far_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=far, other=0)
-        far_byte = ((far_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32)
-        offset = tl.where(escape, tl.where(far, far_byte, near_byte) - 128, tl.where(code == 2, -1, code))
+        esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
+        byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
+        escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
+        offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
         key = cand_key + tl.where(ambiguous, offset, 0)
         tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
     else:
@@ -372,19 +356,13 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         fits = (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity)
         if fits:
             # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
-            # the tile's bit stream at twice the group's first slot; likewise its first 8 escape
-            # bytes, at the group's first escape byte; further escapes (rare) one by one
+            # the tile's bit stream at twice the group's first slot; escape bytes one by one
             code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
             codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
             _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))
-            esc_ranks = _ranks_in_group(esc_masks, TR, G, ASM)
-            esc_first = first_byte + (starts >> 16).to(tl.int32)
-            escape_byte = tl.reshape(offset + 128, (TR, G, 32))
-            _or_bits_at(stream_ptr + word_base, 8 * esc_first.to(tl.int64), _packed_bytes(escape_byte, esc_ranks, tl.reshape(escape, (TR, G, 32))))
-            byte = tl.reshape(esc_first[:, :, None] + esc_ranks, (TR, TC))
-            far = escape & tl.reshape(esc_ranks >= 8, (TR, TC))
-            far_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
-            tl.atomic_or(stream_ptr + word_base + (byte >> 3), far_value, mask=far, sem="relaxed")
+            byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
+            escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
+            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
             tl.store(pointers, new, mask=mask)
             tl.store(bounds_ptr + t, word_base.to(tl.int32))
         else:
@@ -401,6 +379,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
                 tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
             else:  # void the slots this tile took, so that the exceptions pass skips them
                 tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
+
 
 @triton.jit
 def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n_slots, only_layer, BLOCK: tl.constexpr):
