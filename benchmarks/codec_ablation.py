@@ -46,8 +46,7 @@ def _normals('''
 
 CODE_WRITE = "            _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
 ESCAPE_WRITE = '            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")\n'
-CODE_SPLIT = "\n        code = tl.reshape(((group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64)) & 3).to(tl.int32), (TR, TC))"
-CODE_READ = "group_codes = _bits_at(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
+CODE_READ = "word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
 Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
@@ -78,13 +77,9 @@ VARIANTS: Dict[str, Variant] = {
     "perturb: code words not written": ([(CODE_WRITE, "")], None, False),
     "perturb: escapes not written": ([(ESCAPE_WRITE, "")], None, False),
     "restore: escapes left out": ([("escape = ambiguous & (code == 3)\n", "escape = ambiguous & (code == 7)\n")], None, False),
-    "restore: codes read element by element": ([(CODE_READ + CODE_SPLIT,
-                                                  "bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))\n"
-                                                  "        word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)\n"
-                                                  "        code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)")], None, True),
-    "restore: code words not read": ([(CODE_READ, "group_codes = amb_masks.to(tl.uint64)")], None, False),
-    "restore: no slot ranks": ([("(group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64))",
-                                 "(group_codes[:, :, None] >> tl.arange(0, 32).to(tl.uint64)[None, None, :])")], None, False),
+    "restore: code words not read": ([(CODE_READ, "word = bit.to(tl.int64) * 0")], None, False),
+    "restore: no slot ranks": ([("bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))",
+                                 "bit = ambiguous.to(tl.int32)")], None, False),
     "restore: no codec (noise floor)": ([("        key = cand_key + tl.where(ambiguous, offset, 0)", "        key = cand_key")], None, False),
 }
 

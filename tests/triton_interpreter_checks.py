@@ -131,9 +131,9 @@ def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) ->
 
 
 def check_dense_escapes() -> None:
-    """Row noise from 0.005 to 25 times the weights: in the noisiest rows most elements escape, so
-    groups hold more than the 8 escape bytes that are read or written per group at once (the rest
-    go one by one), other rows have few; restore is still bitwise."""
+    """Row noise from 0.005 to 25 times the weights: in the noisiest rows most elements escape (a
+    group of 32 holds up to 32 escape bytes, spread over several stream words), other rows have
+    few; restore is still bitwise."""
     gen = torch.Generator().manual_seed(3)
     w = layers([(8, 512)], torch.float16, gen)[0]
     table = LayerTable([w])

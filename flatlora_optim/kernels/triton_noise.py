@@ -221,17 +221,6 @@ def _group_starts(counts, TR: tl.constexpr):
 
 
 @triton.jit
-def _bits_at(ptr, first_bit, n_bits):
-    """The 64 bits of the int64 words at ``ptr`` that start at bit ``first_bit`` (per group), as
-    uint64; only the words that hold the first ``n_bits`` of them are read (none for 0 bits)."""
-    shift = (first_bit & 63).to(tl.uint64)
-    word = ptr + (first_bit >> 6)
-    low = tl.load(word, mask=n_bits > 0, other=0).to(tl.uint64, bitcast=True)
-    high = tl.load(word + 1, mask=(first_bit & 63) + n_bits > 64, other=0).to(tl.uint64, bitcast=True)
-    return (low >> shift) | ((high << 1) << (63 - shift))  # two steps: no shift by 64 when shift is 0
-
-
-@triton.jit
 def _or_bits_at(ptr, first_bit, value):
     """OR the 64-bit ``value`` (per group) into the int64 words at ``ptr`` from bit ``first_bit`` on:
     one or two atomics, none for the words it leaves unchanged."""
@@ -320,11 +309,12 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
     amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
     if RESTORE:
-        # a group's codes are at most 64 consecutive bits of the stream: one or two word loads per
-        # group, not one per element, then each element shifts its own two bits out
+        # each ambiguous element reads its own code (loading a group's 64 bits once and splitting
+        # them among its elements was 1.7x slower on an H200: benchmarks/codec_ablation.py)
         amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
-        group_codes = _bits_at(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)
-        code = tl.reshape(((group_codes[:, :, None] >> (2 * amb_in_group).to(tl.uint64)) & 3).to(tl.int32), (TR, TC))
+        bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
+        word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
+        code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
         escape = ambiguous & (code == 3)
         esc_masks = _group_masks(escape.to(tl.int32), TR, G)
         esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
