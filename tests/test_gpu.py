@@ -211,3 +211,35 @@ def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
         assert torch.equal(bits(copy), before[1])
         kernel.exact_restore_layers(table, std, seeds, record)
         assert all(torch.equal(bits(r), b) for r, b in zip(rows, before))
+
+
+def _compiled_variants(jit_function) -> int:
+    """How many compiled forms Triton holds for ``jit_function`` (all devices)."""
+    return sum(len(cache[0]) for cache in jit_function.device_caches.values())
+
+
+def test_codec_does_not_recompile_when_buffer_sizes_change():
+    """Capacities and slot counts change from step to step; a new value must reuse the compiled
+    codec (each recompile used to stall a training step for seconds)."""
+    pytest.importorskip("triton")
+    from flatlora_optim.kernels import triton_noise
+    from flatlora_optim.kernels.layer_table import LayerTable
+
+    kernel = kernel_for(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    w = (torch.randn(700, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    w.view(-1)[:3] = 0.0  # exceptions (offsets past a byte), so that the exceptions pass runs too
+    before = bits(w).clone()
+    counts = []
+    # capacities that fall in every class Triton specialises integers on (1, multiples of 16, others)
+    for capacity in (None, (4096, 16), (4099, 17), (8192, 1), (9001, 33)):
+        table = LayerTable([w])
+        table.codec_capacity = capacity
+        std = torch.full((table.total_rows,), 1e-3, device="cuda")
+        seeds = torch.arange(table.total_blocks, dtype=torch.int64, device="cuda") + 11
+        record = kernel.exact_perturb_layers(table, std, seeds)
+        assert record.n_exceptions >= 3
+        kernel.exact_restore_layers(table, std, seeds, record)
+        assert torch.equal(bits(w), before)
+        counts.append((_compiled_variants(triton_noise._codec_kernel), _compiled_variants(triton_noise._exceptions_kernel)))
+    assert counts[1:] == counts[:1] * (len(counts) - 1), counts

@@ -22,3 +22,16 @@ def test_cuda_kernels_restore_bitwise_under_the_triton_interpreter():
                             timeout=1800)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-8000:]
     assert "triton interpreter checks passed" in result.stdout
+
+
+def test_codec_kernels_take_their_varying_sizes_unspecialised():
+    """Triton compiles a kernel again for each new pattern (== 1, multiple of 16) of an integer
+    argument; the codec's buffer capacities and slot counts change every step, so they must be
+    plain runtime arguments (tests/test_gpu.py checks on a GPU that no recompile happens)."""
+    pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it)")
+    from flatlora_optim.kernels import triton_noise
+
+    for kernel, names in [(triton_noise._codec_kernel, {"word_capacity", "exc_capacity"}),
+                          (triton_noise._exceptions_kernel, {"n_slots", "only_layer"})]:
+        unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
+        assert names <= unspecialised, (kernel.fn.__name__, unspecialised)

@@ -232,7 +232,13 @@ def _or_bits_at(ptr, first_bit, value):
     tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
 
 
-@triton.jit
+# Triton compiles a kernel again for every new pattern of its integer arguments (== 1, multiple of
+# 16); the buffer capacities and slot counts change from step to step, and each new compile stalled
+# a step for seconds on the H200. Their values are plain runtime arguments instead.
+_VARYING = {"_codec_kernel": ["word_capacity", "exc_capacity"], "_exceptions_kernel": ["n_slots", "only_layer"]}
+
+
+@triton.jit(do_not_specialize=_VARYING["_codec_kernel"])
 def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
                   bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
                   RESTORE: tl.constexpr, W_CODE: tl.constexpr, VARIANT: tl.constexpr, MANT: tl.constexpr,
@@ -371,7 +377,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
                 tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING["_exceptions_kernel"])
 def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n_slots, only_layer, BLOCK: tl.constexpr):
     """Put back the original bits of the exceptions in slots ``0:n_slots`` (after a restore pass).
 
