@@ -20,7 +20,10 @@ Configurations (``--config``):
   parameters, 0.82 B in LoRA-wrapped linears), bf16, batch 8 x 1024 tokens, LoRA r=8 on all seven
   projections, AdamW.
 
-Output: a table of ratios against plain LoRA, and the same numbers as JSON (``--json``).
+Output: a table of ratios against plain LoRA, and the same numbers as JSON (``--json``). The JSON also
+lists, per timed step, the milliseconds Python's garbage collector spent in full (generation 2)
+collections during that step (``gc_full_ms``): a full collection walks the whole process heap (torch,
+transformers, peft...) and shows up as one slow step that is not the method's own cost.
 
     python benchmarks/step_time.py --config cpu --json docs/benchmarks/cpu.json
     python benchmarks/step_time.py --config gpu --json docs/benchmarks/gpu.json
@@ -29,6 +32,7 @@ Output: a table of ratios against plain LoRA, and the same numbers as JSON (``--
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -158,6 +162,27 @@ def make_virtual_forming(flat) -> Callable[[], None]:
     return form
 
 
+class FullCollections:
+    """Milliseconds spent in full (generation 2) garbage collections since the last ``take()``."""
+
+    def __init__(self) -> None:
+        self.ms = 0.0
+        self._start = 0.0
+        gc.callbacks.append(self._event)
+
+    def _event(self, phase: str, info: Dict) -> None:
+        if info["generation"] != 2:
+            return
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.ms += (time.perf_counter() - self._start) * 1000
+
+    def take(self) -> float:
+        ms, self.ms = self.ms, 0.0
+        return ms
+
+
 def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
     from flatlora_optim import FlatLoRA
 
@@ -174,18 +199,23 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
     clean = checksum(model)
     results: Dict[str, Dict] = {}
+    collections = FullCollections()
+    gc_ms: List[float] = []
 
     def time_steps(step: Callable[[], None], n_warm: int, n: int) -> List[float]:
         for _ in range(n_warm):
             step()
         sync(device)
         times = []
+        gc_ms.clear()
         for _ in range(n):
             sync(device)
+            collections.take()
             start = time.perf_counter()
             step()
             sync(device)
             times.append((time.perf_counter() - start) * 1000)
+            gc_ms.append(round(collections.take(), 3))
         return times
 
     for method in methods:
@@ -206,7 +236,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
             torch.cuda.reset_peak_memory_stats()
         times = time_steps(step, cfg["warmup"], cfg["steps"])
         peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
-        entry = {"ms_per_step": statistics.median(times), "ms_all": times, "peak_bytes": peak}
+        entry = {"ms_per_step": statistics.median(times), "ms_all": times, "gc_full_ms": list(gc_ms), "peak_bytes": peak}
         if flat is not None and flat.mode == "virtual":
             pr = time_steps(make_virtual_forming(flat), 2, cfg["pr_reps"])
             entry["form_noisy_weights_ms"] = statistics.median(pr)
