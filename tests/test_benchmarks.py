@@ -1,0 +1,32 @@
+"""The step-time benchmark runs end to end (a tiny CPU configuration) and reports what docs/benchmarks.md reads."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+
+def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import step_time
+
+    tiny = dict(hidden=32, layers=1, mlp=64, vocab=64, heads=2, batch=2, seq=8, dtype="float32", warmup=1, steps=3, pr_reps=2)
+    monkeypatch.setitem(step_time.CONFIGS, "cpu", tiny)
+    methods = ["lora", "flat-exact", "flat-backup", "flat-virtual", "flat-subtract", "reference"]
+    summary = step_time.run("cpu", methods, threads=1)
+
+    assert list(summary["results"]) == methods
+    assert summary["perturbed_params"] == 4 * 32 * 32 + 3 * 32 * 64  # q k v o: 32 x 32; gate, up: 64 x 32; down: 32 x 64
+    for method, result in summary["results"].items():
+        assert len(result["ms_all"]) == len(result["gc_full_ms"]) == tiny["steps"], method
+        assert result["ms_per_step"] > 0 and all(ms >= 0 for ms in result["gc_full_ms"])
+        assert summary["ratios"][method] == pytest.approx(result["ms_per_step"] / summary["results"]["lora"]["ms_per_step"])
+    for method in ("lora", "flat-exact", "flat-backup", "flat-virtual"):  # the exact methods leave the weights as they were
+        assert summary["results"][method]["weights_bitwise_equal"], method
+    assert not summary["results"]["reference"]["weights_bitwise_equal"]  # subtraction drifts: the benchmark must see it
+    assert "perturb_restore_ms" in summary["results"]["flat-exact"] and "form_noisy_weights_ms" in summary["results"]["flat-virtual"]
