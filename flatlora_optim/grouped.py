@@ -1,9 +1,10 @@
 """The whole step's noise in a handful of GPU launches, for every layer at once.
 
 On CUDA with Triton, :class:`StepGroup` computes every target's row stds in one launch (per
-weight/adapter type), uploads every row block's seed in one copy, and -- in in-place mode with
-exact restore on 16-bit weights -- perturbs and later restores all those layers with the fused
-codec in two and two launches, with one host sync per step (to size the records). Per-layer
+weight/adapter type), uploads every row block's seed in one copy, and -- in in-place mode on
+16-bit weights -- perturbs all those layers in one pass: with exact restore through the fused
+codec (restored by one more pass, with one host sync per step to size the records), with backup
+restore after one multi-tensor copy of the weights (restored by copying them back). Per-layer
 Python work is limited to reading each target's weight view and adapters.
 
 The values are the per-layer path's: the same seeds (:func:`flatlora_optim.noise.noise_seeds`),
@@ -73,7 +74,8 @@ class StepGroup:
         kernel.row_stds(self.table, adapters, [sigma / n**0.5 for _, n in self.table.shapes], self.std)
         seeds = noise_seeds(stream_seed, step, [layer_key(t.name) for t in self.targets], self.table.blocks)
         self.seeds = torch.from_numpy(seeds).to(device, non_blocking=True)
-        self.record: Any = None
+        self.record: Any = None  # exact restore: the fused codec's record
+        self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W
         self.codec_table: Any = None
         self.restored: List[bool] = []
         self._codec_index: List[int] = []
@@ -90,21 +92,33 @@ class StepGroup:
         base = self.table.seed_bases[index]
         return self.seeds[base : base + self.table.blocks[index]]
 
-    def perturb(self, cache: TableCache, indices: Sequence[int]) -> List[GroupSlot]:
-        """Write ``W + e`` into the layers ``indices`` with the fused exact codec; one slot per layer."""
+    def perturb(self, cache: TableCache, indices: Sequence[int], backup: bool = False) -> List[GroupSlot]:
+        """Write ``W + e`` into the layers ``indices`` in one pass; one slot per layer.
+
+        Exact restore keeps the fused codec's record; ``backup`` keeps a copy of every layer's ``W``
+        (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
+        """
         self._codec_index = list(indices)
         rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices])
-        self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds)
+        if backup:
+            self.backups = [torch.empty_like(r) for r in rows]
+            torch._foreach_copy_(self.backups, rows)
+            self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
+        else:
+            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds)
         self.restored = [False] * len(indices)
         return [GroupSlot(self, k) for k in range(len(indices))]
 
     def restore_all(self) -> None:
         """Undo every layer not restored yet: one grouped restore when none was restored alone."""
-        if self.record is None or all(self.restored):
+        if (self.record is None and self.backups is None) or all(self.restored):
             return
         if not any(self.restored):
-            self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
+            if self.backups is not None:
+                torch._foreach_copy_([self.rows[i] for i in self._codec_index], self.backups)
+            else:
+                self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
             self.restored = [True] * len(self.restored)
             return
         for k, done in enumerate(self.restored):
@@ -117,9 +131,18 @@ class StepGroup:
         if live and self.restored[k]:
             return
         rows = self.rows[self._codec_index[k]] if live else dest
-        self.kernel.exact_restore_one(self.codec_table, k, rows, self.std, self.seeds, self.record)
+        if self.backups is not None:
+            rows.copy_(self.backups[k])
+        else:
+            self.kernel.exact_restore_one(self.codec_table, k, rows, self.std, self.seeds, self.record)
         if live:
             self.restored[k] = True
+
+    def slot_nbytes(self, k: int) -> int:
+        """Bytes held for codec layer ``k`` until restore: its backup, or its share of the record."""
+        if self.backups is not None:
+            return self.backups[k].numel() * self.backups[k].element_size()
+        return self.record.layer_nbytes(self.codec_table.tiles[k])
 
 
 class GroupSlot:
@@ -132,4 +155,4 @@ class GroupSlot:
         self.group.restore_one(self.k, dest)
 
     def nbytes(self) -> int:
-        return self.group.record.layer_nbytes(self.group.codec_table.tiles[self.k])
+        return self.group.slot_nbytes(self.k)

@@ -209,16 +209,16 @@ class Perturber:
     def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
         """Write ``W + e`` into every target; return what restores each (restore with :meth:`restore_all`).
 
-        On CUDA, 16-bit weights with exact restore go through the fused codec together (a few
-        launches for the whole list); every other target is perturbed block by block.
+        On CUDA, 16-bit weights with exact or backup restore go through one step-wide pass together
+        (a few launches for the whole list); every other target is perturbed block by block.
         """
         described, group = self.describe_all(targets, sigma, step)
-        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused_exact(p)]
+        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused(p)]
         rest = [p for k, p in enumerate(described) if k not in fused]
         done: List[TargetPerturbation] = []
         try:
             if fused:
-                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused])
+                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused], backup=self.strategy.name == "backup")
                 for k, slot in zip(fused, slots):
                     rows = described[k].target.rows()
                     described[k].blocks.append((_GROUPED, 0, rows.shape[0], 0, rows.shape[0], slot))
@@ -260,11 +260,13 @@ class Perturber:
             if not any(q is p for q in done):
                 done.append(p)
 
-    def _fused_exact(self, p: TargetPerturbation) -> bool:
+    def _fused(self, p: TargetPerturbation) -> bool:
+        """Whether ``p`` goes through the step-wide one-pass path: exact or backup restore, 16-bit
+        weights, the CUDA kernel (subtract and other weight types go block by block)."""
         dtype = p.target.weight.dtype
         kernel = self._kernel_of(p.target)
         fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(dtype)
-        return self.strategy.name == "exact" and fused_kernel and p.target.rows().numel() < 2**31
+        return self.strategy.name in ("exact", "backup") and fused_kernel and p.target.rows().numel() < 2**31
 
     def _perturb_blocks(self, p: TargetPerturbation) -> None:
         rows = p.target.rows()

@@ -243,3 +243,41 @@ def test_codec_does_not_recompile_when_buffer_sizes_change():
         assert torch.equal(bits(w), before)
         counts.append((_compiled_variants(triton_noise._codec_kernel), _compiled_variants(triton_noise._exceptions_kernel)))
     assert counts[1:] == counts[:1] * (len(counts) - 1), counts
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_backup_restore_takes_the_step_wide_pass_with_the_codecs_values(dtype):
+    """Backup restore on 16-bit weights: one grouped pass writes the same ``W + e`` as the exact
+    codec, a clean ``state_dict`` while perturbed, and the copies put every bit back."""
+    pytest.importorskip("triton")
+    import flatlora_optim.perturbation as perturbation
+
+    gen = torch.Generator().manual_seed(4)
+    model = nn.Sequential(*[LoRALinear(nn.Linear(i, o), r=4, alpha=8) for i, o in [(1024, 700), (700, 1030), (1030, 256)]])
+    with torch.no_grad():
+        for layer in model:
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * 0.05)
+    model = model.to(device="cuda", dtype=dtype)
+    before = [bits(layer.weight).clone() for layer in model]
+    x = torch.randn(6, 1024, device="cuda", dtype=dtype)
+    formed = {}
+    for restore in ("exact", "backup"):
+        # lr 0: both runs see the same adapters, hence the same row stds and noise at each step
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.0), model, rho=0.05, schedule="constant", restore=restore, seed=7)
+        for step in range(3):
+            with opt.perturbed():
+                assert all(p.blocks[0][0] == perturbation._GROUPED for p in opt._perturbations)
+                noisy = [bits(layer.weight).clone() for layer in model]
+                if restore == "backup":
+                    assert all(torch.equal(a, b) for a, b in zip(noisy, formed[step]))
+                else:
+                    formed[step] = noisy
+                clean = model.state_dict()
+                assert all(torch.equal(bits(clean[f"{k}.weight"]), b) for k, b in enumerate(before))
+                loss = model(x).float().square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
+        weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in model)
+        assert (opt.peak_restore_bytes >= weight_bytes) == (restore == "backup")

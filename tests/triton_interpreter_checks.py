@@ -164,8 +164,9 @@ def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, seed) ->
 
 def check_training_steps_through_the_grouped_path() -> None:
     """FlatLoRA itself with the Triton kernel forced onto CPU tensors: the step-wide group (row stds,
-    seeds, fused codec), a clean ``state_dict`` while perturbed (one layer restored into a copy), and
-    weights bitwise equal after every step; both modes see the same ``W + e``."""
+    seeds, fused codec; backup restore's plain pass), a clean ``state_dict`` while perturbed (one
+    layer restored into a copy), and weights bitwise equal after every step; exact, backup and
+    virtual mode all see the same ``W + e``."""
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
     from flatlora_optim import FlatLoRA
@@ -181,8 +182,8 @@ def check_training_steps_through_the_grouped_path() -> None:
     before = [bits(w).clone() for w in frozen]
     params = [p for p in model.parameters() if p.requires_grad]
     noisy = {}
-    for mode in ("inplace", "virtual"):
-        opt = FlatLoRA(torch.optim.SGD(params, lr=0.0), model, rho=0.05, schedule="constant", seed=1, mode=mode)
+    for mode, restore in (("inplace", "exact"), ("inplace", "backup"), ("virtual", "exact")):
+        opt = FlatLoRA(torch.optim.SGD(params, lr=0.0), model, rho=0.05, schedule="constant", seed=1, mode=mode, restore=restore)
         for step in range(2):
             x = torch.randn(5, 24)
             with opt.perturbed():
@@ -192,10 +193,15 @@ def check_training_steps_through_the_grouped_path() -> None:
                 loss = h.square().mean()
                 if mode == "inplace":
                     assert any(not torch.equal(bits(w), b) for w, b in zip(frozen, before)), "nothing perturbed"
+                    if restore == "backup":  # the step-wide pass, a copy kept: the same W + e as the codec
+                        assert all(p.blocks[0][0] == perturbation._GROUPED for p in opt._perturbations), "backup not grouped"
+                        formed = [bits(w) for w in frozen]
+                        assert all(torch.equal(f, n) for f, n in zip(formed, noisy[step])), "backup W + e differs from exact"
                     clean = model.state_dict()
                     for k, b in enumerate(before):
                         assert torch.equal(bits(clean[f"{k}.weight"]), b), "state_dict while perturbed is not clean"
-                    noisy[step] = [bits(w).clone() for w in frozen]
+                    if restore == "exact":
+                        noisy[step] = [bits(w).clone() for w in frozen]
                 else:
                     formed = [bits(opt._perturber.perturbed_rows(p)) for p in opt._perturbations]
                     assert all(torch.equal(f, n) for f, n in zip(formed, noisy[step])), "virtual W + e differs from in-place"
@@ -203,7 +209,7 @@ def check_training_steps_through_the_grouped_path() -> None:
             opt.step()
             opt.zero_grad()
             for k, (w, b) in enumerate(zip(frozen, before)):
-                assert torch.equal(bits(w), b), f"{mode}, step {step}: layer {k} not restored bitwise"
+                assert torch.equal(bits(w), b), f"{mode}/{restore}, step {step}: layer {k} not restored bitwise"
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ _VARYING = {"_codec_kernel": ["word_capacity", "exc_capacity"], "_exceptions_ker
 def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
                   bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
                   RESTORE: tl.constexpr, W_CODE: tl.constexpr, VARIANT: tl.constexpr, MANT: tl.constexpr,
-                  TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr):
+                  TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr, PLAIN: tl.constexpr = False):
     """The exact-restore codec, fused, for 16-bit weights, many layers per launch, one tile per program.
 
     Perturb (``RESTORE`` false) writes ``fl(W + e)`` and what is needed to undo it. The restore
@@ -257,6 +257,9 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     between programs); ``bounds[t]`` keeps the first. A tile whose words or exceptions would pass
     a buffer's capacity writes nothing (its weights stay clean), voids the exception slots it
     took and marks itself -1; the host then redoes the step with bigger buffers.
+
+    ``PLAIN`` writes ``fl(W + e)`` and nothing else (backup restore keeps ``W`` itself): the same
+    tiles, seeds and arithmetic, so the same bits as the codec's perturb pass.
     """
     t = tl.program_id(0)
     layer = tl.load(tile_layer_ptr + t).to(tl.int64)
@@ -298,6 +301,9 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     else:
         pointers = w_ptr + row_offsets[:, None] + cols[None, :].to(tl.int64) * tl.load(info + 4)
     w = tl.load(pointers, mask=mask, other=0.0)
+    if PLAIN:
+        tl.store(pointers, (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty), mask=mask)
+        return
     if RESTORE:
         new = w
     else:
@@ -416,6 +422,14 @@ def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, 
     return out
 
 
+
+def _check_codec_layers(table: LayerTable, what: str) -> None:
+    """The codec kernel's limits: 16-bit weights, element positions that fit in int32."""
+    if not all(d in _MANTISSA for d in table.dtypes):
+        raise ValueError(f"{what} takes bfloat16 and float16 weights only")
+    if any(m * n >= 2**31 for m, n in table.shapes):
+        raise ValueError(f"{what} indexes a layer's elements with int32: a layer has 2**31 elements or more")
+
 class TritonNoiseKernel:
     """Same interface as :class:`flatlora_optim.noise.TorchNoiseKernel`, fused on CUDA."""
 
@@ -478,17 +492,27 @@ class TritonNoiseKernel:
     def fused_exact_supported(dtype: torch.dtype) -> bool:
         return dtype in _MANTISSA
 
-    def _exact(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, restore: bool,
+    def _exact(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: Optional[ExactGroupRecord], restore: bool,
                counters: Optional[torch.Tensor] = None) -> None:
+        """One codec launch per weight type and codec variant of ``table``; with no ``record``, the
+        plain form (``fl(W + e)`` only)."""
+        plain = record is None
+        buffers = (std,) * 5 if plain else (record.bounds, record.stream, record.exc_layer, record.exc_index, record.exc_bits)
+        capacity = (0, 0) if plain else (record.word_capacity, record.exc_capacity)
         for code in table.dtype_codes:
             dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
             for variant in table.variants:
                 _codec_kernel[(table.n_tiles,)](
-                    table.layers, table.tile_layer, std, seeds, counters if counters is not None else std,
-                    record.word_capacity, record.exc_capacity, record.bounds, record.stream, record.exc_layer, record.exc_index, record.exc_bits,
-                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM,
-                    enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore else _PERTURB_WARPS,
+                    table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers,
+                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, PLAIN=plain,
+                    enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore or plain else _PERTURB_WARPS,
                 )
+
+    def add_noise_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Write ``fl(W + e)`` into every (16-bit) layer of ``table``, keeping nothing: the same bits as
+        :meth:`exact_perturb_layers` writes (used with backup restore, which keeps ``W`` itself)."""
+        _check_codec_layers(table, "the grouped noise pass")
+        self._exact(table, std, seeds, None, restore=False)
 
     def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> ExactGroupRecord:
         """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
@@ -497,10 +521,7 @@ class TritonNoiseKernel:
         were used). The buffers are sized from the previous step's counts plus headroom (kept on
         the table); when they turn out too small, what was written is undone and the step redone.
         """
-        if not all(d in _MANTISSA for d in table.dtypes):
-            raise ValueError("the fused exact codec takes bfloat16 and float16 weights only")
-        if any(m * n >= 2**31 for m, n in table.shapes):
-            raise ValueError("the fused exact codec indexes a layer's elements with int32: a layer has 2**31 elements or more")
+        _check_codec_layers(table, "the fused exact codec")
         device = table.device
         # the first step has no counts to go by: a pass with no room counts them (tiles that need
         # room are skipped, nothing is written for them), then the real pass runs with exact buffers
