@@ -1,7 +1,7 @@
 """Registers and spills of every CUDA kernel form, compiled for sm_90 (H100/H200) on any machine, no GPU needed.
 
-Triton's real pipeline (TTIR, TTGIR, LLVM, PTX, ``ptxas`` from the Triton wheel) for an sm_90 target,
-then ``cuobjdump -res-usage`` on the cubin. Registers per thread bound how many programs share a
+Triton's real pipeline (TTIR, TTGIR, LLVM, PTX, ``ptxas`` from the Triton wheel) for an sm_90 target;
+the counts are ``ptxas -v``'s for that PTX with Triton's flags. Registers per thread bound how many programs share a
 multiprocessor (65,536 registers each), hence the occupancy that hides the codec's dependent loads.
 
     python benchmarks/kernel_resources.py
@@ -37,15 +37,23 @@ def compile_for_hopper(kernel, types: Dict[str, str], constants: Dict[str, objec
 
 
 def resource_usage(compiled) -> Dict[str, int]:
-    """``REG``, ``LOCAL`` (spilled bytes per thread) ... of the compiled cubin, read by cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(compiled.asm["cubin"])
-    try:
-        out = subprocess.run([os.path.join(BIN, "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
-    line = next(line for line in out.splitlines() if "REG:" in line)
-    return {key: int(value) for key, value in re.findall(r"([A-Z]+):(\d+)", line)}
+    """Registers per thread, spill stores and loads (bytes) and stack frame of ``compiled``: Triton's own
+    ``ptxas`` run again on its PTX with the flags Triton passes (``-v`` prints the counts)."""
+    arch = "sm_" + re.search(r"\.target\s+sm_(\w+)", compiled.asm["ptx"]).group(1)
+    fmad = [] if compiled.metadata.enable_fp_fusion else ["--fmad=false"]
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "kernel.ptx")
+        with open(source, "w") as f:
+            f.write(compiled.asm["ptx"])
+        command = [os.path.join(BIN, "ptxas"), "-lineinfo", *fmad, "-v", f"--gpu-name={arch}", source, "-o", os.path.join(folder, "kernel.o")]
+        log = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    numbers = {
+        "registers": r"Used (\d+) registers",
+        "stack": r"(\d+) bytes stack frame",
+        "spill_stores": r"(\d+) bytes spill stores",
+        "spill_loads": r"(\d+) bytes spill loads",
+    }
+    return {key: int(re.search(pattern, log).group(1)) for key, pattern in numbers.items()}
 
 
 CODEC_TYPES = {"layers_ptr": "*i64", "tile_layer_ptr": "*i16", "std_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64",
@@ -65,12 +73,12 @@ def codec_warps(form: str) -> int:
 
 def main() -> None:
     print(f"sm_90, Triton {triton.__version__}; bf16 weights, aligned rows (codec variant 3), tiles {TILE_ROWS} x {TILE_COLS}")
-    print(f"{'kernel form':28s} {'warps':>5s} {'registers':>9s} {'spilled B':>9s} {'programs/SM (by registers)':>26s}")
+    print(f"{'kernel form':28s} {'warps':>5s} {'registers':>9s} {'spill stores B':>14s} {'programs/SM (by registers)':>26s}")
     for form in ("perturb", "restore", "plain"):
         warps = codec_warps(form)
         usage = resource_usage(compile_for_hopper(tn._codec_kernel, CODEC_TYPES, codec_constants(form, 1, 3), warps))
-        per_sm = min(65536 // (usage["REG"] * 32 * warps), 64 // warps)
-        print(f"{'codec, ' + form:28s} {warps:5d} {usage['REG']:9d} {usage['LOCAL']:9d} {per_sm:26d}")
+        per_sm = min(65536 // (usage["registers"] * 32 * warps), 64 // warps)
+        print(f"{'codec, ' + form:28s} {warps:5d} {usage['registers']:9d} {usage['spill_stores']:14d} {per_sm:26d}")
 
 
 if __name__ == "__main__":

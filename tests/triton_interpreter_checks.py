@@ -101,12 +101,13 @@ def check_examples() -> None:
         KERNEL.exact_perturb_layers(table, std, seeds)
         assert torch.equal(bits(expected), bits(w)), f"codec and noise kernel disagree on {shape}"
     # row stds: sigma / sqrt(n) * ||W_i + s (B A)_i|| for layers with and without adapters
-    weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half()]
+    # float16 rows (one a transposed view) and float32 rows, which sum in float64 over narrower column steps
+    weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half(), torch.randn(20, 300)]
     adapters = [(torch.randn(8, w.shape[1]).half(), torch.randn(w.shape[0], 8).half(), 2.0) for w in weights]
     adapters[1] = None
     table = LayerTable(weights)
     out = torch.empty(table.total_rows)
-    KERNEL.row_stds(table, adapters, [0.1] * 3, out)
+    KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)
     expected = []
     for w, adapter in zip(weights, adapters):
         full = w.float() + (0 if adapter is None else adapter[2] * (adapter[1].float() @ adapter[0].float()))

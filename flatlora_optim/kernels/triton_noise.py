@@ -29,6 +29,7 @@ __all__ = ["TritonNoiseKernel"]
 
 _BLOCK = 2048  # elements per program of the noise kernel; a multiple of 4
 _STD_BLOCK_N = 256  # columns per step of the row-std kernel (fastest of 256, 512, 1024 on an H200)
+_STD_BLOCK_N_FP64 = 128  # float32/float64 weights sum in float64: 256 columns spill registers (benchmarks/kernel_resources.py)
 _STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
 _PERTURB_WARPS = 8  # warps per exact-codec program (a 2048-element tile); fastest of 4, 8, 16 on an H200
 _RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiprocessor win there
@@ -473,7 +474,7 @@ class TritonNoiseKernel:
                 for contig in sorted({v >= 2 for v in table.variants}):
                     _row_std_kernel[(table.n_rowtiles,)](
                         table.layers, adapter_rows, factors, table.rowtile_layer, out,
-                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N,
+                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N_FP64 if w_code in (0, 3) else _STD_BLOCK_N,
                         R=triton.next_power_of_2(rank), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
                         enable_fp_fusion=False, num_warps=_STD_WARPS,
                     )
