@@ -44,8 +44,8 @@ def _fast_randn4x(seed, offsets):
 @triton.jit
 def _normals('''
 
-CODE_WRITE = "            _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
-ESCAPE_WRITE = '            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")\n'
+CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
+ESCAPE_WRITE = '                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")\n'
 CODE_READ = "word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
@@ -66,10 +66,11 @@ VARIANTS: Dict[str, Variant] = {
                                     ("tl.randn4x(seed, local // 4)", "_fast_randn4x(seed, local // 4)")], None, True),
     "escape bytes by plain stores": ([
         ("first_byte = (2 * n_amb + 7) // 8  # of the escapes", "first_byte = 8 * ((2 * n_amb + 63) // 64)"),
-        ("            escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)\n"
-         "            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem=\"relaxed\")\n",
-         "            tl.store(stream_ptr.to(tl.pointer_type(tl.uint8)) + word_base * 8 + byte, (offset + 128).to(tl.uint8), mask=escape)\n"),
-        ("byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + ", "byte = 8 * ((2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 63) // 64) + "),
+        ("                escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)\n"
+         "                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem=\"relaxed\")\n",
+         "                tl.store(stream_ptr.to(tl.pointer_type(tl.uint8)) + word_base * 8 + byte, (offset + 128).to(tl.uint8), mask=escape)\n"),
+        ("first_byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8  # of the escapes",
+         "first_byte = 8 * ((2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 63) // 64)"),
         ("escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)",
          "escape_byte = tl.load(stream_ptr.to(tl.pointer_type(tl.uint8)) + word_base * 8 + byte, mask=escape, other=0)"),
         ("((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128", "escape_byte.to(tl.int32) - 128"),
@@ -80,7 +81,7 @@ VARIANTS: Dict[str, Variant] = {
     "restore: code words not read": ([(CODE_READ, "word = bit.to(tl.int64) * 0")], None, False),
     "restore: no slot ranks": ([("bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))",
                                  "bit = ambiguous.to(tl.int32)")], None, False),
-    "restore: no codec (noise floor)": ([("        key = cand_key + tl.where(ambiguous, offset, 0)", "        key = cand_key")], None, False),
+    "restore: no codec (noise floor)": ([("key = cand_key + tl.where(ambiguous, offset, 0)", "key = cand_key")], None, False),
 }
 
 
@@ -88,7 +89,8 @@ def load_variant(name: str, edits: List[Tuple[str, str]], folder: Path, source: 
     """The kernel module (``source``) with ``edits`` applied, imported under its own name."""
     text = source.read_text().replace("from .layer_table import", "from flatlora_optim.kernels.layer_table import")
     for old, new in edits:
-        if old not in text:
+        at = text.find(old)
+        if at < 0 or (old[0] == " " and text[at - 1] != "\n"):  # indented edits must match whole lines
             raise RuntimeError(f"variant {name!r}: {old!r} is not in the kernel source any more")
         text = text.replace(old, new)
     module_name = "codec_variant_" + "".join(c if c.isalnum() else "_" for c in name)

@@ -5,6 +5,9 @@ the counts are ``ptxas -v``'s for that PTX with Triton's flags. Registers per th
 multiprocessor (65,536 registers each), hence the occupancy that hides the codec's dependent loads.
 
     python benchmarks/kernel_resources.py
+
+The kernels are compiled as the library launches them: the launches are recorded with CPU tensors
+(``Launches``) and Triton's own binder turns their arguments into the signature it would compile.
 """
 
 from __future__ import annotations
@@ -13,11 +16,14 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Dict
+from typing import Dict, List, Tuple
 
+import torch
 import triton
+from triton import knobs
 from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from triton.compiler import ASTSource, make_backend
+from triton.runtime.jit import create_function_from_signature
 
 from flatlora_optim.kernels import triton_noise as tn
 from flatlora_optim.kernels.layer_table import TILE_COLS, TILE_ROWS
@@ -27,13 +33,35 @@ BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin"
 POINTER = {0: "*fp32", 1: "*bf16", 2: "*fp16", 3: "*fp64"}  # layer_table.DTYPE_CODES
 
 
-def compile_for_hopper(kernel, types: Dict[str, str], constants: Dict[str, object], num_warps: int):
-    """``kernel`` compiled for sm_90 with runtime argument ``types`` and ``constants`` (constexprs)."""
-    names = [p.name for p in kernel.params]
-    assert set(types) | set(constants) == set(names), set(names) ^ (set(types) | set(constants))
-    signature = {name: types.get(name, "constexpr") for name in names}
-    source = ASTSource(fn=kernel, signature=signature, constexprs={(names.index(k),): v for k, v in constants.items()})
-    return triton.compile(source, target=HOPPER, options={"num_warps": num_warps, "enable_fp_fusion": False})
+class Launches:
+    """Within ``with Launches("name") as launches:``, launches of ``triton_noise.<name>`` are recorded
+    (positional and keyword arguments) instead of run: what the library would launch, on any device."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.calls: List[Tuple[tuple, dict]] = []
+
+    def __enter__(self) -> Launches:
+        self._kernel = getattr(tn, self.name)
+        setattr(tn, self.name, self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        setattr(tn, self.name, self._kernel)
+
+    def __getitem__(self, grid: object):
+        return lambda *args, **kwargs: self.calls.append((args, kwargs))
+
+
+def compile_launch(kernel, args: tuple, kwargs: dict):
+    """Compile ``kernel`` for sm_90 as a launch with these arguments would: Triton's own binder gives
+    the signature, the constexprs and the specialisations (alignment, == 1), as in ``JITFunction.run``."""
+    backend = make_backend(HOPPER)
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug), instrumentation_mode=knobs.compilation.instrumentation_mode)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = kernel._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=HOPPER, options=options.__dict__)
 
 
 def resource_usage(compiled) -> Dict[str, int]:
@@ -56,29 +84,34 @@ def resource_usage(compiled) -> Dict[str, int]:
     return {key: int(re.search(pattern, log).group(1)) for key, pattern in numbers.items()}
 
 
-CODEC_TYPES = {"layers_ptr": "*i64", "tile_layer_ptr": "*i16", "std_ptr": "*fp32", "seeds_ptr": "*i64", "counters_ptr": "*i64",
-               "word_capacity": "i64", "exc_capacity": "i64", "bounds_ptr": "*i32", "stream_ptr": "*i64", "exc_layer_ptr": "*i16",
-               "exc_index_ptr": "*i32", "exc_bits_ptr": "*i16"}
+def codec_launches(form: str, dtype: torch.dtype = torch.bfloat16) -> List[Tuple[tuple, dict]]:
+    """The codec launches of one ``form`` (perturb, restore, plain) for rows of ``dtype`` in the three
+    layouts 16-bit rows can have (``codec_variant`` 0, 1, 3): CPU tensors, recorded, not run."""
+    from flatlora_optim.kernels.layer_table import LayerTable
+    from flatlora_optim.kernels.triton_noise import ExactGroupRecord, TritonNoiseKernel
 
-
-def codec_constants(form: str, w_code: int, variant: int) -> Dict[str, object]:
-    """The constexprs of the codec's ``form`` (perturb, restore, plain) for a weight type and layout."""
-    return dict(RESTORE=form == "restore", W_CODE=w_code, VARIANT=variant, MANT={1: 7, 2: 10}[w_code], TR=TILE_ROWS, TC=TILE_COLS,
-                ASM=True, PLAIN=form == "plain")
-
-
-def codec_warps(form: str) -> int:
-    return tn._PERTURB_WARPS if form == "perturb" else tn._RESTORE_WARPS
+    rows = [torch.zeros(9, 1030, dtype=dtype), torch.zeros(6, 900, dtype=dtype), torch.zeros(332, 7, dtype=dtype).t(), torch.zeros(6, 1024, dtype=dtype)]
+    table = LayerTable(rows)
+    assert sorted(table.variants) == [0, 1, 3], table.variants
+    std = torch.zeros(table.total_rows)
+    seeds = torch.zeros(table.total_blocks, dtype=torch.int64)
+    record = None if form == "plain" else ExactGroupRecord.allocate(table, (4096, 64))
+    counters = torch.zeros(2, dtype=torch.int64) if form == "perturb" else None
+    with Launches("_codec_kernel") as launches:
+        TritonNoiseKernel()._exact(table, std, seeds, record, restore=form == "restore", counters=counters)
+    return launches.calls
 
 
 def main() -> None:
-    print(f"sm_90, Triton {triton.__version__}; bf16 weights, aligned rows (codec variant 3), tiles {TILE_ROWS} x {TILE_COLS}")
+    print(f"sm_90, Triton {triton.__version__}; the codec as launched on bf16 rows of each layout, tiles {TILE_ROWS} x {TILE_COLS}")
     print(f"{'kernel form':28s} {'warps':>5s} {'registers':>9s} {'spill stores B':>14s} {'programs/SM (by registers)':>26s}")
     for form in ("perturb", "restore", "plain"):
-        warps = codec_warps(form)
-        usage = resource_usage(compile_for_hopper(tn._codec_kernel, CODEC_TYPES, codec_constants(form, 1, 3), warps))
-        per_sm = min(65536 // (usage["registers"] * 32 * warps), 64 // warps)
-        print(f"{'codec, ' + form:28s} {warps:5d} {usage['registers']:9d} {usage['spill_stores']:14d} {per_sm:26d}")
+        for args, kwargs in codec_launches(form):
+            usage = resource_usage(compile_launch(tn._codec_kernel, args, kwargs))
+            warps = kwargs["num_warps"]
+            per_sm = min(65536 // (usage["registers"] * 32 * warps), 64 // warps)
+            name = f"codec, {form}, layout {kwargs['VARIANT']}"
+            print(f"{name:28s} {warps:5d} {usage['registers']:9d} {usage['spill_stores']:14d} {per_sm:26d}")
 
 
 if __name__ == "__main__":

@@ -104,7 +104,11 @@ class StepGroup:
         if backup:
             self.backups = [torch.empty_like(r) for r in rows]
             torch._foreach_copy_(self.backups, rows)
-            self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
+            try:
+                self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
+            except BaseException:  # a later launch failed or was interrupted: put back what earlier ones wrote
+                torch._foreach_copy_(rows, self.backups)
+                raise
         else:
             self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds)
         self.restored = [False] * len(indices)

@@ -1,16 +1,17 @@
-"""Every CUDA kernel, in every form the library launches, compiles for the H100/H200 (sm_90) without a GPU.
+"""Every CUDA kernel, launched as the library launches it, compiles for the H100/H200 (sm_90) without a GPU.
 
 CI has no GPU, and Triton's interpreter (tests/test_triton_interpreter.py) runs the kernels' logic but not
-the compiler. Here each kernel goes through Triton's real pipeline (TTIR, TTGIR, LLVM, PTX, then ``ptxas``
-from the Triton wheel) for an sm_90 target, so a kernel that would not compile on the GPU fails in CI.
+the compiler: code that the interpreter skips at run time (a ``return`` inside a constexpr branch, say)
+is still compiled for the GPU. Here the library's own launch code runs with CPU tensors while the launches
+are recorded instead of run (``benchmarks/kernel_resources.py``'s ``Launches``); Triton's binder turns each
+recorded launch into the signature, constexprs and specialisations it would compile, and the kernel goes
+through Triton's real pipeline (TTIR, TTGIR, LLVM, PTX, then ``ptxas`` from the Triton wheel) for sm_90.
 The compiled code must also keep its values in registers: spills to local memory would slow the
-memory-bound passes down (``ptxas -v``'s counts for the same PTX and flags). The compiling helpers
-are ``benchmarks/kernel_resources.py``'s, which prints the registers of each codec form.
+memory-bound passes down (``ptxas -v``'s counts for the same PTX and flags).
 """
 
 from __future__ import annotations
 
-import itertools
 import os
 import sys
 from pathlib import Path
@@ -21,56 +22,69 @@ triton = pytest.importorskip("triton", reason="Triton is not installed (the test
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("the interpreter replaces the compiler", allow_module_level=True)
 
+import torch  # noqa: E402
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kernel_resources import CODEC_TYPES, codec_constants, codec_warps, compile_for_hopper, resource_usage  # noqa: E402
+from kernel_resources import Launches, codec_launches, compile_launch, resource_usage  # noqa: E402
 
 from flatlora_optim.kernels import triton_noise as tn  # noqa: E402
-from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM  # noqa: E402
+from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
+from flatlora_optim.kernels.triton_noise import ExactGroupRecord, TritonNoiseKernel  # noqa: E402
 
-SPILL_ALLOWANCE = 4  # bytes per thread: ptxas keeps one 4-byte value of the codec's plain pass on the stack
-
-
-def assert_compiles_without_spills(kernel, types, constants, num_warps):
-    compiled = compile_for_hopper(kernel, types, constants, num_warps)
-    assert compiled.asm["cubin"], "no cubin"
-    usage = resource_usage(compiled)
-    assert usage["spill_stores"] <= SPILL_ALLOWANCE, f"{kernel.fn.__name__} {constants}: registers spilled to local memory ({usage})"
-    return usage
+KERNEL = TritonNoiseKernel()
+# ptxas keeps one 4-byte value on the stack in two of the codec's forms (restore on strided rows of a
+# fan-in multiple of 4, plain on aligned rows); anything more is a regression
+SPILL_ALLOWANCE = {"_codec_kernel": 4}
 
 
-@pytest.mark.parametrize("w_code", [1, 2], ids=["bfloat16", "float16"])
+def assert_compiles_without_spills(kernel, launches):
+    assert launches, "nothing was launched"
+    for args, kwargs in launches:
+        usage = resource_usage(compile_launch(kernel, args, kwargs))
+        allowed = SPILL_ALLOWANCE.get(kernel.fn.__name__, 0)
+        constants = {k: v for k, v in kwargs.items() if k.isupper()}
+        assert usage["spill_stores"] <= allowed, f"{kernel.fn.__name__} {constants}: registers spilled to local memory ({usage})"
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("form", ["perturb", "restore", "plain"])
-def test_codec_compiles_in_every_form(w_code, form):
+def test_codec_compiles_in_every_form(form, dtype):
     """The exact codec's perturb and restore passes and its plain form (backup restore), for both
-    16-bit types and the three layouts ``codec_variant`` gives 16-bit rows (bit 0: fan-in a multiple
-    of 4; bit 1: aligned rows of whole 16-byte vectors, which implies bit 0 for 2-byte elements)."""
-    for variant in (0, 1, 3):
-        assert_compiles_without_spills(tn._codec_kernel, CODEC_TYPES, codec_constants(form, w_code, variant), codec_warps(form))
+    16-bit types and the three layouts of 16-bit rows (``codec_variant`` 0, 1 and 3)."""
+    launches = codec_launches(form, dtype)
+    assert sorted(kwargs["VARIANT"] for _, kwargs in launches) == [0, 1, 3]
+    assert_compiles_without_spills(tn._codec_kernel, launches)
 
 
-def test_exceptions_kernel_compiles():
-    types = {"layers_ptr": "*i64", "exc_layer_ptr": "*i16", "exc_index_ptr": "*i32", "exc_bits_ptr": "*i16", "n_slots": "i32", "only_layer": "i32"}
-    assert_compiles_without_spills(tn._exceptions_kernel, types, {"BLOCK": 256}, 4)
+def test_exceptions_pass_compiles():
+    table = LayerTable([torch.zeros(6, 1024, dtype=torch.bfloat16)])
+    record = ExactGroupRecord.allocate(table, (64, 16))
+    record.n_exceptions = 5
+    with Launches("_codec_kernel"), Launches("_exceptions_kernel") as launches:
+        KERNEL.exact_restore_layers(table, torch.zeros(table.total_rows), torch.zeros(table.total_blocks, dtype=torch.int64), record)
+    assert_compiles_without_spills(tn._exceptions_kernel, launches.calls)
 
 
-@pytest.mark.parametrize("w_code", [0, 1, 2, 3], ids=["float32", "bfloat16", "float16", "float64"])
-def test_row_std_kernel_compiles(w_code):
-    """Row stds for every weight type, 16-bit and 32-bit adapters, aligned and strided rows."""
-    types = {"layers_ptr": "*i64", "adapters_ptr": "*i64", "factors_ptr": "*fp64", "rowtile_layer_ptr": "*i16", "out_ptr": "*fp32"}
-    item = {0: 4, 1: 2, 2: 2, 3: 8}[w_code]
-    for ab_code, contig in itertools.product([0, 1], [False, True]):
-        block_n = tn._STD_BLOCK_N_FP64 if w_code in (0, 3) else tn._STD_BLOCK_N
-        constants = dict(W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=block_n, R=8, ACC_FP64=w_code in (0, 3),
-                         CONTIG=contig, VEC=16 // item)
-        assert_compiles_without_spills(tn._row_std_kernel, types, constants, tn._STD_WARPS)
+@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+def test_row_std_kernel_compiles(rank):
+    """Row stds for every weight type, 16- and 32-bit adapters of the given rank, aligned and strided rows."""
+    weights = [torch.zeros(40, 1024, dtype=dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]
+    weights.append(torch.zeros(300, 33, dtype=torch.bfloat16).t())  # strided rows
+    adapters = [(torch.zeros(rank, w.shape[1], dtype=ab), torch.zeros(w.shape[0], rank, dtype=ab), 2.0)
+                for w, ab in zip(weights, [torch.float32, torch.bfloat16, torch.float32, torch.float32, torch.bfloat16])]
+    table = LayerTable(weights)
+    with Launches("_row_std_kernel") as launches:
+        KERNEL.row_stds(table, adapters, [0.1] * len(weights), torch.zeros(table.total_rows))
+    assert len({(kw["W_CODE"], kw["AB_CODE"], kw["CONTIG"]) for _, kw in launches.calls}) >= 6
+    assert_compiles_without_spills(tn._row_std_kernel, launches.calls)
 
 
-@pytest.mark.parametrize("dtype", ["*bf16", "*fp16", "*fp32"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_noise_kernel_compiles(dtype):
-    """Virtual mode's and the per-block path's kernel: the noise alone and ``W + e``."""
-    for add in (False, True):
-        work_fp64 = dtype == "*fp32"
-        out = dtype if add else ("*fp64" if work_fp64 else "*fp32")
-        types = {"out_ptr": out, "w_ptr": dtype, "std_ptr": "*fp32", "seeds_ptr": "*i64", "n_rows": "i32", "n_cols": "i32",
-                 "rows_per_block": "i32", "stride_row": "i32", "stride_col": "i32"}
-        assert_compiles_without_spills(tn._noise_kernel, types, dict(ADD=add, BLOCK=tn._BLOCK, WORK_FP64=work_fp64), 4)
+    """Virtual mode's and the per-block path's kernel: ``W + e`` for a layer, and the noise alone."""
+    rows = torch.zeros(64, 1000, dtype=dtype)
+    std = torch.zeros(64)
+    with Launches("_noise_kernel") as launches:
+        KERNEL.perturbed_layer(rows, std, torch.zeros(1, dtype=torch.int64), 64, torch.float64 if dtype == torch.float32 else torch.float32)
+        KERNEL.noise(std, 1000, torch.zeros(1, dtype=torch.int64), torch.float32)
+    assert_compiles_without_spills(tn._noise_kernel, launches.calls)

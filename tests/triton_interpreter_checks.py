@@ -105,6 +105,7 @@ def check_examples() -> None:
     weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half(), torch.randn(20, 300)]
     adapters = [(torch.randn(8, w.shape[1]).half(), torch.randn(w.shape[0], 8).half(), 2.0) for w in weights]
     adapters[1] = None
+    adapters[3] = (torch.randn(20, 300).half(), torch.randn(20, 20).half(), 2.0)  # rank 20: the rank loop is not unrolled
     table = LayerTable(weights)
     out = torch.empty(table.total_rows)
     KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)
@@ -148,6 +149,56 @@ def check_dense_escapes() -> None:
     assert not torch.equal(bits(w), before)
     KERNEL.exact_restore_layers(table, std, seeds, record)
     assert torch.equal(bits(w), before), f"{(bits(w) != before).sum().item()} elements differ after restore"
+
+
+class FailingSecondLaunch:
+    """Stands in for ``_codec_kernel``: the first launch runs, the second raises (as Ctrl-C during
+    the second form's compile would)."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches += 1
+            if self.launches == 2:
+                raise KeyboardInterrupt("second launch")
+            return self.kernel[grid](*args, **kwargs)
+        return launch
+
+
+def check_interrupted_perturb_leaves_nothing_perturbed() -> None:
+    """A perturb pass whose second launch fails (another weight type or layout needs a second one)
+    undoes what the first wrote, for exact and backup restore, before the error propagates."""
+    import flatlora_optim.kernels.triton_noise as triton_noise
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24).to(torch.bfloat16), r=2, alpha=4),
+                                LoRALinear(torch.nn.Linear(24, 16).to(torch.float16), r=2, alpha=4))
+    before = [bits(layer.weight).clone() for layer in model]
+    real = triton_noise._codec_kernel
+    for restore in ("exact", "backup"):
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.5,
+                       schedule="constant", seed=2, restore=restore)
+        with opt.perturbed():  # a whole step first: the exact codec's buffers are sized, so its next pass writes
+            pass
+        opt.step()
+        triton_noise._codec_kernel = failing = FailingSecondLaunch(real)
+        try:
+            with opt.perturbed():
+                raise AssertionError("the perturb pass should have failed")
+        except KeyboardInterrupt:
+            pass
+        finally:
+            triton_noise._codec_kernel = real
+        assert failing.launches >= 2, failing.launches  # exact restore then launches its undo pass too
+        for k, (layer, b) in enumerate(zip(model, before)):
+            assert torch.equal(bits(layer.weight), b), f"{restore}: layer {k} left perturbed after an interrupted launch"
 
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(
@@ -216,6 +267,7 @@ def check_training_steps_through_the_grouped_path() -> None:
 if __name__ == "__main__":
     check_examples()
     check_dense_escapes()
+    check_interrupted_perturb_leaves_nothing_perturbed()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()
     print("triton interpreter checks passed")

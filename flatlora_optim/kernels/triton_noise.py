@@ -97,6 +97,14 @@ _NF = tl.constexpr(14)  # columns of the layer table (layer_table.FIELDS)
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
 
 
+
+@triton.jit
+def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s):
+    """``low_rank + s B[rows, j] A[j, cols]`` in float32 (each product of two 16-bit floats is exact)."""
+    b_j = tl.load(b_ptr + rows * b_row + j * b_col, mask=row_mask & (j < rank), other=0.0).to(tl.float32) * s
+    a_j = tl.load(a_ptr + j * a_row + cols * a_col, mask=col_mask & (j < rank), other=0.0).to(tl.float32)
+    return low_rank + b_j[:, None] * a_j[None, :]
+
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
@@ -147,10 +155,12 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
         # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
         # 1.9x faster than tl.dot on an H200); each product of two 16-bit floats is exact in float32
         low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        for j in tl.static_range(R):
-            b_j = tl.load(b_ptr + rows * b_row + j * b_col, mask=row_mask & (j < rank), other=0.0).to(tl.float32) * s
-            a_j = tl.load(a_ptr + j * a_row + cols * a_col, mask=col_mask & (j < rank), other=0.0).to(tl.float32)
-            low_rank += b_j[:, None] * a_j[None, :]
+        if R <= 8:  # unrolled (the form timed on the H200)
+            for j in tl.static_range(R):
+                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
+        else:  # unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
+            for j in range(0, rank):
+                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
         if ACC_FP64:
             full = w.to(tl.float64) + low_rank.to(tl.float64)
         else:
@@ -304,84 +314,85 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     w = tl.load(pointers, mask=mask, other=0.0)
     if PLAIN:
         tl.store(pointers, (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty), mask=mask)
-        return
-    if RESTORE:
-        new = w
-    else:
-        new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
-    candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
-    new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
-    cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
-    coarser = ((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)
-    power_of_two = (cand_bits & ((1 << MANT) - 1)) == 0
-    ambiguous = (coarser | power_of_two) & mask
-    cand_key = _key(cand_bits)
-    G: tl.constexpr = TC // 32
-    # slots in row-major order: a bit mask per group of 32, running totals over the groups and a
-    # popcount inside the group (much cheaper than a running count over the whole tile)
-    amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
-    amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
-    if RESTORE:
-        # each ambiguous element reads its own code (loading a group's 64 bits once and splitting
-        # them among its elements was 1.7x slower on an H200: benchmarks/codec_ablation.py)
-        amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
-        bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
-        word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
-        code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
-        escape = ambiguous & (code == 3)
-        esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-        esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
-        byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8 + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
-        escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
-        offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
-        key = cand_key + tl.where(ambiguous, offset, 0)
-        tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
-    else:
-        w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
-        offset = _key(w_bits) - cand_key
-        small = (offset >= -1) & (offset <= 1)
-        escape = ambiguous & ~small
-        exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
-        esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-        counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
-        starts = _group_starts(counts, TR)
-        totals = tl.sum(tl.sum(counts, axis=1), axis=0)
-        n_amb = (totals & 0xFFFF).to(tl.int32)
-        first_byte = (2 * n_amb + 7) // 8  # of the escapes
-        n_words = (first_byte + (totals >> 16).to(tl.int32) + 7) // 8
-        word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")
-        # exceptions are rare (offsets past a byte, non-finite values): a tile without any skips
-        # their slot bookkeeping and its atomic altogether
-        n_exc = tl.sum(tl.sum(exception.to(tl.int32), axis=1), axis=0)
-        exc_base = n_exc.to(tl.int64) * 0
-        if n_exc > 0:
-            exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed")
-        fits = (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity)
-        if fits:
-            # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
-            # the tile's bit stream at twice the group's first slot; escape bytes one by one
-            code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
-            codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
-            _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))
-            byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
-            escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
-            tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
-            tl.store(pointers, new, mask=mask)
-            tl.store(bounds_ptr + t, word_base.to(tl.int32))
+    else:  # (an early return would still compile the codec below, with the plain launch's dummy arguments)
+        if RESTORE:
+            new = w
         else:
-            tl.store(bounds_ptr + t, -1)
-        if n_exc > 0:
-            exc_masks = _group_masks(exception.to(tl.int32), TR, G)
-            exc_slot = exc_base.to(tl.int32) + tl.reshape(
-                _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
+            new = (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty)
+        candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
+        new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
+        cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
+        coarser = ((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)
+        power_of_two = (cand_bits & ((1 << MANT) - 1)) == 0
+        ambiguous = (coarser | power_of_two) & mask
+        cand_key = _key(cand_bits)
+        G: tl.constexpr = TC // 32
+        # slots in row-major order: a bit mask per group of 32, running totals over the groups and a
+        # popcount inside the group (much cheaper than a running count over the whole tile)
+        amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
+        amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
+        if RESTORE:
+            # each ambiguous element reads its own code (loading a group's 64 bits once and splitting
+            # them among its elements was 1.7x slower on an H200: benchmarks/codec_ablation.py)
+            amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
+            bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
+            word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
+            code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
+            escape = ambiguous & (code == 3)
+            esc_masks = _group_masks(escape.to(tl.int32), TR, G)
+            esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
+            first_byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8  # of the escapes
+            byte = first_byte + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
+            escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
+            offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
+            key = cand_key + tl.where(ambiguous, offset, 0)
+            tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
+        else:
+            w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
+            offset = _key(w_bits) - cand_key
+            small = (offset >= -1) & (offset <= 1)
+            escape = ambiguous & ~small
+            exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
+            esc_masks = _group_masks(escape.to(tl.int32), TR, G)
+            counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
+            starts = _group_starts(counts, TR)
+            totals = tl.sum(tl.sum(counts, axis=1), axis=0)
+            n_amb = (totals & 0xFFFF).to(tl.int32)
+            first_byte = (2 * n_amb + 7) // 8  # of the escapes
+            n_words = (first_byte + (totals >> 16).to(tl.int32) + 7) // 8
+            word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")
+            # exceptions are rare (offsets past a byte, non-finite values): a tile without any skips
+            # their slot bookkeeping and its atomic altogether
+            n_exc = tl.sum(tl.sum(exception.to(tl.int32), axis=1), axis=0)
+            exc_base = n_exc.to(tl.int64) * 0
+            if n_exc > 0:
+                exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed")
+            fits = (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity)
             if fits:
-                flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
-                tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
-                tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), 0, exc_layer_ptr.dtype.element_ty) + layer.to(exc_layer_ptr.dtype.element_ty),
-                         mask=exception)
-                tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
-            else:  # void the slots this tile took, so that the exceptions pass skips them
-                tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
+                # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
+                # the tile's bit stream at twice the group's first slot; escape bytes one by one
+                code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
+                codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
+                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))
+                byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
+                escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
+                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
+                tl.store(pointers, new, mask=mask)
+                tl.store(bounds_ptr + t, word_base.to(tl.int32))
+            else:
+                tl.store(bounds_ptr + t, -1)
+            if n_exc > 0:
+                exc_masks = _group_masks(exception.to(tl.int32), TR, G)
+                exc_slot = exc_base.to(tl.int32) + tl.reshape(
+                    _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
+                if fits:
+                    flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
+                    tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
+                    tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), 0, exc_layer_ptr.dtype.element_ty) + layer.to(exc_layer_ptr.dtype.element_ty),
+                             mask=exception)
+                    tl.store(exc_bits_ptr + exc_slot, w.to(tl.int16, bitcast=True), mask=exception)
+                else:  # void the slots this tile took, so that the exceptions pass skips them
+                    tl.store(exc_layer_ptr + exc_slot, tl.full((TR, TC), -1, exc_layer_ptr.dtype.element_ty), mask=exception & (exc_slot < exc_capacity))
 
 
 @triton.jit(do_not_specialize=_VARYING["_exceptions_kernel"])
@@ -530,7 +541,11 @@ class TritonNoiseKernel:
         while True:
             counters = torch.zeros(2, dtype=torch.int64, device=device)
             record = ExactGroupRecord.allocate(table, capacity)
-            self._exact(table, std, seeds, record, restore=False, counters=counters)
+            try:
+                self._exact(table, std, seeds, record, restore=False, counters=counters)
+            except BaseException:  # a later launch failed or was interrupted (Ctrl-C while compiling)
+                self._undo_partial(table, std, seeds, record, counters)
+                raise
             used = counters.tolist()  # the one host sync
             record.n_exceptions = min(used[1], capacity[1])
             if all(u <= c for u, c in zip(used, capacity)):
@@ -538,6 +553,11 @@ class TritonNoiseKernel:
                 return record
             self.exact_restore_layers(table, std, seeds, record)  # undo the tiles that were written
             capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
+
+    def _undo_partial(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
+        """Undo the tiles an interrupted perturb pass wrote: the others still have bounds -1."""
+        record.n_exceptions = min(int(counters[1]), record.exc_capacity)
+        self.exact_restore_layers(table, std, seeds, record)
 
     def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord,
                              only_layer: int = -1) -> None:
@@ -597,7 +617,7 @@ class ExactGroupRecord:
             raise ValueError("the fused exact codec's record needs more than 2**31 slots: use smaller groups of layers")
         device = table.device
         return cls(
-            torch.empty(table.n_tiles, dtype=torch.int32, device=device),
+            torch.full((table.n_tiles,), -1, dtype=torch.int32, device=device),  # -1: not perturbed (yet)
             torch.zeros(words + 1, dtype=torch.int64, device=device),  # codes are OR-ed in: start from 0
             torch.empty(exceptions, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
             torch.empty(exceptions, dtype=torch.int32, device=device),
