@@ -185,6 +185,9 @@ class FullCollections:
         ms, self.ms = self.ms, 0.0
         return ms
 
+    def close(self) -> None:
+        gc.callbacks.remove(self._event)
+
 
 def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
     from flatlora_optim import FlatLoRA
@@ -287,6 +290,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
     }
     if plain["peak_bytes"]:
         summary["extra_peak_fraction_of_perturbed"] = {m: (r["peak_bytes"] - plain["peak_bytes"]) / perturbed_bytes for m, r in results.items()}
+    collections.close()
     return summary
 
 

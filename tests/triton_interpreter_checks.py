@@ -116,7 +116,6 @@ def check_examples() -> None:
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
 
 
-
 def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     """How many escapes (ambiguous, key offset beyond +-1) each group of 32 neighbours in a row of
     one float16 row block gets, computed here from the codec's definition, not by the kernel."""
@@ -199,6 +198,7 @@ def check_interrupted_perturb_leaves_nothing_perturbed() -> None:
         assert failing.launches >= 2, failing.launches  # exact restore then launches its undo pass too
         for k, (layer, b) in enumerate(zip(model, before)):
             assert torch.equal(bits(layer.weight), b), f"{restore}: layer {k} left perturbed after an interrupted launch"
+
 
 @settings(max_examples=8, deadline=None, derandomize=True)
 @given(

@@ -97,13 +97,13 @@ _NF = tl.constexpr(14)  # columns of the layer table (layer_table.FIELDS)
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
 
 
-
 @triton.jit
 def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s):
     """``low_rank + s B[rows, j] A[j, cols]`` in float32 (each product of two 16-bit floats is exact)."""
     b_j = tl.load(b_ptr + rows * b_row + j * b_col, mask=row_mask & (j < rank), other=0.0).to(tl.float32) * s
     a_j = tl.load(a_ptr + j * a_row + cols * a_col, mask=col_mask & (j < rank), other=0.0).to(tl.float32)
     return low_rank + b_j[:, None] * a_j[None, :]
+
 
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
@@ -434,13 +434,13 @@ def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, 
     return out
 
 
-
 def _check_codec_layers(table: LayerTable, what: str) -> None:
     """The codec kernel's limits: 16-bit weights, element positions that fit in int32."""
     if not all(d in _MANTISSA for d in table.dtypes):
         raise ValueError(f"{what} takes bfloat16 and float16 weights only")
     if any(m * n >= 2**31 for m, n in table.shapes):
         raise ValueError(f"{what} indexes a layer's elements with int32: a layer has 2**31 elements or more")
+
 
 class TritonNoiseKernel:
     """Same interface as :class:`flatlora_optim.noise.TorchNoiseKernel`, fused on CUDA."""
