@@ -55,7 +55,10 @@ class Launches:
 
 def compile_launch(kernel, args: tuple, kwargs: dict):
     """Compile ``kernel`` for sm_90 as a launch with these arguments would: Triton's own binder gives
-    the signature, the constexprs and the specialisations (alignment, == 1), as in ``JITFunction.run``."""
+    the signature, the constexprs and the specialisations (alignment, == 1), as in ``JITFunction.run``.
+
+    This mirrors ``JITFunction.run`` of Triton 3.6 (the version the test extra pins) through private
+    helpers (``create_function_from_signature``, ``_pack_args``); another Triton may need it adapted."""
     backend = make_backend(HOPPER)
     binder = create_function_from_signature(kernel.signature, kernel.params, backend)
     kwargs = dict(kwargs, debug=kwargs.get("debug", kernel.debug), instrumentation_mode=knobs.compilation.instrumentation_mode)

@@ -158,7 +158,7 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
         if R <= 8:  # unrolled (the form timed on the H200)
             for j in tl.static_range(R):
                 low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
-        else:  # unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
+        else:  # a loop: unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
             for j in range(0, rank):
                 low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
         if ACC_FP64:
@@ -480,13 +480,14 @@ class TritonNoiseKernel:
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
         adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device)
         rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
+        # R: the rank rounded up to a power of two; above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
         for w_code in table.dtype_codes:
             for ab_code in ab_codes:
                 for contig in sorted({v >= 2 for v in table.variants}):
                     _row_std_kernel[(table.n_rowtiles,)](
                         table.layers, adapter_rows, factors, table.rowtile_layer, out,
                         W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N_FP64 if w_code in (0, 3) else _STD_BLOCK_N,
-                        R=triton.next_power_of_2(rank), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
+                        R=min(triton.next_power_of_2(rank), 16), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
                         enable_fp_fusion=False, num_warps=_STD_WARPS,
                     )
 
@@ -543,10 +544,10 @@ class TritonNoiseKernel:
             record = ExactGroupRecord.allocate(table, capacity)
             try:
                 self._exact(table, std, seeds, record, restore=False, counters=counters)
-            except BaseException:  # a later launch failed or was interrupted (Ctrl-C while compiling)
+                used = counters.tolist()  # the one host sync
+            except BaseException:  # a later launch failed, or Ctrl-C while compiling or waiting at the sync
                 self._undo_partial(table, std, seeds, record, counters)
                 raise
-            used = counters.tolist()  # the one host sync
             record.n_exceptions = min(used[1], capacity[1])
             if all(u <= c for u, c in zip(used, capacity)):
                 table.codec_capacity = tuple(int(u * 1.02) + 1024 for u in used)  # next step's buffers
@@ -555,7 +556,10 @@ class TritonNoiseKernel:
             capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
 
     def _undo_partial(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
-        """Undo the tiles an interrupted perturb pass wrote: the others still have bounds -1."""
+        """Undo the tiles an interrupted perturb pass wrote: the others still have bounds -1 (when no
+        tile was written, as after a failed first launch, no restore pass is compiled or run)."""
+        if not bool((record.bounds >= 0).any()):
+            return
         record.n_exceptions = min(int(counters[1]), record.exc_capacity)
         self.exact_restore_layers(table, std, seeds, record)
 
