@@ -4,6 +4,7 @@ per-rank noise as documented (independent streams, rank 0 = single process; or s
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import pytest
@@ -19,10 +20,10 @@ from conftest import batch, bits, make_mlp  # noqa: E402
 from flatlora_optim import FlatLoRA, lora_parameters  # noqa: E402
 
 
-def _init_group(rank: int, world: int, out_dir: str) -> None:
-    """gloo through a rendezvous file in the test's folder: no TCP port to pick, so no race with
-    other processes for a port that was free a moment before."""
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'rendezvous')}", rank=rank, world_size=world)
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _noise_of_first_step(opt, model) -> torch.Tensor:
@@ -32,8 +33,9 @@ def _noise_of_first_step(opt, model) -> torch.Tensor:
         return layer.weight.detach() - clean
 
 
-def _worker(rank: int, world: int, rank_noise: str, out_dir: str) -> None:
-    _init_group(rank, world, out_dir)
+def _worker(rank: int, world: int, port: int, rank_noise: str, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     model = make_mlp(seed=0)
     before = {n: bits(p) for n, p in model.named_parameters() if not p.requires_grad}
@@ -50,11 +52,12 @@ def _worker(rank: int, world: int, rank_noise: str, out_dir: str) -> None:
     restored = all(torch.equal(bits(p), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     torch.save({"noise": noise, "restored": restored, "lora": [p.detach() for p in lora_parameters(model)], "names": [t.name for t in opt.targets]},
                os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears down gloo (an exit racing its threads aborted now and then)
     dist.destroy_process_group()
 
 
 def _run(rank_noise: str, tmp_path) -> list:
-    mp.spawn(_worker, args=(2, rank_noise, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _free_port(), rank_noise, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -78,11 +81,12 @@ def test_ddp_shared_noise(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0["lora"], r1["lora"]))
 
 
-def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    _init_group(rank, world, out_dir)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     model = make_mlp(seed=0)
@@ -115,6 +119,7 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
     result = {"noise": noise, "offset": offset, "restored": restored, "refused": refused, "clean_state": clean_state}
     torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
+    dist.barrier()  # both ranks done before either tears down gloo (an exit racing its threads aborted now and then)
     dist.destroy_process_group()
 
 
@@ -122,7 +127,7 @@ def _fsdp_worker(rank: int, world: int, out_dir: str) -> None:
 def test_fsdp2_perturbs_local_rows_like_a_single_process(tmp_path):
     """Each rank perturbs its own Shard(0) rows in place; together they draw the single-process noise
     (same z for the same global row; the row stds agree to float32 rounding, rtol 1e-5)."""
-    mp.spawn(_fsdp_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = sorted((torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)), key=lambda r: r["offset"])
     assert all(r["restored"] for r in ranks)  # base weights bitwise identical on every rank
     assert all(r["refused"] for r in ranks)  # virtual mode refuses FSDP2 clearly
