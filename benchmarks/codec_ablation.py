@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
+from codec_time import codec_noise, codec_weights
 
 import flatlora_optim.kernels.layer_table as layer_table
 from flatlora_optim.kernels.layer_table import LayerTable
@@ -128,8 +129,7 @@ def measure(module, weights: List[torch.Tensor], tile_rows: Optional[int], exact
         table = LayerTable(weights)
     finally:
         layer_table.TILE_ROWS = saved
-    std = torch.full((table.total_rows,), 0.001, device=weights[0].device)
-    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device=weights[0].device) * 7919 + 3
+    std, seeds = codec_noise(table)
     record = kernel.exact_perturb_layers(table, std, seeds)  # compiles; a counting pass sizes the buffers (+10%)
     kernel.exact_restore_layers(table, std, seeds, record)
     record = kernel.exact_perturb_layers(table, std, seeds)  # buffers as in every later step: last counts + 2%
@@ -160,10 +160,9 @@ def main() -> None:
     parser.add_argument("--only", default="", help="time only the variants whose name contains one of these comma-separated texts (and the codec as shipped)")
     args = parser.parse_args()
     device = torch.device("cpu" if INTERPRETED else "cuda")
-    gen = torch.Generator(device=device).manual_seed(0)
     shape, count = ((40, 1024), 4) if args.small else ((5632, 2048), 24)
     dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
-    weights = [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(dtype) for _ in range(count)]
+    weights = codec_weights(device, dtype, shape, count)
     timed, reps = timer(device), (1 if args.small else 7)
     print(f"{count} {dtype} weights of {shape[0]} x {shape[1]}, row std 1e-3 (rho 0.05 on weights of std 0.02)")
     print(f"{'variant':34s} {'perturb ms':>11s} {'restore ms':>11s} {'record %':>9s}  exact")

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import time
+from typing import List, Tuple
 
 import torch
 
@@ -24,14 +25,25 @@ def timed(fn):
     return (time.perf_counter() - start) * 1000, result
 
 
+def codec_weights(device: torch.device, dtype: torch.dtype = torch.bfloat16, shape=(5632, 2048), count: int = 24) -> List[torch.Tensor]:
+    """The codec benchmarks' weights: ``count`` of ``shape``, N(0, 0.02) from seed 0 (also codec_ablation.py's)."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(dtype) for _ in range(count)]
+
+
+def codec_noise(table: LayerTable) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Row stds (1e-3 everywhere: rho 0.05 on weights of std 0.02) and row-block seeds for ``table``."""
+    std = torch.full((table.total_rows,), 0.001, device=table.device)
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device=table.device) * 7919 + 3
+    return std, seeds
+
+
 def main() -> None:
     kernel = TritonNoiseKernel()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    weights = [(torch.randn(5632, 2048, device="cuda", generator=gen) * 0.02).to(torch.bfloat16) for _ in range(24)]
+    weights = codec_weights(torch.device("cuda"))
     before = [w.clone() for w in weights]
     table = LayerTable(weights)
-    std = torch.full((table.total_rows,), 0.001, device="cuda")
-    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device="cuda") * 7919 + 3
+    std, seeds = codec_noise(table)
     elements = sum(w.numel() for w in weights)
     for _ in range(4):
         perturb_ms, record = timed(lambda: kernel.exact_perturb_layers(table, std, seeds))

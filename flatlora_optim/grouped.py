@@ -78,7 +78,7 @@ class StepGroup:
         self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W
         self.codec_table: Any = None
         self.restored: List[bool] = []
-        self._codec_index: List[int] = []
+        self._codec_rows: List[torch.Tensor] = []  # the live views of the layers the pass wrote
 
     def index_of(self, target: LoRATarget) -> Optional[int]:
         """``target``'s position in the group, or None when it is not in it."""
@@ -98,8 +98,7 @@ class StepGroup:
         Exact restore keeps the fused codec's record; ``backup`` keeps a copy of every layer's ``W``
         (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
         """
-        self._codec_index = list(indices)
-        rows = [self.rows[i] for i in indices]
+        rows = self._codec_rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices])
         if backup:
             self.backups = [torch.empty_like(r) for r in rows]
@@ -120,7 +119,7 @@ class StepGroup:
             return
         if not any(self.restored):
             if self.backups is not None:
-                torch._foreach_copy_([self.rows[i] for i in self._codec_index], self.backups)
+                torch._foreach_copy_(self._codec_rows, self.backups)
             else:
                 self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
             self.restored = [True] * len(self.restored)
@@ -134,7 +133,7 @@ class StepGroup:
         live = dest is None
         if live and self.restored[k]:
             return
-        rows = self.rows[self._codec_index[k]] if live else dest
+        rows = self._codec_rows[k] if live else dest
         if self.backups is not None:
             rows.copy_(self.backups[k])
         else:

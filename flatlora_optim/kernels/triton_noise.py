@@ -546,18 +546,19 @@ class TritonNoiseKernel:
                 self._exact(table, std, seeds, record, restore=False, counters=counters)
                 used = counters.tolist()  # the one host sync
             except BaseException:  # a later launch failed, or Ctrl-C while compiling or waiting at the sync
-                self._undo_partial(table, std, seeds, record, counters)
+                self._undo_written(table, std, seeds, record, counters)
                 raise
             record.n_exceptions = min(used[1], capacity[1])
             if all(u <= c for u, c in zip(used, capacity)):
                 table.codec_capacity = tuple(int(u * 1.02) + 1024 for u in used)  # next step's buffers
                 return record
-            self.exact_restore_layers(table, std, seeds, record)  # undo the tiles that were written
+            self._undo_written(table, std, seeds, record, counters)  # buffers too small: undo, then redo bigger
             capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
 
-    def _undo_partial(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
-        """Undo the tiles an interrupted perturb pass wrote: the others still have bounds -1 (when no
-        tile was written, as after a failed first launch, no restore pass is compiled or run)."""
+    def _undo_written(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
+        """Undo the tiles a perturb pass wrote (an interrupted pass, or one whose buffers were too
+        small): the others have bounds -1. When no tile was written (the first step's counting pass,
+        a failed first launch) no restore pass is compiled or run."""
         if not bool((record.bounds >= 0).any()):
             return
         record.n_exceptions = min(int(counters[1]), record.exc_capacity)
