@@ -19,6 +19,7 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
+from .kernels.layer_table import to_device
 from .noise import _stack_adapters, layer_key, noise_seeds
 from .targets import LoRATarget
 
@@ -73,7 +74,7 @@ class StepGroup:
         self.std = torch.empty(self.table.total_rows, dtype=torch.float32, device=device)
         kernel.row_stds(self.table, adapters, [sigma / n**0.5 for _, n in self.table.shapes], self.std)
         seeds = noise_seeds(stream_seed, step, [layer_key(t.name) for t in self.targets], self.table.blocks)
-        self.seeds = torch.from_numpy(seeds).to(device, non_blocking=True)
+        self.seeds = to_device(torch.from_numpy(seeds), device)
         self.record: Any = None  # exact restore: the fused codec's record
         self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W
         self.codec_table: Any = None

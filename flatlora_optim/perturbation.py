@@ -22,6 +22,7 @@ import torch
 
 from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
 from .grouped import StepGroup, TableCache
+from .kernels.layer_table import to_device
 from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
@@ -115,7 +116,7 @@ class Perturber:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
         if p.block_seeds is None:
             self.assign_seeds([p])  # usually done already, for the whole step, by describe_all
-            p.block_seeds = torch.tensor(p.seeds, dtype=torch.int64).to(p.target.weight.device, non_blocking=True)
+            p.block_seeds = to_device(torch.tensor(p.seeds, dtype=torch.int64), p.target.weight.device)
         return p.block_seeds
 
     @staticmethod

@@ -33,3 +33,26 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
         assert summary["results"][method]["weights_bitwise_equal"], method
     assert not summary["results"]["reference"]["weights_bitwise_equal"]  # subtraction drifts: the benchmark must see it
     assert "perturb_restore_ms" in summary["results"]["flat-exact"] and "form_noisy_weights_ms" in summary["results"]["flat-virtual"]
+
+
+def test_fsdp_benchmark_runs_on_two_cpu_ranks_and_checks_every_rank(monkeypatch):
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not built in")
+    import fsdp_step_time
+
+    tiny = dict(hidden=32, layers=2, mlp=64, vocab=64, heads=2, batch=2, seq=8, dtype="float32", warmup=1, steps=2, pr_reps=1, back_to_back=2)
+    monkeypatch.setitem(fsdp_step_time.CONFIGS, "cpu", tiny)  # run() hands the settings to the spawned ranks
+    summary = fsdp_step_time.run("cpu", ["lora", "flat-exact"], nproc=2)
+
+    assert summary["world_size"] == 2 and [r["rank"] for r in summary["ranks"]] == [0, 1]
+    assert summary["weights_bitwise_equal_every_rank"]
+    for rank in summary["ranks"]:
+        assert rank["perturbed_bytes"] == (4 * 32 * 32 + 3 * 32 * 64) * 2 * 4 // 2  # 2 layers, float32, half the rows each
+        assert len(rank["results"]["flat-exact"]["ms_all"]) == tiny["steps"]
+    slowest = summary["ms_per_step_slowest_rank"]
+    assert slowest["flat-exact"] == max(r["results"]["flat-exact"]["ms_per_step"] for r in summary["ranks"])
+    assert summary["ratios"]["flat-exact"] == pytest.approx(slowest["flat-exact"] / slowest["lora"])

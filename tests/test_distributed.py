@@ -1,5 +1,6 @@
-"""DDP on CPU with 2 processes (gloo): training runs, base weights restored bitwise on every rank,
-per-rank noise as documented (independent streams, rank 0 = single process; or shared)."""
+"""DDP and FSDP2 with 2 processes: on CPU with gloo (every CI run), and on 2 GPUs with NCCL where a machine
+has them (skipped otherwise). Training runs, base weights are restored bitwise on every rank, per-rank noise
+is as documented (independent streams with rank 0 = a single process; or shared)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,19 @@ from conftest import batch, bits, make_mlp  # noqa: E402
 
 from flatlora_optim import FlatLoRA, lora_parameters  # noqa: E402
 
+BACKENDS = [
+    pytest.param("gloo", id="gloo-cpu"),
+    pytest.param(
+        "nccl",
+        id="nccl-2gpu",
+        marks=pytest.mark.skipif(
+            not (dist.is_available() and dist.is_nccl_available() and torch.cuda.device_count() >= 2),
+            reason="NCCL on 2 GPUs: needs a machine with at least 2 CUDA devices",
+        ),
+    ),
+]
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -26,70 +40,90 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _device(backend: str, rank: int) -> torch.device:
+    return torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
+
+
+def _init(backend: str, rank: int, world: int, port: int) -> torch.device:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    device = _device(backend, rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device)
+    else:
+        dist.init_process_group(backend, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    return device
+
+
+def _finish() -> None:
+    dist.barrier()  # both ranks done before either tears down its process group (an exit racing gloo's threads aborted now and then)
+    dist.destroy_process_group()
+
+
 def _noise_of_first_step(opt, model) -> torch.Tensor:
     layer = model[2]
     clean = layer.weight.detach().clone()
     with opt.perturbed():
-        return layer.weight.detach() - clean
+        return (layer.weight.detach() - clean).cpu()
 
 
-def _worker(rank: int, world: int, port: int, rank_noise: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    model = make_mlp(seed=0)
+def _single_process_noise(device: torch.device) -> torch.Tensor:
+    single = make_mlp(seed=0).to(device)
+    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(single)), lr=1e-2), single, rho=0.2, schedule="constant", seed=3)
+    return _noise_of_first_step(opt, single)
+
+
+def _worker(rank: int, world: int, port: int, backend: str, rank_noise: str, out_dir: str) -> None:
+    device = _init(backend, rank, world, port)
+    model = make_mlp(seed=0).to(device)
     before = {n: bits(p) for n, p in model.named_parameters() if not p.requires_grad}
-    ddp = nn.parallel.DistributedDataParallel(model)
+    ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), ddp, rho=0.2, schedule="constant", seed=3, rank_noise=rank_noise)
     noise = _noise_of_first_step(opt, model)
     for step in range(3):
         x, y = batch(100 * step + rank)  # each rank its own data
         with opt.perturbed():
-            loss = nn.functional.cross_entropy(ddp(x), y)
+            loss = nn.functional.cross_entropy(ddp(x.to(device)), y.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad()
     restored = all(torch.equal(bits(p), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
-    torch.save({"noise": noise, "restored": restored, "lora": [p.detach() for p in lora_parameters(model)], "names": [t.name for t in opt.targets]},
-               os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()  # both ranks done before either tears down gloo (an exit racing its threads aborted now and then)
-    dist.destroy_process_group()
+    lora = [p.detach().cpu() for p in lora_parameters(model)]
+    torch.save({"noise": noise, "restored": restored, "lora": lora, "names": [t.name for t in opt.targets]}, os.path.join(out_dir, f"rank{rank}.pt"))
+    _finish()
 
 
-def _run(rank_noise: str, tmp_path) -> list:
-    mp.spawn(_worker, args=(2, _free_port(), rank_noise, str(tmp_path)), nprocs=2, join=True)
+def _run(backend: str, rank_noise: str, tmp_path) -> list:
+    mp.spawn(_worker, args=(2, _free_port(), backend, rank_noise, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ddp_independent_noise_per_rank(tmp_path):
-    r0, r1 = _run("independent", tmp_path)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_independent_noise_per_rank(backend, tmp_path):
+    r0, r1 = _run(backend, "independent", tmp_path)
     assert r0["restored"] and r1["restored"]  # base weights bitwise identical on every rank
     assert r0["names"] == ["0", "2", "4"]  # named as in the bare model, not "module.0"
     assert not torch.equal(r0["noise"], r1["noise"])  # independent streams
     assert all(torch.equal(a, b) for a, b in zip(r0["lora"], r1["lora"]))  # DDP all-reduced the LoRA grads
-    single = make_mlp(seed=0)
-    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(single)), lr=1e-2), single, rho=0.2, schedule="constant", seed=3)
-    assert torch.equal(_noise_of_first_step(opt, single), r0["noise"])  # rank 0 = one process
+    assert torch.equal(_single_process_noise(_device(backend, 0)), r0["noise"])  # rank 0 = one process
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_ddp_shared_noise(tmp_path):
-    r0, r1 = _run("shared", tmp_path)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ddp_shared_noise(backend, tmp_path):
+    r0, r1 = _run(backend, "shared", tmp_path)
     assert r0["restored"] and r1["restored"]
     assert torch.equal(r0["noise"], r1["noise"])
     assert all(torch.equal(a, b) for a, b in zip(r0["lora"], r1["lora"]))
 
 
-def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-    mesh = init_device_mesh("cpu", (world,))
-    model = make_mlp(seed=0)
+    device = _init(backend, rank, world, port)
+    mesh = init_device_mesh(device.type, (world,))
+    model = make_mlp(seed=0).to(device)
     for layer in model:
         if hasattr(layer, "lora_A"):
             fully_shard(layer, mesh=mesh)
@@ -112,29 +146,26 @@ def _fsdp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     for step in range(3):
         x, y = batch(100 * step + rank)
         with opt.perturbed():
-            loss = nn.functional.cross_entropy(model(x), y)
+            loss = nn.functional.cross_entropy(model(x.to(device)), y.to(device))
         loss.backward()
         opt.step()
         opt.zero_grad()
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
-    result = {"noise": noise, "offset": offset, "restored": restored, "refused": refused, "clean_state": clean_state}
+    result = {"noise": noise.cpu(), "offset": offset, "restored": restored, "refused": refused, "clean_state": clean_state}
     torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    dist.barrier()  # both ranks done before either tears down gloo (an exit racing its threads aborted now and then)
-    dist.destroy_process_group()
+    _finish()
 
 
-@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
-def test_fsdp2_perturbs_local_rows_like_a_single_process(tmp_path):
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_perturbs_local_rows_like_a_single_process(backend, tmp_path):
     """Each rank perturbs its own Shard(0) rows in place; together they draw the single-process noise
     (same z for the same global row; the row stds agree to float32 rounding, rtol 1e-5)."""
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
     ranks = sorted((torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)), key=lambda r: r["offset"])
     assert all(r["restored"] for r in ranks)  # base weights bitwise identical on every rank
     assert all(r["refused"] for r in ranks)  # virtual mode refuses FSDP2 clearly
     assert all(r["clean_state"] for r in ranks)  # state_dict() while perturbed holds the clean shards
     assert [r["offset"] for r in ranks] == [0, 16] and all(r["noise"].shape == (16, 32) for r in ranks)
     sharded_noise = torch.cat([r["noise"] for r in ranks])
-    single = make_mlp(seed=0)
-    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(single)), lr=1e-2), single, rho=0.2, schedule="constant", seed=3)
-    torch.testing.assert_close(sharded_noise, _noise_of_first_step(opt, single), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(sharded_noise, _single_process_noise(_device(backend, 0)), rtol=1e-5, atol=1e-7)
     assert sharded_noise.abs().sum() > 0

@@ -90,10 +90,10 @@ class LayerTable:
         self.n_rowtiles = len(rowtile_layer)
         self.total_rows = std_next
         self.total_blocks = seed_next
-        self.layers = torch.tensor(entries, dtype=torch.int64).to(self.device)
+        self.layers = to_device(torch.tensor(entries, dtype=torch.int64), self.device)
         self._index_type = torch.int16 if len(rows) < 2**15 else torch.int32
         self._tile_layer: Optional[torch.Tensor] = None
-        self.rowtile_layer = torch.tensor(rowtile_layer, dtype=self._index_type).to(self.device)
+        self.rowtile_layer = to_device(torch.tensor(rowtile_layer, dtype=self._index_type), self.device)
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
         self.variants = sorted({int(e[-1]) for e in entries})
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
@@ -104,7 +104,7 @@ class LayerTable:
         one entry per 2048 elements)."""
         if self._tile_layer is None:
             counts = torch.tensor(self.tiles, dtype=torch.int64)
-            self._tile_layer = torch.repeat_interleave(torch.arange(len(self), dtype=self._index_type), counts).to(self.device)
+            self._tile_layer = to_device(torch.repeat_interleave(torch.arange(len(self), dtype=self._index_type), counts), self.device)
         return self._tile_layer
 
     def __len__(self) -> int:
@@ -113,6 +113,19 @@ class LayerTable:
     def nbytes(self) -> int:
         tables = (self.layers, self.rowtile_layer) + (() if self._tile_layer is None else (self._tile_layer,))
         return sum(t.numel() * t.element_size() for t in tables)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Copy a small host tensor to ``device`` without making the host wait for the device.
+
+    A copy from pageable host memory first waits for the stream to drain (CUDA's rule), so each step's
+    small uploads (seeds, adapter tables) would stop the host from running ahead of the device. Staged
+    in pinned memory from PyTorch's caching host allocator (which keeps the block until the copy has
+    run), the copy is queued and the call returns at once.
+    """
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
 
 
 def codec_variant(rows: torch.Tensor) -> int:
@@ -158,5 +171,5 @@ def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, 
     for row in rows:  # a layer without adapters is done by the first launch
         if row[7] < 0:
             row[7] = present[0]
-    table = torch.tensor(rows, dtype=torch.int64).to(device)
-    return table, torch.tensor(factors, dtype=torch.float64).to(device), present
+    table = to_device(torch.tensor(rows, dtype=torch.int64), device)
+    return table, to_device(torch.tensor(factors, dtype=torch.float64), device), present
