@@ -24,7 +24,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import os
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -212,6 +212,29 @@ class TorchNoiseKernel:
         if noise is None:  # the noise is ours: form the sum in its buffer (one pass and one allocation less)
             return self.noise(std_rows, block.shape[1], seed, work).add_(block).to(block.dtype)
         return add_noise(block, noise)
+
+
+class ShardNoiseKernel:
+    """The fused GPU kernel's noise, added with torch ops: for FSDP2 shards on CUDA.
+
+    A shard may begin or end inside a global row block, and the fused kernels only form ``W + e``
+    for whole blocks; a shard therefore draws each block it touches whole and keeps its rows (see
+    :mod:`flatlora_optim.sharding`). Drawing with the fused kernel keeps the noise of a row what a
+    single GPU process draws for it, whatever the number of ranks. The sum is rounded as the fused
+    kernel rounds it (once, from the work dtype), so the values are the same too.
+    """
+
+    name = "triton-shard"
+    takes_device_seeds = True
+
+    def __init__(self, fused: Any) -> None:
+        self.fused = fused
+
+    def noise(self, std_rows: torch.Tensor, n_cols: int, seed: Any, work: torch.dtype) -> torch.Tensor:
+        return self.fused.noise(std_rows, n_cols, seed, work)
+
+    def perturbed(self, block: torch.Tensor, std_rows: torch.Tensor, seed: Any, work: torch.dtype, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return add_noise(block, self.noise(std_rows, block.shape[1], seed, work) if noise is None else noise)
 
 
 def add_noise(block: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ import torch
 from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
 from .grouped import StepGroup, TableCache
 from .kernels.layer_table import to_device
-from .noise import TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
+from .noise import ShardNoiseKernel, TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .targets import LoRATarget
 
@@ -121,9 +121,12 @@ class Perturber:
 
     @staticmethod
     def _kernel_of(target: LoRATarget) -> Any:
-        # a sharded (FSDP2) weight draws whole global blocks and keeps its rows: the torch kernel
-        # takes the block's noise as an argument, the fused GPU kernels do not
-        return _TORCH_KERNEL if target.sharded else kernel_for(target.weight.device)
+        # a sharded (FSDP2) weight draws whole global blocks and keeps its rows, so it adds noise it
+        # was given: the torch kernel, or on CUDA the fused kernel's noise added with torch ops
+        kernel = kernel_for(target.weight.device)
+        if not target.sharded:
+            return kernel
+        return ShardNoiseKernel(kernel) if getattr(kernel, "takes_device_seeds", False) else _TORCH_KERNEL
 
     def _kernel(self, p: TargetPerturbation) -> Any:
         if p.kernel is None:
@@ -131,7 +134,7 @@ class Perturber:
         return p.kernel
 
     def _seed_arg(self, p: TargetPerturbation, block: int, kernel: Any) -> Any:
-        if hasattr(kernel, "perturbed_layer"):
+        if getattr(kernel, "takes_device_seeds", False):
             return self._device_seeds(p)[block : block + 1]
         return self.block_seed(p, block)
 

@@ -118,6 +118,28 @@ def test_virtual_mode_matches_inplace_on_gpu(dtype):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-3 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_shard_kernel_forms_the_fused_kernels_bits(dtype):
+    """FSDP2 shards add the fused kernel's noise with torch ops: same fl(W + e) as the fused kernel, and
+    a shard's rows of a block get that block's noise (the block is drawn whole)."""
+    pytest.importorskip("triton")
+    from flatlora_optim.noise import ShardNoiseKernel
+    from flatlora_optim.restore import noise_dtype
+
+    fused_kernel = kernel_for(torch.device("cuda"))
+    shard = ShardNoiseKernel(fused_kernel)
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    w = torch.randn(300, 2048, device="cuda", generator=gen).to(dtype)
+    std = torch.rand(300, device="cuda", generator=gen) * 0.05
+    seed = torch.tensor([987654321], device="cuda")
+    work = noise_dtype(dtype)
+    fused = fused_kernel.perturbed(w, std, seed, work)
+    assert torch.equal(bits(shard.perturbed(w, std, seed, work)), bits(fused))
+    part = std.clone()
+    part[:100] = 0
+    assert torch.equal(shard.noise(part, 2048, seed, work)[100:], shard.noise(std, 2048, seed, work)[100:])
+
+
 def test_layer_kernel_gives_the_per_block_values():
     """The one-launch layer kernel (virtual mode) and the per-block kernel (in-place mode) agree bitwise."""
     pytest.importorskip("triton")

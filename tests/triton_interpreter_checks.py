@@ -264,7 +264,30 @@ def check_training_steps_through_the_grouped_path() -> None:
                 assert torch.equal(bits(w), b), f"{mode}/{restore}, step {step}: layer {k} not restored bitwise"
 
 
+def check_shard_kernel_forms_the_fused_kernels_values() -> None:
+    """FSDP2 shards on CUDA add the fused kernel's noise with torch ops: the same ``fl(W + e)`` bits as
+    the fused kernel forms for the whole block (16-bit and float32 rows), and a shard's part of a
+    block is that block's noise on its rows. Not bfloat16 here: the interpreter truncates float32 to
+    bfloat16 where compiled code rounds to nearest even, as torch does (tests/test_gpu.py checks it)."""
+    from flatlora_optim.noise import ShardNoiseKernel
+
+    gen = torch.Generator().manual_seed(5)
+    shard = ShardNoiseKernel(KERNEL)
+    for dtype, work in ((torch.float16, torch.float32), (torch.float32, torch.float64)):
+        block = (torch.randn(12, 520, generator=gen) * 0.02).to(dtype)
+        std = torch.rand(12, generator=gen) * 0.003
+        seed = torch.tensor([12345], dtype=torch.int64)
+        fused = KERNEL.perturbed(block, std, seed, work)
+        noise = shard.noise(std, block.shape[1], seed, work)
+        assert torch.equal(bits(shard.perturbed(block, std, seed, work, noise=noise)), bits(fused)), f"shard kernel differs ({dtype})"
+        assert torch.equal(bits(shard.perturbed(block, std, seed, work)), bits(fused))
+        part = std.clone()
+        part[:5] = 0  # a shard holding rows 5.. of the block draws the block whole and keeps its rows
+        assert torch.equal(shard.noise(part, block.shape[1], seed, work)[5:], noise[5:])
+
+
 if __name__ == "__main__":
+    check_shard_kernel_forms_the_fused_kernels_values()
     check_examples()
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()

@@ -446,6 +446,7 @@ class TritonNoiseKernel:
     """Same interface as :class:`flatlora_optim.noise.TorchNoiseKernel`, fused on CUDA."""
 
     name = "triton"
+    takes_device_seeds = True  # a block's seed as a slice of the step's one upload
 
     @staticmethod
     def _seeds(seed: Union[int, torch.Tensor], device: torch.device) -> torch.Tensor:
