@@ -21,6 +21,7 @@ import torch
 
 from .kernels.layer_table import to_device
 from .noise import _stack_adapters, layer_key, noise_seeds
+from .sharding import full, local
 from .targets import LoRATarget
 
 __all__ = ["StepGroup", "GroupSlot", "TableCache"]
@@ -33,13 +34,14 @@ class TableCache:
         self.size = size
         self._tables: OrderedDict[Any, Any] = OrderedDict()
 
-    def get(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None) -> Any:
+    def get(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None,
+            row_ranges: Optional[Sequence[Tuple[int, int]]] = None) -> Any:
         from .kernels.layer_table import LayerTable, table_key
 
-        key = (table_key(rows), tuple(std_bases or ()), tuple(seed_bases or ()))
+        key = (table_key(rows), tuple(std_bases or ()), tuple(seed_bases or ()), tuple(row_ranges or ()))
         table = self._tables.get(key)
         if table is None:
-            table = LayerTable(rows, std_bases, seed_bases)
+            table = LayerTable(rows, std_bases, seed_bases, row_ranges)
             self._tables[key] = table
             while len(self._tables) > self.size:
                 self._tables.popitem(last=False)
@@ -49,13 +51,16 @@ class TableCache:
 
 
 def _adapter_args(target: LoRATarget) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
-    """``(A, B, scaling)`` for the row-std kernel: the adapter's own tensors when there is one."""
+    """``(A, B, scaling)`` for the row-std kernel: the adapter's own tensors when there is one.
+
+    Under FSDP2 ``A`` is gathered whole (every rank's rows need all of it: a collective, called by
+    every rank for the same layers in the same order) and ``B`` is this rank's rows."""
     adapters = target.adapters()
     if not adapters:
         return None
     if len(adapters) == 1 and adapters[0].A.dtype == adapters[0].B.dtype:
         a = adapters[0]
-        return a.A.detach(), a.B.detach(), a.scaling
+        return full(a.A.detach()), local(a.B.detach()), a.scaling
     A, B = _stack_adapters(adapters, target.weight.device)  # several adapters: fp32, scalings folded into B
     return A, B, 1.0
 
@@ -68,7 +73,8 @@ class StepGroup:
         self.targets = list(targets)
         self._position = {id(t): k for k, t in enumerate(self.targets)}
         self.rows = [t.rows() for t in self.targets]
-        self.table = cache.get(self.rows)
+        self.row_ranges = [t.row_range() for t in self.targets]  # (first global row, global rows): FSDP2 shards
+        self.table = cache.get(self.rows, row_ranges=self.row_ranges)
         device = self.table.device
         adapters = [_adapter_args(t) for t in self.targets]
         self.std = torch.empty(self.table.total_rows, dtype=torch.float32, device=device)
@@ -100,7 +106,8 @@ class StepGroup:
         (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
         """
         rows = self._codec_rows = [self.rows[i] for i in indices]
-        self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices])
+        self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
+                                     [self.row_ranges[i] for i in indices])
         if backup:
             self.backups = [torch.empty_like(r) for r in rows]
             torch._foreach_copy_(self.backups, rows)

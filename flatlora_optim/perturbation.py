@@ -192,13 +192,17 @@ class Perturber:
         return self.perturb_all([target], sigma, step)[0]
 
     def _groupable(self, target: LoRATarget) -> bool:
-        """Whether ``target``'s stds and seeds can come from a :class:`StepGroup` (CUDA with Triton)."""
-        return not target.sharded and hasattr(self._kernel_of(target), "row_stds")
+        """Whether ``target``'s stds and seeds can come from a :class:`StepGroup` (CUDA with Triton).
+        An FSDP2 shard only when it goes through the fused pass (the per-block path indexes its
+        seeds by global block)."""
+        if target.sharded:
+            return self._fusable(target)
+        return hasattr(kernel_for(target.weight.device), "row_stds")
 
     def describe_all(self, targets: List[LoRATarget], sigma: float, step: int) -> Tuple[List[TargetPerturbation], Optional[StepGroup]]:
         """This step's noise for every target (nothing written): on CUDA all row stds in one launch."""
         grouped = [t for t in targets if self._groupable(t)]
-        group = StepGroup(self._kernel_of(grouped[0]), self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
+        group = StepGroup(kernel_for(grouped[0].weight.device), self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
         described = []
         for target in targets:
             k = group.index_of(target) if group is not None else None
@@ -265,12 +269,15 @@ class Perturber:
                 done.append(p)
 
     def _fused(self, p: TargetPerturbation) -> bool:
-        """Whether ``p`` goes through the step-wide one-pass path: exact or backup restore, 16-bit
-        weights, the CUDA kernel (subtract and other weight types go block by block)."""
-        dtype = p.target.weight.dtype
-        kernel = self._kernel_of(p.target)
-        fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(dtype)
-        return self.strategy.name in ("exact", "backup") and fused_kernel and p.target.rows().numel() < 2**31
+        return self._fusable(p.target)
+
+    def _fusable(self, target: LoRATarget) -> bool:
+        """Whether ``target`` goes through the step-wide one-pass path: exact or backup restore, 16-bit
+        weights, the CUDA kernel (subtract and other weight types go block by block). FSDP2 shards
+        too: the kernels see a shard from the start of its first global row block."""
+        kernel = kernel_for(target.weight.device)
+        fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(target.weight.dtype)
+        return self.strategy.name in ("exact", "backup") and fused_kernel and target.rows().numel() < 2**31
 
     def _perturb_blocks(self, p: TargetPerturbation) -> None:
         rows = p.target.rows()

@@ -286,7 +286,53 @@ def check_shard_kernel_forms_the_fused_kernels_values() -> None:
         assert torch.equal(shard.noise(part, block.shape[1], seed, work)[5:], noise[5:])
 
 
+def check_fsdp_shards_take_their_rows_of_the_whole_layers_values() -> None:
+    """An FSDP2 shard (rows ``first:first+m`` of a layer, starting inside a row block) through the grouped
+    kernels: the same row stds and ``fl(W + e)`` as the whole layer on those rows, then bitwise
+    restore, grouped and one layer alone (row blocks of 8 rows here, so shards cross several)."""
+    import flatlora_optim.kernels.layer_table as layer_table
+
+    original = layer_table.rows_per_chunk
+    layer_table.rows_per_chunk = lambda n: 8
+    try:
+        gen = torch.Generator().manual_seed(11)
+        for dtype in (torch.float16, torch.bfloat16):
+            whole = layers([(40, 1030), (21, 512)], dtype, gen)
+            adapters = [(torch.randn(4, w.shape[1], generator=gen).to(dtype), torch.randn(w.shape[0], 4, generator=gen).to(dtype), 0.5) for w in whole]
+            ranges = [(13, 40), (8, 21)]  # first global row held here: inside block 1, and on a block boundary
+            counts = [18, 13]
+            held = [w[a : a + c].clone() for w, (a, _), c in zip(whole, ranges, counts)]
+            held_adapters = [(A, B[a : a + c], s) for (A, B, s), (a, _), c in zip(adapters, ranges, counts)]
+            full_table = LayerTable(whole)  # (a table holds addresses only: its tensors must stay alive)
+            full_std = torch.empty(full_table.total_rows)
+            KERNEL.row_stds(full_table, adapters, [0.05, 0.05], full_std)
+            shard_table = LayerTable(held, row_ranges=ranges)
+            shard_std = torch.empty(shard_table.total_rows)
+            KERNEL.row_stds(shard_table, held_adapters, [0.05, 0.05], shard_std)
+            expected_std = torch.cat([full_std[b + a : b + a + c] for b, (a, _), c in zip(full_table.std_bases, ranges, counts)])
+            assert torch.equal(shard_std, expected_std), "a shard's row stds differ from the whole layer's"
+            assert shard_table.blocks == full_table.blocks == [5, 3]  # seeds for every global block
+            seeds = torch.arange(full_table.total_blocks, dtype=torch.int64) * 7919 + 3
+            noisy = [w.clone() for w in whole]
+            KERNEL.exact_perturb_layers(LayerTable(noisy), full_std, seeds)
+            before = [bits(h).clone() for h in held]
+            record = KERNEL.exact_perturb_layers(shard_table, shard_std, seeds)
+            for h, n, (a, _), c in zip(held, noisy, ranges, counts):
+                assert torch.equal(bits(h), bits(n[a : a + c])), "a shard's W + e differs from the whole layer's on its rows"
+            copy = held[0].clone()
+            KERNEL.exact_restore_one(shard_table, 0, copy, shard_std, seeds, record)
+            assert torch.equal(bits(copy), before[0]), "a shard restored alone differs"
+            KERNEL.exact_restore_layers(shard_table, shard_std, seeds, record)
+            assert all(torch.equal(bits(h), b) for h, b in zip(held, before)), "a shard is not restored bitwise"
+            KERNEL.add_noise_layers(shard_table, shard_std, seeds)  # backup restore's plain pass: the same W + e
+            for h, n, (a, _), c in zip(held, noisy, ranges, counts):
+                assert torch.equal(bits(h), bits(n[a : a + c]))
+    finally:
+        layer_table.rows_per_chunk = original
+
+
 if __name__ == "__main__":
+    check_fsdp_shards_take_their_rows_of_the_whole_layers_values()
     check_shard_kernel_forms_the_fused_kernels_values()
     check_examples()
     check_dense_escapes()

@@ -36,9 +36,12 @@ DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.floa
 """How a kernel is told which float type a table's pointer points to."""
 
 FIELDS = ("ptr", "rows", "cols", "stride_row", "stride_col", "rows_per_block", "tiles_per_block", "tile_base", "std_base", "seed_base",
-          "rowtile_base", "dtype", "col_tiles", "variant")
+          "rowtile_base", "dtype", "col_tiles", "variant", "first_row")
 """Columns of the layer table, in order (all int64). ``variant`` says which compiled form of the
-codec handles the layer (see :func:`codec_variant`)."""
+codec handles the layer (see :func:`codec_variant`). ``first_row`` is for a view that starts inside
+a row block (an FSDP2 shard): the kernels see the view from the start of that block (``ptr``,
+``rows`` and ``std_base`` count ``first_row`` rows more) and mask those rows off, so the noise of
+every row is the one its global block draws."""
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -53,39 +56,47 @@ class LayerTable:
     long as the views keep their storage, shape and strides (:attr:`key` captures those).
     """
 
-    def __init__(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None):
+    def __init__(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None,
+                 row_ranges: Optional[Sequence[Tuple[int, int]]] = None):
         if not rows:
             raise ValueError("LayerTable needs at least one layer")
         self.device = rows[0].device
-        self.key = table_key(rows)
+        self.row_ranges = [(0, int(r.shape[0])) for r in rows] if row_ranges is None else [(int(a), int(b)) for a, b in row_ranges]
         self.shapes: List[Tuple[int, int]] = [(int(r.shape[0]), int(r.shape[1])) for r in rows]
         self.dtypes = [r.dtype for r in rows]
-        self.blocks: List[int] = []  # row blocks per layer (the noise's seeding unit)
+        self.blocks: List[int] = []  # seeds per layer: the global row blocks (the noise's seeding unit)
         self.tiles: List[int] = []  # exact-codec tiles per layer
         self.tile_bases: List[int] = []
         self.std_bases: List[int] = []
         self.seed_bases: List[int] = []
+        self.first_rows: List[int] = []  # rows of the first block held elsewhere (FSDP2), masked off
         entries = []
         tile_count, rowtile_layer = 0, []
         std_next = seed_next = 0
         for index, r in enumerate(rows):
             m, n = self.shapes[index]
+            first, global_rows = self.row_ranges[index]
             per_block = rows_per_chunk(n)
-            n_blocks = _cdiv(m, per_block)
+            skip = first % per_block  # rows of the first block held elsewhere (FSDP2), masked off
+            seen_rows = m + skip
+            self.first_rows.append(skip)
+            view_blocks = _cdiv(seen_rows, per_block)
             col_tiles = _cdiv(n, TILE_COLS)
-            tiles_per_block = _cdiv(min(per_block, m), TILE_ROWS) * col_tiles
+            tiles_per_block = _cdiv(min(per_block, seen_rows), TILE_ROWS) * col_tiles
             std_base = std_next if std_bases is None else std_bases[index]
             seed_base = seed_next if seed_bases is None else seed_bases[index]
-            std_next, seed_next = std_next + m, seed_next + n_blocks
-            self.blocks.append(n_blocks)
-            self.tiles.append(n_blocks * tiles_per_block)
+            n_seeds = _cdiv(global_rows, per_block)
+            std_next, seed_next = std_next + m, seed_next + n_seeds
+            self.blocks.append(n_seeds)
+            self.tiles.append(view_blocks * tiles_per_block)
             self.tile_bases.append(tile_count)
             self.std_bases.append(std_base)
             self.seed_bases.append(seed_base)
-            entries.append([r.data_ptr(), m, n, r.stride(0), r.stride(1), per_block, tiles_per_block, tile_count, std_base, seed_base,
-                            len(rowtile_layer), DTYPE_CODES[r.dtype], col_tiles, codec_variant(r)])
-            tile_count += n_blocks * tiles_per_block
-            rowtile_layer.extend([index] * _cdiv(m, ROWS_PER_PROGRAM))
+            entries.append([r.data_ptr() - skip * r.stride(0) * r.element_size(), seen_rows, n, r.stride(0), r.stride(1), per_block,
+                            tiles_per_block, tile_count, std_base - skip, seed_base + first // per_block, len(rowtile_layer),
+                            DTYPE_CODES[r.dtype], col_tiles, codec_variant(r), skip])
+            tile_count += view_blocks * tiles_per_block
+            rowtile_layer.extend([index] * _cdiv(seen_rows, ROWS_PER_PROGRAM))
         self.n_tiles = tile_count
         self.n_rowtiles = len(rowtile_layer)
         self.total_rows = std_next
@@ -95,7 +106,7 @@ class LayerTable:
         self._tile_layer: Optional[torch.Tensor] = None
         self.rowtile_layer = to_device(torch.tensor(rowtile_layer, dtype=self._index_type), self.device)
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
-        self.variants = sorted({int(e[-1]) for e in entries})
+        self.variants = sorted({int(e[FIELDS.index("variant")]) for e in entries})
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
 
     @property
@@ -145,17 +156,18 @@ def table_key(rows: Sequence[torch.Tensor]) -> Tuple:
 
 
 def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
-                  device: torch.device) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+                  device: torch.device, first_rows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """This step's adapters, one ``(A, B, scaling)`` or None per layer, as device tables.
 
     Returns ``(table, factors, codes)``: ``table`` is ``L x 8`` int64 (A's address and strides,
     B's address and strides, rank, dtype code); ``factors`` is ``L x 2`` float64 (the adapter
     scaling, and the factor ``sigma / sqrt(n)`` that turns a row norm into a noise std); ``codes``
     the adapter dtype codes present. ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type.
-    The tensors must stay alive until the kernels that read the table have run.
+    The tensors must stay alive until the kernels that read the table have run. ``first_rows`` are the
+    layer table's (a shard's ``B`` holds its own rows only: its address is moved back the same way).
     """
     rows, factors, codes = [], [], set()
-    for adapter, std_scale in zip(adapters, std_scales):
+    for index, (adapter, std_scale) in enumerate(zip(adapters, std_scales)):
         if adapter is None:
             rows.append([0, 0, 0, 0, 0, 0, 0, -1])
             factors.append([0.0, std_scale])
@@ -165,7 +177,8 @@ def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, 
             raise ValueError(f"adapter_table: A and B must share a dtype, got {A.dtype} and {B.dtype}")
         code = DTYPE_CODES[A.dtype]
         codes.add(code)
-        rows.append([A.data_ptr(), A.stride(0), A.stride(1), B.data_ptr(), B.stride(0), B.stride(1), A.shape[0], code])
+        b_ptr = B.data_ptr() - (first_rows[index] if first_rows else 0) * B.stride(0) * B.element_size()
+        rows.append([A.data_ptr(), A.stride(0), A.stride(1), b_ptr, B.stride(0), B.stride(1), A.shape[0], code])
         factors.append([float(scaling), std_scale])
     present = sorted(codes) or [0]
     for row in rows:  # a layer without adapters is done by the first launch

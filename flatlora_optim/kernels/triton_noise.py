@@ -93,7 +93,7 @@ def _typed(raw, CODE: tl.constexpr):
         return raw.to(tl.pointer_type(tl.float64))
 
 
-_NF = tl.constexpr(14)  # columns of the layer table (layer_table.FIELDS)
+_NF = tl.constexpr(15)  # columns of the layer table (layer_table.FIELDS)
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
 
 
@@ -136,7 +136,7 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     s = tl.load(factors_ptr + 2 * layer).to(tl.float32)
     scale = tl.load(factors_ptr + 2 * layer + 1)
     rows = (t - tl.load(info + 10)) * ROWS + tl.arange(0, ROWS)
-    row_mask = rows < n_rows
+    row_mask = (rows < n_rows) & (rows >= tl.load(info + 14))  # rows before first_row belong to another rank
     if ACC_FP64:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
     else:
@@ -299,7 +299,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     first_row = block * rows_per_block
     rows = row_tile * TR + tl.arange(0, TR)  # inside the block
     cols = first_col + tl.arange(0, TC)
-    row_mask = rows < tl.minimum(rows_per_block, n_rows - first_row)
+    row_mask = (rows < tl.minimum(rows_per_block, n_rows - first_row)) & (first_row + rows >= tl.load(info + 14).to(tl.int32))
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
     z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1)
@@ -479,7 +479,7 @@ class TritonNoiseKernel:
                  out: torch.Tensor) -> None:
         """Write ``std_scales[l] * ||W_i + s (B A)_i||`` for every row of every layer into ``out``
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
-        adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device)
+        adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device, table.first_rows)
         rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
         # R: the rank rounded up to a power of two; above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
         for w_code in table.dtype_codes:
@@ -580,7 +580,7 @@ class TritonNoiseKernel:
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
                           record: ExactGroupRecord) -> None:
         """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
-        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]])
+        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]], row_ranges=[table.row_ranges[layer]])
         if one.shapes[0] != table.shapes[layer]:
             raise ValueError(f"restore destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
         first = table.tile_bases[layer]
