@@ -133,8 +133,8 @@ def _stack_adapters(adapters: List[Adapter], device: torch.device) -> Tuple[torc
     # Under FSDP2 A (r x n) is gathered whole (small) and B (m x r) is this rank's rows, like W's.
     if len(adapters) == 1:  # the common case: no concatenation
         a = adapters[0]
-        return full(a.A.detach()).to(device=device, dtype=torch.float32), local(a.B.detach()).to(device=device, dtype=torch.float32) * a.scaling
-    A = torch.cat([full(a.A.detach()).to(device=device, dtype=torch.float32) for a in adapters], dim=0)
+        return full(a.A).detach().to(device=device, dtype=torch.float32), local(a.B.detach()).to(device=device, dtype=torch.float32) * a.scaling
+    A = torch.cat([full(a.A).detach().to(device=device, dtype=torch.float32) for a in adapters], dim=0)
     B = torch.cat([local(a.B.detach()).to(device=device, dtype=torch.float32) * a.scaling for a in adapters], dim=1)
     return A, B
 

@@ -25,6 +25,7 @@ from .grouped import StepGroup, TableCache
 from .kernels.layer_table import to_device
 from .noise import ShardNoiseKernel, TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
+from .sharding import gathered
 from .targets import LoRATarget
 
 __all__ = ["TargetPerturbation", "Perturber"]
@@ -220,6 +221,11 @@ class Perturber:
         On CUDA, 16-bit weights with exact or backup restore go through one step-wide pass together
         (a few launches for the whole list); every other target is perturbed block by block.
         """
+        sharded_factors = [a.A for t in targets if t.sharded for a in t.adapters()]
+        with gathered(sharded_factors):  # every sharded A whole, in one collective (FSDP2's row stds need them)
+            return self._perturb_all(targets, sigma, step)
+
+    def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
         described, group = self.describe_all(targets, sigma, step)
         fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused(p)]
         rest = [p for k, p in enumerate(described) if k not in fused]

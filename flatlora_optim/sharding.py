@@ -9,11 +9,15 @@ whole block's normals and keeps its rows (at most one block's worth of extra wor
 
 from __future__ import annotations
 
-from typing import Tuple
+import contextlib
+import math
+from typing import Dict, Iterator, List, Sequence, Tuple
 
 import torch
 
-__all__ = ["is_dtensor", "local", "full", "row_range", "check_row_sharded"]
+__all__ = ["is_dtensor", "local", "full", "gathered", "row_range", "check_row_sharded"]
+
+_GATHERED: Dict[int, torch.Tensor] = {}  # id(DTensor) -> its whole value, inside a ``gathered`` block
 
 
 def is_dtensor(tensor: object) -> bool:
@@ -27,7 +31,74 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
 
 def full(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (an all-gather for a DTensor: call it on all ranks in the same order)."""
-    return tensor.full_tensor() if is_dtensor(tensor) else tensor
+    if not is_dtensor(tensor):
+        return tensor
+    whole = _GATHERED.get(id(tensor))
+    return whole if whole is not None else tensor.full_tensor()
+
+
+@contextlib.contextmanager
+def gathered(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, :func:`full` of these DTensors returns values gathered by one collective per
+    (process group, dtype) instead of one all-gather each.
+
+    A step needs every layer's whole ``A`` for the row stds; under FSDP2 each ``full_tensor()`` is a
+    collective plus DTensor dispatch on the host (112 of them per step on a 16-layer Llama). Call on
+    every rank with the same tensors in the same order. Tensors that are not ``Shard(0)`` on a 1-D mesh
+    keep the one-by-one path.
+    """
+    groups: Dict[Tuple, List[torch.Tensor]] = {}
+    for t in tensors:
+        if is_dtensor(t) and id(t) not in _GATHERED and _is_row_sharded(t):
+            groups.setdefault((id(t.device_mesh), t.dtype, t.to_local().device), []).append(t)
+    added: List[int] = []
+    try:
+        for members in groups.values():
+            for t, whole in zip(members, _gather_rows(members)):
+                _GATHERED[id(t)] = whole
+                added.append(id(t))
+        yield
+    finally:
+        for key in added:
+            _GATHERED.pop(key, None)
+
+
+def _is_row_sharded(t: torch.Tensor) -> bool:
+    placements = tuple(getattr(t, "placements", ()))
+    return t.device_mesh.ndim == 1 and len(placements) == 1 and type(placements[0]).__name__ == "Shard" and placements[0].dim == 0
+
+
+def _gather_rows(members: List[torch.Tensor]) -> List[torch.Tensor]:
+    """The whole values of DTensors sharded ``Shard(0)`` on one 1-D mesh, with one all-gather.
+
+    Rank ``i`` holds rows ``[i c, (i + 1) c)`` of each (``c = ceil(rows / world)``, torch.chunk's
+    layout, the one FSDP2 and DTensor use); each rank sends its rows padded to ``c``, all flattened into
+    one buffer, and every tensor is cut back out of the gathered buffers.
+    """
+    import torch.distributed as dist
+
+    mesh = members[0].device_mesh
+    world, rank = mesh.size(), mesh.get_local_rank()
+    chunks = [-(-t.shape[0] // world) for t in members]
+    sizes = [c * math.prod(t.shape[1:]) for c, t in zip(chunks, members)]
+    send = torch.zeros(sum(sizes), dtype=members[0].dtype, device=members[0].to_local().device)
+    offset = 0
+    for t, c, size in zip(members, chunks, sizes):
+        piece = t.to_local().detach().reshape(-1)
+        expected_rows = max(0, min(c, t.shape[0] - rank * c))
+        if t.to_local().shape[0] != expected_rows:  # Shard(0) is torch.chunk's layout by definition
+            raise RuntimeError(f"a Shard(0) DTensor of {t.shape[0]} rows holds {t.to_local().shape[0]} on rank {rank}, "
+                               f"not torch.chunk's {expected_rows}: please report this with your torch version")
+        send[offset : offset + piece.numel()] = piece
+        offset += size
+    received = [torch.empty_like(send) for _ in range(world)]
+    dist.all_gather(received, send, group=mesh.get_group())
+    wholes, offset = [], 0
+    for t, c, size in zip(members, chunks, sizes):
+        rows = torch.cat([r[offset : offset + size].view(c, *t.shape[1:]) for r in received])[: t.shape[0]]
+        wholes.append(rows)
+        offset += size
+    return wholes
 
 
 def row_range(weight: torch.Tensor) -> Tuple[int, int]:

@@ -169,3 +169,32 @@ def test_fsdp2_perturbs_local_rows_like_a_single_process(backend, tmp_path):
     sharded_noise = torch.cat([r["noise"] for r in ranks])
     torch.testing.assert_close(sharded_noise, _single_process_noise(_device(backend, 0)), rtol=1e-5, atol=1e-7)
     assert sharded_noise.abs().sum() > 0
+
+
+def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from flatlora_optim.sharding import full, gathered
+
+    device = _init(backend, rank, world, port)
+    mesh = init_device_mesh(device.type, (world,))
+    gen = torch.Generator().manual_seed(0)  # the same values on every rank
+    shapes = [(8, 6), (5, 3), (1, 4), (3, 2, 2)]  # even, uneven (3 + 2 rows), a rank with no rows, 3-D
+    values = [torch.randn(s, generator=gen).to(device) for s in shapes] + [torch.randn(4, 4, generator=gen).to(device, torch.bfloat16)]
+    tensors = [distribute_tensor(v, mesh, [Shard(0)]) for v in values]
+    with gathered(tensors):
+        inside = [full(t).cpu() for t in tensors]
+        cached = all(full(t) is full(t) for t in tensors)  # served from the one gather, not gathered again
+    after = [full(t).cpu() for t in tensors]  # the one-by-one path again
+    ok = cached and all(torch.equal(a, v.cpu()) and torch.equal(b, v.cpu()) for a, b, v in zip(inside, after, values))
+    torch.save({"ok": ok}, os.path.join(out_dir, f"gather{rank}.pt"))
+    _finish()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sharded_factors_are_gathered_whole_in_one_block(backend, tmp_path):
+    """``sharding.gathered``: every rank gets each Shard(0) DTensor's whole value (even and uneven row
+    splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``."""
+    mp.spawn(_gather_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    assert all(torch.load(tmp_path / f"gather{r}.pt")["ok"] for r in range(2))
