@@ -481,7 +481,7 @@ def _rank() -> int:
 def _check_sharding(targets: List[LoRATarget], mode: str) -> None:
     for t in targets:
         if t.sharded:
-            check_row_sharded(t.name, t.weight, t.transposed, mode)
+            check_row_sharded(t.name, t.weight, t.transposed, mode, [a.B for a in t.adapters()])
 
 
 def _check_one_device(targets: List[LoRATarget]) -> None:

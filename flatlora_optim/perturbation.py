@@ -283,7 +283,9 @@ class Perturber:
         too: the kernels see a shard from the start of its first global row block."""
         kernel = kernel_for(target.weight.device)
         fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(target.weight.dtype)
-        return self.strategy.name in ("exact", "backup") and fused_kernel and target.rows().numel() < 2**31
+        rows = target.rows()
+        seen_rows = rows.shape[0] + target.row_range()[0] % rows_per_chunk(rows.shape[1])  # a shard is seen from its block's start
+        return self.strategy.name in ("exact", "backup") and fused_kernel and seen_rows * rows.shape[1] < 2**31
 
     def _perturb_blocks(self, p: TargetPerturbation) -> None:
         rows = p.target.rows()

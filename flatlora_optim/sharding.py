@@ -48,11 +48,20 @@ def gathered(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     keep the one-by-one path.
     """
     groups: Dict[Tuple, List[torch.Tensor]] = {}
+    others: List[torch.Tensor] = []
     for t in tensors:
-        if is_dtensor(t) and id(t) not in _GATHERED and _is_row_sharded(t):
-            groups.setdefault((id(t.device_mesh), t.dtype, t.to_local().device), []).append(t)
+        if is_dtensor(t) and id(t) not in _GATHERED:
+            if _is_row_sharded(t):
+                groups.setdefault((id(t.device_mesh), t.dtype, t.to_local().device), []).append(t)
+            else:
+                others.append(t)
     added: List[int] = []
     try:
+        # other layouts one by one, but now, on every rank: gathered later, at first use, a rank that
+        # holds no rows of the weight (and so never asks for its row stds) would skip the collective
+        for t in others:
+            _GATHERED[id(t)] = t.full_tensor()
+            added.append(id(t))
         for members in groups.values():
             for t, whole in zip(members, _gather_rows(members)):
                 _GATHERED[id(t)] = whole
@@ -116,7 +125,7 @@ def row_range(weight: torch.Tensor) -> Tuple[int, int]:
         return weight.device_mesh.get_local_rank() * chunk, weight.shape[0]
 
 
-def check_row_sharded(name: str, weight: torch.Tensor, transposed: bool, mode: str) -> None:
+def check_row_sharded(name: str, weight: torch.Tensor, transposed: bool, mode: str, factors_b: Sequence[torch.Tensor] = ()) -> None:
     """Raise ``ValueError`` unless ``weight`` is a DTensor Flat-LoRA can perturb shard by shard."""
     placements = tuple(getattr(weight, "placements", ()))
     kinds = [type(p).__name__ for p in placements]
@@ -126,3 +135,8 @@ def check_row_sharded(name: str, weight: torch.Tensor, transposed: bool, mode: s
         raise ValueError(f"{name}: sharded as {placements} on a {weight.device_mesh.ndim}-D mesh; Flat-LoRA supports FSDP2's Shard(0) on a 1-D mesh.")
     if transposed:
         raise ValueError(f"{name}: a transposed (fan_in_fan_out / Conv1D) weight sharded on dim 0 splits its fan-in, not its rows; not supported.")
+    for b in factors_b:  # B's rows must be the weight's rows: the row stds use this rank's rows of B
+        if not (is_dtensor(b) and _is_row_sharded(b) and b.device_mesh == weight.device_mesh):
+            placed = tuple(getattr(b, "placements", ())) or "a plain tensor"
+            raise ValueError(f"{name}: its adapter's B is placed as {placed}; Flat-LoRA needs B sharded like the weight "
+                             "(Shard(0) on the same 1-D mesh, FSDP2's default).")

@@ -188,6 +188,18 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str)
         cached = all(full(t) is full(t) for t in tensors)  # served from the one gather, not gathered again
     after = [full(t).cpu() for t in tensors]  # the one-by-one path again
     ok = cached and all(torch.equal(a, v.cpu()) and torch.equal(b, v.cpu()) for a, b, v in zip(inside, after, values))
+    from flatlora_optim.sharding import check_row_sharded
+
+    weight = distribute_tensor(torch.randn(6, 4, generator=gen).to(device), mesh, [Shard(0)])
+    refused = []
+    for b in (distribute_tensor(torch.randn(6, 2, generator=gen).to(device), mesh, [Shard(1)]), torch.randn(6, 2).to(device)):
+        try:
+            check_row_sharded("w", weight, False, "inplace", [b])
+            refused.append(False)
+        except ValueError as error:
+            refused.append("B" in str(error))
+    check_row_sharded("w", weight, False, "inplace", [distribute_tensor(torch.randn(6, 2, generator=gen).to(device), mesh, [Shard(0)])])
+    ok = ok and all(refused)  # a B not sharded like the weight is refused; Shard(0) on the same mesh is not
     torch.save({"ok": ok}, os.path.join(out_dir, f"gather{rank}.pt"))
     _finish()
 
@@ -195,6 +207,52 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sharded_factors_are_gathered_whole_in_one_block(backend, tmp_path):
     """``sharding.gathered``: every rank gets each Shard(0) DTensor's whole value (even and uneven row
-    splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``."""
+    splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``; an adapter B that is not
+    sharded like its weight is refused with a clear error."""
     mp.spawn(_gather_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
     assert all(torch.load(tmp_path / f"gather{r}.pt")["ok"] for r in range(2))
+
+
+def _empty_shard_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))  # a hang fails, not stalls CI
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_mlp(seed=0)  # the last layer has 5 rows: with 4 ranks, rank 3 holds none of them
+
+    def place(p):
+        return Shard(1) if p.shape[0] == 4 else None  # every A (r = 4 rows) sharded on its columns instead
+
+    for layer in model:
+        if hasattr(layer, "lora_A"):
+            fully_shard(layer, mesh=mesh, shard_placement_fn=place)
+    fully_shard(model, mesh=mesh)
+    frozen = [p for p in model.parameters() if not p.requires_grad]
+    before = [bits(p.to_local()) for p in frozen]
+    opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), model, rho=0.2, schedule="constant", seed=3)
+    for step in range(2):
+        x, y = batch(step)
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
+    torch.save({"restored": restored, "rows": opt.targets[2].rows().shape[0]}, os.path.join(out_dir, f"empty{rank}.pt"))
+    _finish()
+
+
+def test_fsdp2_rank_without_rows_takes_part_in_every_collective(tmp_path):
+    """4 ranks, a 5-row layer (rank 3 holds none of its rows), every A sharded on its columns (gathered one
+    by one): every rank joins the same collectives (a rank that skipped one used to leave the others
+    waiting forever), trains, and restores its shards bitwise."""
+    mp.spawn(_empty_shard_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    ranks = [torch.load(tmp_path / f"empty{r}.pt") for r in range(4)]
+    assert all(r["restored"] for r in ranks)
+    assert [r["rows"] for r in ranks] == [2, 2, 1, 0]

@@ -438,7 +438,7 @@ def _check_codec_layers(table: LayerTable, what: str) -> None:
     """The codec kernel's limits: 16-bit weights, element positions that fit in int32."""
     if not all(d in _MANTISSA for d in table.dtypes):
         raise ValueError(f"{what} takes bfloat16 and float16 weights only")
-    if any(m * n >= 2**31 for m, n in table.shapes):
+    if any((m + skip) * n >= 2**31 for (m, n), skip in zip(table.shapes, table.first_rows)):
         raise ValueError(f"{what} indexes a layer's elements with int32: a layer has 2**31 elements or more")
 
 
