@@ -331,7 +331,100 @@ def check_fsdp_shards_take_their_rows_of_the_whole_layers_values() -> None:
         layer_table.rows_per_chunk = original
 
 
+def _use_interpreted_kernel_with_small_blocks() -> None:
+    """FlatLoRA on CPU tensors through the Triton kernels, with row blocks of a few rows (so FSDP2 shards
+    start and end inside blocks)."""
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    noise.CHUNK_BYTES = 48 * 32 * 5  # 5 rows per block at fan-in 32, 13 at fan-in 12
+    torch.set_num_threads(1)
+
+
+def _first_step_weights(model, restore: str):
+    """The frozen weights' bits while perturbed at the first step, whether they are restored bitwise after it,
+    and which path each layer took."""
+    from flatlora_optim import FlatLoRA, lora_parameters
+    from flatlora_optim.sharding import local
+
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.0), model, rho=0.2, schedule="constant", seed=3,
+                   rank_noise="shared", restore=restore)
+    weights = [local(model[i].weight) for i in (0, 2, 4)]
+    before = [w.detach().clone() for w in weights]
+    with opt.perturbed():
+        noisy = [w.detach().clone() for w in weights]
+        paths = [p.blocks[0][0] if p.blocks else None for p in opt._perturbations]
+    restored = all(torch.equal(bits(a) if a.element_size() == 2 else a, bits(b) if b.element_size() == 2 else b) for a, b in zip(before, weights))
+    return noisy, restored, paths
+
+
+def _fsdp_rank(rank: int, world: int, port: int, dtype: torch.dtype, restore: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import make_mlp
+
+    _use_interpreted_kernel_with_small_blocks()
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    mesh = init_device_mesh("cpu", (world,))
+    model = make_mlp(seed=0, dtype=dtype)
+    for layer in model:
+        if hasattr(layer, "lora_A"):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    torch.save(_first_step_weights(model, restore), os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def check_fsdp_ranks_draw_the_single_process_weights() -> None:
+    """FlatLoRA under FSDP2 on 4 gloo ranks through the interpreted kernels: each rank's perturbed rows are
+    bitwise the single process's (16-bit exact and backup: the step-wide fused pass with shards starting
+    inside row blocks and a rank holding no rows of the 5-row layer; float32: block by block with the
+    fused kernel's noise), and every rank restores bitwise."""
+    import socket
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from conftest import make_mlp
+
+    import flatlora_optim.perturbation as perturbation
+
+    world = 4
+    for dtype, restore, grouped in ((torch.float16, "exact", True), (torch.bfloat16, "backup", True), (torch.float32, "exact", False)):
+        with tempfile.TemporaryDirectory() as out, socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+            s.close()
+            mp.spawn(_fsdp_rank, args=(world, port, dtype, restore, out), nprocs=world, join=True)
+            ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
+        import flatlora_optim.noise as noise
+
+        chunk_bytes = noise.CHUNK_BYTES
+        _use_interpreted_kernel_with_small_blocks()
+        try:
+            single, restored, _ = _first_step_weights(make_mlp(seed=0, dtype=dtype), restore)
+        finally:
+            noise.CHUNK_BYTES = chunk_bytes  # the later checks use the real block size
+        assert restored and all(r[1] for r in ranks), f"{dtype}/{restore}: not restored bitwise on every rank"
+        took = [p for r in ranks for p in r[2] if p is not None]  # None: a rank holding no rows of the layer
+        fused = all(p == perturbation._GROUPED for p in took)
+        assert fused if grouped else all(p >= 0 for p in took), f"{dtype}/{restore}: paths {[r[2] for r in ranks]}"
+        assert [r[0][2].shape[0] for r in ranks] == [2, 2, 1, 0], "the 5-row layer is not split 2/2/1/0"
+        for k in range(3):
+            sharded = torch.cat([r[0][k] for r in ranks])
+            same = torch.equal(bits(sharded), bits(single[k])) if dtype != torch.float32 else torch.equal(sharded, single[k])
+            assert same, f"{dtype}/{restore}: layer {k} differs from the single process"
+
+
 if __name__ == "__main__":
+    check_fsdp_ranks_draw_the_single_process_weights()
     check_fsdp_shards_take_their_rows_of_the_whole_layers_values()
     check_shard_kernel_forms_the_fused_kernels_values()
     check_examples()
