@@ -34,14 +34,12 @@ from step_time import CONFIGS, build_model, make_step, sync
 METHODS = ["lora", "flat-exact", "flat-backup"]
 
 
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
-
-
 def frozen_bits(model) -> List[torch.Tensor]:
     """Copies of this rank's shards of the frozen weights, as integers (so NaN payloads and -0.0 compare)."""
+    from flatlora_optim.sharding import local
+
     ints = {2: torch.int16, 4: torch.int32, 8: torch.int64}
-    return [_local(p).detach().contiguous().view(ints[p.element_size()]).clone()
+    return [local(p).detach().contiguous().view(ints[p.element_size()]).clone()
             for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
 
 

@@ -227,7 +227,7 @@ class Perturber:
 
     def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
         described, group = self.describe_all(targets, sigma, step)
-        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fused(p)]
+        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fusable(p.target)]
         rest = [p for k, p in enumerate(described) if k not in fused]
         done: List[TargetPerturbation] = []
         try:
@@ -273,9 +273,6 @@ class Perturber:
             p.blocks.append((_BATCHED, start, end, 0, end - start, BatchSlot(batch, p.target, counts_record=k == 0)))
             if not any(q is p for q in done):
                 done.append(p)
-
-    def _fused(self, p: TargetPerturbation) -> bool:
-        return self._fusable(p.target)
 
     def _fusable(self, target: LoRATarget) -> bool:
         """Whether ``target`` goes through the step-wide one-pass path: exact or backup restore, 16-bit

@@ -127,11 +127,10 @@ def row_range(weight: torch.Tensor) -> Tuple[int, int]:
 
 def check_row_sharded(name: str, weight: torch.Tensor, transposed: bool, mode: str, factors_b: Sequence[torch.Tensor] = ()) -> None:
     """Raise ``ValueError`` unless ``weight`` is a DTensor Flat-LoRA can perturb shard by shard."""
-    placements = tuple(getattr(weight, "placements", ()))
-    kinds = [type(p).__name__ for p in placements]
     if mode != "inplace":
         raise ValueError(f"{name}: mode='virtual' does not support FSDP2 / DTensor weights; use mode='inplace' (each rank perturbs its own rows).")
-    if weight.device_mesh.ndim != 1 or kinds != ["Shard"] or placements[0].dim != 0:
+    if not _is_row_sharded(weight):
+        placements = tuple(weight.placements)
         raise ValueError(f"{name}: sharded as {placements} on a {weight.device_mesh.ndim}-D mesh; Flat-LoRA supports FSDP2's Shard(0) on a 1-D mesh.")
     if transposed:
         raise ValueError(f"{name}: a transposed (fan_in_fan_out / Conv1D) weight sharded on dim 0 splits its fan-in, not its rows; not supported.")

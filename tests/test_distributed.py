@@ -199,7 +199,13 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str)
         except ValueError as error:
             refused.append("B" in str(error))
     check_row_sharded("w", weight, False, "inplace", [distribute_tensor(torch.randn(6, 2, generator=gen).to(device), mesh, [Shard(0)])])
-    ok = ok and all(refused)  # a B not sharded like the weight is refused; Shard(0) on the same mesh is not
+    column_sharded = distribute_tensor(torch.randn(6, 4, generator=gen).to(device), mesh, [Shard(1)])
+    try:
+        check_row_sharded("w", column_sharded, False, "inplace")
+        refused.append(False)
+    except ValueError as error:
+        refused.append("Shard(0) on a 1-D mesh" in str(error))
+    ok = ok and all(refused)  # a weight not row-sharded, or a B not sharded like the weight, is refused; Shard(0) B is not
     torch.save({"ok": ok}, os.path.join(out_dir, f"gather{rank}.pt"))
     _finish()
 
@@ -207,8 +213,8 @@ def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sharded_factors_are_gathered_whole_in_one_block(backend, tmp_path):
     """``sharding.gathered``: every rank gets each Shard(0) DTensor's whole value (even and uneven row
-    splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``; an adapter B that is not
-    sharded like its weight is refused with a clear error."""
+    splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``; a weight not sharded on
+    rows, and an adapter B not sharded like its weight, are refused with a clear error."""
     mp.spawn(_gather_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
     assert all(torch.load(tmp_path / f"gather{r}.pt")["ok"] for r in range(2))
 
