@@ -20,6 +20,8 @@ assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 import triton.runtime.interpreter as interpreter  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
@@ -114,6 +116,35 @@ def check_examples() -> None:
         full = w.float() + (0 if adapter is None else adapter[2] * (adapter[1].float() @ adapter[0].float()))
         expected.append(full.norm(dim=1) * 0.1)
     torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
+
+
+@triton.jit
+def _reference_normals(out_ptr, seed, n, BLOCK: tl.constexpr):
+    """The stream's definition, element by element: ``z[L]`` is lane ``L % 4`` of ``randn4x(seed, L // 4)``."""
+    local = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    n1, n2, n3, n4 = tl.randn4x(seed, local // 4)
+    lane = local % 4
+    tl.store(out_ptr + local, tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4))), mask=local < n)
+
+
+def check_noise_stream_follows_its_definition() -> None:
+    """The tiled noise kernel draws element ``L`` of a row block from lane ``L % 4`` of counter ``L // 4``
+    whatever its tile shape: narrow rows (tiles of fewer columns), odd widths (per-element counters),
+    rows wider than a tile, several row blocks (each its own seed), a transposed source."""
+    gen = torch.Generator().manual_seed(1)
+    for rows, cols, per_block in [(9, 1, 9), (5, 3, 5), (7, 6, 3), (33, 64, 33), (6, 130, 4), (3, 1030, 2), (4, 2048, 4)]:
+        seeds = torch.randint(0, 2**62, (-(-rows // per_block),), generator=gen)
+        ones = torch.ones(rows)
+        w = torch.randn(cols, rows, generator=gen).t()  # a transposed view
+        noisy = KERNEL.perturbed_layer(w, ones, seeds, per_block, torch.float32)
+        for b, seed in enumerate(seeds.tolist()):
+            block = slice(b * per_block, min(rows, (b + 1) * per_block))
+            n = (block.stop - block.start) * cols
+            z = torch.empty(n)
+            _reference_normals[(-(-n // 256),)](z, seed, n, BLOCK=256)
+            z = z.reshape(-1, cols)
+            assert torch.equal(KERNEL.noise(ones[block], cols, seeds[b:b + 1], torch.float32), z), f"noise of {rows}x{cols} block {b}"
+            assert torch.equal(noisy[block], w[block] + z), f"W + e of {rows}x{cols} block {b}"
 
 
 def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -427,6 +458,7 @@ if __name__ == "__main__":
     check_fsdp_ranks_draw_the_single_process_weights()
     check_fsdp_shards_take_their_rows_of_the_whole_layers_values()
     check_shard_kernel_forms_the_fused_kernels_values()
+    check_noise_stream_follows_its_definition()
     check_examples()
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()

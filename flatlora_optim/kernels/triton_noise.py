@@ -6,12 +6,15 @@ row stds and adds it to the weights: several passes over a block plus a generato
 result once, and the noise is regenerated from ``(seed, position)`` alone, with no generator state.
 
 Element ``L`` of a row block (row-major position inside the block) takes lane ``L % 4`` of the
-Philox output for counter ``L // 4`` under the block's seed (``tl.randn4x``: four normals per
-Philox evaluation). A launch covers any number of row blocks, one grid row per block, so the
-whole-layer launch of virtual mode and the per-block launches of in-place mode give the same bits.
+Philox output for counter ``L // 4`` under the block's seed (four normals per Philox evaluation,
+by Box--Muller: :func:`_randn4x`). Every kernel draws through :func:`_tile_normals`, and a launch
+covers any number of row blocks, so the whole-layer launch of virtual mode, the step-wide codec of
+in-place mode and an FSDP2 shard's blocks all give the same bits.
 
 The Triton stream differs from ``torch.randn``'s: on CUDA a seed reproduces a run with this kernel
-(``FLATLORA_NOISE_KERNEL=torch`` selects the torch kernel instead).
+(``FLATLORA_NOISE_KERNEL=torch`` selects the torch kernel instead). The compiled kernels take
+Box--Muller's logarithm, sine and cosine from the GPU's special-function units, so their stream
+differs in the low bits from the interpreter's, which tests the logic.
 """
 
 from __future__ import annotations
@@ -23,14 +26,20 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.language.extra.cuda import libdevice
+except ImportError:  # a Triton without the CUDA backend's libdevice module: precise normals only
+    libdevice = None
+
 from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, adapter_table
 
 __all__ = ["TritonNoiseKernel"]
 
-_BLOCK = 2048  # elements per program of the noise kernel; a multiple of 4
+_NOISE_TILE = 2048  # elements per program of the noise kernel (TR x TC)
 _STD_BLOCK_N = 256  # columns per step of the row-std kernel (fastest of 256, 512, 1024 on an H200)
 _STD_BLOCK_N_FP64 = 128  # float32/float64 weights sum in float64: 256 columns spill registers (benchmarks/kernel_resources.py)
 _STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
+_STD_FP_FUSION = False  # the row stds without fused multiply-adds (the formula's roundings, as the interpreter computes them)
 _PERTURB_WARPS = 8  # warps per exact-codec program (a 2048-element tile); fastest of 4, 8, 16 on an H200
 _RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiprocessor win there
 
@@ -43,41 +52,94 @@ def _in_lane_order(n1, n2, n3, n4):
 
 
 @triton.jit
-def _normals(seed, first_counter, QUARTER: tl.constexpr):
-    """``4 * QUARTER`` standard normals for consecutive elements, four per Philox evaluation."""
-    n1, n2, n3, n4 = tl.randn4x(seed, first_counter + tl.arange(0, QUARTER))
-    return tl.reshape(_in_lane_order(n1, n2, n3, n4), (4 * QUARTER,))
+def _randn4x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+    """Four standard normals per counter: Philox-4x32 with ``ROUNDS`` rounds, then Box--Muller.
+
+    ``FAST`` takes the logarithm, sine and cosine from the GPU's special-function units (about
+    2**-21 absolute error, far below the bf16/fp16 rounding of ``W + e``) instead of libdevice's
+    correctly rounded routines, which cost more than Philox itself; the angle is centred on 0,
+    where those units are most accurate. Without ``FAST`` this is ``tl.randn4x``.
+    """
+    if FAST:
+        u1, u2, u3, u4 = tl.rand4x(seed, counters, ROUNDS)
+        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, u1)))
+        r2 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, u3)))
+        t1 = 6.283185307179586 * u2 - 3.141592653589793
+        t2 = 6.283185307179586 * u4 - 3.141592653589793
+        return r1 * libdevice.fast_cosf(t1), r1 * libdevice.fast_sinf(t1), r2 * libdevice.fast_cosf(t2), r2 * libdevice.fast_sinf(t2)
+    else:
+        return tl.randn4x(seed, counters, ROUNDS)
 
 
 @triton.jit
-def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_block, stride_row, stride_col,
-                  ADD: tl.constexpr, BLOCK: tl.constexpr, WORK_FP64: tl.constexpr):
-    # grid: (row block, tile inside the block)
-    block = tl.program_id(0)
-    tile = tl.program_id(1)
-    first_row = block.to(tl.int64) * rows_per_block
-    block_rows = tl.minimum(rows_per_block, n_rows - first_row)
-    local = tile * BLOCK + tl.arange(0, BLOCK)  # position inside the row block
-    mask = local < block_rows * n_cols
-    seed = tl.load(seeds_ptr + block)
-    z = _normals(seed, tile * (BLOCK // 4), BLOCK // 4)
-    row = first_row + local // n_cols
-    col = local % n_cols
-    std = tl.load(std_ptr + row, mask=mask, other=0.0)
-    if WORK_FP64:
-        e = z.to(tl.float64) * std.to(tl.float64)
+def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr,
+                  FAST: tl.constexpr, ROUNDS: tl.constexpr):
+    """The standard normals of a ``TR x TC`` tile of a row block (``rows`` inside the block).
+
+    Element ``L = row * n_cols + col`` of a row block takes lane ``L % 4`` of Philox counter
+    ``L // 4`` under the block's seed. When ``n_cols`` is a multiple of 4 a row's counters are
+    consecutive and one evaluation gives four neighbours; otherwise every element evaluates its
+    own counter. Every kernel draws through here, so all of them see the same noise.
+    """
+    if ALIGNED4:
+        counters = (rows[:, None] * n_cols + first_col) // 4 + tl.arange(0, TC // 4)[None, :]
+        n1, n2, n3, n4 = _randn4x(seed, counters, FAST, ROUNDS)
+        return tl.reshape(_in_lane_order(n1, n2, n3, n4), (TR, TC))
     else:
-        e = z * std
-    out_offsets = row * n_cols + col
+        local = rows[:, None] * n_cols + cols[None, :]
+        n1, n2, n3, n4 = _randn4x(seed, local // 4, FAST, ROUNDS)
+        lane = local % 4
+        return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
+
+
+@triton.jit
+def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_block, stride_row, stride_col, row_tiles, col_tiles,
+                  ADD: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr,
+                  WORK_FP64: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+    """``e`` (or ``fl(W + e)`` with ``ADD``) into a new contiguous ``m x n`` tensor, one ``TR x TC``
+    tile of one row block per program; ``seeds[b]`` seeds row block ``b``.
+
+    Tiles rather than a flat range: a row's std is loaded once per tile row and no element needs an
+    integer division to find its row. ``CONTIG``: the source's rows (and so the output's) are
+    contiguous, start 16-byte aligned and are whole 16-byte vectors long, so both are moved with
+    wide loads and stores (``VEC`` elements per 16 bytes).
+    """
+    if CONTIG:
+        n_cols = tl.multiple_of(n_cols, VEC)  # masks stay uniform across a vector
+    t = tl.program_id(0)
+    per_block = row_tiles * col_tiles
+    block = t // per_block
+    in_block = t - block * per_block
+    row_tile = in_block // col_tiles
+    first_col = (in_block - row_tile * col_tiles) * TC
+    first_row = block.to(tl.int64) * rows_per_block
+    rows = row_tile * TR + tl.arange(0, TR)  # inside the block
+    cols = first_col + tl.arange(0, TC)
+    row_mask = rows < tl.minimum(rows_per_block, n_rows - first_row)
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    z = _tile_normals(tl.load(seeds_ptr + block), rows, cols, first_col, n_cols, TR, TC, ALIGNED4, FAST, ROUNDS)
+    std = tl.load(std_ptr + first_row + rows, mask=row_mask, other=0.0)
+    if WORK_FP64:
+        e = z.to(tl.float64) * std.to(tl.float64)[:, None]
+    else:
+        e = z * std[:, None]
+    global_rows = first_row + rows
+    if CONTIG:
+        cols = tl.max_contiguous(tl.multiple_of(cols, TC), TC)[None, :]
+        out_pointers = tl.multiple_of(out_ptr + global_rows * n_cols, 16)[:, None] + cols
+        w_pointers = tl.multiple_of(w_ptr + global_rows * stride_row, 16)[:, None] + cols
+    else:
+        out_pointers = out_ptr + (global_rows * n_cols)[:, None] + cols[None, :]
+        w_pointers = w_ptr + (global_rows * stride_row)[:, None] + cols[None, :].to(tl.int64) * stride_col
     if ADD:
-        w = tl.load(w_ptr + row * stride_row + col * stride_col, mask=mask, other=0.0)
+        w = tl.load(w_pointers, mask=mask, other=0.0)
         if WORK_FP64:
             value = w.to(tl.float64) + e
         else:
             value = w.to(tl.float32) + e
-        tl.store(out_ptr + out_offsets, value.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_pointers, value.to(out_ptr.dtype.element_ty), mask=mask)
     else:
-        tl.store(out_ptr + out_offsets, e, mask=mask)
+        tl.store(out_pointers, e, mask=mask)
 
 
 @triton.jit
@@ -95,6 +157,11 @@ def _typed(raw, CODE: tl.constexpr):
 
 _NF = tl.constexpr(15)  # columns of the layer table (layer_table.FIELDS)
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
+_FAST_NORMALS = _ASM and libdevice is not None
+"""Box--Muller from the special-function units on the GPU (see :func:`_randn4x`); the interpreter has
+no libdevice and draws with ``tl.randn4x``'s precise routines (same logic, other low bits)."""
+_PHILOX_ROUNDS = 10
+"""Philox rounds per evaluation (10, as ``tl.randn4x``, cuRAND and torch's CUDA generator use)."""
 
 
 @triton.jit
@@ -173,25 +240,6 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
 
 
 @triton.jit
-def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr):
-    """The standard normals of a ``TR x TC`` tile of a row block (``rows`` inside the block).
-
-    Element ``L = row * n_cols + col`` takes lane ``L % 4`` of Philox counter ``L // 4`` (the stream
-    of :func:`_normals`). When ``n_cols`` is a multiple of 4 a row's counters are consecutive and
-    one evaluation gives four neighbours; otherwise every element evaluates its own counter.
-    """
-    if ALIGNED4:
-        counters = (rows[:, None] * n_cols + first_col) // 4 + tl.arange(0, TC // 4)[None, :]
-        n1, n2, n3, n4 = tl.randn4x(seed, counters)
-        return tl.reshape(_in_lane_order(n1, n2, n3, n4), (TR, TC))
-    else:
-        local = rows[:, None] * n_cols + cols[None, :]
-        n1, n2, n3, n4 = tl.randn4x(seed, local // 4)
-        lane = local % 4
-        return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
-
-
-@triton.jit
 def _key(bits):
     """Sign-magnitude 16-bit patterns (as int32) to integers in the order of the values they encode."""
     return bits ^ ((bits >> 31) & 0x7FFF)
@@ -253,7 +301,8 @@ _VARYING = {"_codec_kernel": ["word_capacity", "exc_capacity"], "_exceptions_ker
 def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, word_capacity, exc_capacity,
                   bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
                   RESTORE: tl.constexpr, W_CODE: tl.constexpr, VARIANT: tl.constexpr, MANT: tl.constexpr,
-                  TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr, PLAIN: tl.constexpr = False):
+                  TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr,
+                  PLAIN: tl.constexpr = False):
     """The exact-restore codec, fused, for 16-bit weights, many layers per launch, one tile per program.
 
     Perturb (``RESTORE`` false) writes ``fl(W + e)`` and what is needed to undo it. The restore
@@ -302,7 +351,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     row_mask = (rows < tl.minimum(rows_per_block, n_rows - first_row)) & (first_row + rows >= tl.load(info + 14).to(tl.int32))
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
-    z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1)
+    z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1, FAST, ROUNDS)
     std = tl.load(std_ptr + tl.load(info + 8) + first_row + rows, mask=row_mask, other=0.0)
     e = z * std[:, None]
     row_offsets = (first_row + rows).to(tl.int64) * stride_row
@@ -422,14 +471,25 @@ _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 _ITEMSIZE = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
 
 
+def _noise_tile(n_cols: int) -> Tuple[int, int]:
+    """The noise kernel's ``TR x TC`` tile for rows of ``n_cols``: 2048 elements, at most 512 columns
+    (so narrow layers do not leave most lanes masked)."""
+    tc = min(TILE_COLS, max(4, triton.next_power_of_2(n_cols)))
+    return _NOISE_TILE // tc, tc
+
+
 def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
             rows_per_block: int, work: torch.dtype) -> torch.Tensor:
-    n_blocks = triton.cdiv(n_rows, rows_per_block)
-    tiles = triton.cdiv(min(rows_per_block, n_rows) * n_cols, _BLOCK)
+    tr, tc = _noise_tile(n_cols)
+    row_tiles, col_tiles = triton.cdiv(min(rows_per_block, n_rows), tr), triton.cdiv(n_cols, tc)
     source = rows if rows is not None else out
-    _noise_kernel[(n_blocks, tiles)](
+    vector = 16 // min(source.element_size(), out.element_size())  # elements per 16 bytes of the narrower of the two
+    contig = (source.stride(1) == 1 and n_cols % vector == 0 and source.stride(0) % vector == 0
+              and source.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
+    _noise_kernel[(triton.cdiv(n_rows, rows_per_block) * row_tiles * col_tiles,)](
         out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
-        ADD=rows is not None, BLOCK=_BLOCK, WORK_FP64=work == torch.float64, enable_fp_fusion=False,
+        row_tiles, col_tiles, ADD=rows is not None, TR=tr, TC=tc, ALIGNED4=n_cols % 4 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
+        FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False,
     )
     return out
 
@@ -489,7 +549,7 @@ class TritonNoiseKernel:
                         table.layers, adapter_rows, factors, table.rowtile_layer, out,
                         W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N_FP64 if w_code in (0, 3) else _STD_BLOCK_N,
                         R=min(triton.next_power_of_2(rank), 16), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
-                        enable_fp_fusion=False, num_warps=_STD_WARPS,
+                        enable_fp_fusion=_STD_FP_FUSION, num_warps=_STD_WARPS,
                     )
 
     def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
@@ -518,7 +578,8 @@ class TritonNoiseKernel:
             for variant in table.variants:
                 _codec_kernel[(table.n_tiles,)](
                     table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers,
-                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, PLAIN=plain,
+                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, FAST=_FAST_NORMALS,
+                    ROUNDS=_PHILOX_ROUNDS, PLAIN=plain,
                     enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore or plain else _PERTURB_WARPS,
                 )
 

@@ -1,0 +1,134 @@
+"""The GPU kernels of one Flat-LoRA step, alone, on the 1 B Llama's 112 weights: how the noise generator costs.
+
+Every pass draws 822 M normals (Philox, then Box--Muller), so the generator sets the floor of each.
+Timed with CUDA events (kernels only, no host work), median of 7, side by side in one process:
+
+- ``row stds``: the step's one launch (``||W_i + s B A_i||``, rank-8 adapters);
+- ``virtual W+e``: virtual mode's forward, one launch per layer into a new tensor (its backward does
+  it again);
+- ``plain pass``: ``fl(W + e)`` in place for every layer (backup restore's perturb pass);
+- ``exact perturb`` / ``exact restore``: the fused codec's two passes (in-place exact).
+
+Rows: the kernels as shipped; the same with libdevice's precise Box--Muller; with 7 Philox rounds;
+and any other version of ``triton_noise.py`` given with ``--against`` (e.g. the last release's).
+
+    python benchmarks/noise_time.py --against old_triton_noise.py
+    TRITON_INTERPRET=1 python benchmarks/noise_time.py --small    # a smoke test on CPU (times meaningless)
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+from pathlib import Path
+from typing import Callable, Dict, List
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from codec_ablation import INTERPRETED, SOURCE, load_variant, timer  # noqa: E402
+
+from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
+from flatlora_optim.noise import rows_per_chunk  # noqa: E402
+
+LLAMA_1B = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
+"""q, k, v, o, gate, up, down of one decoder layer (hidden 2048, MLP 5632), 16 layers."""
+
+
+def weights_of(shapes: List[tuple], layers: int, device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
+    gen = torch.Generator(device=device).manual_seed(0)
+    return [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(dtype) for _ in range(layers) for shape in shapes]
+
+
+def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable[[], None]]:
+    """Each timed pass of a step, as a call on ``kernel`` (a TritonNoiseKernel of some version)."""
+    table = LayerTable(weights)
+    device = weights[0].device
+    gen = torch.Generator(device=device).manual_seed(1)
+    adapters = [(torch.randn(rank, w.shape[1], device=device, generator=gen).to(w.dtype) * 0.01,
+                 torch.randn(w.shape[0], rank, device=device, generator=gen).to(w.dtype) * 0.01, 2.0) for w in weights]
+    std = torch.empty(table.total_rows, device=device)
+    kernel.row_stds(table, adapters, [0.05 / w.shape[1] ** 0.5 for w in weights], std)
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device=device) * 7919 + 3
+    layer_std = [std[b:b + w.shape[0]] for b, w in zip(table.std_bases, weights)]
+    layer_seeds = [seeds[b:] for b in table.seed_bases]
+    record = kernel.exact_perturb_layers(table, std, seeds)  # compiles and sizes the buffers as a later step does
+    kernel.exact_restore_layers(table, std, seeds, record)
+    record = kernel.exact_perturb_layers(table, std, seeds)
+    kernel.exact_restore_layers(table, std, seeds, record)
+    state = {"record": record}
+
+    def virtual() -> None:
+        for w, s, sd in zip(weights, layer_std, layer_seeds):
+            kernel.perturbed_layer(w, s, sd, rows_per_chunk(w.shape[1]), torch.float32)
+
+    def exact_perturb() -> None:
+        state["record"] = kernel.exact_perturb_layers(table, std, seeds)  # includes its one host sync
+
+    def plain() -> None:
+        kernel.add_noise_layers(table, std, seeds)
+
+    def undo_plain() -> None:  # not timed: put W back after the plain pass (a perturb-restore pair)
+        state["record"] = kernel.exact_perturb_layers(table, std, seeds)
+
+    return {
+        "row stds": lambda: kernel.row_stds(table, adapters, [0.05 / w.shape[1] ** 0.5 for w in weights], std),
+        "virtual W+e": virtual,
+        "exact perturb": exact_perturb,
+        "exact restore": lambda: kernel.exact_restore_layers(table, std, seeds, state["record"]),
+        "plain pass": plain,
+        "_undo": undo_plain,
+    }
+
+
+def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int) -> Dict[str, float]:
+    originals = [w.clone() for w in weights]
+    steps = passes(module.TritonNoiseKernel(), weights, rank)
+    times: Dict[str, List[float]] = {name: [] for name in steps if not name.startswith("_")}
+    for _ in range(reps):
+        for name in ("row stds", "virtual W+e", "exact perturb", "exact restore"):
+            times[name].append(timed(steps[name]))
+        times["plain pass"].append(timed(steps["plain pass"]))
+        for w, o in zip(weights, originals):  # the plain pass keeps nothing: put W back by copy
+            w.copy_(o)
+    wrong = sum(int((w.view(torch.int16) != o.view(torch.int16)).sum()) for w, o in zip(weights, originals))
+    result = {name: statistics.median(t) for name, t in times.items()}
+    result["wrong_elements_after_exact"] = wrong
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="one narrow decoder layer (a smoke test; float16 under the interpreter)")
+    parser.add_argument("--against", type=Path, action="append", default=[], help="also time another version of triton_noise.py")
+    args = parser.parse_args()
+    device = torch.device("cpu" if INTERPRETED else "cuda")
+    dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
+    shapes, layers = ([(64, 32)] * 4 + [(96, 32)] * 2 + [(32, 96)], 1) if args.small else (LLAMA_1B, 16)
+    weights = weights_of(shapes, layers, device, dtype)
+    timed, reps = timer(device), (1 if args.small else 7)
+    elements = sum(w.numel() for w in weights)
+    print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 adapters; GPU ms per pass, median of {reps}")
+    columns = ["row stds", "virtual W+e", "plain pass", "exact perturb", "exact restore"]
+    print(f"{'kernels':34s}" + "".join(f"{c:>15s}" for c in columns) + "  exact")
+    variants = [("as shipped", SOURCE, {}), ("precise Box-Muller (libdevice)", SOURCE, {"_FAST_NORMALS": False}),
+                ("Philox with 7 rounds", SOURCE, {"_PHILOX_ROUNDS": 7}),
+                ("row stds: fused multiply-adds", SOURCE, {"_STD_FP_FUSION": True}),
+                ("row stds: 8 warps", SOURCE, {"_STD_WARPS": 8}),
+                ("row stds: 512 columns per step", SOURCE, {"_STD_BLOCK_N": 512})]
+    variants += [(f"source {path.name}", path, {}) for path in args.against]
+    with tempfile.TemporaryDirectory() as folder:
+        measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps)  # clocks up, caches warm; not shown
+        for name, source, settings in variants:
+            module = load_variant(name, [], Path(folder), source)
+            for key, value in settings.items():
+                setattr(module, key, value)
+            result = measure(module, weights, 8, timed, reps)
+            exact = "yes" if result["wrong_elements_after_exact"] == 0 else f"no ({result['wrong_elements_after_exact']} wrong)"
+            print(f"{name:34s}" + "".join(f"{result[c]:15.3f}" for c in columns) + f"  {exact}")
+
+
+if __name__ == "__main__":
+    main()
