@@ -1,7 +1,10 @@
 """The GPU kernels of one Flat-LoRA step, alone, on the 1 B Llama's 112 weights: how the noise generator costs.
 
 Every pass draws 822 M normals (Philox, then Box--Muller), so the generator sets the floor of each.
-Timed with CUDA events (kernels only, no host work), median of 7, side by side in one process:
+Timed with CUDA events, median of 7, side by side in one process. Each timed pass is queued behind a
+25 ms sleep kernel, so the events measure the GPU's work and not the host's launch rate (virtual
+mode's 112 launches take the host longer to issue than the GPU to run: in a training step the host
+issues them while the GPU is busy with the model's matrix products):
 
 - ``row stds``: the step's one launch (``||W_i + s B A_i||``, rank-8 adapters);
 - ``virtual W+e``: virtual mode's forward, one launch per layer into a new tensor (its backward does
@@ -28,13 +31,31 @@ from typing import Callable, Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_ablation import INTERPRETED, SOURCE, load_variant, timer  # noqa: E402
+from codec_ablation import INTERPRETED, SOURCE, load_variant  # noqa: E402
 
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
 from flatlora_optim.noise import rows_per_chunk  # noqa: E402
 
 LLAMA_1B = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
 """q, k, v, o, gate, up, down of one decoder layer (hidden 2048, MLP 5632), 16 layers."""
+
+
+def gpu_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
+    """GPU milliseconds of ``fn``'s launches, issued while a sleep kernel keeps the GPU busy (NaN on CPU)."""
+    def timed(fn: Callable[[], None]) -> float:
+        if device.type != "cuda":
+            fn()
+            return float("nan")  # the interpreter: a smoke test, no times
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        torch.cuda._sleep(50_000_000)  # about 25 ms: the host issues fn's launches meanwhile
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        return start.elapsed_time(end)
+
+    return timed
 
 
 def weights_of(shapes: List[tuple], layers: int, device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
@@ -108,7 +129,7 @@ def main() -> None:
     dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
     shapes, layers = ([(64, 32)] * 4 + [(96, 32)] * 2 + [(32, 96)], 1) if args.small else (LLAMA_1B, 16)
     weights = weights_of(shapes, layers, device, dtype)
-    timed, reps = timer(device), (1 if args.small else 7)
+    timed, reps = gpu_timer(device), (1 if args.small else 7)
     elements = sum(w.numel() for w in weights)
     print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 adapters; GPU ms per pass, median of {reps}")
     columns = ["row stds", "virtual W+e", "plain pass", "exact perturb", "exact restore"]

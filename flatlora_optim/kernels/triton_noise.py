@@ -113,9 +113,12 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
     row_tile = in_block // col_tiles
     first_col = (in_block - row_tile * col_tiles) * TC
     first_row = block.to(tl.int64) * rows_per_block
+    block_rows = tl.minimum(rows_per_block, n_rows - first_row)
+    if row_tile * TR >= block_rows:  # past the end of a short last block: every block has as many tiles as a full one
+        return
     rows = row_tile * TR + tl.arange(0, TR)  # inside the block
     cols = first_col + tl.arange(0, TC)
-    row_mask = rows < tl.minimum(rows_per_block, n_rows - first_row)
+    row_mask = rows < block_rows
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     z = _tile_normals(tl.load(seeds_ptr + block), rows, cols, first_col, n_cols, TR, TC, ALIGNED4, FAST, ROUNDS)
     std = tl.load(std_ptr + first_row + rows, mask=row_mask, other=0.0)
@@ -348,7 +351,15 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     first_row = block * rows_per_block
     rows = row_tile * TR + tl.arange(0, TR)  # inside the block
     cols = first_col + tl.arange(0, TC)
-    row_mask = (rows < tl.minimum(rows_per_block, n_rows - first_row)) & (first_row + rows >= tl.load(info + 14).to(tl.int32))
+    block_rows = tl.minimum(rows_per_block, n_rows - first_row)
+    skip = tl.load(info + 14).to(tl.int32)  # rows before first_row belong to another rank
+    if (row_tile * TR >= block_rows) | (first_row + row_tile * TR + TR <= skip):
+        # no row of this tile exists (past the end of a short last block, or another rank's): the
+        # tiles of a layer's last row block are counted as for a full one
+        if not RESTORE and not PLAIN:
+            tl.store(bounds_ptr + t, 0)  # perturbed, with nothing to record
+        return
+    row_mask = (rows < block_rows) & (first_row + rows >= skip)
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
     seed = tl.load(seeds_ptr + tl.load(info + 9) + block)
     z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1, FAST, ROUNDS)
