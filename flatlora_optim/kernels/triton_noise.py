@@ -52,20 +52,30 @@ def _in_lane_order(n1, n2, n3, n4):
 
 
 @triton.jit
+def _unit_interval(bits):
+    """``[0, 1)`` in steps of ``2**-23`` from the top 23 of 32 random bits: placed in the mantissa of a
+    float in ``[1, 2)``, then 1 subtracted (integer and add units only: the int-to-float conversion
+    runs on the GPU's slow special-function pipe, which Box--Muller already keeps busy)."""
+    return ((bits.to(tl.uint32, bitcast=True) >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+
+
+@triton.jit
 def _randn4x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
     """Four standard normals per counter: Philox-4x32 with ``ROUNDS`` rounds, then Box--Muller.
 
     ``FAST`` takes the logarithm, sine and cosine from the GPU's special-function units (about
     2**-21 absolute error, far below the bf16/fp16 rounding of ``W + e``) instead of libdevice's
-    correctly rounded routines, which cost more than Philox itself; the angle is centred on 0,
-    where those units are most accurate. Without ``FAST`` this is ``tl.randn4x``.
+    correctly rounded routines, which cost more than Philox itself, and forms the uniforms with
+    :func:`_unit_interval`: the radius from ``1 - u`` in ``(0, 1]`` (largest normal 5.65, as with
+    ``tl.randn4x``'s clamp at 1e-7), the angle centred on 0, where those units are most accurate.
+    Without ``FAST`` this is ``tl.randn4x``.
     """
     if FAST:
-        u1, u2, u3, u4 = tl.rand4x(seed, counters, ROUNDS)
-        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, u1)))
-        r2 = tl.sqrt(-2.0 * libdevice.fast_logf(tl.maximum(1.0e-7, u3)))
-        t1 = 6.283185307179586 * u2 - 3.141592653589793
-        t2 = 6.283185307179586 * u4 - 3.141592653589793
+        i1, i2, i3, i4 = tl.randint4x(seed, counters, ROUNDS)
+        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i1)))
+        r2 = tl.sqrt(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i3)))
+        t1 = 6.283185307179586 * _unit_interval(i2) - 3.141592653589793
+        t2 = 6.283185307179586 * _unit_interval(i4) - 3.141592653589793
         return r1 * libdevice.fast_cosf(t1), r1 * libdevice.fast_sinf(t1), r2 * libdevice.fast_cosf(t2), r2 * libdevice.fast_sinf(t2)
     else:
         return tl.randn4x(seed, counters, ROUNDS)
