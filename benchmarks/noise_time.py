@@ -33,6 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec_ablation import INTERPRETED, SOURCE, load_variant  # noqa: E402
 
+import flatlora_optim.kernels.layer_table as layer_table  # noqa: E402
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
 from flatlora_optim.noise import rows_per_chunk  # noqa: E402
 
@@ -104,9 +105,15 @@ def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable
     }
 
 
-def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int) -> Dict[str, float]:
+def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int, rows_per_program: int = 0) -> Dict[str, float]:
     originals = [w.clone() for w in weights]
-    steps = passes(module.TritonNoiseKernel(), weights, rank)
+    saved = layer_table.ROWS_PER_PROGRAM
+    if rows_per_program:  # the row-std kernel's rows per program: the table's row tiles and the launch's ROWS
+        layer_table.ROWS_PER_PROGRAM = module.ROWS_PER_PROGRAM = rows_per_program
+    try:
+        steps = passes(module.TritonNoiseKernel(), weights, rank)
+    finally:
+        layer_table.ROWS_PER_PROGRAM = saved
     times: Dict[str, List[float]] = {name: [] for name in steps if not name.startswith("_")}
     for _ in range(reps):
         for name in ("row stds", "virtual W+e", "exact perturb", "exact restore"):
@@ -134,19 +141,30 @@ def main() -> None:
     print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 adapters; GPU ms per pass, median of {reps}")
     columns = ["row stds", "virtual W+e", "plain pass", "exact perturb", "exact restore"]
     print(f"{'kernels':34s}" + "".join(f"{c:>15s}" for c in columns) + "  exact")
-    variants = [("as shipped", SOURCE, {}), ("precise Box-Muller (libdevice)", SOURCE, {"_FAST_NORMALS": False}),
-                ("Philox with 7 rounds", SOURCE, {"_PHILOX_ROUNDS": 7}),
-                ("row stds: fused multiply-adds", SOURCE, {"_STD_FP_FUSION": True}),
-                ("row stds: 8 warps", SOURCE, {"_STD_WARPS": 8}),
-                ("row stds: 512 columns per step", SOURCE, {"_STD_BLOCK_N": 512})]
-    variants += [(f"source {path.name}", path, {}) for path in args.against]
+    variants = [("as shipped", SOURCE, {}, []), ("precise Box-Muller (libdevice)", SOURCE, {"_FAST_NORMALS": False}, []),
+                ("Philox with 7 rounds", SOURCE, {"_PHILOX_ROUNDS": 7}, []),
+                ("row stds: no fused multiply-adds", SOURCE, {"_STD_FP_FUSION": False}, []),
+                ("row stds: 8 warps", SOURCE, {"_STD_WARPS": 8}, []),
+                ("row stds: 512 columns per step", SOURCE, {"_STD_BLOCK_N": 512}, []),
+                ("row stds: 8 rows per program", SOURCE, {"rows_per_program": 8}, []),
+                ("row stds: 32 rows per program", SOURCE, {"rows_per_program": 32}, []),
+                ("row stds: 32 rows, 128 columns", SOURCE, {"rows_per_program": 32, "_STD_BLOCK_N": 128}, []),
+                ("row stds: column loop not pipelined", SOURCE, {"_STD_STAGES": 1}, []),
+                ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, [])]
+    variants += [(f"source {path.name}", path, {}, []) for path in args.against]
     with tempfile.TemporaryDirectory() as folder:
         measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps)  # clocks up, caches warm; not shown
-        for name, source, settings in variants:
-            module = load_variant(name, [], Path(folder), source)
+        for name, source, settings, edits in variants:
+            module = load_variant(name, edits, Path(folder), source)
+            settings = dict(settings)
+            rows_per_program = settings.pop("rows_per_program", 0)
             for key, value in settings.items():
                 setattr(module, key, value)
-            result = measure(module, weights, 8, timed, reps)
+            try:
+                result = measure(module, weights, 8, timed, reps, rows_per_program)
+            except Exception as error:  # a variant that does not compile (say) does not stop the others
+                print(f"{name:34s} failed: {type(error).__name__}: {str(error)[:200]}")
+                continue
             exact = "yes" if result["wrong_elements_after_exact"] == 0 else f"no ({result['wrong_elements_after_exact']} wrong)"
             print(f"{name:34s}" + "".join(f"{result[c]:15.3f}" for c in columns) + f"  {exact}")
 
