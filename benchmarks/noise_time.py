@@ -26,12 +26,13 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec_ablation import INTERPRETED, SOURCE, load_variant  # noqa: E402
+from interpreter_compat import patch_interpreter_scalars  # noqa: E402
 
 import flatlora_optim.kernels.layer_table as layer_table  # noqa: E402
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
@@ -127,11 +128,16 @@ def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int, ro
     return result
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
+    """Print the table; return each row's times by name."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="one narrow decoder layer (a smoke test; float16 under the interpreter)")
     parser.add_argument("--against", type=Path, action="append", default=[], help="also time another version of triton_noise.py")
-    args = parser.parse_args()
+    parser.add_argument("--only", default=None,
+                        help="time only the variants whose name contains one of these comma-separated texts (and the kernels as shipped)")
+    args = parser.parse_args(argv)
+    if INTERPRETED:
+        patch_interpreter_scalars()
     device = torch.device("cpu" if INTERPRETED else "cuda")
     dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
     shapes, layers = ([(64, 32)] * 4 + [(96, 32)] * 2 + [(32, 96)], 1) if args.small else (LLAMA_1B, 16)
@@ -152,8 +158,12 @@ def main() -> None:
                 ("row stds: column loop not pipelined", SOURCE, {"_STD_STAGES": 1}, []),
                 ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, [])]
     variants += [(f"source {path.name}", path, {}, []) for path in args.against]
+    if args.only is not None:
+        variants = [v for v in variants if v[0] == "as shipped" or any(part and part in v[0] for part in args.only.split(","))]
+    results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
-        measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps)  # clocks up, caches warm; not shown
+        if not INTERPRETED:
+            measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps)  # clocks up, caches warm; not shown
         for name, source, settings, edits in variants:
             module = load_variant(name, edits, Path(folder), source)
             settings = dict(settings)
@@ -165,8 +175,10 @@ def main() -> None:
             except Exception as error:  # a variant that does not compile (say) does not stop the others
                 print(f"{name:34s} failed: {type(error).__name__}: {str(error)[:200]}")
                 continue
+            results[name] = result
             exact = "yes" if result["wrong_elements_after_exact"] == 0 else f"no ({result['wrong_elements_after_exact']} wrong)"
             print(f"{name:34s}" + "".join(f"{result[c]:15.3f}" for c in columns) + f"  {exact}")
+    return results
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import torch
 
 from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
 from .grouped import StepGroup, TableCache
+from .interrupts import interrupts_deferred
 from .kernels.layer_table import to_device
 from .noise import ShardNoiseKernel, TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
@@ -299,19 +300,26 @@ class Perturber:
 
     @torch.no_grad()
     def restore(self, p: TargetPerturbation, dest: Optional[torch.Tensor] = None) -> None:
-        """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows)."""
+        """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows); a Ctrl-C
+        meanwhile is delivered once it is done (:mod:`flatlora_optim.interrupts`)."""
         rows = p.target.rows() if dest is None else dest
-        for block, start, end, skip, block_rows, record in reversed(p.blocks):
-            if block in (_GROUPED, _BATCHED):  # a slot of a record shared with other layers
-                record.restore(dest)
-                continue
-            noise = self._block_noise(p, block, start, end, skip, block_rows) if self.strategy.restore_needs_noise else None
-            self.strategy.restore(rows[start:end], noise, record)
+        with interrupts_deferred():
+            for block, start, end, skip, block_rows, record in reversed(p.blocks):
+                if block in (_GROUPED, _BATCHED):  # a slot of a record shared with other layers
+                    record.restore(dest)
+                    continue
+                noise = self._block_noise(p, block, start, end, skip, block_rows) if self.strategy.restore_needs_noise else None
+                self.strategy.restore(rows[start:end], noise, record)
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation]) -> None:
         """Undo every perturbation in its live weight, the fused groups and the batches each in
-        one call; every layer is attempted before the first error is raised."""
+        one call; every layer is attempted before the first error is raised. A Ctrl-C meanwhile is
+        delivered once every layer is restored: a layer left half restored could not be mended."""
+        with interrupts_deferred():
+            self._restore_all(perturbations)
+
+    def _restore_all(self, perturbations: List[TargetPerturbation]) -> None:
         error: Optional[BaseException] = None
         shared: Dict[int, Callable[[], None]] = {}  # one restore call per StepGroup / BlockBatch
         for p in reversed(perturbations):

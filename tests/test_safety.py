@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import signal
 
 import pytest
 import torch
@@ -164,3 +165,78 @@ def test_lora_linear_rejects_bad_arguments():
         LoRALinear(nn.Linear(3, 3), r=0, alpha=1)
     with pytest.raises(TypeError):
         LoRALinear(nn.Conv1d(3, 3, 1), r=1, alpha=1)
+
+
+def _interrupt_first_call(monkeypatch, owner, name, calls):
+    """Make ``owner.name`` receive a Ctrl-C (SIGINT) on its first call, before it does its work."""
+    original = getattr(owner, name)
+
+    def interrupted(*args, **kwargs):
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, interrupted)
+
+
+@pytest.mark.parametrize("restore", ["exact", "backup", "subtract"])
+def test_ctrl_c_during_restore_is_delivered_once_every_layer_is_restored(monkeypatch, restore):
+    """A restore writes in several steps; a KeyboardInterrupt between two of them would leave a layer half
+    restored (and perturbed for good: undoing the noise again from there is wrong). The interrupt is held
+    back until the last layer is restored, then raised."""
+    from flatlora_optim import batched
+
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", restore=restore)
+    before = frozen_weights(model)
+    values = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    calls: list = []
+    _interrupt_first_call(monkeypatch, batched.BlockBatch, "restore", calls)  # exact and backup batch small layers
+    _interrupt_first_call(monkeypatch, opt._perturber.strategy, "restore", calls)  # block by block (subtract)
+    with pytest.raises(KeyboardInterrupt):
+        with opt.perturbed():
+            nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    assert calls, "the restore path was not reached"
+    assert not opt.is_perturbed
+    if restore == "subtract":  # subtract restores to within rounding, not bitwise; it must still have run everywhere
+        for name, p in model.named_parameters():
+            if name in values:  # the noise is about 0.2 * row norm / sqrt(n): far above 1e-5
+                torch.testing.assert_close(p.detach(), values[name], rtol=0, atol=1e-5)
+    else:
+        assert_frozen_unchanged(model, before)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler in place is back
+
+
+def test_deferred_interrupt_goes_to_the_handler_in_place():
+    from flatlora_optim.interrupts import interrupts_deferred
+
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)
+            assert received == []  # held back inside
+        assert received == [signal.SIGINT]
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with interrupts_deferred():
+            signal.raise_signal(signal.SIGINT)  # ignored before, ignored after
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_deferring_interrupts_outside_the_main_thread_changes_nothing():
+    import threading
+
+    from flatlora_optim.interrupts import interrupts_deferred
+
+    seen = []
+
+    def worker():
+        with interrupts_deferred():
+            seen.append(signal.getsignal(signal.SIGINT))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [signal.default_int_handler]

@@ -18,25 +18,16 @@ import sys
 
 assert os.environ.get("TRITON_INTERPRET") == "1", "run with TRITON_INTERPRET=1"
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-import triton.runtime.interpreter as interpreter  # noqa: E402
 from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
-_original_patch = interpreter._patch_lang_tensor
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+from interpreter_compat import patch_interpreter_scalars  # noqa: E402
 
-
-def _patch_lang_tensor(tensor, scope):  # type: ignore[no-untyped-def]
-    """Triton 3.6's interpreter turns a scalar into an int with ``int(array)``, which NumPy 2 refuses
-    for its one-element 1-D arrays (a ``range`` over a value loaded in the kernel hits it)."""
-    _original_patch(tensor, scope)
-    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
-
-
-interpreter._patch_lang_tensor = _patch_lang_tensor
+patch_interpreter_scalars()
 
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
 from flatlora_optim.kernels.triton_noise import TritonNoiseKernel  # noqa: E402
@@ -145,6 +136,16 @@ def check_noise_stream_follows_its_definition() -> None:
             z = z.reshape(-1, cols)
             assert torch.equal(KERNEL.noise(ones[block], cols, seeds[b:b + 1], torch.float32), z), f"noise of {rows}x{cols} block {b}"
             assert torch.equal(noisy[block], w[block] + z), f"W + e of {rows}x{cols} block {b}"
+
+
+def check_noise_time_benchmark_runs() -> None:
+    """``benchmarks/noise_time.py --small`` runs every pass of a step (row stds, virtual W + e, plain pass, exact
+    codec) for the kernels as shipped and a variant set by module constants, and the codec restores every bit."""
+    import noise_time
+
+    results = noise_time.main(["--small", "--only", "Philox"])
+    assert set(results) == {"as shipped", "Philox with 7 rounds"}, sorted(results)
+    assert all(r["wrong_elements_after_exact"] == 0 for r in results.values()), results
 
 
 def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -459,6 +460,7 @@ if __name__ == "__main__":
     check_fsdp_shards_take_their_rows_of_the_whole_layers_values()
     check_shard_kernel_forms_the_fused_kernels_values()
     check_noise_stream_follows_its_definition()
+    check_noise_time_benchmark_runs()
     check_examples()
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()

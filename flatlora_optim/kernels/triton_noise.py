@@ -31,6 +31,7 @@ try:
 except ImportError:  # a Triton without the CUDA backend's libdevice module: precise normals only
     libdevice = None
 
+from ..interrupts import interrupts_deferred
 from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, adapter_table
 
 __all__ = ["TritonNoiseKernel"]
@@ -43,7 +44,7 @@ _STD_STAGES = 3  # software-pipelined column loop for 16-bit weights (float64 su
 _STD_FP_FUSION = True
 """Fused multiply-adds in the row-std kernel: its rank-one updates and squares cost half the instructions.
 The stds are then not the interpreter's bits (which has no fused multiply-add) but every GPU path takes them
-from this one kernel, so all modes and an FSDP2 shard still see the same stds (noise_time.py: 1.44 -> 1.19 ms
+from this one kernel, so all modes and an FSDP2 shard still see the same stds (noise_time.py: 1.44 -> 1.20 ms
 per step for the 1 B Llama, with the pipelined column loop)."""
 _PERTURB_WARPS = 8  # warps per exact-codec program (a 2048-element tile); fastest of 4, 8, 16 on an H200
 _RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiprocessor win there
@@ -71,7 +72,7 @@ def _randn4x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
     ``FAST`` takes the logarithm, sine and cosine from the GPU's special-function units (about
     2**-21 absolute error, far below the bf16/fp16 rounding of ``W + e``) instead of libdevice's
     correctly rounded routines, which cost more than Philox itself, and forms the uniforms with
-    :func:`_unit_interval`: the radius from ``1 - u`` in ``(0, 1]`` (largest normal 5.65, as with
+    :func:`_unit_interval`: the radius from ``1 - u`` in ``(0, 1]`` (largest normal 5.65; 5.68 with
     ``tl.randn4x``'s clamp at 1e-7), the angle centred on 0, where those units are most accurate.
     Without ``FAST`` this is ``tl.randn4x``.
     """
@@ -647,11 +648,13 @@ class TritonNoiseKernel:
     def _undo_written(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
         """Undo the tiles a perturb pass wrote (an interrupted pass, or one whose buffers were too
         small): the others have bounds -1. When no tile was written (the first step's counting pass,
-        a failed first launch) no restore pass is compiled or run."""
+        a failed first launch) no restore pass is compiled or run. A Ctrl-C meanwhile waits for the
+        undo to finish (a half-undone pass could not be undone again)."""
         if not bool((record.bounds >= 0).any()):
             return
-        record.n_exceptions = min(int(counters[1]), record.exc_capacity)
-        self.exact_restore_layers(table, std, seeds, record)
+        with interrupts_deferred():
+            record.n_exceptions = min(int(counters[1]), record.exc_capacity)
+            self.exact_restore_layers(table, std, seeds, record)
 
     def exact_restore_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord,
                              only_layer: int = -1) -> None:
