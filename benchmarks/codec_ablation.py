@@ -68,7 +68,8 @@ VARIANTS: Dict[str, Variant] = {
 
 def load_variant(name: str, edits: List[Tuple[str, str]], folder: Path, source: Path = SOURCE):
     """The kernel module (``source``) with ``edits`` applied, imported under its own name."""
-    text = source.read_text().replace("from .layer_table import", "from flatlora_optim.kernels.layer_table import")
+    # the package's relative imports, made absolute: the copy is imported outside the package
+    text = source.read_text().replace("from ..", "from flatlora_optim.").replace("from .", "from flatlora_optim.kernels.")
     for old, new in edits:
         at = text.find(old)
         if at < 0 or (old[0] == " " and text[at - 1] != "\n"):  # indented edits must match whole lines

@@ -35,3 +35,16 @@ def test_codec_kernels_take_their_varying_sizes_unspecialised():
                           (triton_noise._exceptions_kernel, {"n_slots", "only_layer"})]:
         unspecialised = {p.name for p in kernel.params if p.do_not_specialize}
         assert names <= unspecialised, (kernel.fn.__name__, unspecialised)
+
+
+def test_launch_arithmetic_matches_tritons_helpers():
+    """The launch code's own ``cdiv`` and ``next_power_of_2`` (``triton.cdiv`` and ``triton.next_power_of_2``
+    are Triton-decorated functions costing microseconds of host time per call) give Triton's values."""
+    triton = pytest.importorskip("triton", reason="Triton is not installed (the test extra installs it)")
+    from flatlora_optim.kernels.triton_noise import _cdiv, _next_power_of_2
+
+    for n in range(1, 3000):
+        assert _next_power_of_2(n) == triton.next_power_of_2(n), n
+    for n in range(0, 3000, 7):
+        for d in (1, 3, 4, 16, 248, 682, 2048):
+            assert _cdiv(n, d) == triton.cdiv(n, d), (n, d)

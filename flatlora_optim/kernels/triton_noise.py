@@ -498,22 +498,32 @@ _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 _ITEMSIZE = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
 
 
+def _cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)``; ``triton.cdiv`` is a Triton-decorated function, about 7 us of host time a call,
+    and virtual mode launches per layer in forward and backward."""
+    return -(-a // b)
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
 def _noise_tile(n_cols: int) -> Tuple[int, int]:
     """The noise kernel's ``TR x TC`` tile for rows of ``n_cols``: 2048 elements, at most 512 columns
     (so narrow layers do not leave most lanes masked)."""
-    tc = min(TILE_COLS, max(4, triton.next_power_of_2(n_cols)))
+    tc = min(TILE_COLS, max(4, _next_power_of_2(n_cols)))
     return _NOISE_TILE // tc, tc
 
 
 def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
             rows_per_block: int, work: torch.dtype) -> torch.Tensor:
     tr, tc = _noise_tile(n_cols)
-    row_tiles, col_tiles = triton.cdiv(min(rows_per_block, n_rows), tr), triton.cdiv(n_cols, tc)
+    row_tiles, col_tiles = _cdiv(min(rows_per_block, n_rows), tr), _cdiv(n_cols, tc)
     source = rows if rows is not None else out
     vector = 16 // min(source.element_size(), out.element_size())  # elements per 16 bytes of the narrower of the two
     contig = (source.stride(1) == 1 and n_cols % vector == 0 and source.stride(0) % vector == 0
               and source.data_ptr() % 16 == 0 and out.data_ptr() % 16 == 0)
-    _noise_kernel[(triton.cdiv(n_rows, rows_per_block) * row_tiles * col_tiles,)](
+    _noise_kernel[(_cdiv(n_rows, rows_per_block) * row_tiles * col_tiles,)](
         out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
         row_tiles, col_tiles, ADD=rows is not None, TR=tr, TC=tc, ALIGNED4=n_cols % 4 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
         FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False,
@@ -575,7 +585,7 @@ class TritonNoiseKernel:
                     _row_std_kernel[(table.n_rowtiles,)](
                         table.layers, adapter_rows, factors, table.rowtile_layer, out,
                         W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N_FP64 if w_code in (0, 3) else _STD_BLOCK_N,
-                        R=min(triton.next_power_of_2(rank), 16), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
+                        R=min(_next_power_of_2(rank), 16), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
                         STAGES=1 if w_code in (0, 3) else _STD_STAGES,
                         enable_fp_fusion=_STD_FP_FUSION, num_warps=_STD_WARPS,
                     )
@@ -664,7 +674,7 @@ class TritonNoiseKernel:
         """
         self._exact(table, std, seeds, record, restore=True)
         if record.n_exceptions:
-            _exceptions_kernel[(triton.cdiv(record.n_exceptions, 256),)](
+            _exceptions_kernel[(_cdiv(record.n_exceptions, 256),)](
                 table.layers, record.exc_layer, record.exc_index, record.exc_bits, record.n_exceptions, only_layer, BLOCK=256,
             )
 
