@@ -52,6 +52,35 @@ def _register_state_dict_post_hook(module: nn.Module, hook: Callable[..., Any]) 
     return register(hook)
 
 
+class _ModeGuard:
+    """``module.train`` while perturbed: a change of mode is reported first (to restore and raise)."""
+
+    __slots__ = ("module", "on_mode_change", "original")
+
+    def __init__(self, module: nn.Module, on_mode_change: Callable[[bool], None], original: Callable[..., nn.Module]):
+        self.module, self.on_mode_change, self.original = module, on_mode_change, original
+
+    def __call__(self, mode: bool = True) -> nn.Module:
+        if bool(mode) != self.module.training:
+            self.on_mode_change(bool(mode))
+        return self.original(self.module, mode)
+
+
+class _CleanState:
+    """A ``state_dict`` post-hook: the entries of ``group``'s perturbed weights become clean copies."""
+
+    __slots__ = ("group", "clean_weight", "_from_public_api")  # torch marks hooks given to its public registration
+
+    def __init__(self, group: List[LoRATarget], clean_weight: Callable[[LoRATarget], torch.Tensor]):
+        self.group, self.clean_weight = group, clean_weight
+
+    def __call__(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
+        for target in self.group:
+            key = prefix + target.param_name
+            if key in state_dict:
+                state_dict[key] = self.clean_weight(target)
+
+
 class PerturbationGuards:
     """Installs and removes the while-perturbed hooks on a set of targets.
 
@@ -80,13 +109,18 @@ class PerturbationGuards:
         self._on_forward = on_forward
         self._on_backward_end = on_backward_end
         self._on_graph_released = on_graph_released
+        # one bound method and one callback for every layer and forward: these objects live through
+        # the step, and each one Python's collector tracks brings its next full collection closer
+        self._forward_hook_of_all = self._forward_hook
+        self._grad_hook_of_all = self._grad_hook
+        self._released = self._released_callback()
         owners: Dict[int, List[LoRATarget]] = {}
         for target in targets:
             owners.setdefault(id(target.owner), []).append(target)
-            self._handles.append(target.module.register_forward_hook(self._forward_hook))
+            self._handles.append(target.module.register_forward_hook(self._forward_hook_of_all))
             self._patch_train(target.module, on_mode_change)
         for group in owners.values():
-            self._handles.append(_register_state_dict_post_hook(group[0].owner, self._clean_state_hook(group, clean_weight)))
+            self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
 
     def remove(self) -> None:
         """Take every hook out; idempotent."""
@@ -96,6 +130,7 @@ class PerturbationGuards:
         for module in self._patched_train:
             module.__dict__.pop("train", None)
         self._patched_train.clear()
+        self._forward_hook_of_all = self._grad_hook_of_all = None  # bound methods of self: no cycle left behind
 
     # -- autograd -----------------------------------------------------------------------------
 
@@ -103,11 +138,11 @@ class PerturbationGuards:
         if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         self._on_forward()
-        output.register_hook(self._grad_hook)
+        output.register_hook(self._grad_hook_of_all)
         node = output.grad_fn
         metadata = getattr(node, "metadata", None)
         if isinstance(metadata, dict):
-            metadata.setdefault("flatlora_optim", []).append(_GraphToken(self._released_callback()))
+            metadata.setdefault("flatlora_optim", []).append(_GraphToken(self._released))
 
     def _released_callback(self) -> Callable[[], None]:
         owner = weakref.ref(self)
@@ -131,24 +166,5 @@ class PerturbationGuards:
     # -- train/eval ---------------------------------------------------------------------------
 
     def _patch_train(self, module: nn.Module, on_mode_change: Callable[[bool], None]) -> None:
-        original = type(module).train
-
-        def guarded_train(mode: bool = True) -> nn.Module:
-            if bool(mode) != module.training:
-                on_mode_change(bool(mode))
-            return original(module, mode)
-
-        module.__dict__["train"] = guarded_train
+        module.__dict__["train"] = _ModeGuard(module, on_mode_change, type(module).train)
         self._patched_train.append(module)
-
-    # -- state_dict ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _clean_state_hook(group: List[LoRATarget], clean_weight: Callable[[LoRATarget], torch.Tensor]) -> Callable[..., None]:
-        def hook(module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-            for target in group:
-                key = prefix + target.param_name
-                if key in state_dict:
-                    state_dict[key] = clean_weight(target)
-
-        return hook
