@@ -22,7 +22,9 @@ __all__ = ["interrupts_deferred"]
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold back SIGINT for the body; afterwards hand a received one to the handler that was in place."""
-    if threading.current_thread() is not threading.main_thread():
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        # elsewhere Python never sees SIGINT; a handler installed from outside Python (an embedding host) could
+        # not be put back afterwards (signal.signal refuses None), so it is left alone
         yield
         return
     received: List[int] = []
@@ -45,4 +47,4 @@ def _deliver(handler: Any) -> None:
         handler(signal.SIGINT, None)  # Python's default handler raises KeyboardInterrupt
     elif handler == signal.SIG_DFL:
         os.kill(os.getpid(), signal.SIGINT)  # the default action: the process ends
-    # SIG_IGN, or None (installed from outside Python): ignored, as it would have been
+    # SIG_IGN: ignored, as it would have been

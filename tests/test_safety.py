@@ -240,3 +240,16 @@ def test_deferring_interrupts_outside_the_main_thread_changes_nothing():
     thread.start()
     thread.join()
     assert seen == [signal.default_int_handler]
+
+
+def test_a_sigint_handler_installed_outside_python_is_left_alone(monkeypatch):
+    """``signal.getsignal`` gives None for a handler an embedding host installed; ``signal.signal`` cannot put
+    such a handler back, so deferring would leave the deferring handler in place for good."""
+    from flatlora_optim.interrupts import interrupts_deferred
+
+    installs = []
+    monkeypatch.setattr(signal, "getsignal", lambda signum: None)
+    monkeypatch.setattr(signal, "signal", lambda *args: installs.append(args))
+    with interrupts_deferred():
+        pass
+    assert installs == []

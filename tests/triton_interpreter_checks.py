@@ -63,7 +63,7 @@ def perturb_and_restore(rows, std_scale, generator, capacity=None):
     std = torch.rand(table.total_rows, generator=generator) * std_scale
     seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
     record = KERNEL.exact_perturb_layers(table, std, seeds)
-    assert (record.bounds < 0).sum().item() == 0, "a tile was left unperturbed after the redo"
+    assert (record.bounds == -1).sum().item() == 0, "a tile was left unperturbed after the redo"  # -2: a tile without rows
     assert any((bits(r) != b).any() for r, b in zip(rows, before)) or std_scale == 0, "nothing was perturbed"
     last = len(rows) - 1
     copy = rows[last].clone()
@@ -136,6 +136,34 @@ def check_noise_stream_follows_its_definition() -> None:
             z = z.reshape(-1, cols)
             assert torch.equal(KERNEL.noise(ones[block], cols, seeds[b:b + 1], torch.float32), z), f"noise of {rows}x{cols} block {b}"
             assert torch.equal(noisy[block], w[block] + z), f"W + e of {rows}x{cols} block {b}"
+
+
+def check_tiles_without_rows() -> None:
+    """Tiles past a short last row block have no rows: the perturb pass marks them -2 and writes nothing, so
+    the first step's counting pass (no room for anything) leaves nothing to undo and runs no restore pass."""
+    import flatlora_optim.noise as noise
+
+    gen = torch.Generator().manual_seed(3)
+    chunk_bytes = noise.CHUNK_BYTES
+    noise.CHUNK_BYTES = 6 * 512 * 48  # row blocks of 6 rows: a 14-row layer ends with a 2-row block
+    try:
+        w = layers([(14, 512)], torch.float16, gen)[0]
+        original = w.clone()
+        table = LayerTable([w])
+        std = torch.full((table.total_rows,), 0.002)
+        seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
+        restores = []
+        kernel = TritonNoiseKernel()
+        real_restore = kernel.exact_restore_layers
+        kernel.exact_restore_layers = lambda *a, **k: (restores.append(1), real_restore(*a, **k))[1]
+        record = kernel.exact_perturb_layers(table, std, seeds)  # a counting pass first, then the real one
+        assert restores == [], "the counting pass wrote nothing, yet a restore pass ran"
+        # blocks of 6 rows take 2 tiles of 4 rows each; the last block (2 rows) leaves its second tile empty
+        assert record.bounds.tolist()[-1] == -2 and (record.bounds < 0).sum().item() == 1, record.bounds
+        kernel.exact_restore_layers(table, std, seeds, record)
+        assert torch.equal(bits(w), bits(original))
+    finally:
+        noise.CHUNK_BYTES = chunk_bytes
 
 
 def check_noise_time_benchmark_runs() -> None:
@@ -461,6 +489,7 @@ if __name__ == "__main__":
     check_shard_kernel_forms_the_fused_kernels_values()
     check_noise_stream_follows_its_definition()
     check_noise_time_benchmark_runs()
+    check_tiles_without_rows()
     check_examples()
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()

@@ -78,8 +78,10 @@ def _randn4x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
     """
     if FAST:
         i1, i2, i3, i4 = tl.randint4x(seed, counters, ROUNDS)
-        r1 = tl.sqrt(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i1)))
-        r2 = tl.sqrt(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i3)))
+        # the fast logarithm has an absolute error of about 2**-21 near 1, where the true value is as small as
+        # -1.2e-7: it may come out positive there, and the square root of a negative number is NaN
+        r1 = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i1)), 0.0))
+        r2 = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i3)), 0.0))
         t1 = 6.283185307179586 * _unit_interval(i2) - 3.141592653589793
         t2 = 6.283185307179586 * _unit_interval(i4) - 3.141592653589793
         return r1 * libdevice.fast_cosf(t1), r1 * libdevice.fast_sinf(t1), r2 * libdevice.fast_cosf(t2), r2 * libdevice.fast_sinf(t2)
@@ -335,7 +337,8 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     64-bit words of one stream, which the tile reserves with one atomic add (no word is shared
     between programs); ``bounds[t]`` keeps the first. A tile whose words or exceptions would pass
     a buffer's capacity writes nothing (its weights stay clean), voids the exception slots it
-    took and marks itself -1; the host then redoes the step with bigger buffers.
+    took and marks itself -1; the host then redoes the step with bigger buffers. A tile without rows
+    (past the end of a short last block, or rows another rank holds) marks itself -2.
 
     ``PLAIN`` writes ``fl(W + e)`` and nothing else (backup restore keeps ``W`` itself): the same
     tiles, seeds and arithmetic, so the same bits as the codec's perturb pass.
@@ -373,7 +376,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         # no row of this tile exists (past the end of a short last block, or another rank's): the
         # tiles of a layer's last row block are counted as for a full one
         if not RESTORE and not PLAIN:
-            tl.store(bounds_ptr + t, 0)  # perturbed, with nothing to record
+            tl.store(bounds_ptr + t, -2)  # no rows: nothing written, nothing to undo (-1 means left unperturbed)
         return
     row_mask = (rows < block_rows) & (first_row + rows >= skip)
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
@@ -703,8 +706,8 @@ class TritonNoiseKernel:
 class ExactGroupRecord:
     """What the fused codec keeps between perturb and restore for a group of layers.
 
-    ``bounds[t]`` is tile ``t``'s first word in ``stream`` (-1 for a tile left unperturbed); a
-    tile's words hold its 2-bit codes, 32 per int64 word, then its escape bytes; the exception
+    ``bounds[t]`` is tile ``t``'s first word in ``stream`` (-1 for a tile left unperturbed, -2 for a
+    tile without rows); a tile's words hold its 2-bit codes, 32 per int64 word, then its escape bytes; the exception
     buffers hold ``n_exceptions`` used slots (layer, layer-local flat index, original bits; layer
     -1 for void slots).
     """
