@@ -19,12 +19,17 @@ from typing import Any, Iterator, List
 __all__ = ["interrupts_deferred"]
 
 
+_depth = 0  # nesting of interrupts_deferred in the main thread (a nested block has nothing more to do)
+
+
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
     """Hold back SIGINT for the body; afterwards hand a received one to the handler that was in place."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
-        # elsewhere Python never sees SIGINT; a handler installed from outside Python (an embedding host) could
-        # not be put back afterwards (signal.signal refuses None), so it is left alone
+    global _depth
+    if threading.current_thread() is not threading.main_thread() or _depth or signal.getsignal(signal.SIGINT) is None:
+        # elsewhere Python never sees SIGINT; inside another such block it is held back already; a handler
+        # installed from outside Python (an embedding host) could not be put back afterwards (signal.signal
+        # refuses None), so it is left alone
         yield
         return
     received: List[int] = []
@@ -33,9 +38,11 @@ def interrupts_deferred() -> Iterator[None]:
     except ValueError:  # not the main interpreter, or signals unavailable: nothing to hold back
         yield
         return
+    _depth += 1
     try:
         yield
     finally:
+        _depth -= 1
         signal.signal(signal.SIGINT, previous)
         if received:
             _deliver(previous)

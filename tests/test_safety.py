@@ -253,3 +253,22 @@ def test_a_sigint_handler_installed_outside_python_is_left_alone(monkeypatch):
     with interrupts_deferred():
         pass
     assert installs == []
+
+
+def test_nested_deferral_delivers_once_at_the_outermost_exit():
+    """``restore_all`` defers, and so does each ``restore`` inside it: one Ctrl-C, delivered once, at the end."""
+    from flatlora_optim.interrupts import interrupts_deferred
+
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        with interrupts_deferred():
+            with interrupts_deferred():
+                signal.raise_signal(signal.SIGINT)
+            assert received == []  # still held back by the outer block
+            with interrupts_deferred():
+                pass
+        assert received == [signal.SIGINT]
+        assert signal.getsignal(signal.SIGINT) is not None and received == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, previous)
