@@ -135,7 +135,9 @@ class PerturbationGuards:
     # -- autograd -----------------------------------------------------------------------------
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
+        # have restored the weights and removed the guards (model.eval() in a user's hook, say)
+        if not self._handles or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
         self._on_forward()
         output.register_hook(self._grad_hook_of_all)

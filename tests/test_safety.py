@@ -272,3 +272,18 @@ def test_nested_deferral_delivers_once_at_the_outermost_exit():
         assert signal.getsignal(signal.SIGINT) is not None and received == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_a_hook_that_restores_during_forward_leaves_the_later_guard_hook_harmless():
+    """torch runs a snapshot of a module's forward hooks: when a user's hook (registered first) restores the
+    weights, the guards are removed, and the guard's own hook still runs once; it must do nothing."""
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant")
+    before = frozen_weights(model)
+    target = opt.targets[0].module
+    target.register_forward_hook(lambda module, args, output: opt.restore(force=True))  # runs before the guard's hook
+    opt.perturb()
+    model(batch(0)[0].requires_grad_(True))  # the layer's output needs a graph: the guard's hook would act on it
+    assert not opt.is_perturbed
+    assert not opt._pending_backward and opt._live_graphs == 0  # no backward awaited at weights already restored
+    assert_frozen_unchanged(model, before)
