@@ -31,7 +31,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from codec_ablation import INTERPRETED, SOURCE, load_variant  # noqa: E402
+from codec_ablation import INTERPRETED, SOURCE, load_variant, timer  # noqa: E402
 from interpreter_compat import patch_interpreter_scalars  # noqa: E402
 
 import flatlora_optim.kernels.layer_table as layer_table  # noqa: E402
@@ -40,24 +40,6 @@ from flatlora_optim.noise import rows_per_chunk  # noqa: E402
 
 LLAMA_1B = [(2048, 2048)] * 4 + [(5632, 2048)] * 2 + [(2048, 5632)]
 """q, k, v, o, gate, up, down of one decoder layer (hidden 2048, MLP 5632), 16 layers."""
-
-
-def gpu_timer(device: torch.device) -> Callable[[Callable[[], None]], float]:
-    """GPU milliseconds of ``fn``'s launches, issued while a sleep kernel keeps the GPU busy (NaN on CPU)."""
-    def timed(fn: Callable[[], None]) -> float:
-        if device.type != "cuda":
-            fn()
-            return float("nan")  # the interpreter: a smoke test, no times
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        torch.cuda.synchronize()
-        torch.cuda._sleep(50_000_000)  # about 25 ms: the host issues fn's launches meanwhile
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        return start.elapsed_time(end)
-
-    return timed
 
 
 def weights_of(shapes: List[tuple], layers: int, device: torch.device, dtype: torch.dtype) -> List[torch.Tensor]:
@@ -73,7 +55,8 @@ def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable
     adapters = [(torch.randn(rank, w.shape[1], device=device, generator=gen).to(w.dtype) * 0.01,
                  torch.randn(w.shape[0], rank, device=device, generator=gen).to(w.dtype) * 0.01, 2.0) for w in weights]
     std = torch.empty(table.total_rows, device=device)
-    kernel.row_stds(table, adapters, [0.05 / w.shape[1] ** 0.5 for w in weights], std)
+    std_scales = [0.05 / w.shape[1] ** 0.5 for w in weights]
+    kernel.row_stds(table, adapters, std_scales, std)
     seeds = torch.arange(table.total_blocks, dtype=torch.int64, device=device) * 7919 + 3
     layer_std = [std[b:b + w.shape[0]] for b, w in zip(table.std_bases, weights)]
     layer_seeds = [seeds[b:] for b in table.seed_bases]
@@ -93,16 +76,12 @@ def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable
     def plain() -> None:
         kernel.add_noise_layers(table, std, seeds)
 
-    def undo_plain() -> None:  # not timed: put W back after the plain pass (a perturb-restore pair)
-        state["record"] = kernel.exact_perturb_layers(table, std, seeds)
-
     return {
-        "row stds": lambda: kernel.row_stds(table, adapters, [0.05 / w.shape[1] ** 0.5 for w in weights], std),
+        "row stds": lambda: kernel.row_stds(table, adapters, std_scales, std),
         "virtual W+e": virtual,
         "exact perturb": exact_perturb,
         "exact restore": lambda: kernel.exact_restore_layers(table, std, seeds, state["record"]),
         "plain pass": plain,
-        "_undo": undo_plain,
     }
 
 
@@ -115,7 +94,7 @@ def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int, ro
         steps = passes(module.TritonNoiseKernel(), weights, rank)
     finally:
         layer_table.ROWS_PER_PROGRAM = saved
-    times: Dict[str, List[float]] = {name: [] for name in steps if not name.startswith("_")}
+    times: Dict[str, List[float]] = {name: [] for name in steps}
     for _ in range(reps):
         for name in ("row stds", "virtual W+e", "exact perturb", "exact restore"):
             times[name].append(timed(steps[name]))
@@ -142,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
     shapes, layers = ([(64, 32)] * 4 + [(96, 32)] * 2 + [(32, 96)], 1) if args.small else (LLAMA_1B, 16)
     weights = weights_of(shapes, layers, device, dtype)
-    timed, reps = gpu_timer(device), (1 if args.small else 7)
+    timed, reps = timer(device, hide_host=True), (1 if args.small else 7)
     elements = sum(w.numel() for w in weights)
     print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 adapters; GPU ms per pass, median of {reps}")
     columns = ["row stds", "virtual W+e", "plain pass", "exact perturb", "exact restore"]

@@ -111,13 +111,13 @@ class PerturbationGuards:
         self._on_graph_released = on_graph_released
         # one bound method and one callback for every layer and forward: these objects live through
         # the step, and each one Python's collector tracks brings its next full collection closer
-        self._forward_hook_of_all = self._forward_hook
+        forward_hook = self._forward_hook
         self._grad_hook_of_all = self._grad_hook
         self._released = self._released_callback()
         owners: Dict[int, List[LoRATarget]] = {}
         for target in targets:
             owners.setdefault(id(target.owner), []).append(target)
-            self._handles.append(target.module.register_forward_hook(self._forward_hook_of_all))
+            self._handles.append(target.module.register_forward_hook(forward_hook))
             self._patch_train(target.module, on_mode_change)
         for group in owners.values():
             self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
@@ -130,7 +130,7 @@ class PerturbationGuards:
         for module in self._patched_train:
             module.__dict__.pop("train", None)
         self._patched_train.clear()
-        self._forward_hook_of_all = self._grad_hook_of_all = None  # bound methods of self: no cycle left behind
+        self._grad_hook_of_all = None  # a bound method of self: no cycle left behind
 
     # -- autograd -----------------------------------------------------------------------------
 
