@@ -267,6 +267,48 @@ def test_codec_does_not_recompile_when_buffer_sizes_change():
     assert counts[1:] == counts[:1] * (len(counts) - 1), counts
 
 
+def test_restore_kernels_are_compiled_before_the_first_perturb_pass(monkeypatch):
+    """A restore never compiles: were its first launch to compile, a Ctrl-C (which also kills the
+    ``ptxas`` child) would make it fail with the weights still perturbed. Compiles are made to fail
+    once the perturb pass has run; the restore must still put every bit back."""
+    pytest.importorskip("triton")
+    from flatlora_optim.kernels import triton_noise
+
+    kernel = kernel_for(torch.device("cuda"))
+    gen = torch.Generator(device="cuda").manual_seed(6)
+    w = (torch.randn(300, 1024, device="cuda", generator=gen) * 0.02).to(torch.float16)
+    w.view(-1)[:2] = 0.0  # exceptions, so that the exceptions pass runs too
+    before = bits(w).clone()
+    jits = (triton_noise._codec_kernel, triton_noise._exceptions_kernel)
+    caches = [cache[0] for jit in jits for cache in jit.device_caches.values()]
+    saved = [dict(cache) for cache in caches]
+    for cache in caches:  # forget what earlier tests compiled: this table's first pass compiles afresh
+        cache.clear()
+    try:
+        _perturb_then_restore_without_compiling(monkeypatch, kernel, jits, w, before)
+    finally:
+        for cache, content in zip(caches, saved):
+            cache.update(content)
+
+
+def _perturb_then_restore_without_compiling(monkeypatch, kernel, jits, w, before):
+    from flatlora_optim.kernels.layer_table import LayerTable
+
+    table = LayerTable([w])
+    std = torch.full((table.total_rows,), 1e-3, device="cuda")
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64, device="cuda") + 3
+    record = kernel.exact_perturb_layers(table, std, seeds)
+    assert record.n_exceptions >= 2 and not torch.equal(bits(w), before)
+
+    def interrupted_compile(*args, **kwargs):
+        raise KeyboardInterrupt("ptxas killed by Ctrl-C")
+
+    for jit in jits:
+        monkeypatch.setattr(jit, "_do_compile", interrupted_compile)
+    kernel.exact_restore_layers(table, std, seeds, record)
+    assert torch.equal(bits(w), before)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_backup_restore_takes_the_step_wide_pass_with_the_codecs_values(dtype):
     """Backup restore on 16-bit weights: one grouped pass writes the same ``W + e`` as the exact

@@ -608,21 +608,39 @@ class TritonNoiseKernel:
         return dtype in _MANTISSA
 
     def _exact(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: Optional[ExactGroupRecord], restore: bool,
-               counters: Optional[torch.Tensor] = None) -> None:
+               counters: Optional[torch.Tensor] = None, compile_only: bool = False) -> None:
         """One codec launch per weight type and codec variant of ``table``; with no ``record``, the
-        plain form (``fl(W + e)`` only)."""
+        plain form (``fl(W + e)`` only). ``compile_only`` compiles those launches and runs nothing."""
         plain = record is None
         buffers = (std,) * 5 if plain else (record.bounds, record.stream, record.exc_layer, record.exc_index, record.exc_bits)
         capacity = (0, 0) if plain else (record.word_capacity, record.exc_capacity)
         for code in table.dtype_codes:
             dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
             for variant in table.variants:
-                _codec_kernel[(table.n_tiles,)](
-                    table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers,
+                args = (table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers)
+                options = dict(
                     RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, FAST=_FAST_NORMALS,
                     ROUNDS=_PHILOX_ROUNDS, PLAIN=plain,
                     enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore or plain else _PERTURB_WARPS,
                 )
+                if compile_only:
+                    _codec_kernel.warmup(*args, grid=(table.n_tiles,), **options)
+                else:
+                    _codec_kernel[(table.n_tiles,)](*args, **options)
+
+    def _compile_restore(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Compile the restore pass's kernels for ``table`` before its first perturb pass runs.
+
+        A kernel compiles on its first launch, in a ``ptxas`` child process. Were that first launch
+        a restore's, a Ctrl-C meanwhile (which reaches child processes too) would make the restore
+        fail with the weights still perturbed; compiled here, before anything is written, a failure
+        leaves the weights clean. Nothing is launched. The interpreter has nothing to compile.
+        """
+        if not _ASM:
+            return
+        record = ExactGroupRecord.allocate(table, (0, 0))  # the restore's argument types: its compiled form is the same
+        self._exact(table, std, seeds, record, restore=True, compile_only=True)
+        _exceptions_kernel.warmup(table.layers, record.exc_layer, record.exc_index, record.exc_bits, 1, -1, BLOCK=256, grid=(1,))
 
     def add_noise_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> None:
         """Write ``fl(W + e)`` into every (16-bit) layer of ``table``, keeping nothing: the same bits as
@@ -641,6 +659,8 @@ class TritonNoiseKernel:
         device = table.device
         # the first step has no counts to go by: a pass with no room counts them (tiles that need
         # room are skipped, nothing is written for them), then the real pass runs with exact buffers
+        if table.codec_capacity is None:  # this table's first pass
+            self._compile_restore(table, std, seeds)
         capacity = table.codec_capacity or (0, 0)
         while True:
             counters = torch.zeros(2, dtype=torch.int64, device=device)
