@@ -15,7 +15,7 @@ copy, say) and the group restore agree bit for bit.
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -99,11 +99,13 @@ class StepGroup:
         base = self.table.seed_bases[index]
         return self.seeds[base : base + self.table.blocks[index]]
 
-    def perturb(self, cache: TableCache, indices: Sequence[int], backup: bool = False) -> List[GroupSlot]:
+    def perturb(self, cache: TableCache, indices: Sequence[int], backup: bool = False,
+                while_waiting: Optional[Callable[[], None]] = None) -> List[GroupSlot]:
         """Write ``W + e`` into the layers ``indices`` in one pass; one slot per layer.
 
         Exact restore keeps the fused codec's record; ``backup`` keeps a copy of every layer's ``W``
         (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
+        ``while_waiting`` runs after the pass is queued (for exact restore: before its host sync).
         """
         rows = self._codec_rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
@@ -113,11 +115,13 @@ class StepGroup:
             torch._foreach_copy_(self.backups, rows)
             try:
                 self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
-            except BaseException:  # a later launch failed or was interrupted: put back what earlier ones wrote
+                if while_waiting is not None:
+                    while_waiting()
+            except BaseException:  # a later launch or while_waiting failed or was interrupted: put back what was written
                 torch._foreach_copy_(rows, self.backups)
                 raise
         else:
-            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds)
+            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting)
         self.restored = [False] * len(indices)
         return [GroupSlot(self, k) for k in range(len(indices))]
 

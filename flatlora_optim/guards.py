@@ -115,12 +115,16 @@ class PerturbationGuards:
         self._grad_hook_of_all = self._grad_hook
         self._released = self._released_callback()
         owners: Dict[int, List[LoRATarget]] = {}
-        for target in targets:
-            owners.setdefault(id(target.owner), []).append(target)
-            self._handles.append(target.module.register_forward_hook(forward_hook))
-            self._patch_train(target.module, on_mode_change)
-        for group in owners.values():
-            self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
+        try:
+            for target in targets:
+                owners.setdefault(id(target.owner), []).append(target)
+                self._handles.append(target.module.register_forward_hook(forward_hook))
+                self._patch_train(target.module, on_mode_change)
+            for group in owners.values():
+                self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
+        except BaseException:  # nobody gets this object to remove what was installed: take it out here
+            self.remove()
+            raise
 
     def remove(self) -> None:
         """Take every hook out; idempotent."""

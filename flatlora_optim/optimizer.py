@@ -34,7 +34,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
 from .sharding import check_row_sharded
-from .targets import LoRATarget, TargetsLike, discover_targets
+from .targets import LoRATarget, TargetsLike, discover_targets, held_views
 from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
 
 __all__ = ["FlatLoRA"]
@@ -300,20 +300,29 @@ class FlatLoRA(torch.optim.Optimizer):
         self._perturbations = []
         if sigma == 0.0:
             return
+        with held_views(self.targets):
+            self._add_noise(sigma)
+
+    def _add_noise(self, sigma: float) -> None:
         if self.mode == "virtual":
             self._perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
             self._patches = VirtualPatches(self._perturber, self._perturbations)
             return
-        self._perturbations = self._perturber.perturb_all(self.targets, sigma, self._step_index)  # restores itself on error
+        installed: List[PerturbationGuards] = []
+
+        def install_guards() -> None:  # while the device runs the noise pass (exact restore: before the host waits for it)
+            installed.append(PerturbationGuards(
+                self.targets, self._clean_weight, self._on_forward, self._on_backward_end, self._on_graph_released, self._on_mode_change,
+            ))
+
+        try:
+            self._perturbations = self._perturber.perturb_all(self.targets, sigma, self._step_index, install_guards)  # restores itself on error
+        except BaseException:
+            for guards in installed:
+                guards.remove()
+            raise
+        self._guards = installed[0]
         self.peak_restore_bytes = max(self.peak_restore_bytes, self.restore_bytes)
-        self._guards = PerturbationGuards(
-            [p.target for p in self._perturbations],
-            self._clean_weight,
-            self._on_forward,
-            self._on_backward_end,
-            self._on_graph_released,
-            self._on_mode_change,
-        )
 
     @torch.no_grad()
     def _restore_now(self) -> None:

@@ -74,6 +74,18 @@ def _global_blocks(target: LoRATarget) -> int:
     return -(-global_rows // per_block)
 
 
+class _Once:
+    """Calls ``fn`` (if any) on the first call only."""
+
+    def __init__(self, fn: Optional[Callable[[], None]]):
+        self.fn = fn
+
+    def __call__(self) -> None:
+        fn, self.fn = self.fn, None
+        if fn is not None:
+            fn()
+
+
 class Perturber:
     """Applies and undoes the noise of ``(seed, step)`` on targets, one layer at a time."""
 
@@ -216,24 +228,37 @@ class Perturber:
         return described, group
 
     @torch.no_grad()
-    def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
+    def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int,
+                    while_waiting: Optional[Callable[[], None]] = None) -> List[TargetPerturbation]:
         """Write ``W + e`` into every target; return what restores each (restore with :meth:`restore_all`).
 
         On CUDA, 16-bit weights with exact or backup restore go through one step-wide pass together
         (a few launches for the whole list); every other target is perturbed block by block.
+        ``while_waiting`` runs exactly once: right after the step-wide pass is queued (before exact
+        restore's host sync, so that its work overlaps the pass), else at the end. If it raises,
+        the weights are restored and the error propagates.
         """
+        once = _Once(while_waiting)
         sharded_factors = [a.A for t in targets if t.sharded for a in t.adapters()]
         with gathered(sharded_factors):  # every sharded A whole, in one collective (FSDP2's row stds need them)
-            return self._perturb_all(targets, sigma, step)
+            described = self._perturb_all(targets, sigma, step, once)
+        try:
+            once()
+        except BaseException:
+            self.restore_all(described)
+            raise
+        return described
 
-    def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int) -> List[TargetPerturbation]:
+    def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int, while_waiting: Callable[[], None]) -> List[TargetPerturbation]:
         described, group = self.describe_all(targets, sigma, step)
         fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fusable(p.target)]
-        rest = [p for k, p in enumerate(described) if k not in fused]
+        in_group = set(fused)
+        rest = [p for k, p in enumerate(described) if k not in in_group]
         done: List[TargetPerturbation] = []
         try:
             if fused:
-                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused], backup=self.strategy.name == "backup")
+                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused], backup=self.strategy.name == "backup",
+                                      while_waiting=while_waiting)
                 for k, slot in zip(fused, slots):
                     rows = described[k].target.rows()
                     described[k].blocks.append((_GROUPED, 0, rows.shape[0], 0, rows.shape[0], slot))

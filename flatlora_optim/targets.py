@@ -33,6 +33,7 @@ __all__ = [
     "Flavour",
     "TargetsLike",
     "discover_targets",
+    "held_views",
     "register_flavour",
     "register_lora_layer",
     "packed_weight_reason",
@@ -80,6 +81,8 @@ class LoRATarget:
     transposed: bool = False
     _adapters: Callable[[], List[Adapter]] = field(default=lambda: [], repr=False)
     _check: Callable[[], None] = field(default=lambda: None, repr=False)
+    _held: Optional[Tuple[torch.Tensor, torch.Tensor, bool, Tuple[int, int]]] = field(default=None, init=False, repr=False, compare=False)
+    """``(weight, rows, sharded, row_range)`` while :func:`held_views` holds them (see there)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -88,6 +91,8 @@ class LoRATarget:
         When ``torch.nn.utils.parametrize`` is active on it (peft ``ParamWrapper`` registers one
         during its forward), this is the stored original, not the parametrised value.
         """
+        if self._held is not None:
+            return self._held[0]
         # read nn.Module's registries directly: this runs several times per layer and step, and
         # ``getattr`` of a missing submodule goes through a raised and caught AttributeError
         parametrizations = self.owner._modules.get("parametrizations")
@@ -110,6 +115,8 @@ class LoRATarget:
 
     def rows(self) -> torch.Tensor:
         """The weight as an ``m x n`` view (output rows x fan-in); writes go to the parameter."""
+        if self._held is not None:
+            return self._held[1]
         return self.rows_of(self.weight)
 
     def adapters(self) -> List[Adapter]:
@@ -146,13 +153,46 @@ class LoRATarget:
     @property
     def sharded(self) -> bool:
         """True for an FSDP2 (DTensor) weight: this process holds only some of its rows."""
+        if self._held is not None:
+            return self._held[2]
         return is_dtensor(self.weight)
 
     def row_range(self) -> Tuple[int, int]:
         """``(first global row held here, global number of rows)`` of the row view."""
+        if self._held is not None:
+            return self._held[3]
         if not self.sharded:
             return 0, self.rows().shape[0]
         return row_range(self.weight)  # FSDP2 shards dim 0: rows (transposed weights are refused)
+
+
+class held_views:
+    """Within the block, each target's weight, row view, sharding and row range are read once.
+
+    A step reads these several times per layer (discovery's checks, the row stds, the noise pass,
+    the record), and each read walks the owner's parameter and parametrization registries and
+    builds a new view: on the 1 B Llama's 112 layers about a third of the host time of a perturb.
+    Nothing that runs inside the block replaces a weight, so the values read on entry stay
+    right; on exit the targets read live again. Nesting is allowed (the outer block holds).
+    """
+
+    def __init__(self, targets: Sequence[LoRATarget]):
+        self.targets = [t for t in targets if t._held is None]
+
+    def __enter__(self) -> None:
+        try:
+            for target in self.targets:
+                weight = target.weight
+                sharded = is_dtensor(weight)
+                rows = target.rows_of(weight)
+                target._held = (weight, rows, sharded, row_range(weight) if sharded else (0, rows.shape[0]))
+        except BaseException:
+            self.__exit__()
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        for target in self.targets:
+            target._held = None
 
 
 @dataclass(frozen=True)

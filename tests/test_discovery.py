@@ -13,7 +13,7 @@ import transformers
 from conftest import assert_frozen_unchanged, frozen_weights, make_mlp
 from torch import nn
 
-from flatlora_optim import FlatLoRA, discover_targets, inject_lora, lora_parameters
+from flatlora_optim import FlatLoRA, LoRALinear, discover_targets, inject_lora, lora_parameters
 from flatlora_optim.optimizer import _check_one_device
 
 
@@ -204,3 +204,35 @@ def test_peft_is_not_imported_by_the_library():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+def test_held_views_read_each_target_once_and_let_go_on_exit():
+    """Inside ``held_views`` a target's weight, row view and row range are those read on entry
+    (one read per step instead of several); outside, the target reads the live module again."""
+    from flatlora_optim.targets import held_views
+
+    model = nn.Sequential(LoRALinear(nn.Linear(6, 4), r=2, alpha=2), LoRALinear(nn.Linear(4, 3), r=2, alpha=2))
+    first, second = discover_targets(model)
+    weight = first.weight
+    with held_views([first, second]):
+        rows = first.rows()
+        assert first.rows() is rows and first.weight is weight and first.row_range() == (0, 4) and not first.sharded
+        with held_views([first]):  # nested: the outer block holds, the inner one changes nothing
+            pass
+        assert first.rows() is rows
+        replacement = nn.Parameter(torch.zeros(5, 6), requires_grad=False)
+        first.owner.weight = replacement  # not something a step does; shows what is read
+        assert first.weight is weight
+    assert first.weight is replacement and first.rows().shape == (5, 6) and first.row_range() == (0, 5)
+
+
+def test_held_views_that_fail_on_entry_hold_nothing():
+    from flatlora_optim.targets import held_views
+
+    model = nn.Sequential(LoRALinear(nn.Linear(6, 4), r=2, alpha=2), LoRALinear(nn.Linear(4, 3), r=2, alpha=2))
+    first, second = discover_targets(model)
+    second.owner.weight = nn.Parameter(torch.zeros(2, 3, 4).transpose(0, 2), requires_grad=False)  # a 3-D view: no row view
+    with pytest.raises(RuntimeError):
+        with held_views([first, second]):
+            pass
+    assert first._held is None and second._held is None

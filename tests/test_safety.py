@@ -287,3 +287,53 @@ def test_a_hook_that_restores_during_forward_leaves_the_later_guard_hook_harmles
     assert not opt.is_perturbed
     assert not opt._pending_backward and opt._live_graphs == 0  # no backward awaited at weights already restored
     assert_frozen_unchanged(model, before)
+
+
+@pytest.mark.parametrize("restore", ["exact", "backup", "subtract"])
+def test_guards_that_fail_to_install_leave_the_weights_clean_and_no_hook(monkeypatch, restore):
+    """The while-perturbed guards are installed while the noise pass runs (on the GPU: before the
+    host waits for it); if installing them fails, the noise comes out again and nothing is left behind."""
+    from flatlora_optim import guards
+
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", restore=restore)
+    before = frozen_weights(model)
+    values = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    original = guards.PerturbationGuards._patch_train
+    patched = []
+
+    def fail_on_the_second_layer(self, module, on_mode_change):
+        if patched:
+            raise RuntimeError("hook registration failed")
+        patched.append(module)
+        original(self, module, on_mode_change)
+
+    monkeypatch.setattr(guards.PerturbationGuards, "_patch_train", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="hook registration failed"):
+        opt.perturb()
+    assert patched, "the guards were not installed"
+    assert not opt.is_perturbed
+    for name, p in model.named_parameters():
+        if name in values:
+            if restore == "subtract":  # to within rounding, not bitwise
+                torch.testing.assert_close(p.detach(), values[name], rtol=0, atol=1e-5)
+    if restore != "subtract":
+        assert_frozen_unchanged(model, before)
+    for m in model.modules():  # the first layer's guards (installed before the failure) are gone too
+        assert not m._forward_hooks and "train" not in m.__dict__
+    monkeypatch.undo()
+    with opt.perturbed():  # and the next step works
+        nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
+    opt.step()
+    if restore != "subtract":
+        assert_frozen_unchanged(model, before)
+
+
+def test_guards_are_in_place_once_perturb_returns(setup):
+    model, opt, before = setup
+    opt.perturb()
+    assert opt.is_perturbed and all(m._forward_hooks for m in model if isinstance(m, LoRALinear))
+    with pytest.raises(RuntimeError, match="eval|train"):
+        model.eval()  # a mode change while perturbed restores and raises
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)

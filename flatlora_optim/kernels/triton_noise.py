@@ -20,7 +20,7 @@ differs in the low bits from the interpreter's, which tests the logic.
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -648,12 +648,15 @@ class TritonNoiseKernel:
         _check_codec_layers(table, "the grouped noise pass")
         self._exact(table, std, seeds, None, restore=False)
 
-    def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor) -> ExactGroupRecord:
+    def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor,
+                             while_waiting: Optional[Callable[[], None]] = None) -> ExactGroupRecord:
         """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
 
         One pass over the weights and one host sync for the whole group (to read how many slots
         were used). The buffers are sized from the previous step's counts plus headroom (kept on
         the table); when they turn out too small, what was written is undone and the step redone.
+        ``while_waiting`` runs once, after the first pass is queued and before the host waits for
+        it: host work put there overlaps the pass instead of leaving the device idle after it.
         """
         _check_codec_layers(table, "the fused exact codec")
         device = table.device
@@ -667,6 +670,9 @@ class TritonNoiseKernel:
             record = ExactGroupRecord.allocate(table, capacity)
             try:
                 self._exact(table, std, seeds, record, restore=False, counters=counters)
+                if while_waiting is not None:
+                    waiting, while_waiting = while_waiting, None
+                    waiting()
                 used = counters.tolist()  # the one host sync
             except BaseException:  # a later launch failed, or Ctrl-C while compiling or waiting at the sync
                 self._undo_written(table, std, seeds, record, counters)
