@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -56,3 +57,27 @@ def test_fsdp_benchmark_runs_on_two_cpu_ranks_and_checks_every_rank(monkeypatch)
     slowest = summary["ms_per_step_slowest_rank"]
     assert slowest["flat-exact"] == max(r["results"]["flat-exact"]["ms_per_step"] for r in summary["ranks"])
     assert summary["ratios"]["flat-exact"] == pytest.approx(slowest["flat-exact"] / slowest["lora"])
+
+
+def test_host_time_benchmark_takes_the_step_wide_path_with_the_stub_kernel():
+    """The host-time benchmark must time the CUDA step-wide path (one grouped slot per layer), not the
+    CPU path, while launching nothing; and leave the real kernel selection in place afterwards."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import host_time
+
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+
+    model = host_time.build_model(layers=2)
+    with host_time.stub_kernel():
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.05, schedule="constant")
+        opt.perturb()
+        assert all(p.blocks[0][0] == perturbation._GROUPED for p in opt._perturbations)
+        opt.restore()
+    assert noise.kernel_for(torch.device("cpu")).name == "torch"
+    summary = host_time.run(reps=3, layers=2)
+    assert set(summary["results"]) == {"exact", "backup"}
+    for result in summary["results"].values():
+        assert result["layers"] == 14 and result["perturb_ms"] > 0 and result["restore_ms"] > 0

@@ -1,0 +1,144 @@
+"""Host (Python) time of one perturb and one restore on the CUDA step-wide path, on any machine.
+
+On the GPU, perturb and restore queue a handful of kernel launches for the whole step; what the
+host spends around them (reading each layer's weight and adapters, building the step's tables,
+installing the while-perturbed guards) decides how soon the GPU gets its first launch, and with
+exact restore how long it idles after the step's one sync. This script times that host work alone:
+the Triton kernel is replaced by a stub that launches nothing, so it runs on a CPU, and the model is
+the GPU benchmark's Llama (16 blocks, LoRA on all seven projections: 112 layers) at a tiny width, so
+the Python work per layer is the real one.
+
+    python benchmarks/host_time.py [--reps 200] [--profile] [--json out.json]
+
+Reports the median host milliseconds of ``perturb()`` and of ``restore()`` for in-place exact and
+backup restore. The stub's ``row_stds`` still builds the adapter table (host work the real kernel
+does); its perturb pass runs ``while_waiting`` as the real one does before its host sync.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Dict, Iterator, List
+
+import torch
+
+
+class _Record:
+    """What the stub's exact perturb pass returns: no buffers."""
+
+    def layer_nbytes(self, tiles: int) -> int:
+        return 0
+
+
+class StubKernel:
+    """The grouped interface of ``TritonNoiseKernel``, doing the host work only."""
+
+    name = "triton"
+    takes_device_seeds = True
+
+    def row_stds(self, table, adapters, std_scales, out) -> None:
+        from flatlora_optim.kernels.layer_table import adapter_table
+
+        adapter_table(adapters, std_scales, table.device, table.first_rows)
+        out.fill_(1e-3)
+
+    def fused_exact_supported(self, dtype: torch.dtype) -> bool:
+        return dtype in (torch.bfloat16, torch.float16)
+
+    def add_noise_layers(self, table, std, seeds) -> None:
+        pass
+
+    def exact_perturb_layers(self, table, std, seeds, while_waiting=None) -> _Record:
+        if while_waiting is not None:
+            while_waiting()
+        return _Record()
+
+    def exact_restore_layers(self, table, std, seeds, record, only_layer: int = -1) -> None:
+        pass
+
+
+@contextmanager
+def stub_kernel() -> Iterator[StubKernel]:
+    """Every CUDA-path decision sees :class:`StubKernel` as the device's kernel."""
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+
+    stub = StubKernel()
+    saved = noise.kernel_for, perturbation.kernel_for
+    noise.kernel_for = perturbation.kernel_for = lambda device: stub
+    try:
+        yield stub
+    finally:
+        noise.kernel_for, perturbation.kernel_for = saved
+
+
+def build_model(layers: int = 16):
+    """The GPU benchmark's architecture (Llama, LoRA r=8 on all seven projections) at width 64, bf16."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
+                      vocab_size=128)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    return get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules=projections))
+
+
+def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
+    from flatlora_optim import FlatLoRA
+
+    model = build_model(layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    results: Dict[str, Dict] = {}
+    with stub_kernel():
+        for restore in ("exact", "backup"):
+            flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", restore=restore, seed=0)
+            for _ in range(5):
+                flat.perturb()
+                flat.restore()
+            perturb_ms: List[float] = []
+            restore_ms: List[float] = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                flat.perturb()
+                middle = time.perf_counter()
+                flat.restore()
+                perturb_ms.append((middle - start) * 1e3)
+                restore_ms.append((time.perf_counter() - middle) * 1e3)
+            results[restore] = {"layers": len(flat.targets), "perturb_ms": statistics.median(perturb_ms), "restore_ms": statistics.median(restore_ms)}
+            print(f"{restore:<7} {len(flat.targets)} layers: host perturb {results[restore]['perturb_ms']:.3f} ms, "
+                  f"restore {results[restore]['restore_ms']:.3f} ms", flush=True)
+            if profile:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(50):
+                    flat.perturb()
+                    flat.restore()
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(20)
+                print(text.getvalue())
+    return {"reps": reps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--reps", type=int, default=200)
+    parser.add_argument("--profile", action="store_true", help="also print the functions with the most host time")
+    parser.add_argument("--json", help="write the results here")
+    args = parser.parse_args()
+    summary = run(args.reps, profile=args.profile)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
