@@ -31,7 +31,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
 ESCAPE_WRITE = '                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")\n'
-CODE_READ = "word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)"
+CODE_READ = "codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
 Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
@@ -45,23 +45,11 @@ VARIANTS: Dict[str, Variant] = {
                                    ("_RESTORE_WARPS = 4", "_RESTORE_WARPS = 8")], 8, True),
     "2 x 512 tiles, 4/4 warps": ([("TR=TILE_ROWS", "TR=2"), ("_PERTURB_WARPS = 8", "_PERTURB_WARPS = 4")], 2, True),
     "precise Box-Muller (libdevice)": ([("_FAST_NORMALS = _ASM and libdevice is not None", "_FAST_NORMALS = False")], None, True),
-    "escape bytes by plain stores": ([
-        ("first_byte = (2 * n_amb + 7) // 8  # of the escapes", "first_byte = 8 * ((2 * n_amb + 63) // 64)"),
-        ("                escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)\n"
-         "                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem=\"relaxed\")\n",
-         "                tl.store(stream_ptr.to(tl.pointer_type(tl.uint8)) + word_base * 8 + byte, (offset + 128).to(tl.uint8), mask=escape)\n"),
-        ("first_byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8  # of the escapes",
-         "first_byte = 8 * ((2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 63) // 64)"),
-        ("escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)",
-         "escape_byte = tl.load(stream_ptr.to(tl.pointer_type(tl.uint8)) + word_base * 8 + byte, mask=escape, other=0)"),
-        ("((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128", "escape_byte.to(tl.int32) - 128"),
-    ], None, True),
     "perturb: code words not written": ([(CODE_WRITE, "")], None, False),
     "perturb: escapes not written": ([(ESCAPE_WRITE, "")], None, False),
     "restore: escapes left out": ([("escape = ambiguous & (code == 3)\n", "escape = ambiguous & (code == 7)\n")], None, False),
-    "restore: code words not read": ([(CODE_READ, "word = bit.to(tl.int64) * 0")], None, False),
-    "restore: no slot ranks": ([("bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))",
-                                 "bit = ambiguous.to(tl.int32)")], None, False),
+    "restore: code words not read": ([(CODE_READ, "codes = amb_counts.to(tl.uint64) * 0")], None, False),
+    "restore: no slot ranks": ([("amb_ranks = _ranks_in_group(amb_masks, TR, G8, ASM, 8)", "amb_ranks = tl.zeros((TR, G8, 8), tl.int32)")], None, False),
     "restore: no codec (noise floor)": ([("key = cand_key + tl.where(ambiguous, offset, 0)", "key = cand_key")], None, False),
 }
 

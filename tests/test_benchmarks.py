@@ -81,3 +81,14 @@ def test_host_time_benchmark_takes_the_step_wide_path_with_the_stub_kernel():
     assert set(summary["results"]) == {"exact", "backup"}
     for result in summary["results"].values():
         assert result["layers"] == 14 and result["perturb_ms"] > 0 and result["restore_ms"] > 0
+
+
+def test_every_codec_ablation_variant_still_applies_to_the_kernel_source(tmp_path):
+    """Each variant of ``codec_ablation.py`` is an edit of the kernel's source: an edit whose text is no
+    longer in the source would make the benchmark fail on the GPU, where it is run by hand."""
+    pytest.importorskip("triton")
+    import codec_ablation
+
+    for name, (edits, _, _) in codec_ablation.VARIANTS.items():
+        module = codec_ablation.load_variant(name, edits, tmp_path)
+        assert hasattr(module, "TritonNoiseKernel"), name

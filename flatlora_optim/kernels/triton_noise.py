@@ -279,17 +279,28 @@ def _popcount(x, ASM: tl.constexpr):
 
 
 @triton.jit
-def _group_masks(flags, TR: tl.constexpr, G: tl.constexpr):
-    """``flags`` (0/1, ``TR x 32G``) as one uint32 bit mask per group of 32 neighbours in a row."""
-    bits = tl.reshape(flags, (TR, G, 32)).to(tl.uint32) << tl.arange(0, 32).to(tl.uint32)[None, None, :]
+def _group_masks(flags, TR: tl.constexpr, G: tl.constexpr, GS: tl.constexpr):
+    """``flags`` (0/1, ``TR x G*GS``) as one uint32 bit mask per group of ``GS`` (<= 32) neighbours in a row."""
+    bits = tl.reshape(flags, (TR, G, GS)).to(tl.uint32) << tl.arange(0, GS).to(tl.uint32)[None, None, :]
     return tl.sum(bits, axis=2)  # distinct bits: the sum is the OR
 
 
 @triton.jit
-def _ranks_in_group(masks, TR: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr):
-    """For every element, how many flagged elements come before it in its group (``TR x G x 32``)."""
-    below = (tl.full((32,), 1, tl.uint32) << tl.arange(0, 32).to(tl.uint32)) - 1
+def _ranks_in_group(masks, TR: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr, GS: tl.constexpr):
+    """For every element, how many flagged elements come before it in its group (``TR x G x GS``)."""
+    below = (tl.full((GS,), 1, tl.uint32) << tl.arange(0, GS).to(tl.uint32)) - 1
     return _popcount(masks[:, :, None] & below[None, None, :], ASM).to(tl.int32)
+
+
+@triton.jit
+def _bits_window(words_ptr, first_bit, n_bits):
+    """The ``n_bits`` (<= 64) bits of a word stream from bit ``first_bit`` on, in the low bits of a uint64
+    (bits above ``n_bits`` are the stream's next ones): one load, two where they cross a word, none for 0 bits."""
+    shift = (first_bit & 63).to(tl.uint64)
+    words = words_ptr + (first_bit >> 6)
+    low = tl.load(words, mask=n_bits > 0, other=0).to(tl.uint64, bitcast=True)
+    high = tl.load(words + 1, mask=(first_bit & 63) + n_bits > 64, other=0).to(tl.uint64, bitcast=True)
+    return (low >> shift) | ((high << 1) << (63 - shift))  # (two shifts: a shift by 64 is not defined)
 
 
 @triton.jit
@@ -405,34 +416,38 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         power_of_two = (cand_bits & ((1 << MANT) - 1)) == 0
         ambiguous = (coarser | power_of_two) & mask
         cand_key = _key(cand_bits)
-        G: tl.constexpr = TC // 32
-        # slots in row-major order: a bit mask per group of 32, running totals over the groups and a
-        # popcount inside the group (much cheaper than a running count over the whole tile)
-        amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G)
-        amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM)
+        # slots in row-major order: a bit mask per group of neighbours, running totals over the groups
+        # and a popcount inside the group (much cheaper than a running count over the whole tile)
         if RESTORE:
-            # each ambiguous element reads its own code (loading a group's 64 bits once and splitting
-            # them among its elements was 1.7x slower on an H200: benchmarks/codec_ablation.py)
+            # groups of 8: the 16 bytes one thread loads, so a group's mask, its window of the stream and
+            # the window's split among its elements stay in one thread's registers; a group reads its
+            # codes and its escape bytes with one or two loads each, not one load per element
+            G8: tl.constexpr = TC // 8
+            amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G8, 8)
             amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
-            bit = 2 * tl.reshape(_group_starts(amb_counts, TR)[:, :, None] + amb_in_group, (TR, TC))
-            word = tl.load(stream_ptr + word_base + (bit >> 6), mask=ambiguous, other=0)
-            code = ((word >> (bit & 63).to(tl.int64)) & 3).to(tl.int32)
+            codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)
+            amb_ranks = _ranks_in_group(amb_masks, TR, G8, ASM, 8)
+            code = tl.reshape(((codes[:, :, None] >> (2 * amb_ranks).to(tl.uint64)) & 3).to(tl.int32), (TR, TC))
             escape = ambiguous & (code == 3)
-            esc_masks = _group_masks(escape.to(tl.int32), TR, G)
-            esc_starts = _group_starts(_popcount(esc_masks, ASM).to(tl.int32), TR)
+            esc_masks = _group_masks(escape.to(tl.int32), TR, G8, 8)
+            esc_counts = _popcount(esc_masks, ASM).to(tl.int32)
             first_byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8  # of the escapes
-            byte = first_byte + tl.reshape(esc_starts[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC))
-            escape_word = tl.load(stream_ptr + word_base + (byte >> 3), mask=escape, other=0)
-            offset = tl.where(escape, ((escape_word >> ((byte & 7) * 8).to(tl.int64)) & 0xFF).to(tl.int32) - 128, tl.where(code == 2, -1, code))
+            escapes = _bits_window(stream_ptr + word_base, 8 * (first_byte + _group_starts(esc_counts, TR)).to(tl.int64), 8 * esc_counts)
+            esc_ranks = _ranks_in_group(esc_masks, TR, G8, ASM, 8)
+            escape_byte = tl.reshape(((escapes[:, :, None] >> (8 * esc_ranks).to(tl.uint64)) & 0xFF).to(tl.int32), (TR, TC))
+            offset = tl.where(escape, escape_byte - 128, tl.where(code == 2, -1, code))
             key = cand_key + tl.where(ambiguous, offset, 0)
             tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
         else:
+            G: tl.constexpr = TC // 32
+            amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G, 32)
+            amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM, 32)
             w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
             offset = _key(w_bits) - cand_key
             small = (offset >= -1) & (offset <= 1)
             escape = ambiguous & ~small
             exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
-            esc_masks = _group_masks(escape.to(tl.int32), TR, G)
+            esc_masks = _group_masks(escape.to(tl.int32), TR, G, 32)
             counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
             starts = _group_starts(counts, TR)
             totals = tl.sum(tl.sum(counts, axis=1), axis=0)
@@ -453,7 +468,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
                 code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
                 codes = tl.where(tl.reshape(ambiguous, (TR, G, 32)), tl.reshape(code, (TR, G, 32)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
                 _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))
-                byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM), (TR, TC)).to(tl.int32)
+                byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + _ranks_in_group(esc_masks, TR, G, ASM, 32), (TR, TC)).to(tl.int32)
                 escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
                 tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
                 tl.store(pointers, new, mask=mask)
@@ -461,9 +476,9 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
             else:
                 tl.store(bounds_ptr + t, -1)
             if n_exc > 0:
-                exc_masks = _group_masks(exception.to(tl.int32), TR, G)
+                exc_masks = _group_masks(exception.to(tl.int32), TR, G, 32)
                 exc_slot = exc_base.to(tl.int32) + tl.reshape(
-                    _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM), (TR, TC))
+                    _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM, 32), (TR, TC))
                 if fits:
                     flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
                     tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
