@@ -30,7 +30,7 @@ SOURCE = Path(__file__).resolve().parents[1] / "flatlora_optim" / "kernels" / "t
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
-ESCAPE_WRITE = '                tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")\n'
+ESCAPE_WRITE = "                    _or_bits_at(stream_ptr + word_base, 8 * (first_byte + (starts >> 16)).to(tl.int64), tl.sum(escape_bytes, axis=2))\n"
 CODE_READ = "codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)

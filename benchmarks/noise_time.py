@@ -13,7 +13,8 @@ issues them while the GPU is busy with the model's matrix products):
 - ``exact perturb`` / ``exact restore``: the fused codec's two passes (in-place exact).
 
 Rows: the kernels as shipped; the same with libdevice's precise Box--Muller; with 7 Philox rounds;
-and any other version of ``triton_noise.py`` given with ``--against`` (e.g. the last release's).
+row-std kernel variants; the codec's perturb pass in groups of 16 or 32 (8 as shipped); and any other
+version of ``triton_noise.py`` given with ``--against`` (e.g. the last release's).
 
     python benchmarks/noise_time.py --against old_triton_noise.py
     TRITON_INTERPRET=1 python benchmarks/noise_time.py --small    # a smoke test on CPU (times meaningless)
@@ -135,7 +136,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
                 ("row stds: 32 rows per program", SOURCE, {"rows_per_program": 32}, []),
                 ("row stds: 32 rows, 128 columns", SOURCE, {"rows_per_program": 32, "_STD_BLOCK_N": 128}, []),
                 ("row stds: column loop not pipelined", SOURCE, {"_STD_STAGES": 1}, []),
-                ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, [])]
+                ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, []),
+                ("perturb: groups of 16", SOURCE, {"_PERTURB_GROUP": 16}, []),
+                ("perturb: groups of 32", SOURCE, {"_PERTURB_GROUP": 32}, [])]
     variants += [(f"source {path.name}", path, {}, []) for path in args.against]
     if args.only is not None:
         variants = [v for v in variants if v[0] == "as shipped" or any(part and part in v[0] for part in args.only.split(","))]

@@ -176,8 +176,8 @@ def check_noise_time_benchmark_runs() -> None:
     assert all(r["wrong_elements_after_exact"] == 0 for r in results.values()), results
 
 
-def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """How many escapes (ambiguous, key offset beyond +-1) each group of 32 neighbours in a row of
+def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """How many escapes (ambiguous, key offset beyond +-1) each group of ``size`` neighbours in a row of
     one float16 row block gets, computed here from the codec's definition, not by the kernel."""
     e = KERNEL.noise(std, w.shape[1], seed, torch.float32)
     new = (w.float() + e).half()
@@ -188,13 +188,14 @@ def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor) ->
     key = lambda b: b ^ ((b >> 31) & 0x7FFF)  # noqa: E731
     offset = key(bits(w).int()) - key(cand_bits)
     escape = ambiguous & (offset.abs() > 1)
-    return escape.reshape(w.shape[0], -1, 32).sum(dim=2)
+    return escape.reshape(w.shape[0], -1, size).sum(dim=2)
 
 
 def check_dense_escapes() -> None:
     """Row noise from 0.005 to 25 times the weights: in the noisiest rows most elements escape (a
-    group of 32 holds up to 32 escape bytes, spread over several stream words), other rows have
-    few; restore is still bitwise."""
+    group of 32 holds up to 32 escape bytes, spread over several stream words; a group of 8, as the
+    passes read and write them, up to 64 bits, across two words), other rows have few; restore is
+    still bitwise."""
     gen = torch.Generator().manual_seed(3)
     w = layers([(8, 512)], torch.float16, gen)[0]
     table = LayerTable([w])
@@ -203,6 +204,8 @@ def check_dense_escapes() -> None:
     seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
     counts = escapes_per_group(w, std, seeds)
     assert (counts > 8).sum() >= 16 and (counts <= 8).sum() >= 1, f"escapes per group: {counts.tolist()}"
+    full = escapes_per_group(w, std, seeds, size=8) == 8
+    assert full.sum() >= 4, "groups of 8 that fill a whole 64-bit window"
     before = bits(w).clone()
     record = KERNEL.exact_perturb_layers(table, std, seeds)
     assert not torch.equal(bits(w), before)
