@@ -138,7 +138,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
                 ("row stds: column loop not pipelined", SOURCE, {"_STD_STAGES": 1}, []),
                 ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, []),
                 ("perturb: groups of 16", SOURCE, {"_PERTURB_GROUP": 16}, []),
-                ("perturb: groups of 32", SOURCE, {"_PERTURB_GROUP": 32}, [])]
+                ("perturb: groups of 32", SOURCE, {"_PERTURB_GROUP": 32}, []),
+                ("codec warps: perturb 8", SOURCE, {"_PERTURB_WARPS": 8}, []),
+                ("codec warps: perturb 2", SOURCE, {"_PERTURB_WARPS": 2}, []),
+                ("codec warps: restore 4", SOURCE, {"_RESTORE_WARPS": 4}, []),
+                ("codec warps: plain 4", SOURCE, {"_PLAIN_WARPS": 4}, [])]
     variants += [(f"source {path.name}", path, {}, []) for path in args.against]
     if args.only is not None:
         variants = [v for v in variants if v[0] == "as shipped" or any(part and part in v[0] for part in args.only.split(","))]

@@ -46,8 +46,11 @@ _STD_FP_FUSION = True
 The stds are then not the interpreter's bits (which has no fused multiply-add) but every GPU path takes them
 from this one kernel, so all modes and an FSDP2 shard still see the same stds (noise_time.py: 1.44 -> 1.20 ms
 per step for the 1 B Llama, with the pipelined column loop)."""
-_PERTURB_WARPS = 8  # warps per exact-codec program (a 2048-element tile); fastest of 4, 8, 16 on an H200
-_RESTORE_WARPS = 4  # the restore pass is lighter: more programs per multiprocessor win there
+_PERTURB_WARPS = 4
+"""Warps per program of the codec's perturb pass (a 2048-element tile). With groups of 8, 4 warps beat 8
+and 16 on an H200 (noise_time.py: 7.05, 8.67, 15.4 ms); with groups of 32, 8 had been fastest."""
+_RESTORE_WARPS = 8  # restore pass: 4.86 ms with 8 warps, 5.02 with 4, 6.03 with 2 (noise_time.py, H200)
+_PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
 _PERTURB_GROUP = 8
 """Neighbours per group in the perturb pass's slot ranks and stream writes (8, 16 or 32). Eight are the
 16 bytes one thread loads: masks and ranks stay in its registers and a group writes its escape bytes with
@@ -647,7 +650,7 @@ class TritonNoiseKernel:
                 options = dict(
                     RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, FAST=_FAST_NORMALS,
                     ROUNDS=_PHILOX_ROUNDS, PLAIN=plain, PG=_PERTURB_GROUP,
-                    enable_fp_fusion=False, num_warps=_RESTORE_WARPS if restore or plain else _PERTURB_WARPS,
+                    enable_fp_fusion=False, num_warps=_PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
                 )
                 if compile_only:
                     _codec_kernel.warmup(*args, grid=(table.n_tiles,), **options)
