@@ -12,7 +12,9 @@ the Python work per layer is the real one.
 
 Reports the median host milliseconds of ``perturb()`` and of ``restore()`` for in-place exact and
 backup restore. The stub's ``row_stds`` still builds the adapter table (host work the real kernel
-does); its perturb pass runs ``while_waiting`` as the real one does before its host sync.
+does); its perturb pass runs ``while_waiting`` as the real one does before its host sync. The figures
+are a lower bound: the real kernel's own host work (its checks, the record's buffers, Triton's launcher
+for each launch, backup's copies, exact's sync) is left out.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .interrupts import interrupts_deferred
 from .targets import LoRATarget
 
 __all__ = ["PerturbationGuards"]
@@ -114,27 +115,36 @@ class PerturbationGuards:
         forward_hook = self._forward_hook
         self._grad_hook_of_all = self._grad_hook
         self._released = self._released_callback()
-        owners: Dict[int, List[LoRATarget]] = {}
+        # Ctrl-C is held back while hooks go in (one landing between a registration and its bookkeeping
+        # would leave a hook that remove() does not know of); whatever ends the install early, including
+        # that held-back Ctrl-C, takes out what went in: nobody else gets this object to remove it
         try:
-            for target in targets:
-                owners.setdefault(id(target.owner), []).append(target)
-                self._handles.append(target.module.register_forward_hook(forward_hook))
-                self._patch_train(target.module, on_mode_change)
-            for group in owners.values():
-                self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
-        except BaseException:  # nobody gets this object to remove what was installed: take it out here
+            with interrupts_deferred():
+                self._install(targets, forward_hook, clean_weight, on_mode_change)
+        except BaseException:
             self.remove()
             raise
 
+    def _install(self, targets: List[LoRATarget], forward_hook: Callable[..., None], clean_weight: Callable[[LoRATarget], torch.Tensor],
+                 on_mode_change: Callable[[bool], None]) -> None:
+        owners: Dict[int, List[LoRATarget]] = {}
+        for target in targets:
+            owners.setdefault(id(target.owner), []).append(target)
+            self._handles.append(target.module.register_forward_hook(forward_hook))
+            self._patch_train(target.module, on_mode_change)
+        for group in owners.values():
+            self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
+
     def remove(self) -> None:
-        """Take every hook out; idempotent."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        for module in self._patched_train:
-            module.__dict__.pop("train", None)
-        self._patched_train.clear()
-        self._grad_hook_of_all = None  # a bound method of self: no cycle left behind
+        """Take every hook out; idempotent. Ctrl-C waits until the last one is out."""
+        with interrupts_deferred():
+            for handle in self._handles:
+                handle.remove()
+            self._handles.clear()
+            for module in self._patched_train:
+                module.__dict__.pop("train", None)
+            self._patched_train.clear()
+            self._grad_hook_of_all = None  # a bound method of self: no cycle left behind
 
     # -- autograd -----------------------------------------------------------------------------
 
@@ -172,5 +182,5 @@ class PerturbationGuards:
     # -- train/eval ---------------------------------------------------------------------------
 
     def _patch_train(self, module: nn.Module, on_mode_change: Callable[[bool], None]) -> None:
+        self._patched_train.append(module)  # first: remove() must know of every patch
         module.__dict__["train"] = _ModeGuard(module, on_mode_change, type(module).train)
-        self._patched_train.append(module)

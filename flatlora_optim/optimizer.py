@@ -260,12 +260,16 @@ class FlatLoRA(torch.optim.Optimizer):
         self._release()
 
     def perturb(self) -> None:
-        """Put this step's noise into the weights (idempotent within a step). Pair with :meth:`restore`."""
+        """Put this step's noise into the weights (idempotent within a step). Pair with :meth:`restore`.
+
+        If it raises, the weights are clean (outside a :meth:`perturbed` block, which then restores)."""
         self._held = True
         try:
             self._apply_noise()
         except BaseException:
             self._held = False
+            if self._depth == 0:
+                self._restore_now()  # nothing to do unless the noise was in place when the error came
             raise
 
     def restore(self, force: bool = False) -> None:
@@ -297,16 +301,19 @@ class FlatLoRA(torch.optim.Optimizer):
         _check_one_device(self.targets)
         sigma = self.schedule.sigma(self._step_index)
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
-        self._perturbations = []
         if sigma == 0.0:
+            self._perturbations = []  # nothing to draw this step: later calls in the step do nothing either
             return
         with held_views(self.targets):
             self._add_noise(sigma)
 
     def _add_noise(self, sigma: float) -> None:
+        """Draw this step's noise and put it in place. ``self._perturbations`` is set only once it is in
+        place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
-            self._perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
-            self._patches = VirtualPatches(self._perturber, self._perturbations)
+            perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
+            self._patches = VirtualPatches(self._perturber, perturbations)  # removes what it patched if it fails
+            self._perturbations = perturbations
             return
         installed: List[PerturbationGuards] = []
 

@@ -24,6 +24,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
 import torch
 from torch import nn
 
+from .interrupts import interrupts_deferred
 from .sharding import is_dtensor, local, row_range
 
 __all__ = [
@@ -191,8 +192,9 @@ class held_views:
             raise
 
     def __exit__(self, *exc: object) -> None:
-        for target in self.targets:
-            target._held = None
+        with interrupts_deferred():  # a target left held would read stale values for good
+            for target in self.targets:
+                target._held = None
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,8 @@ class VirtualPatches:
                 module, attribute = point
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
+                self._patched.append((module, attribute))  # first: remove() must know of every patch
                 module.__dict__[attribute] = _noisy_forward(module, perturber, p)
-                self._patched.append((module, attribute))
         except BaseException:
             self.remove()
             raise

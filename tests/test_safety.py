@@ -322,11 +322,81 @@ def test_guards_that_fail_to_install_leave_the_weights_clean_and_no_hook(monkeyp
     for m in model.modules():  # the first layer's guards (installed before the failure) are gone too
         assert not m._forward_hooks and "train" not in m.__dict__
     monkeypatch.undo()
-    with opt.perturbed():  # and the next step works
+    with opt.perturbed():  # the same step, tried again, draws its noise
+        assert opt.is_perturbed and not all(torch.equal(p.detach(), values[n]) for n, p in model.named_parameters() if n in values)
         nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1]).backward()
     opt.step()
     if restore != "subtract":
         assert_frozen_unchanged(model, before)
+
+
+def test_virtual_patches_that_fail_leave_the_model_as_built_and_the_step_retryable(monkeypatch):
+    from flatlora_optim import virtual
+
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", mode="virtual")
+    original, calls = virtual._noisy_forward, []
+
+    def fail_on_the_second_layer(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("patch failed")
+        return original(*args)
+
+    monkeypatch.setattr(virtual, "_noisy_forward", fail_on_the_second_layer)
+    with pytest.raises(RuntimeError, match="patch failed"):
+        opt.perturb()  # the manual form (a failing perturbed() block restores on its own way out)
+    assert not opt.is_perturbed and not any("forward" in m.__dict__ or "base_forward" in m.__dict__ for m in model.modules())
+    monkeypatch.undo()
+    x, y = batch(0)
+    clean = nn.functional.cross_entropy(model(x), y)
+    with opt.perturbed():  # the same step, tried again, draws its noise
+        assert opt.is_perturbed
+        noisy = nn.functional.cross_entropy(model(x), y)
+    assert not torch.equal(noisy, clean)
+
+
+def test_ctrl_c_while_the_guards_go_in_leaves_no_hook_behind(monkeypatch):
+    """A Ctrl-C right after a hook is registered, before the guards have noted its handle, is held back
+    until the install is done; then every hook comes out and the noise too."""
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant")
+    before = frozen_weights(model)
+    original = nn.Module.register_forward_hook
+    calls = []
+
+    def interrupted_after_registering(self, *args, **kwargs):
+        handle = original(self, *args, **kwargs)
+        if not calls:
+            calls.append(1)
+            signal.raise_signal(signal.SIGINT)
+        return handle
+
+    monkeypatch.setattr(nn.Module, "register_forward_hook", interrupted_after_registering)
+    with pytest.raises(KeyboardInterrupt):
+        opt.perturb()
+    assert calls and not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    for m in model.modules():
+        assert not m._forward_hooks and "train" not in m.__dict__
+
+
+def test_ctrl_c_while_held_views_are_let_go_releases_every_target():
+    from flatlora_optim.targets import LoRATarget, held_views
+
+    class Interrupting(LoRATarget):
+        def __setattr__(self, name, value):
+            if name == "_held" and value is None and not getattr(self, "interrupted", False):
+                object.__setattr__(self, "interrupted", True)
+                signal.raise_signal(signal.SIGINT)
+            object.__setattr__(self, name, value)
+
+    layers = [LoRALinear(nn.Linear(4, 3), r=2, alpha=2) for _ in range(3)]
+    targets = [Interrupting(f"l{k}", m, "lora", m, "weight") for k, m in enumerate(layers)]
+    with pytest.raises(KeyboardInterrupt):
+        with held_views(targets):
+            assert all(t._held is not None for t in targets)
+    assert all(t._held is None for t in targets)
 
 
 def test_guards_are_in_place_once_perturb_returns(setup):

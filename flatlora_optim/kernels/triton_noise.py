@@ -664,6 +664,9 @@ class TritonNoiseKernel:
         a restore's, a Ctrl-C meanwhile (which reaches child processes too) would make the restore
         fail with the weights still perturbed; compiled here, before anything is written, a failure
         leaves the weights clean. Nothing is launched. The interpreter has nothing to compile.
+        Not covered: :meth:`exact_restore_one` of a layer whose first tile is not a multiple of 4 (its
+        slice of ``bounds`` is then not 16-byte aligned, another specialisation); it restores into a
+        copy (a clean ``state_dict``), or the live weight only when a layer is restored alone.
         """
         if not _ASM:
             return
