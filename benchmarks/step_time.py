@@ -26,7 +26,12 @@ are also timed back to back with no synchronisation in between (``ms_per_step_ba
 training loop runs them: there the host's work can overlap the device's. The JSON also
 lists, per timed step, the milliseconds Python's garbage collector spent in full (generation 2)
 collections during that step (``gc_full_ms``): a full collection walks the whole process heap (torch,
-transformers, peft...) and shows up as one slow step that is not the method's own cost.
+transformers, peft...) and shows up as one slow step that is not the method's own cost. On CUDA it also
+records, after each timed step, the GPU's SM clock, temperature and power draw where torch can read them
+through NVML (``gpu_state_all``: a clock that drops with the step time points at the GPU, not the host), and
+with ``--gpu-busy`` the device's own time per step (``gpu_busy_ms_all``): each step is queued behind a sleep
+kernel, so the host's launches are hidden and CUDA events time the GPU's work (in-place exact's one host
+sync still counts: the host waits there, then launches the rest).
 
     python benchmarks/step_time.py --config cpu --json docs/benchmarks/cpu.json
     python benchmarks/step_time.py --config gpu --json docs/benchmarks/gpu.json
@@ -41,7 +46,7 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -75,6 +80,23 @@ def build_model(cfg: dict, device: torch.device):
             if "lora_B" in name:
                 p.normal_(0, 0.01)
     return model
+
+
+GPU_BUSY_SLEEP_CYCLES = 1_000_000_000
+"""The sleep kernel ahead of each ``--gpu-busy`` step: about 0.5 s on an H200, longer than the host needs
+to issue a step's launches."""
+
+
+def gpu_state() -> Dict[str, Optional[float]]:
+    """The GPU's SM clock (MHz), temperature (C) and power draw (W) now; None where torch cannot read
+    them (NVML, through the ``pynvml`` module, is not installed)."""
+    state: Dict[str, Optional[float]] = {}
+    for key, read, scale in (("sm_clock_mhz", "clock_rate", 1.0), ("temperature_c", "temperature", 1.0), ("power_w", "power_draw", 1e-3)):
+        try:
+            state[key] = getattr(torch.cuda, read)() * scale  # power_draw is in milliwatts
+        except Exception:  # no NVML here, or a driver that does not report it
+            state[key] = None
+    return state
 
 
 def sync(device: torch.device) -> None:
@@ -189,7 +211,7 @@ class FullCollections:
         gc.callbacks.remove(self._event)
 
 
-def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
+def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = False) -> Dict:
     from flatlora_optim import FlatLoRA
 
     cfg = CONFIGS[cfg_name]
@@ -207,6 +229,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
     results: Dict[str, Dict] = {}
     collections = FullCollections()
     gc_ms: List[float] = []
+    states: List[Dict[str, Optional[float]]] = []
 
     def time_steps(step: Callable[[], None], n_warm: int, n: int) -> List[float]:
         for _ in range(n_warm):
@@ -214,6 +237,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
         sync(device)
         times = []
         gc_ms.clear()
+        states.clear()
         for _ in range(n):
             sync(device)
             collections.take()
@@ -222,7 +246,23 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
             sync(device)
             times.append((time.perf_counter() - start) * 1000)
             gc_ms.append(round(collections.take(), 3))
+            if device.type == "cuda":
+                states.append(gpu_state())
         return times
+
+    def time_gpu_busy(step: Callable[[], None], n: int) -> List[float]:
+        """GPU milliseconds of each of ``n`` steps, the host's launches hidden behind a sleep kernel."""
+        out = []
+        for _ in range(n):
+            sync(device)
+            torch.cuda._sleep(GPU_BUSY_SLEEP_CYCLES)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            step()
+            end.record()
+            sync(device)
+            out.append(start.elapsed_time(end))
+        return out
 
     def time_back_to_back(step: Callable[[], None], n: int, blocks: int = 3) -> List[float]:
         """ms per step over ``n`` steps run with no synchronisation between them (the host may run
@@ -258,6 +298,10 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
         back_to_back = time_back_to_back(step, cfg["back_to_back"])
         entry = {"ms_per_step": statistics.median(times), "ms_all": times, "gc_full_ms": list(gc_ms), "peak_bytes": peak,
                  "ms_per_step_back_to_back": statistics.median(back_to_back), "ms_back_to_back_blocks": back_to_back}
+        if device.type == "cuda":
+            entry["gpu_state_all"] = list(states)
+            if gpu_busy:
+                entry["gpu_busy_ms_all"] = time_gpu_busy(step, cfg["steps"])
         if flat is not None and flat.mode == "virtual":
             pr = time_steps(make_virtual_forming(flat), 2, cfg["pr_reps"])
             entry["form_noisy_weights_ms"] = statistics.median(pr)
@@ -273,6 +317,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2) -> Dict:
         # the drifting methods (flat-subtract, reference) come last: they change the weights for good
         extra = f"  perturb+restore {entry['perturb_restore_ms']:.2f} ms" if "perturb_restore_ms" in entry else ""
         extra += f"  stds + W+e formed twice {entry['form_noisy_weights_ms']:.2f} ms" if "form_noisy_weights_ms" in entry else ""
+        extra += f"  GPU busy {statistics.median(entry['gpu_busy_ms_all']):.2f} ms" if "gpu_busy_ms_all" in entry else ""
         print(f"{method:<14} {entry['ms_per_step']:9.2f} ms/step{extra}", flush=True)
 
     plain = results["lora"]
@@ -315,8 +360,10 @@ def main() -> None:
     parser.add_argument("--methods", default="lora,flat-exact,flat-backup,flat-virtual,flat-subtract,reference")
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (use 1 on a machine shared with other jobs)")
+    parser.add_argument("--gpu-busy", action="store_true",
+                        help="CUDA: also time each step's GPU work with the host's launches hidden (about 0.5 s more per step)")
     args = parser.parse_args()
-    summary = run(args.config, args.methods.split(","), args.threads)
+    summary = run(args.config, args.methods.split(","), args.threads, gpu_busy=args.gpu_busy)
     summary["threads"] = args.threads
     print_table(summary)
     if args.json:

@@ -34,6 +34,20 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
         assert summary["results"][method]["weights_bitwise_equal"], method
     assert not summary["results"]["reference"]["weights_bitwise_equal"]  # subtraction drifts: the benchmark must see it
     assert "perturb_restore_ms" in summary["results"]["flat-exact"] and "form_noisy_weights_ms" in summary["results"]["flat-virtual"]
+    assert not any("gpu_state_all" in r or "gpu_busy_ms_all" in r for r in summary["results"].values())  # CUDA only
+
+
+def test_gpu_state_reads_what_torch_can_and_none_for_the_rest(monkeypatch):
+    import step_time
+
+    monkeypatch.setattr(torch.cuda, "clock_rate", lambda: 1980, raising=False)
+    monkeypatch.setattr(torch.cuda, "power_draw", lambda: 450_000, raising=False)
+
+    def no_nvml():
+        raise ModuleNotFoundError("pynvml")
+
+    monkeypatch.setattr(torch.cuda, "temperature", no_nvml, raising=False)
+    assert step_time.gpu_state() == {"sm_clock_mhz": 1980.0, "temperature_c": None, "power_w": 450.0}
 
 
 def test_fsdp_benchmark_runs_on_two_cpu_ranks_and_checks_every_rank(monkeypatch):
