@@ -82,15 +82,11 @@ def stub_kernel() -> Iterator[StubKernel]:
 
 
 def build_model(layers: int = 16):
-    """The GPU benchmark's architecture (Llama, LoRA r=8 on all seven projections) at width 64, bf16."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The GPU benchmark's model (``step_time.build_model``: Llama, LoRA r=8 on all seven projections) at
+    width 64, bf16."""
+    from step_time import build_model as build
 
-    torch.manual_seed(0)
-    cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=4,
-                      vocab_size=128)
-    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    return get_peft_model(LlamaForCausalLM(cfg).to(torch.bfloat16), LoraConfig(r=8, lora_alpha=16, target_modules=projections))
+    return build(dict(hidden=64, layers=layers, mlp=128, vocab=128, heads=4, seq=64, dtype="bfloat16"), torch.device("cpu"))
 
 
 def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:

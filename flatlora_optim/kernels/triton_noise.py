@@ -32,7 +32,10 @@ except ImportError:  # a Triton without the CUDA backend's libdevice module: pre
     libdevice = None
 
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, adapter_table
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, _cdiv, adapter_table
+
+# _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
+# mode launches per layer in forward and backward
 
 __all__ = ["TritonNoiseKernel"]
 
@@ -528,12 +531,6 @@ def _exceptions_kernel(layers_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr, n
 
 _MANTISSA = {torch.bfloat16: 7, torch.float16: 10}
 _ITEMSIZE = {code: dtype.itemsize for dtype, code in DTYPE_CODES.items()}
-
-
-def _cdiv(a: int, b: int) -> int:
-    """``ceil(a / b)``; ``triton.cdiv`` is a Triton-decorated function, about 7 us of host time a call,
-    and virtual mode launches per layer in forward and backward."""
-    return -(-a // b)
 
 
 def _next_power_of_2(n: int) -> int:
