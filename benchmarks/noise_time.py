@@ -13,7 +13,8 @@ issues them while the GPU is busy with the model's matrix products):
 - ``exact perturb`` / ``exact restore``: the fused codec's two passes (in-place exact).
 
 Rows: the kernels as shipped; the same with libdevice's precise Box--Muller; with 7 Philox rounds;
-row-std kernel variants; the codec's perturb pass in groups of 16 or 32 (8 as shipped); and any other
+row-std kernel variants (among them the element-wise form, without tensor cores); the noise kernel's
+warps; the codec's perturb pass in groups of 16 or 32 (8 as shipped); and any other
 version of ``triton_noise.py`` given with ``--against`` (e.g. the last release's).
 
     python benchmarks/noise_time.py --against old_triton_noise.py
@@ -137,6 +138,11 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
                 ("row stds: 32 rows, 128 columns", SOURCE, {"rows_per_program": 32, "_STD_BLOCK_N": 128}, []),
                 ("row stds: column loop not pipelined", SOURCE, {"_STD_STAGES": 1}, []),
                 ("row stds: neither", SOURCE, {"_STD_FP_FUSION": False, "_STD_STAGES": 1}, []),
+                ("row stds: element-wise, no tensor cores", SOURCE, {"_STD_DOT": False}, []),
+                ("row stds: 64 rows per program", SOURCE, {"rows_per_program": 64}, []),
+                ("row stds: 128 columns per step (tensor cores)", SOURCE, {"_STD_DOT_BLOCK_N": 128}, []),
+                ("virtual: noise kernel 2 warps", SOURCE, {"_NOISE_WARPS": 2}, []),
+                ("virtual: noise kernel 8 warps", SOURCE, {"_NOISE_WARPS": 8}, []),
                 ("perturb: groups of 16", SOURCE, {"_PERTURB_GROUP": 16}, []),
                 ("perturb: groups of 32", SOURCE, {"_PERTURB_GROUP": 32}, []),
                 ("codec warps: perturb 8", SOURCE, {"_PERTURB_WARPS": 8}, []),

@@ -161,16 +161,22 @@ def test_fused_row_std_kernel_matches_the_formula():
 
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    for dtype, transposed in [(torch.bfloat16, False), (torch.float32, True)]:
+    # 16-bit weights take the tensor-core form (float32 adapters split in two 16-bit parts, bfloat16
+    # adapters on float16 weights taken whole); float32 weights and ranks above 64 the element-wise one
+    cases = [(torch.bfloat16, torch.float32, False, (8, 4)), (torch.bfloat16, torch.bfloat16, False, (8, 4)),
+             (torch.float16, torch.bfloat16, True, (8,)), (torch.bfloat16, torch.float16, True, (40, 24)),
+             (torch.bfloat16, torch.bfloat16, False, (100,)), (torch.float32, torch.float32, True, (8, 4))]
+    for dtype, adapter_dtype, transposed, ranks in cases:
         w = torch.randn(700, 3000, device="cuda", generator=gen).to(dtype)
         rows = w.t().contiguous().t() if transposed else w  # strided rows view
-        adapters = [Adapter("a", torch.randn(8, 3000, device="cuda", generator=gen), torch.randn(700, 8, device="cuda", generator=gen), 0.5),
-                    Adapter("b", torch.randn(4, 3000, device="cuda", generator=gen), torch.randn(700, 4, device="cuda", generator=gen), 2.0)]
-        full = rows.double() + sum(a.scaling * a.B.double() @ a.A.double() for a in adapters)
-        A = torch.cat([a.A for a in adapters]).float()
-        B = torch.cat([a.B * a.scaling for a in adapters], dim=1).float()
+        adapters = [Adapter(str(k), torch.randn(r, 3000, device="cuda", generator=gen), torch.randn(700, r, device="cuda", generator=gen) * 0.2,
+                            0.5 * (k + 1)) for k, r in enumerate(ranks)]
+        A = torch.cat([a.A for a in adapters]).to(adapter_dtype)
+        B = torch.cat([a.B * a.scaling for a in adapters], dim=1).to(adapter_dtype)
+        full = rows.double() + B.double() @ A.double()
         got = kernel.row_std(rows, A, B, 0.1 / 3000**0.5)
-        torch.testing.assert_close(got.double(), 0.1 * full.norm(dim=1) / 3000**0.5, rtol=1e-4, atol=0)
+        torch.testing.assert_close(got.double(), 0.1 * full.norm(dim=1) / 3000**0.5, rtol=1e-4, atol=0,
+                                   msg=lambda m, case=(dtype, adapter_dtype, ranks): f"weights, adapters, ranks {case}: {m}")
     inf_row = torch.ones(3, 64, device="cuda")
     inf_row[1, 0] = float("inf")
     assert kernel.row_std(inf_row, None, None, 1.0).tolist()[1] == 0.0

@@ -95,10 +95,13 @@ def check_examples() -> None:
         assert torch.equal(bits(expected), bits(w)), f"codec and noise kernel disagree on {shape}"
     # row stds: sigma / sqrt(n) * ||W_i + s (B A)_i|| for layers with and without adapters
     # float16 rows (one a transposed view) and float32 rows, which sum in float64 over narrower column steps
-    weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half(), torch.randn(20, 300)]
+    # float16 layers take the tensor-core form: the last one with float32 adapters (split in two float16 parts)
+    weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half(), torch.randn(20, 300),
+               torch.randn(48, 320).half()]
     adapters = [(torch.randn(8, w.shape[1]).half(), torch.randn(w.shape[0], 8).half(), 2.0) for w in weights]
     adapters[1] = None
     adapters[3] = (torch.randn(20, 300).half(), torch.randn(20, 20).half(), 2.0)  # rank 20: the rank loop is not unrolled
+    adapters[4] = (torch.randn(24, 320) / 3, torch.randn(48, 24) / 3, 0.5)  # float32 values a float16 cannot hold
     table = LayerTable(weights)
     out = torch.empty(table.total_rows)
     KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)

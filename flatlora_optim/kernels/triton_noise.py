@@ -44,6 +44,11 @@ _STD_BLOCK_N = 256  # columns per step of the row-std kernel (fastest of 256, 51
 _STD_BLOCK_N_FP64 = 128  # float32/float64 weights sum in float64: 256 columns spill registers (benchmarks/kernel_resources.py)
 _STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
 _STD_STAGES = 3  # software-pipelined column loop for 16-bit weights (float64 sums would spill registers)
+_STD_DOT = True
+"""Row stds of 16-bit weights from ``||W_i||^2``, ``A W_i^T`` and ``A A^T`` on the tensor cores (see
+:func:`_row_std_kernel`) instead of forming ``W + s B A`` element by element. Not timed on a GPU yet."""
+_STD_DOT_BLOCK_N = 64  # columns per step of the tensor-core form (128 spills registers with float32 adapters)
+_STD_DOT_MAX_RANK = 64  # above, the products' tiles would spill registers: the element-wise form
 _STD_FP_FUSION = True
 """Fused multiply-adds in the row-std kernel: its rank-one updates and squares cost half the instructions.
 The stds are then not the interpreter's bits (which has no fused multiply-add) but every GPU path takes them
@@ -53,6 +58,7 @@ _PERTURB_WARPS = 4
 """Warps per program of the codec's perturb pass (a 2048-element tile). With groups of 8, 4 warps beat 8
 and 16 on an H200 (noise_time.py: 7.05, 8.67, 15.4 ms); with groups of 32, 8 had been fastest."""
 _RESTORE_WARPS = 8  # restore pass: 4.86 ms with 8 warps, 5.02 with 4, 6.03 with 2 (noise_time.py, H200)
+_NOISE_WARPS = 4  # the noise kernel (virtual mode's W + e, one launch per layer); not yet compared with 2 on a GPU
 _PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
 _PERTURB_GROUP = 8
 """Neighbours per group in the perturb pass's slot ranks and stream writes (8, 16 or 32). Eight are the
@@ -206,7 +212,7 @@ def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                    ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
+                    ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr = False):
     """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
     The full rows ``W + s B A`` are formed tile by tile (``s B A`` as a sum of ``R`` float32
@@ -214,6 +220,11 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     the result is not finite. Programs whose layer has another weight or adapter type return at
     once (those get their own launch), as do layers whose rows are (``CONTIG``) or are not
     contiguous and 16-byte aligned (codec variant bit 1): aligned rows are read with wide loads.
+
+    ``DOT`` (16-bit weights): ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``,
+    with ``A W_i^T`` and ``A A^T`` from the tensor cores (``R`` at least 16: the rank padded with zero rows).
+    Adapters of another type than ``W`` enter as two 16-bit parts of ``W``'s type (high and low, about 16
+    significant bits), so the products stay exact and the float32 sums are as in the other form.
     """
     t = tl.program_id(0)
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
@@ -237,8 +248,14 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     row_mask = (rows < n_rows) & (rows >= tl.load(info + 14))  # rows before first_row belong to another rank
     if ACC_FP64:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
+    elif DOT:
+        acc = tl.zeros((1, 1), dtype=tl.float32)  # unused: the sums are in the products below
     else:
         acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+    ranks = tl.arange(0, R)
+    squares = tl.zeros((ROWS, ROWS), dtype=tl.float32)  # DOT: W_i . W_k
+    projections = tl.zeros((ROWS, R), dtype=tl.float32)  # DOT: A_j . W_i
+    gram = tl.zeros((R, R), dtype=tl.float32)  # DOT: A_j . A_k
     if CONTIG:  # rows start 16-byte aligned and are whole 16-byte vectors long (codec variant bit 1)
         n_cols = tl.multiple_of(n_cols, VEC)
         row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
@@ -250,21 +267,44 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
                         mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         else:
             w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
-        # 1.9x faster than tl.dot on an H200); each product of two 16-bit floats is exact in float32
-        low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        if R <= 8:  # unrolled (the form timed on the H200)
-            for j in tl.static_range(R):
-                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
-        else:  # a loop: unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
-            for j in range(0, rank):
-                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
-        if ACC_FP64:
-            full = w.to(tl.float64) + low_rank.to(tl.float64)
+        if DOT:
+            a = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
+            a_high = a.to(w.dtype)
+            squares = tl.dot(w, tl.trans(w), squares)  # its diagonal: ||W_i||^2 (products exact, float32 sums)
+            projections = tl.dot(w, tl.trans(a_high), projections)
+            if (AB_CODE == W_CODE) | ((AB_CODE == 1) & (W_CODE == 2)):  # bfloat16 in float16: exact within its range
+                gram = tl.dot(a_high, tl.trans(a_high), gram)
+            else:  # A = high + low, each exact in W's type: A W^T and A A^T to about 16 significant bits
+                a_low = (a.to(tl.float32) - a_high.to(tl.float32)).to(w.dtype)
+                projections = tl.dot(w, tl.trans(a_low), projections)
+                gram = tl.dot(a_high, tl.trans(a_high), gram)
+                gram = tl.dot(a_high, tl.trans(a_low), gram)
+                gram = tl.dot(a_low, tl.trans(a_high), gram)
         else:
-            full = w.to(tl.float32) + low_rank
-        acc += full * full
-    total = tl.sum(acc, axis=1).to(tl.float64)
+            # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
+            # 1.9x faster than forming s B A with tl.dot on an H200); each product of two 16-bit floats is exact in float32
+            low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
+            if R <= 8:  # unrolled (the form timed on the H200)
+                for j in tl.static_range(R):
+                    low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
+            else:  # a loop: unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
+                for j in range(0, rank):
+                    low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
+            if ACC_FP64:
+                full = w.to(tl.float64) + low_rank.to(tl.float64)
+            else:
+                full = w.to(tl.float32) + low_rank
+            acc += full * full
+    if DOT:
+        inner = tl.arange(0, ROWS)
+        b = tl.load(b_ptr + rows[:, None] * b_row + ranks[None, :] * b_col, mask=row_mask[:, None] & (ranks < rank)[None, :], other=0.0)
+        b = b.to(tl.float32) * s
+        own = tl.sum(tl.where(inner[:, None] == inner[None, :], squares, 0.0), axis=1)
+        cross = tl.sum(b * projections, axis=1)
+        quadratic = tl.sum(tl.dot(b, gram, input_precision="ieee") * b, axis=1)
+        total = tl.maximum(own.to(tl.float64) + (2.0 * cross + quadratic).to(tl.float64), 0.0)  # rounding could take an exact 0 below it
+    else:
+        total = tl.sum(acc, axis=1).to(tl.float64)
     std = (tl.sqrt(total) * scale).to(tl.float32)
     finite = (std == std) & (tl.abs(std) < float("inf"))
     tl.store(out_ptr + tl.load(info + 8) + rows, tl.where(finite, std, 0.0), mask=row_mask)
@@ -555,7 +595,7 @@ def _launch(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, 
     _noise_kernel[(_cdiv(n_rows, rows_per_block) * row_tiles * col_tiles,)](
         out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
         row_tiles, col_tiles, ADD=rows is not None, TR=tr, TC=tc, ALIGNED4=n_cols % 4 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
-        FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False,
+        FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False, num_warps=_NOISE_WARPS,
     )
     return out
 
@@ -607,15 +647,19 @@ class TritonNoiseKernel:
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
         adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device, table.first_rows)
         rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
-        # R: the rank rounded up to a power of two; above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
         for w_code in table.dtype_codes:
+            wide = w_code in (0, 3)  # float32/float64 weights: sums in float64, no tensor cores
+            dot = _STD_DOT and not wide and rank <= _STD_DOT_MAX_RANK
+            # R: the rank rounded up to a power of two. With tensor cores at least 16 (the smallest product's side);
+            # otherwise above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
+            r = max(_next_power_of_2(rank), 16) if dot else min(_next_power_of_2(rank), 16)
             for ab_code in ab_codes:
                 for contig in sorted({v >= 2 for v in table.variants}):
                     _row_std_kernel[(table.n_rowtiles,)](
                         table.layers, adapter_rows, factors, table.rowtile_layer, out,
-                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM, BLOCK_N=_STD_BLOCK_N_FP64 if w_code in (0, 3) else _STD_BLOCK_N,
-                        R=min(_next_power_of_2(rank), 16), ACC_FP64=w_code in (0, 3), CONTIG=contig, VEC=16 // _ITEMSIZE[w_code],
-                        STAGES=1 if w_code in (0, 3) else _STD_STAGES,
+                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM,
+                        BLOCK_N=_STD_BLOCK_N_FP64 if wide else _STD_DOT_BLOCK_N if dot else _STD_BLOCK_N,
+                        R=r, ACC_FP64=wide, CONTIG=contig, VEC=16 // _ITEMSIZE[w_code], STAGES=1 if wide else _STD_STAGES, DOT=dot,
                         enable_fp_fusion=_STD_FP_FUSION, num_warps=_STD_WARPS,
                     )
 
