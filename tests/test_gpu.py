@@ -162,9 +162,9 @@ def test_fused_row_std_kernel_matches_the_formula():
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
     # 16-bit weights take the tensor-core form (float32 adapters split in two 16-bit parts, bfloat16
-    # adapters on float16 weights taken whole); float32 weights and ranks above 64 the element-wise one
+    # adapters on float16 weights taken whole; ranks 17-32 with 8 warps); float32 weights and ranks above 32 the element-wise one
     cases = [(torch.bfloat16, torch.float32, False, (8, 4)), (torch.bfloat16, torch.bfloat16, False, (8, 4)),
-             (torch.float16, torch.bfloat16, True, (8,)), (torch.bfloat16, torch.float16, True, (40, 24)),
+             (torch.float16, torch.bfloat16, True, (8,)), (torch.bfloat16, torch.float16, True, (16, 8)),
              (torch.bfloat16, torch.bfloat16, False, (100,)), (torch.float32, torch.float32, True, (8, 4))]
     for dtype, adapter_dtype, transposed, ranks in cases:
         w = torch.randn(700, 3000, device="cuda", generator=gen).to(dtype)
