@@ -211,108 +211,28 @@ def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols
 
 
 @triton.jit
-def _w_tile(w_ptr, row_pointers, rows, cols, row_mask, col_mask, stride_row, stride_col, BLOCK_N: tl.constexpr, CONTIG: tl.constexpr):
-    """The weights ``W[rows, cols]`` (0 where masked); ``CONTIG`` rows are read with wide loads."""
-    mask = row_mask[:, None] & col_mask[None, :]
-    if CONTIG:
-        return tl.load(row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)[None, :], mask=mask, other=0.0)
-    return tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=mask, other=0.0)
-
-
-@triton.jit
-def _squared_norms_by_products(w_ptr, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rank, s, rows, row_mask, n_cols, stride_row, stride_col,
-                               W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                               CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr):
-    """``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T`` for 16-bit ``W``,
-    with ``W W^T`` (its diagonal), ``A W^T`` and ``A A^T`` from the tensor cores (``R`` at least 16: the
-    rank padded with zero rows). Adapters of another type than ``W`` enter as two 16-bit parts of
-    ``W``'s type (high and low, about 16 significant bits), so every product is exact and the sums are
-    float32, as in the element-wise form."""
-    ranks = tl.arange(0, R)
-    squares = tl.zeros((ROWS, ROWS), dtype=tl.float32)  # W_i . W_k
-    projections = tl.zeros((ROWS, R), dtype=tl.float32)  # W_i . A_j
-    gram = tl.zeros((R, R), dtype=tl.float32)  # A_j . A_k
-    row_pointers = rows  # (unused unless CONTIG)
-    if CONTIG:
-        n_cols = tl.multiple_of(n_cols, VEC)
-        row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
-    for start in tl.range(0, n_cols, BLOCK_N, num_stages=STAGES):  # pipelined: the next tile's loads overlap this one's products
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        w = _w_tile(w_ptr, row_pointers, rows, cols, row_mask, col_mask, stride_row, stride_col, BLOCK_N, CONTIG)
-        a = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
-        a_high = a.to(w.dtype)
-        squares = tl.dot(w, tl.trans(w), squares)
-        projections = tl.dot(w, tl.trans(a_high), projections)
-        if (AB_CODE == W_CODE) | ((AB_CODE == 1) & (W_CODE == 2)):  # bfloat16 in float16: exact within its range
-            gram = tl.dot(a_high, tl.trans(a_high), gram)
-        else:  # A = high + low, each exact in W's type
-            a_low = (a.to(tl.float32) - a_high.to(tl.float32)).to(w.dtype)
-            projections = tl.dot(w, tl.trans(a_low), projections)
-            gram = tl.dot(a_high, tl.trans(a_high), gram)
-            gram = tl.dot(a_high, tl.trans(a_low), gram)
-            gram = tl.dot(a_low, tl.trans(a_high), gram)
-    inner = tl.arange(0, ROWS)
-    b = tl.load(b_ptr + rows[:, None] * b_row + ranks[None, :] * b_col, mask=row_mask[:, None] & (ranks < rank)[None, :], other=0.0)
-    b = b.to(tl.float32) * s
-    own = tl.sum(tl.where(inner[:, None] == inner[None, :], squares, 0.0), axis=1)
-    cross = tl.sum(b * projections, axis=1)
-    quadratic = tl.sum(tl.dot(b, gram, input_precision="ieee") * b, axis=1)
-    return tl.maximum(own.to(tl.float64) + (2.0 * cross + quadratic).to(tl.float64), 0.0)  # rounding could take an exact 0 below it
-
-
-@triton.jit
-def _squared_norms_elementwise(w_ptr, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rank, s, rows, row_mask, n_cols, stride_row, stride_col,
-                               ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr, ACC_FP64: tl.constexpr, CONTIG: tl.constexpr,
-                               VEC: tl.constexpr, STAGES: tl.constexpr):
-    """``||W_i + s B_i A||^2`` with the full rows formed tile by tile (``s B A`` as a sum of ``R`` float32
-    rank-one products, masked past the layer's rank, never stored), squared and summed (float64 sums
-    with ``ACC_FP64``)."""
-    if ACC_FP64:
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float64)
-    else:
-        acc = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-    row_pointers = rows  # (unused unless CONTIG)
-    if CONTIG:
-        n_cols = tl.multiple_of(n_cols, VEC)
-        row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
-    for start in tl.range(0, n_cols, BLOCK_N, num_stages=STAGES):  # pipelined: the next tile's loads overlap this one's sums
-        cols = start + tl.arange(0, BLOCK_N)
-        col_mask = cols < n_cols
-        w = _w_tile(w_ptr, row_pointers, rows, cols, row_mask, col_mask, stride_row, stride_col, BLOCK_N, CONTIG)
-        # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
-        # 1.9x faster than forming s B A with tl.dot on an H200); each product of two 16-bit floats is exact in float32
-        low_rank = tl.zeros((ROWS, BLOCK_N), dtype=tl.float32)
-        if R <= 8:  # unrolled
-            for j in tl.static_range(R):
-                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
-        else:  # a loop: unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
-            for j in range(0, rank):
-                low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
-        if ACC_FP64:
-            full = w.to(tl.float64) + low_rank.to(tl.float64)
-        else:
-            full = w.to(tl.float32) + low_rank
-        acc += full * full
-    return tl.sum(acc, axis=1).to(tl.float64)
-
-
-@triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
                     ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr = False):
-    """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch;
-    0 where the result is not finite.
+    """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
-    ``DOT``: all ``ROWS`` rows at once by :func:`_squared_norms_by_products` (the tensor cores read
-    ``A`` once per ``ROWS`` rows); otherwise by :func:`_squared_norms_elementwise`, 16 rows per program
-    (``ROWS // 16`` programs per row tile of the table).
-    Programs whose layer has another weight or adapter type return at once (those get their own
-    launch), as do layers whose rows are (``CONTIG``) or are not contiguous and 16-byte aligned (codec
-    variant bit 1): aligned rows are read with wide loads.
+    The full rows ``W + s B A`` are formed tile by tile (``s B A`` as a sum of ``R`` float32
+    rank-one products, masked past the layer's rank, never stored), squared and summed; 0 where
+    the result is not finite. Programs whose layer has another weight or adapter type return at
+    once (those get their own launch), as do layers whose rows are (``CONTIG``) or are not
+    contiguous and 16-byte aligned (codec variant bit 1): aligned rows are read with wide loads.
+
+    ``DOT`` (16-bit weights): ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``,
+    with ``W W^T`` (its diagonal), ``A W^T`` and ``A A^T`` from the tensor cores, all ``ROWS`` rows of the
+    row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
+    with zero rows). Adapters of another type than ``W`` enter as two 16-bit parts of ``W``'s type (high
+    and low, about 16 significant bits), so the products stay exact and the float32 sums are as in the
+    element-wise form. That form takes 16 rows per program (``ROWS // 16`` programs per row tile).
+    One kernel body, one column loop: a loop moved into a helper function lost its software pipelining
+    (Triton 3.6), and with it a quarter of the speed.
     """
-    SUB: tl.constexpr = ROWS if DOT else 16
-    t = tl.program_id(0) // (ROWS // SUB)  # the element-wise form: ROWS // 16 programs per row tile
+    SUB: tl.constexpr = ROWS if DOT else 16  # rows of this program: the element-wise form takes 16 of a row tile's ROWS
+    t = tl.program_id(0) // (ROWS // SUB)
     part = tl.program_id(0) % (ROWS // SUB)
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
     info = layers_ptr + layer * _NF
@@ -333,12 +253,65 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     scale = tl.load(factors_ptr + 2 * layer + 1)
     rows = (t - tl.load(info + 10)) * ROWS + part * SUB + tl.arange(0, SUB)
     row_mask = (rows < n_rows) & (rows >= tl.load(info + 14))  # rows before first_row belong to another rank
-    if DOT:
-        total = _squared_norms_by_products(w_ptr, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rank, s, rows, row_mask, n_cols, stride_row,
-                                           stride_col, W_CODE, AB_CODE, SUB, BLOCK_N, R, CONTIG, VEC, STAGES)
+    if ACC_FP64:
+        acc = tl.zeros((SUB, BLOCK_N), dtype=tl.float64)
+    elif DOT:
+        acc = tl.zeros((1, 1), dtype=tl.float32)  # unused: the sums are in the products below
     else:
-        total = _squared_norms_elementwise(w_ptr, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rank, s, rows, row_mask, n_cols, stride_row,
-                                           stride_col, SUB, BLOCK_N, R, ACC_FP64, CONTIG, VEC, STAGES)
+        acc = tl.zeros((SUB, BLOCK_N), dtype=tl.float32)
+    ranks = tl.arange(0, R)
+    squares = tl.zeros((SUB, SUB), dtype=tl.float32)  # DOT: W_i . W_k
+    projections = tl.zeros((SUB, R), dtype=tl.float32)  # DOT: A_j . W_i
+    gram = tl.zeros((R, R), dtype=tl.float32)  # DOT: A_j . A_k
+    if CONTIG:  # rows start 16-byte aligned and are whole 16-byte vectors long (codec variant bit 1)
+        n_cols = tl.multiple_of(n_cols, VEC)
+        row_pointers = tl.multiple_of(w_ptr + rows * stride_row, 16)
+    for start in tl.range(0, n_cols, BLOCK_N, num_stages=STAGES):  # pipelined: the next tile's loads overlap this one's sums
+        cols = start + tl.arange(0, BLOCK_N)
+        col_mask = cols < n_cols
+        if CONTIG:
+            w = tl.load(row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, BLOCK_N), BLOCK_N)[None, :],
+                        mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        else:
+            w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
+        if DOT:
+            a = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
+            a_high = a.to(w.dtype)
+            squares = tl.dot(w, tl.trans(w), squares)  # its diagonal: ||W_i||^2 (products exact, float32 sums)
+            projections = tl.dot(w, tl.trans(a_high), projections)
+            if (AB_CODE == W_CODE) | ((AB_CODE == 1) & (W_CODE == 2)):  # bfloat16 in float16: exact within its range
+                gram = tl.dot(a_high, tl.trans(a_high), gram)
+            else:  # A = high + low, each exact in W's type: A W^T and A A^T to about 16 significant bits
+                a_low = (a.to(tl.float32) - a_high.to(tl.float32)).to(w.dtype)
+                projections = tl.dot(w, tl.trans(a_low), projections)
+                gram = tl.dot(a_high, tl.trans(a_high), gram)
+                gram = tl.dot(a_high, tl.trans(a_low), gram)
+                gram = tl.dot(a_low, tl.trans(a_high), gram)
+        else:
+            # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
+            # 1.9x faster than forming s B A with tl.dot on an H200); each product of two 16-bit floats is exact in float32
+            low_rank = tl.zeros((SUB, BLOCK_N), dtype=tl.float32)
+            if R <= 8:  # unrolled (the form timed on the H200)
+                for j in tl.static_range(R):
+                    low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
+            else:  # a loop: unrolled, 16 or more rank-one terms spill registers (tests/test_triton_compile.py)
+                for j in range(0, rank):
+                    low_rank = _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols, row_mask, col_mask, j, rank, s)
+            if ACC_FP64:
+                full = w.to(tl.float64) + low_rank.to(tl.float64)
+            else:
+                full = w.to(tl.float32) + low_rank
+            acc += full * full
+    if DOT:
+        inner = tl.arange(0, SUB)
+        b = tl.load(b_ptr + rows[:, None] * b_row + ranks[None, :] * b_col, mask=row_mask[:, None] & (ranks < rank)[None, :], other=0.0)
+        b = b.to(tl.float32) * s
+        own = tl.sum(tl.where(inner[:, None] == inner[None, :], squares, 0.0), axis=1)
+        cross = tl.sum(b * projections, axis=1)
+        quadratic = tl.sum(tl.dot(b, gram, input_precision="ieee") * b, axis=1)
+        total = tl.maximum(own.to(tl.float64) + (2.0 * cross + quadratic).to(tl.float64), 0.0)  # rounding could take an exact 0 below it
+    else:
+        total = tl.sum(acc, axis=1).to(tl.float64)
     std = (tl.sqrt(total) * scale).to(tl.float32)
     finite = (std == std) & (tl.abs(std) < float("inf"))
     tl.store(out_ptr + tl.load(info + 8) + rows, tl.where(finite, std, 0.0), mask=row_mask)
