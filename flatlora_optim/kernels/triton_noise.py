@@ -656,7 +656,9 @@ class TritonNoiseKernel:
         rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
         for w_code in table.dtype_codes:
             wide = w_code in (0, 3)  # float32/float64 weights: sums in float64, no tensor cores
-            dot = _STD_DOT and not wide and rank <= _STD_DOT_MAX_RANK
+            # the interpreter's tl.dot reads bfloat16 operands as their raw bits (Triton 3.6): there, bfloat16
+            # weights take the element-wise form (float16 ones still check the tensor-core form's logic)
+            dot = _STD_DOT and not wide and rank <= _STD_DOT_MAX_RANK and (_ASM or w_code != DTYPE_CODES[torch.bfloat16])
             # R: the rank rounded up to a power of two. With tensor cores at least 16 (the smallest product's side);
             # otherwise above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
             r = max(_next_power_of_2(rank), 16) if dot else min(_next_power_of_2(rank), 16)
