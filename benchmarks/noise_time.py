@@ -49,13 +49,14 @@ def weights_of(shapes: List[tuple], layers: int, device: torch.device, dtype: to
     return [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(dtype) for _ in range(layers) for shape in shapes]
 
 
-def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable[[], None]]:
-    """Each timed pass of a step, as a call on ``kernel`` (a TritonNoiseKernel of some version)."""
+def passes(kernel, weights: List[torch.Tensor], rank: int, adapter_dtype: Optional[torch.dtype] = None) -> Dict[str, Callable[[], None]]:
+    """Each timed pass of a step, as a call on ``kernel`` (a TritonNoiseKernel of some version); adapters in
+    ``adapter_dtype`` (the weights' type when None)."""
     table = LayerTable(weights)
     device = weights[0].device
     gen = torch.Generator(device=device).manual_seed(1)
-    adapters = [(torch.randn(rank, w.shape[1], device=device, generator=gen).to(w.dtype) * 0.01,
-                 torch.randn(w.shape[0], rank, device=device, generator=gen).to(w.dtype) * 0.01, 2.0) for w in weights]
+    adapters = [(torch.randn(rank, w.shape[1], device=device, generator=gen).to(adapter_dtype or w.dtype) * 0.01,
+                 torch.randn(w.shape[0], rank, device=device, generator=gen).to(adapter_dtype or w.dtype) * 0.01, 2.0) for w in weights]
     std = torch.empty(table.total_rows, device=device)
     std_scales = [0.05 / w.shape[1] ** 0.5 for w in weights]
     kernel.row_stds(table, adapters, std_scales, std)
@@ -87,13 +88,14 @@ def passes(kernel, weights: List[torch.Tensor], rank: int) -> Dict[str, Callable
     }
 
 
-def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int, rows_per_program: int = 0) -> Dict[str, float]:
+def measure(module, weights: List[torch.Tensor], rank: int, timed, reps: int, rows_per_program: int = 0,
+            adapter_dtype: Optional[torch.dtype] = None) -> Dict[str, float]:
     originals = [w.clone() for w in weights]
     saved = layer_table.ROWS_PER_PROGRAM
     if rows_per_program:  # the row-std kernel's rows per program: the table's row tiles and the launch's ROWS
         layer_table.ROWS_PER_PROGRAM = module.ROWS_PER_PROGRAM = rows_per_program
     try:
-        steps = passes(module.TritonNoiseKernel(), weights, rank)
+        steps = passes(module.TritonNoiseKernel(), weights, rank, adapter_dtype)
     finally:
         layer_table.ROWS_PER_PROGRAM = saved
     times: Dict[str, List[float]] = {name: [] for name in steps}
@@ -116,6 +118,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     parser.add_argument("--against", type=Path, action="append", default=[], help="also time another version of triton_noise.py")
     parser.add_argument("--only", default=None,
                         help="time only the variants whose name contains one of these comma-separated texts (and the kernels as shipped)")
+    parser.add_argument("--adapters", choices=["weights", "float32"], default="weights",
+                        help="the adapters' type: the weights' (bfloat16), or float32 (peft's default for a bfloat16 model)")
     args = parser.parse_args(argv)
     if INTERPRETED:
         patch_interpreter_scalars()
@@ -125,14 +129,16 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     weights = weights_of(shapes, layers, device, dtype)
     timed, reps = timer(device, hide_host=True), (1 if args.small else 7)
     elements = sum(w.numel() for w in weights)
-    print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 adapters; GPU ms per pass, median of {reps}")
+    adapter_dtype = torch.float32 if args.adapters == "float32" else None
+    print(f"{len(weights)} {dtype} weights, {elements / 1e6:.1f} M elements, rank-8 {adapter_dtype or dtype} adapters; "
+          f"GPU ms per pass, median of {reps}")
     columns = ["row stds", "virtual W+e", "plain pass", "exact perturb", "exact restore"]
     print(f"{'kernels':34s}" + "".join(f"{c:>15s}" for c in columns) + "  exact")
     variants = [("as shipped", SOURCE, {}, []), ("precise Box-Muller (libdevice)", SOURCE, {"_FAST_NORMALS": False}, []),
                 ("Philox with 7 rounds", SOURCE, {"_PHILOX_ROUNDS": 7}, []),
                 ("row stds: no fused multiply-adds", SOURCE, {"_STD_FP_FUSION": False}, []),
                 ("row stds: 8 warps", SOURCE, {"_STD_WARPS": 8}, []),
-                ("row stds: element-wise, 128 columns", SOURCE, {"_STD_DOT": False, "_STD_BLOCK_N": 512}, []),
+                ("row stds: element-wise, 512 columns", SOURCE, {"_STD_DOT": False, "_STD_BLOCK_N": 512}, []),
                 ("row stds: 16 rows per program", SOURCE, {"rows_per_program": 16}, []),
                 ("row stds: 32 rows per program", SOURCE, {"rows_per_program": 32}, []),
                 ("row stds: 128 rows per program", SOURCE, {"rows_per_program": 128}, []),
@@ -156,7 +162,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     results: Dict[str, Dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as folder:
         if not INTERPRETED:
-            measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps)  # clocks up, caches warm; not shown
+            measure(load_variant("warm-up", [], Path(folder), SOURCE), weights, 8, timed, reps, 0, adapter_dtype)  # clocks up, caches warm; not shown
         for name, source, settings, edits in variants:
             module = load_variant(name, edits, Path(folder), source)
             settings = dict(settings)
@@ -164,7 +170,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
             for key, value in settings.items():
                 setattr(module, key, value)
             try:
-                result = measure(module, weights, 8, timed, reps, rows_per_program)
+                result = measure(module, weights, 8, timed, reps, rows_per_program, adapter_dtype)
             except Exception as error:  # a variant that does not compile (say) does not stop the others
                 print(f"{name:34s} failed: {type(error).__name__}: {str(error)[:200]}")
                 continue

@@ -65,7 +65,7 @@ def test_exceptions_pass_compiles():
     assert_compiles_without_spills(tn._exceptions_kernel, launches.calls)
 
 
-@pytest.mark.parametrize("rank", [1, 8, 16, 64])
+@pytest.mark.parametrize("rank", [1, 8, 16, 32, 64])
 def test_row_std_kernel_compiles(rank):
     """Row stds for every weight type, 16- and 32-bit adapters of the given rank, aligned and strided rows."""
     weights = [torch.zeros(40, 1024, dtype=dtype) for dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)]

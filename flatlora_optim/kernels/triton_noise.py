@@ -20,7 +20,7 @@ differs in the low bits from the interpreter's, which tests the logic.
 from __future__ import annotations
 
 import os
-from typing import Callable, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import triton
@@ -213,7 +213,8 @@ def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols
 @triton.jit
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
-                    ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr = False):
+                    ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr = False,
+                    MIN_RANK: tl.constexpr = -1):
     """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
     The full rows ``W + s B A`` are formed tile by tile (``s B A`` as a sum of ``R`` float32
@@ -225,9 +226,11 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     ``DOT`` (16-bit weights): ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``,
     with ``W W^T`` (its diagonal), ``A W^T`` and ``A A^T`` from the tensor cores, all ``ROWS`` rows of the
     row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
-    with zero rows). Adapters of another type than ``W`` enter as two 16-bit parts of ``W``'s type (high
-    and low, about 16 significant bits), so the products stay exact and the float32 sums are as in the
-    element-wise form. That form takes 16 rows per program (``ROWS // 16`` programs per row tile).
+    with zero rows). Adapters of another type than bfloat16 weights enter as two bfloat16 parts (high and
+    low: about 16 of float32's 24 significant bits, all of float16's); every product of the parts is exact
+    and the sums are float32. The expansion loses accuracy where ``s B_i A`` nearly cancels ``W_i`` (not
+    what a LoRA update does). The element-wise form takes 16 rows per program (``ROWS // 16`` programs per
+    row tile). ``MIN_RANK`` (and with ``DOT``, ``R``) bound the ranks of the layers a launch takes.
     One kernel body, one column loop: a loop moved into a helper function lost its software pipelining
     (Triton 3.6), and with it a quarter of the speed.
     """
@@ -249,6 +252,11 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     b_ptr = _typed(tl.load(adapter + 3), AB_CODE)
     b_row, b_col = tl.load(adapter + 4), tl.load(adapter + 5)
     rank = tl.load(adapter + 6)
+    if rank <= MIN_RANK:  # another launch's layer (see _row_std_forms)
+        return
+    if DOT:
+        if rank > R:
+            return
     s = tl.load(factors_ptr + 2 * layer).to(tl.float32)
     scale = tl.load(factors_ptr + 2 * layer + 1)
     rows = (t - tl.load(info + 10)) * ROWS + part * SUB + tl.arange(0, SUB)
@@ -279,9 +287,9 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
             a_high = a.to(w.dtype)
             squares = tl.dot(w, tl.trans(w), squares)  # its diagonal: ||W_i||^2 (products exact, float32 sums)
             projections = tl.dot(w, tl.trans(a_high), projections)
-            if (AB_CODE == W_CODE) | ((AB_CODE == 1) & (W_CODE == 2)):  # bfloat16 in float16: exact within its range
+            if AB_CODE == W_CODE:
                 gram = tl.dot(a_high, tl.trans(a_high), gram)
-            else:  # A = high + low, each exact in W's type: A W^T and A A^T to about 16 significant bits
+            else:  # bfloat16 weights: A = high + low, two bfloat16 parts (A W^T and A A^T to about 16 significant bits)
                 a_low = (a.to(tl.float32) - a_high.to(tl.float32)).to(w.dtype)
                 projections = tl.dot(w, tl.trans(a_low), projections)
                 gram = tl.dot(a_high, tl.trans(a_high), gram)
@@ -615,6 +623,25 @@ def _check_codec_layers(table: LayerTable, what: str) -> None:
         raise ValueError(f"{what} indexes a layer's elements with int32: a layer has 2**31 elements or more")
 
 
+def _row_std_forms(ranks: Sequence[int], w_code: int, ab_code: int) -> List[Tuple[bool, int, int]]:
+    """The row-std kernel's launches for one weight and adapter type: ``(DOT, R, MIN_RANK)`` each, taking the
+    layers of rank ``MIN_RANK < rank <= R`` (any rank for the element-wise form after none of tensor cores).
+
+    A layer's form, and so its stds' bits, follow from its own rank and types, not from the other layers of
+    the table: the tensor cores for ranks up to 16 and 17-32 (a rank padded with zero rows adds exact
+    zeros), the element-wise form above, and for float32/float64 weights, or float16 weights with adapters
+    of another type (a float16 copy of those could overflow or lose their small values).
+    """
+    largest = max(list(ranks) + [1])
+    loop_r = min(_next_power_of_2(largest), 16)  # element-wise: above 8 the kernel loops over the rank (same sums)
+    if not _STD_DOT or w_code in (0, 3) or (w_code != DTYPE_CODES[torch.bfloat16] and ab_code != w_code):
+        return [(False, loop_r, -1)]
+    forms = [(True, r, low) for r, low in ((16, -1), (32, 16)) if r <= _STD_DOT_MAX_RANK and any(low < k <= r for k in ranks)]
+    if any(k > _STD_DOT_MAX_RANK for k in ranks):
+        forms.append((False, loop_r, _STD_DOT_MAX_RANK))
+    return forms
+
+
 class TritonNoiseKernel:
     """Same interface as :class:`flatlora_optim.noise.TorchNoiseKernel`, fused on CUDA."""
 
@@ -653,24 +680,19 @@ class TritonNoiseKernel:
         """Write ``std_scales[l] * ||W_i + s (B A)_i||`` for every row of every layer into ``out``
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
         adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device, table.first_rows)
-        rank = max([a[0].shape[0] for a in adapters if a is not None] + [1])
+        ranks = [0 if a is None else a[0].shape[0] for a in adapters]
         for w_code in table.dtype_codes:
             wide = w_code in (0, 3)  # float32/float64 weights: sums in float64, no tensor cores
-            # the interpreter's tl.dot reads bfloat16 operands as their raw bits (Triton 3.6): there, bfloat16
-            # weights take the element-wise form (float16 ones still check the tensor-core form's logic)
-            dot = _STD_DOT and not wide and rank <= _STD_DOT_MAX_RANK and (_ASM or w_code != DTYPE_CODES[torch.bfloat16])
-            # R: the rank rounded up to a power of two. With tensor cores at least 16 (the smallest product's side);
-            # otherwise above 8 the kernel loops over the rank, so every rank above 8 shares R = 16
-            r = max(_next_power_of_2(rank), 16) if dot else min(_next_power_of_2(rank), 16)
             for ab_code in ab_codes:
-                for contig in sorted({v >= 2 for v in table.variants}):
-                    _row_std_kernel[(table.n_rowtiles * (1 if dot else ROWS_PER_PROGRAM // 16),)](
-                        table.layers, adapter_rows, factors, table.rowtile_layer, out,
-                        W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM,
-                        BLOCK_N=_STD_DOT_BLOCK_N * 16 // max(r, 16) if dot else _STD_BLOCK_N_FP64 if wide else _STD_BLOCK_N,
-                        R=r, ACC_FP64=wide, CONTIG=contig, VEC=16 // _ITEMSIZE[w_code], STAGES=1 if wide else _STD_STAGES, DOT=dot,
-                        enable_fp_fusion=_STD_FP_FUSION, num_warps=2 * _STD_WARPS if r > 16 else _STD_WARPS,
-                    )
+                for dot, r, min_rank in _row_std_forms(ranks, w_code, ab_code):
+                    for contig in sorted({v >= 2 for v in table.variants}):
+                        _row_std_kernel[(table.n_rowtiles * (1 if dot else ROWS_PER_PROGRAM // 16),)](
+                            table.layers, adapter_rows, factors, table.rowtile_layer, out,
+                            W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM,
+                            BLOCK_N=_STD_DOT_BLOCK_N * 16 // r if dot else _STD_BLOCK_N_FP64 if wide else _STD_BLOCK_N,
+                            R=r, ACC_FP64=wide, CONTIG=contig, VEC=16 // _ITEMSIZE[w_code], STAGES=1 if wide else _STD_STAGES, DOT=dot,
+                            MIN_RANK=min_rank, enable_fp_fusion=_STD_FP_FUSION, num_warps=2 * _STD_WARPS if dot and r > 16 else _STD_WARPS,
+                        )
 
     def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
         """Per-row noise std ``scale * ||W_i + (B A)_i||`` of one layer (float32, 0 where not finite).
