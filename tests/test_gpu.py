@@ -161,11 +161,10 @@ def test_fused_row_std_kernel_matches_the_formula():
 
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
-    # bfloat16 weights, and float16 ones with float16 adapters, take the tensor-core form (other adapters on
-    # bfloat16 weights split in two bfloat16 parts; ranks 17-32 with 8 warps); float32 weights, float16 weights
-    # with other adapters, and ranks above 32 the element-wise one
+    # 16-bit weights with adapters of their type take the tensor-core form (ranks 17-32 with 8 warps); float32
+    # weights, adapters of another type, and ranks above 32 the element-wise one
     cases = [(torch.bfloat16, torch.float32, False, (8, 4)), (torch.bfloat16, torch.bfloat16, False, (8, 4)),
-             (torch.float16, torch.bfloat16, True, (8,)), (torch.bfloat16, torch.float16, True, (16, 8)),
+             (torch.float16, torch.bfloat16, True, (8,)), (torch.bfloat16, torch.bfloat16, True, (16, 8)),
              (torch.float16, torch.float16, False, (32,)), (torch.bfloat16, torch.float32, True, (33,)),
              (torch.float16, torch.float32, False, (8,)),
              (torch.bfloat16, torch.bfloat16, False, (100,)), (torch.float32, torch.float32, True, (8, 4))]
@@ -180,8 +179,7 @@ def test_fused_row_std_kernel_matches_the_formula():
         got = kernel.row_std(rows, A, B, 0.1 / 3000**0.5)
         torch.testing.assert_close(got.double(), 0.1 * full.norm(dim=1) / 3000**0.5, rtol=1e-4, atol=0,
                                    msg=lambda m, case=(dtype, adapter_dtype, ranks): f"weights, adapters, ranks {case}: {m}")
-    # float32 adapters whose values a float16 cannot hold, on float16 weights (element-wise form), and tiny
-    # ones on bfloat16 weights (two bfloat16 parts)
+    # float32 adapters whose values a float16 cannot hold on float16 weights, tiny ones on bfloat16 weights
     for dtype, a_scale in [(torch.float16, 1e5), (torch.bfloat16, 1e-6)]:
         w = torch.randn(300, 512, device="cuda", generator=gen).to(dtype)
         A = torch.randn(8, 512, device="cuda", generator=gen) * a_scale
@@ -195,7 +193,7 @@ def test_fused_row_std_kernel_matches_the_formula():
 
 def test_row_stds_of_a_layer_do_not_depend_on_the_other_layers_ranks():
     """A layer's stds take the same form, and so the same bits, alone or next to layers of other ranks (each
-    rank class has its own launch): ranks 8, 24 and 40 with float32 adapters, 8 with bfloat16 ones."""
+    rank class has its own launch): ranks 8, 24 and 40 with bfloat16 adapters, 8 with float32 ones."""
     pytest.importorskip("triton")
     from flatlora_optim.kernels.layer_table import LayerTable
 
@@ -203,7 +201,7 @@ def test_row_stds_of_a_layer_do_not_depend_on_the_other_layers_ranks():
     gen = torch.Generator(device="cuda").manual_seed(3)
     weights = [torch.randn(200, 384, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(4)]
     adapters = [(torch.randn(r, 384, device="cuda", generator=gen).to(t), torch.randn(200, r, device="cuda", generator=gen).to(t) * 0.1, 2.0)
-                for r, t in [(8, torch.float32), (24, torch.float32), (40, torch.float32), (8, torch.bfloat16)]]
+                for r, t in [(8, torch.bfloat16), (24, torch.bfloat16), (40, torch.bfloat16), (8, torch.float32)]]
     together = torch.empty(800, device="cuda")
     kernel.row_stds(LayerTable(weights), adapters, [0.05] * 4, together)
     for k, (w, adapter) in enumerate(zip(weights, adapters)):

@@ -45,9 +45,9 @@ _STD_BLOCK_N_FP64 = 128  # float32/float64 weights sum in float64: 256 columns s
 _STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
 _STD_STAGES = 3  # software-pipelined column loop for 16-bit weights (float64 sums would spill registers)
 _STD_DOT = True
-"""Row stds of 16-bit weights from ``||W_i||^2``, ``A W_i^T`` and ``A A^T`` on the tensor cores (see
-:func:`_row_std_kernel`) instead of forming ``W + s B A`` element by element: 0.85 ms against 1.20 for the
-1 B Llama's rank-8 stds on an H200 (noise_time.py, each form with its best rows per program, 64 and 16)."""
+"""Row stds of 16-bit weights with adapters of their type from ``||W_i||^2``, ``A W_i^T`` and ``A A^T`` on the
+tensor cores (see :func:`_row_std_kernel`) instead of forming ``W + s B A`` element by element: 0.85 ms against
+1.20 for the 1 B Llama's rank-8 stds on an H200 (noise_time.py, each form with its best rows per program, 64 and 16)."""
 _STD_DOT_BLOCK_N = 64  # columns per step of the tensor-core form (128 spills registers with float32 adapters)
 _STD_DOT_MAX_RANK = 32  # above, the products' tiles spill registers (ranks 17-32 take 8 warps and half the columns)
 _STD_FP_FUSION = True
@@ -226,11 +226,10 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     ``DOT`` (16-bit weights): ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``,
     with ``W W^T`` (its diagonal), ``A W^T`` and ``A A^T`` from the tensor cores, all ``ROWS`` rows of the
     row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
-    with zero rows). Adapters of another type than bfloat16 weights enter as two bfloat16 parts (high and
-    low: about 16 of float32's 24 significant bits, all of float16's); every product of the parts is exact
-    and the sums are float32. The expansion loses accuracy where ``s B_i A`` nearly cancels ``W_i`` (not
-    what a LoRA update does). The element-wise form takes 16 rows per program (``ROWS // 16`` programs per
-    row tile). ``MIN_RANK`` (and with ``DOT``, ``R``) bound the ranks of the layers a launch takes.
+    with zero rows). Adapters of the weights' type only: every product is exact and the sums are float32.
+    The expansion loses accuracy where ``s B_i A`` nearly cancels ``W_i`` (not what a LoRA update does).
+    The element-wise form takes 16 rows per program (``ROWS // 16`` programs per row tile). ``MIN_RANK``
+    (and with ``DOT``, ``R``) bound the ranks of the layers a launch takes.
     One kernel body, one column loop: a loop moved into a helper function lost its software pipelining
     (Triton 3.6), and with it a quarter of the speed.
     """
@@ -283,18 +282,10 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
         else:
             w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DOT:
-            a = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
-            a_high = a.to(w.dtype)
+            a_tile = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
             squares = tl.dot(w, tl.trans(w), squares)  # its diagonal: ||W_i||^2 (products exact, float32 sums)
-            projections = tl.dot(w, tl.trans(a_high), projections)
-            if AB_CODE == W_CODE:
-                gram = tl.dot(a_high, tl.trans(a_high), gram)
-            else:  # bfloat16 weights: A = high + low, two bfloat16 parts (A W^T and A A^T to about 16 significant bits)
-                a_low = (a.to(tl.float32) - a_high.to(tl.float32)).to(w.dtype)
-                projections = tl.dot(w, tl.trans(a_low), projections)
-                gram = tl.dot(a_high, tl.trans(a_high), gram)
-                gram = tl.dot(a_high, tl.trans(a_low), gram)
-                gram = tl.dot(a_low, tl.trans(a_high), gram)
+            projections = tl.dot(w, tl.trans(a_tile), projections)
+            gram = tl.dot(a_tile, tl.trans(a_tile), gram)
         else:
             # s B A by rank-one updates in the layout of W's tile (no layout change, no shared memory:
             # 1.9x faster than forming s B A with tl.dot on an H200); each product of two 16-bit floats is exact in float32
@@ -628,13 +619,15 @@ def _row_std_forms(ranks: Sequence[int], w_code: int, ab_code: int) -> List[Tupl
     layers of rank ``MIN_RANK < rank <= R`` (any rank for the element-wise form after none of tensor cores).
 
     A layer's form, and so its stds' bits, follow from its own rank and types, not from the other layers of
-    the table: the tensor cores for ranks up to 16 and 17-32 (a rank padded with zero rows adds exact
-    zeros), the element-wise form above, and for float32/float64 weights, or float16 weights with adapters
-    of another type (a float16 copy of those could overflow or lose their small values).
+    the table: the tensor cores for 16-bit weights with adapters of their own type, ranks up to 16 and
+    17-32 (a rank padded with zero rows adds exact zeros); the element-wise form above, for float32/float64
+    weights, and for adapters of another type. Those (float32 adapters on bfloat16 weights: peft's default)
+    would need two 16-bit parts each to keep their precision, and on an H200 that form took 1.82 ms for the
+    1 B Llama's stds against 1.15 ms element-wise (noise_time.py --adapters float32).
     """
     largest = max(list(ranks) + [1])
     loop_r = min(_next_power_of_2(largest), 16)  # element-wise: above 8 the kernel loops over the rank (same sums)
-    if not _STD_DOT or w_code in (0, 3) or (w_code != DTYPE_CODES[torch.bfloat16] and ab_code != w_code):
+    if not _STD_DOT or w_code in (0, 3) or ab_code != w_code:
         return [(False, loop_r, -1)]
     forms = [(True, r, low) for r, low in ((16, -1), (32, 16)) if r <= _STD_DOT_MAX_RANK and any(low < k <= r for k in ranks)]
     if any(k > _STD_DOT_MAX_RANK for k in ranks):
