@@ -48,7 +48,7 @@ _STD_DOT = True
 """Row stds of 16-bit weights with adapters of their type from ``||W_i||^2``, ``A W_i^T`` and ``A A^T`` on the
 tensor cores (see :func:`_row_std_kernel`) instead of forming ``W + s B A`` element by element: 0.85 ms against
 1.20 for the 1 B Llama's rank-8 stds on an H200 (noise_time.py, each form with its best rows per program, 64 and 16)."""
-_STD_DOT_BLOCK_N = 64  # columns per step of the tensor-core form (128 spills registers with float32 adapters)
+_STD_DOT_BLOCK_N = 64  # columns per step of the tensor-core form at rank <= 16 (the width timed on the H200; half at 17-32)
 _STD_DOT_MAX_RANK = 32  # above, the products' tiles spill registers (ranks 17-32 take 8 warps and half the columns)
 _STD_FP_FUSION = True
 """Fused multiply-adds in the row-std kernel: its rank-one updates and squares cost half the instructions.
@@ -615,8 +615,8 @@ def _check_codec_layers(table: LayerTable, what: str) -> None:
 
 
 def _row_std_forms(ranks: Sequence[int], w_code: int, ab_code: int) -> List[Tuple[bool, int, int]]:
-    """The row-std kernel's launches for one weight and adapter type: ``(DOT, R, MIN_RANK)`` each, taking the
-    layers of rank ``MIN_RANK < rank <= R`` (any rank for the element-wise form after none of tensor cores).
+    """The row-std kernel's launches for one weight and adapter type: ``(DOT, R, MIN_RANK)`` each. A launch
+    takes the layers of rank above ``MIN_RANK`` (-1: every rank), and with ``DOT`` up to ``R``.
 
     A layer's form, and so its stds' bits, follow from its own rank and types, not from the other layers of
     the table: the tensor cores for 16-bit weights with adapters of their own type, ranks up to 16 and
