@@ -79,6 +79,19 @@ def test_row_std_kernel_compiles(rank):
     assert_compiles_without_spills(tn._row_std_kernel, launches.calls)
 
 
+def test_row_std_form_follows_from_each_layers_own_rank_and_types():
+    """Which launches of the row-std kernel a table gets: the tensor cores for 16-bit weights with adapters of
+    their type, by rank class (<= 16, 17-32); the element-wise form above 32, for float32 weights and for
+    adapters of another type (peft's float32 adapters on bfloat16 weights)."""
+    bf16, fp16, fp32 = (tn.DTYPE_CODES[t] for t in (torch.bfloat16, torch.float16, torch.float32))
+    assert tn._row_std_forms([8, 8], bf16, bf16) == [(True, 16, -1)]
+    assert tn._row_std_forms([0, 24], fp16, fp16) == [(True, 16, -1), (True, 32, 16)]
+    assert tn._row_std_forms([8, 64], bf16, bf16) == [(True, 16, -1), (False, 16, 32)]
+    assert tn._row_std_forms([8], bf16, fp32) == [(False, 8, -1)]
+    assert tn._row_std_forms([8], fp16, bf16) == [(False, 8, -1)]
+    assert tn._row_std_forms([4, 100], fp32, fp32) == [(False, 16, -1)]
+
+
 @pytest.mark.parametrize("dot", [True, False], ids=["tensor cores", "element-wise"])
 def test_row_std_column_loop_is_software_pipelined(dot, monkeypatch):
     """The row-std kernel's column loop loads the next tile asynchronously (``cp.async``) while it sums
