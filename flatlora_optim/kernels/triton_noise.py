@@ -43,6 +43,7 @@ _NOISE_TILE = 2048  # elements per program of the noise kernel (TR x TC)
 _STD_BLOCK_N = 256  # columns per step of the row-std kernel's element-wise form (fastest of 256, 512, 1024 on an H200)
 _STD_BLOCK_N_FP64 = 128  # float32/float64 weights sum in float64: 256 columns spill registers (benchmarks/kernel_resources.py)
 _STD_WARPS = 4  # fewer, narrower programs beat 8 warps there
+_STD_ELEMENTWISE_ROWS = 16  # rows per program of the row-std kernel's element-wise form (its geometry as timed on the H200)
 _STD_STAGES = 3  # software-pipelined column loop for 16-bit weights (float64 sums would spill registers)
 _STD_DOT = True
 """Row stds of 16-bit weights with adapters of their type from ``||W_i||^2``, ``A W_i^T`` and ``A A^T`` on the
@@ -214,7 +215,7 @@ def _add_rank_one(low_rank, a_ptr, a_row, a_col, b_ptr, b_row, b_col, rows, cols
 def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, out_ptr,
                     W_CODE: tl.constexpr, AB_CODE: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, R: tl.constexpr,
                     ACC_FP64: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr, STAGES: tl.constexpr, DOT: tl.constexpr = False,
-                    MIN_RANK: tl.constexpr = -1):
+                    MIN_RANK: tl.constexpr = -1, SUB: tl.constexpr = 16):
     """``sigma / sqrt(n) * ||W_i + s (B A)_i||`` for ``ROWS`` rows of one layer, many layers per launch.
 
     The full rows ``W + s B A`` are formed tile by tile (``s B A`` as a sum of ``R`` float32
@@ -228,12 +229,12 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
     with zero rows). Adapters of the weights' type only: every product is exact and the sums are float32.
     The expansion loses accuracy where ``s B_i A`` nearly cancels ``W_i`` (not what a LoRA update does).
-    The element-wise form takes 16 rows per program (``ROWS // 16`` programs per row tile). ``MIN_RANK``
+    A program takes ``SUB`` rows of a row tile (``ROWS // SUB`` programs per row tile): all of them with
+    ``DOT``, 16 (:data:`_STD_ELEMENTWISE_ROWS`) in the element-wise form. ``MIN_RANK``
     (and with ``DOT``, ``R``) bound the ranks of the layers a launch takes.
     One kernel body, one column loop: a loop moved into a helper function lost its software pipelining
     (Triton 3.6), and with it a quarter of the speed.
     """
-    SUB: tl.constexpr = ROWS if DOT else 16  # rows of this program: the element-wise form takes 16 of a row tile's ROWS
     t = tl.program_id(0) // (ROWS // SUB)
     part = tl.program_id(0) % (ROWS // SUB)
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
@@ -678,13 +679,14 @@ class TritonNoiseKernel:
             wide = w_code in (0, 3)  # float32/float64 weights: sums in float64, no tensor cores
             for ab_code in ab_codes:
                 for dot, r, min_rank in _row_std_forms(ranks, w_code, ab_code):
+                    sub = ROWS_PER_PROGRAM if dot else _STD_ELEMENTWISE_ROWS
                     for contig in sorted({v >= 2 for v in table.variants}):
-                        _row_std_kernel[(table.n_rowtiles * (1 if dot else ROWS_PER_PROGRAM // 16),)](
+                        _row_std_kernel[(table.n_rowtiles * (ROWS_PER_PROGRAM // sub),)](
                             table.layers, adapter_rows, factors, table.rowtile_layer, out,
                             W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM,
                             BLOCK_N=_STD_DOT_BLOCK_N * 16 // r if dot else _STD_BLOCK_N_FP64 if wide else _STD_BLOCK_N,
                             R=r, ACC_FP64=wide, CONTIG=contig, VEC=16 // _ITEMSIZE[w_code], STAGES=1 if wide else _STD_STAGES, DOT=dot,
-                            MIN_RANK=min_rank, enable_fp_fusion=_STD_FP_FUSION, num_warps=2 * _STD_WARPS if dot and r > 16 else _STD_WARPS,
+                            MIN_RANK=min_rank, SUB=sub, enable_fp_fusion=_STD_FP_FUSION, num_warps=2 * _STD_WARPS if dot and r > 16 else _STD_WARPS,
                         )
 
     def row_std(self, rows: torch.Tensor, A: Optional[torch.Tensor], B: Optional[torch.Tensor], scale: float) -> torch.Tensor:
