@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def patch_interpreter_scalars() -> None:
+def patch_interpreter() -> None:
     """Give the interpreter's tensors an ``__index__`` that reads their one element, and make its ``tl.dot``
     take bfloat16 operands by value (idempotent)."""
     import triton.runtime.interpreter as interpreter

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from codec_ablation import INTERPRETED, SOURCE, load_variant, timer  # noqa: E402
-from interpreter_compat import patch_interpreter_scalars  # noqa: E402
+from interpreter_compat import patch_interpreter  # noqa: E402
 
 import flatlora_optim.kernels.layer_table as layer_table  # noqa: E402
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
                         help="the adapters' type: the weights' (bfloat16), or float32 (peft's default for a bfloat16 model)")
     args = parser.parse_args(argv)
     if INTERPRETED:
-        patch_interpreter_scalars()
+        patch_interpreter()
     device = torch.device("cpu" if INTERPRETED else "cuda")
     dtype = torch.float16 if INTERPRETED else torch.bfloat16  # the interpreter truncates float32 -> bfloat16 casts
     shapes, layers = ([(64, 32)] * 4 + [(96, 32)] * 2 + [(32, 96)], 1) if args.small else (LLAMA_1B, 16)

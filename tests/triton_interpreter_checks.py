@@ -25,9 +25,9 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
-from interpreter_compat import patch_interpreter_scalars  # noqa: E402
+from interpreter_compat import patch_interpreter  # noqa: E402
 
-patch_interpreter_scalars()
+patch_interpreter()
 
 from flatlora_optim.kernels import triton_noise as tn  # noqa: E402
 from flatlora_optim.kernels.layer_table import DTYPE_CODES, LayerTable  # noqa: E402
