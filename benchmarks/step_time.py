@@ -46,7 +46,7 @@ import math
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
@@ -167,6 +167,23 @@ def make_step(model, ids, base, flat, reference) -> Callable[[], None]:
     return step
 
 
+def make_method(method: str, model, lora_params) -> Tuple[torch.optim.Optimizer, Optional[object], Optional[PaperStyleReference]]:
+    """``(AdamW, FlatLoRA or None, reference loop or None)`` for one of the methods listed above."""
+    from flatlora_optim import FlatLoRA
+
+    base = torch.optim.AdamW(lora_params, lr=1e-5)
+    if method.startswith("flat-"):
+        kind = method.split("-", 1)[1]
+        mode = "virtual" if kind == "virtual" else "inplace"
+        restore = "exact" if kind == "virtual" else kind
+        return base, FlatLoRA(base, model, rho=0.05, schedule="constant", seed=0, mode=mode, restore=restore), None
+    if method == "reference":
+        return base, None, PaperStyleReference(model, rho=0.05)
+    if method != "lora":
+        raise ValueError(f"unknown method {method!r}")
+    return base, None, None
+
+
 def make_perturb_restore(method) -> Callable[[], None]:
     def perturb_restore() -> None:
         method.perturb()
@@ -212,8 +229,6 @@ class FullCollections:
 
 
 def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = False) -> Dict:
-    from flatlora_optim import FlatLoRA
-
     cfg = CONFIGS[cfg_name]
     device = torch.device("cuda" if cfg_name == "gpu" else "cpu")
     if device.type == "cpu":
@@ -278,17 +293,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = Fa
         return per_step
 
     for method in methods:
-        base = torch.optim.AdamW(lora_params, lr=1e-5)
-        flat = None
-        reference = None
-        if method.startswith("flat-"):
-            kind = method.split("-", 1)[1]
-            mode = "virtual" if kind == "virtual" else "inplace"
-            restore = "exact" if kind == "virtual" else kind
-            flat = FlatLoRA(base, model, rho=0.05, schedule="constant", seed=0, mode=mode, restore=restore)
-        elif method == "reference":
-            reference = PaperStyleReference(model, rho=0.05)
-
+        base, flat, reference = make_method(method, model, lora_params)
         step = make_step(model, ids, base, flat, reference)
         if device.type == "cuda":
             torch.cuda.empty_cache()

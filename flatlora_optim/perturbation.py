@@ -15,6 +15,7 @@ fixed cost once per layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -44,6 +45,7 @@ class TargetPerturbation:
     block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
     seeds: Optional[List[int]] = None  # every global row block's seed, computed once per step
     kernel: Any = None  # the noise kernel, chosen once per step (see Perturber._kernel)
+    former: Optional[Callable[[], torch.Tensor]] = None  # forms fl(W + e) anew on each call (virtual mode; see Perturber.perturbed_rows)
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
@@ -184,14 +186,29 @@ class Perturber:
             p.scales()
         return p
 
+    def perturbed_rows(self, p: TargetPerturbation) -> torch.Tensor:
+        """A new ``m x n`` tensor holding ``fl(W + e)``: virtual mode's temporary, in forward and again in backward.
+
+        What forms it is set up on the first call of the step (on CUDA one launch per layer, its arguments
+        computed once: this runs 224 times per step of a 16-block Llama, and its host time shows whenever
+        the GPU has no queued work to hide it)."""
+        former = p.former
+        if former is None:
+            kernel = self._kernel(p)
+            if hasattr(kernel, "layer_former"):  # GPU: every block in one launch, same values
+                rows = p.target.rows()
+                former = kernel.layer_former(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), noise_dtype(rows.dtype))
+            else:
+                former = functools.partial(self._perturbed_blocks, p)
+            p.former = former
+        return former()
+
     @torch.no_grad()
-    def perturbed_rows(self, p: TargetPerturbation, source: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """A new ``m x n`` tensor holding ``fl(W + e)`` (virtual mode's temporary), block by block."""
-        rows = p.target.rows() if source is None else source
+    def _perturbed_blocks(self, p: TargetPerturbation) -> torch.Tensor:
+        """``fl(W + e)`` block by block, through the per-block interface (the torch kernel; an FSDP2 shard)."""
+        rows = p.target.rows()
         kernel = self._kernel(p)
         work = noise_dtype(rows.dtype)
-        if hasattr(kernel, "perturbed_layer"):  # GPU: every block in one launch, same values
-            return kernel.perturbed_layer(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), work)
         bounds = list(chunk_bounds(*rows.shape))
         if len(bounds) == 1:  # the whole layer is one block: no copy into an output buffer
             return kernel.perturbed(rows, p.scales(), self._seed_arg(p, 0, kernel), work)

@@ -155,6 +155,30 @@ def test_layer_kernel_gives_the_per_block_values():
         assert torch.equal(bits(layer[start:end]), bits(expected))
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_layer_launch_repeats_the_first_launchs_values_through_the_compiled_runner(monkeypatch, strided):
+    """Virtual mode's backward forms ``W + e`` again through the compiled kernel's runner: same bits, new tensors,
+    and the same bits again with the runner switched off (every call through Triton's launcher)."""
+    pytest.importorskip("triton")
+    from flatlora_optim.kernels import triton_noise as tn
+    from flatlora_optim.noise import rows_per_chunk
+
+    rows = torch.randn(2048, 5632, device="cuda", dtype=torch.bfloat16)
+    rows = rows.t() if strided else rows
+    std = torch.rand(rows.shape[0], device="cuda") * 0.05
+    seeds = torch.arange(1, 1 + -(-rows.shape[0] // rows_per_chunk(rows.shape[1])), device="cuda") * 7919
+    launch = tn.LayerLaunch(rows, std, seeds, rows_per_chunk(rows.shape[1]), torch.float32)
+    first = launch()
+    assert launch._runner is not None  # this Triton hands its compiled kernel back
+    again = [launch() for _ in range(3)]
+    assert all(torch.equal(bits(first), bits(a)) for a in again)
+    assert len({a.data_ptr() for a in [first] + again}) == 4
+    monkeypatch.setattr(tn, "_DIRECT_RUNNER", [False])
+    assert torch.equal(bits(tn.LayerLaunch(rows, std, seeds, rows_per_chunk(rows.shape[1]), torch.float32)()), bits(first))
+    assert torch.equal(bits(launch()), bits(first))
+    assert not torch.equal(bits(first), bits(rows))
+
+
 def test_fused_row_std_kernel_matches_the_formula():
     pytest.importorskip("triton")
     from flatlora_optim.targets import Adapter

@@ -200,6 +200,19 @@ def test_torch_compile_is_refused_clearly():
         FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), compiled, rho=0.1, schedule="constant", mode="virtual")
 
 
+def test_compiling_the_model_after_wrapping_is_refused_at_its_forward():
+    # the construction-time check cannot see a model compiled later: the rerouted forward must refuse
+    # under dynamo's tracing rather than run with noise drawn outside the compiled graph
+    model = make_mlp()
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant", mode="virtual")
+    compiled = torch.compile(model, backend="eager")
+    x, _ = batch()
+    with pytest.raises(RuntimeError, match="cannot run under torch.compile"), opt.perturbed():
+        compiled(x)
+    assert not opt.is_perturbed
+    assert all("base_forward" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+
+
 def test_unsupported_layer_kind_is_refused_clearly():
     from flatlora_optim.optimizer import _check_virtual
     from flatlora_optim.targets import LoRATarget
