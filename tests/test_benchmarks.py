@@ -106,3 +106,19 @@ def test_every_codec_ablation_variant_still_applies_to_the_kernel_source(tmp_pat
     for name, (edits, _, _) in codec_ablation.VARIANTS.items():
         module = codec_ablation.load_variant(name, edits, tmp_path)
         assert hasattr(module, "TritonNoiseKernel"), name
+
+
+def test_gpu_idle_splits_a_steps_idle_time_into_start_our_kernels_and_the_rest():
+    from gpu_idle import GAP_US, split_idle
+
+    # two steps, each opened by the marker (the sleep kernel "spin_kernel"); times in microseconds
+    timeline = [
+        (0, 10, "void at::cuda::spin_kernel"), (110, 200, "gemm"), (250, 300, "_noise_kernel_0d1d"), (305, 400, "gemm"),
+        (390, 500, "overlapping copy"),
+        (1000, 1010, "void at::cuda::spin_kernel"), (1020, 1100, "gemm"), (1100 + GAP_US + 1, 1200, "_row_std_kernel"),
+    ]
+    first, second = split_idle(timeline)
+    assert first["idle_parts_ms"] == {"start": 0.1, "next to _noise_kernel": 0.05, "other": 0.005}
+    assert abs(first["busy_ms"] - 0.335) < 1e-9 and abs(first["span_ms"] - 0.49) < 1e-9  # 90 + 50 + 95 + 100: the overlap counted once
+    assert abs(first["idle_ms"] - sum(first["idle_parts_ms"].values())) < 1e-9
+    assert second["idle_parts_ms"] == {"start": 0.01, "next to _row_std_kernel": round((GAP_US + 1) / 1e3, 3)}
