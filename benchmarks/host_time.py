@@ -11,7 +11,8 @@ the Python work per layer is the real one.
     python benchmarks/host_time.py [--reps 200] [--profile] [--json out.json]
 
 Reports the median host milliseconds of ``perturb()`` and of ``restore()`` for in-place exact and
-backup restore. The stub's ``row_stds`` still builds the adapter table (host work the real kernel
+backup restore, and for virtual mode (whose ``perturb()`` is what a step does before its first launch: row
+stds, seeds, the rerouted forwards). The stub's ``row_stds`` still builds the adapter table (host work the real kernel
 does); its perturb pass runs ``while_waiting`` as the real one does before its host sync. The figures
 are a lower bound: the real kernel's own host work (its checks, the record's buffers, Triton's launcher
 for each launch, backup's copies, exact's sync) is left out.
@@ -30,6 +31,8 @@ from contextlib import contextmanager
 from typing import Dict, Iterator, List
 
 import torch
+
+METHODS = ("exact", "backup", "virtual")  # in-place with exact or backup restore; virtual mode (its perturb: stds, seeds, patches)
 
 
 class _Record:
@@ -96,8 +99,9 @@ def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
     params = [p for p in model.parameters() if p.requires_grad]
     results: Dict[str, Dict] = {}
     with stub_kernel():
-        for restore in ("exact", "backup"):
-            flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", restore=restore, seed=0)
+        for method in METHODS:
+            restore, mode = ("exact", "virtual") if method == "virtual" else (method, "inplace")
+            flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", restore=restore, mode=mode, seed=0)
             for _ in range(5):
                 flat.perturb()
                 flat.restore()
@@ -110,9 +114,9 @@ def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
                 flat.restore()
                 perturb_ms.append((middle - start) * 1e3)
                 restore_ms.append((time.perf_counter() - middle) * 1e3)
-            results[restore] = {"layers": len(flat.targets), "perturb_ms": statistics.median(perturb_ms), "restore_ms": statistics.median(restore_ms)}
-            print(f"{restore:<7} {len(flat.targets)} layers: host perturb {results[restore]['perturb_ms']:.3f} ms, "
-                  f"restore {results[restore]['restore_ms']:.3f} ms", flush=True)
+            results[method] = {"layers": len(flat.targets), "perturb_ms": statistics.median(perturb_ms), "restore_ms": statistics.median(restore_ms)}
+            print(f"{method:<7} {len(flat.targets)} layers: host perturb {results[method]['perturb_ms']:.3f} ms, "
+                  f"restore {results[method]['restore_ms']:.3f} ms", flush=True)
             if profile:
                 profiler = cProfile.Profile()
                 profiler.enable()

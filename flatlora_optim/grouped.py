@@ -58,9 +58,9 @@ def _adapter_args(target: LoRATarget) -> Optional[Tuple[torch.Tensor, torch.Tens
     adapters = target.adapters()
     if not adapters:
         return None
-    if len(adapters) == 1 and adapters[0].A.dtype == adapters[0].B.dtype:
+    if len(adapters) == 1 and adapters[0].A.dtype == adapters[0].B.dtype:  # read by address: no detach needed
         a = adapters[0]
-        return full(a.A).detach(), local(a.B.detach()), a.scaling
+        return full(a.A), local(a.B), a.scaling
     A, B = _stack_adapters(adapters, target.weight.device)  # several adapters: fp32, scalings folded into B
     return A, B, 1.0
 

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
 from .targets import LoRATarget
 
@@ -72,8 +73,6 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
     """Where virtual mode reroutes ``target``'s base product: ``(module, method name)``, or None."""
-    from .lora import LoRALinear
-
     owner = target.owner
     if isinstance(owner, LoRALinear):
         return owner, "base_forward"

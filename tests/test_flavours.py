@@ -204,6 +204,29 @@ def test_peft_only_active_adapters_count_and_disabled_count_none():
         assert (ratio - 1).abs().max() < 6 / math.sqrt(2 * 1024)
 
 
+
+def test_peft_factors_are_the_live_parameters_and_a_parametrised_factor_its_value():
+    # the factors are read from the module registries on the hot path; a parametrised factor (weight norm,
+    # say) is no plain parameter there and must still be what the forward uses
+    from torch.nn.utils import parametrize
+
+    class Doubled(nn.Module):
+        def forward(self, w):
+            return 2 * w
+
+    model = nn.Sequential(nn.Linear(64, 16))
+    model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0"]))
+    _randomise(model)
+    layer = model.base_model.model[0]
+    opt = FlatLoRA(torch.optim.SGD(_trainable(model), lr=0.1), model, rho=RHO, schedule="constant")
+    target = _only_target(opt)
+    (adapter,) = target.adapters()
+    assert adapter.A is layer.lora_A["default"].weight and adapter.B is layer.lora_B["default"].weight and adapter.scaling == 2.0
+    parametrize.register_parametrization(layer.lora_A["default"], "weight", Doubled())
+    (adapter,) = target.adapters()
+    assert torch.equal(adapter.A, 2 * layer.lora_A["default"].parametrizations.weight.original)
+    assert adapter.B is layer.lora_B["default"].weight
+
 def test_peft_merged_conv_and_embedding_are_refused():
     model = peft.get_peft_model(_Embed(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["emb"]))
     model.merge_adapter()

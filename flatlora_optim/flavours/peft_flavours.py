@@ -14,6 +14,7 @@ from __future__ import annotations
 import sys
 from typing import Callable, Dict, List, Optional
 
+import torch
 from torch import nn
 
 from ..targets import Adapter, Flavour, LoRATarget, register_flavour
@@ -106,12 +107,28 @@ def _peft_target(
 # ---------------------------------------------------------------------------- Linear
 
 
-def _describe_linear(name: str, module: nn.Module) -> LoRATarget:
-    def factors(a: str) -> Adapter:
-        return Adapter(a, module.lora_A[a].weight, module.lora_B[a].weight, float(module.scaling[a]))
+def _weight_of(layers: nn.Module, adapter: str) -> torch.Tensor:
+    """``layers[adapter].weight``, read from the module registries: this runs for every layer at every step, and
+    ``getattr`` of a submodule or parameter goes through ``nn.Module.__getattr__``'s slow path. A parametrised
+    weight (``torch.nn.utils.parametrize``) is not a plain parameter and is read through ``getattr``."""
+    layer = layers._modules[adapter]
+    weight = layer._parameters.get("weight")
+    return weight if weight is not None else layer.weight
 
+
+def _linear_factors(module: nn.Module) -> Callable[[str], Adapter]:
+    """``A`` (``r x n``) and ``B`` (``m x r``) of a peft Linear-like layer's adapter, with its scaling."""
+    lora_A, lora_B = module.lora_A, module.lora_B  # peft adds and deletes adapters inside these two dicts
+
+    def factors(a: str) -> Adapter:
+        return Adapter(a, _weight_of(lora_A, a), _weight_of(lora_B, a), float(module.scaling[a]))
+
+    return factors
+
+
+def _describe_linear(name: str, module: nn.Module) -> LoRATarget:
     transposed = bool(getattr(module, "fan_in_fan_out", False))
-    return _peft_target(name, module, "peft", module.get_base_layer(), "weight", transposed, factors, module.lora_A)
+    return _peft_target(name, module, "peft", module.get_base_layer(), "weight", transposed, _linear_factors(module), module.lora_A)
 
 
 # ---------------------------------------------------------------------------- Embedding
@@ -166,10 +183,7 @@ def _param_2d(module: nn.Module) -> bool:
 
 def _describe_param(name: str, module: nn.Module) -> LoRATarget:
     # target_parameters: the parameter itself (out x in, as nn.Linear) with the adapters of Linear.
-    def factors(a: str) -> Adapter:
-        return Adapter(a, module.lora_A[a].weight, module.lora_B[a].weight, float(module.scaling[a]))
-
-    return _peft_target(name, module, "peft-param", module.get_base_layer(), module.parameter_name, False, factors, module.lora_A)
+    return _peft_target(name, module, "peft-param", module.get_base_layer(), module.parameter_name, False, _linear_factors(module), module.lora_A)
 
 
 def _matcher(class_name: str, extra: Optional[Callable[[nn.Module], bool]] = None) -> Callable[[nn.Module], bool]:
