@@ -34,7 +34,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
 from .sharding import check_row_sharded
-from .targets import LoRATarget, TargetsLike, discover_targets, held_views
+from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
 from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
 
 __all__ = ["FlatLoRA"]
@@ -304,7 +304,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if sigma == 0.0:
             self._perturbations = []  # nothing to draw this step: later calls in the step do nothing either
             return
-        with held_views(self.targets):
+        with on_device_of(self.targets), held_views(self.targets):
             self._add_noise(sigma)
 
     def _add_noise(self, sigma: float) -> None:
@@ -346,13 +346,15 @@ class FlatLoRA(torch.optim.Optimizer):
         self._live_graphs = 0
         if not perturbations:
             return
-        self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
+        with on_device_of(self.targets):
+            self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
 
     def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
         clean = target.weight.detach().clone()
-        for p in self._perturbations or []:
-            if p.target is target:
-                self._perturber.restore(p, dest=target.rows_of(clean))
+        with on_device_of([target]):
+            for p in self._perturbations or []:
+                if p.target is target:
+                    self._perturber.restore(p, dest=target.rows_of(clean))
         return clean
 
     def _on_forward(self) -> None:
@@ -449,7 +451,8 @@ class FlatLoRA(torch.optim.Optimizer):
         """
         for p in self._perturbations or []:
             if p.target.name == name:
-                return self._perturber.noise(p)
+                with on_device_of([p.target]):
+                    return self._perturber.noise(p)
         known = [t.name for t in self.targets]
         if name not in known:
             raise KeyError(f"{name!r} is not a Flat-LoRA target; targets are {known}.")

@@ -15,11 +15,12 @@ See ``docs/flavours.md``.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import sys
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -165,6 +166,19 @@ class LoRATarget:
         if not self.sharded:
             return 0, self.rows().shape[0]
         return row_range(self.weight)  # FSDP2 shards dim 0: rows (transposed weights are refused)
+
+
+def on_device_of(targets: Sequence[LoRATarget]) -> ContextManager[Any]:
+    """Make the targets' CUDA device the current one for the block (a no-op when it already is, or off CUDA).
+
+    Triton launches its kernels on the *current* device, whatever the tensors' device, where PyTorch's own
+    operators follow their tensors; a model moved with ``model.to("cuda:1")`` while device 0 is current would
+    otherwise have its noise kernels launched on device 0. The targets share one device (checked before).
+    """
+    device = targets[0].weight.device if targets else None
+    if device is None or device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(device)
 
 
 class held_views:

@@ -403,3 +403,31 @@ def test_backup_restore_takes_the_step_wide_pass_with_the_codecs_values(dtype):
             assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
         weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in model)
         assert (opt.peak_restore_bytes >= weight_bytes) == (restore == "backup")
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs a second CUDA device (run on a two-GPU machine)")
+@pytest.mark.parametrize("mode,restore", [("inplace", "exact"), ("inplace", "backup"), ("virtual", "exact")])
+def test_a_model_on_a_gpu_that_is_not_the_current_one(mode, restore):
+    """Triton launches on the current device: a model moved to cuda:1 while cuda:0 is current must train as it
+    does with cuda:1 current (same LoRA values, bitwise) and be restored bitwise."""
+    pytest.importorskip("triton")
+    x = torch.randn(64, 8192, generator=torch.Generator().manual_seed(1)).to("cuda:1", torch.bfloat16)
+    results = []
+    for current in (0, 1):
+        model = _model(torch.bfloat16, rows=256, cols=8192).to("cuda:1")
+        weight = model[0].weight
+        before = bits(weight)
+        opt = _opt(model, mode=mode, restore=restore)
+        with torch.cuda.device(current):
+            for _ in range(2):
+                with opt.perturbed():
+                    loss = model(x).float().pow(2).mean()
+                    if mode == "inplace":
+                        assert not torch.equal(bits(weight), before)  # the noise is in the weight on cuda:1
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            torch.cuda.synchronize(1)
+        assert torch.equal(bits(weight), before)
+        results.append([bits(p.detach()) for p in lora_parameters(model)])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -633,12 +633,13 @@ included; earlier versions passed the others only."""
 class LayerLaunch:
     """One layer's ``fl(W + e)``, as often as asked, each time into a new tensor: virtual mode's forward and backward.
 
-    The launch's arguments are computed on the first call (2 of the host's ~40 us per launch on the H200's
-    host, benchmarks/launch_time.py). That call goes through Triton's launcher, which binds the arguments,
-    finds the kernel compiled for their specialisation and returns it; later calls hand the same arguments to
-    that compiled kernel's runner (11 us instead of 21 us per launch there). Only the output changes between
-    calls, and a new tensor from PyTorch's caching allocator is aligned as the first one was (to 512 bytes on
-    CUDA; the launch is specialised on 16), so the compiled kernel is the one Triton's launcher would pick.
+    The launch's arguments are computed on the first call, which goes through Triton's launcher: it binds the
+    arguments, finds the kernel compiled for their specialisation and returns it. Later calls hand the same
+    arguments to that compiled kernel's runner, which skips the binding and the cache lookup. Host time per
+    launch on the H200 machine's host (benchmarks/launch_time.py, one run): 47.8 us for a first call, 18.6 us
+    for a later one. Only the output changes between calls, and a new tensor from PyTorch's caching allocator is
+    aligned as the first one was (to 512 bytes on CUDA; the launch is specialised on 16), so the compiled kernel
+    is the one Triton's launcher would pick.
     """
 
     def __init__(self, rows: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, work: torch.dtype):
@@ -648,6 +649,12 @@ class LayerLaunch:
 
     def __call__(self) -> torch.Tensor:
         rows = self.rows
+        if rows.is_cuda and rows.device.index != torch.cuda.current_device():  # Triton launches on the current device
+            with torch.cuda.device(rows.device):
+                return self._form(rows)
+        return self._form(rows)
+
+    def _form(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         if self._runner is not None and _DIRECT_RUNNER[0] and out.data_ptr() % 16 == 0:
             try:
