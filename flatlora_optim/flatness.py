@@ -39,7 +39,7 @@ from torch import nn
 
 from .perturbation import Perturber, TargetPerturbation
 from .restore import make_strategy
-from .targets import LoRATarget, TargetsLike, discover_targets
+from .targets import LoRATarget, TargetsLike, discover_targets, on_device_of
 
 __all__ = ["FlatnessResult", "measure_flatness", "plot_flatness", "DEFAULT_RADII"]
 
@@ -188,11 +188,13 @@ def _loss_at_noise(model: nn.Module, loss_fn: LossFn, perturber: Perturber, foun
     done: List[TargetPerturbation] = []
     try:
         for target in found:
-            done.append(perturber.perturb(target, radius, draw))
+            with on_device_of([target]):  # the target's GPU current while its noise kernels launch
+                done.append(perturber.perturb(target, radius, draw))
         return _as_float(loss_fn(model))
     finally:
         for p in reversed(done):
-            perturber.restore(p)
+            with on_device_of([p.target]):
+                perturber.restore(p)
 
 
 def plot_flatness(
