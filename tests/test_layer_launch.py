@@ -80,7 +80,8 @@ def test_a_runner_that_refuses_the_arguments_falls_back_for_good(fake):
     jit = fake(refuse=True)
     launch, _ = _launch()
     launch()
-    launch()  # the runner raises TypeError before launching: this call goes through the launcher again
+    with pytest.warns(UserWarning, match="refused virtual mode's launch arguments"):
+        launch()  # the runner raises TypeError before launching: this call goes through the launcher again
     other, _ = _launch()
     other()
     other()

@@ -20,6 +20,7 @@ differs in the low bits from the interpreter's, which tests the logic.
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -657,11 +658,15 @@ class LayerLaunch:
     def _form(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
         if self._runner is not None and _DIRECT_RUNNER[0] and out.data_ptr() % 16 == 0:
+            # What the runner leaves out of Triton's launcher, none of which this kernel uses: pre-run hooks, the
+            # check that globals read by the kernel have not changed, recompiling when debug settings change.
             try:
                 self._runner(out, *self._rest)
                 return out
-            except TypeError:  # a Triton whose runner takes other arguments (the call was refused before any launch)
+            except TypeError as error:  # a Triton whose runner takes other arguments (refused before launching)
                 _DIRECT_RUNNER[0] = False
+                warnings.warn(f"Triton's compiled-kernel runner refused virtual mode's launch arguments ({error}); launching "
+                              "through Triton's launcher from now on (same values, more host time per launch).", stacklevel=2)
         grid, args, options = _launch_args(out, rows, self.std, self.seeds, rows.shape[0], rows.shape[1], self.rows_per_block, self.work)
         compiled = _noise_kernel[grid](*args, **options)
         if _DIRECT_RUNNER[0] and self._runner is None and compiled is not None and hasattr(compiled, "__getitem__"):  # None: the interpreter
