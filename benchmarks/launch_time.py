@@ -10,7 +10,12 @@ sleep kernel so that no launch waits for a free queue slot:
 * ``layer``: ``TritonNoiseKernel.perturbed_layer`` (the output's allocation, the launch's arguments, the launch);
 * ``perturber``: ``Perturber.perturbed_rows``, what virtual mode's forward and backward call;
 * ``forward``: the rerouted ``nn.Linear`` forward on a one-token input (autograd Function included),
-  against ``F.linear`` on the same input (``linear``) and the module's own forward outside the block (``module``).
+  against ``F.linear`` on the same input (``linear``) and the module's own forward outside the block (``module``);
+* ``step_first`` and ``step_repeat``: a step's first launch of each layer (what forward does, setting up the
+  launch plan) and its second (what backward does), each pass in a new ``perturbed()`` block.
+
+The rows above ``step_first`` repeat each call within one block, so from their second pass on they measure
+repeated launches only.
 
     python benchmarks/launch_time.py [--reps 20] [--json out.json]
 
@@ -25,7 +30,7 @@ import json
 import pstats
 import statistics
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +50,29 @@ def per_layer_us(calls: List[Callable[[], object]], reps: int) -> float:
         times.append((time.perf_counter() - start) * 1e6 / len(calls))
     torch.cuda.synchronize()
     return statistics.median(times)
+
+
+def first_and_repeated(flat, reps: int) -> Tuple[float, float]:
+    """Host µs per layer of a step's first ``W + e`` launch (forward's) and of its second (backward's), each
+    step a new ``perturbed()`` block, so that every first launch sets its plan up as in training."""
+    first, repeated = [], []
+    with torch.no_grad():
+        for _ in range(reps):
+            with flat.perturbed():
+                perturber, ps = flat._perturber, flat._perturbations
+                torch.cuda.synchronize()
+                torch.cuda._sleep(SLEEP_CYCLES)
+                start = time.perf_counter()
+                for p in ps:
+                    perturber.perturbed_rows(p)
+                middle = time.perf_counter()
+                for p in ps:
+                    perturber.perturbed_rows(p)
+                end = time.perf_counter()
+                first.append((middle - start) * 1e6 / len(ps))
+                repeated.append((end - middle) * 1e6 / len(ps))
+            torch.cuda.synchronize()
+    return statistics.median(first), statistics.median(repeated)
 
 
 def main() -> None:
@@ -102,6 +130,7 @@ def main() -> None:
                 pstats.Stats(profiler).sort_stats("tottime").print_stats(15)
     with torch.enable_grad():  # the same modules outside the block: their own forward
         results["module"] = per_layer_us([lambda m=m, x=x: m(x) for m, x in owners], args.reps)
+    results["step_first"], results["step_repeat"] = first_and_repeated(flat, args.reps)
     for name, us in results.items():
         print(f"{name:<10} {us:7.1f} us per layer", flush=True)
     if args.json:
