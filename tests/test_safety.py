@@ -407,3 +407,83 @@ def test_guards_are_in_place_once_perturb_returns(setup):
         model.eval()  # a mode change while perturbed restores and raises
     assert not opt.is_perturbed
     assert_frozen_unchanged(model, before)
+
+
+class _FakeCudaTarget:
+    """Only what on_device_of reads: a weight on cuda:1 (no GPU needed)."""
+
+    class weight:  # noqa: N801 - stands for a tensor attribute
+        device = torch.device("cuda", 1)
+
+
+def test_on_device_of_makes_a_non_current_gpu_current_and_leaves_the_rest(monkeypatch):
+    # Triton launches on the current CUDA device: a model on cuda:1 needs cuda:1 made current while launching
+    import contextlib
+
+    from flatlora_optim.targets import on_device_of
+
+    made_current = []
+
+    @contextlib.contextmanager
+    def fake_device(device):
+        made_current.append(device)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with on_device_of([_FakeCudaTarget()]):
+        pass
+    assert made_current == [torch.device("cuda", 1)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    with on_device_of([_FakeCudaTarget()]):  # already current
+        pass
+    model = make_mlp()
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant")
+    with on_device_of(opt.targets), on_device_of([]):  # CPU targets, no targets: nothing to make current
+        pass
+    assert made_current == [torch.device("cuda", 1)]
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+def test_every_entry_point_that_launches_kernels_makes_the_targets_device_current(monkeypatch, mode):
+    import flatlora_optim.optimizer as optimizer_module
+
+    real = optimizer_module.on_device_of
+    calls = []
+
+    def recording(targets):
+        calls.append(len(targets))
+        return real(targets)
+
+    monkeypatch.setattr(optimizer_module, "on_device_of", recording)
+    model = make_mlp()
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant", mode=mode)
+    x, _ = batch()
+    opt.perturb()
+    assert calls == [3]  # perturb: every target
+    opt.regenerate_noise(opt.targets[0].name)
+    assert calls == [3, 1]
+    model.state_dict()  # in-place: a clean copy of each perturbed weight, restored from its record
+    expected_copies = [1, 1, 1] if mode == "inplace" else []
+    assert calls == [3, 1] + expected_copies
+    model(x).sum().backward()
+    opt.restore()
+    assert calls == [3, 1] + expected_copies + ([3] if mode == "inplace" else [])  # virtual: nothing to restore
+
+
+def test_the_flatness_meter_makes_each_targets_device_current(monkeypatch):
+    import flatlora_optim.flatness as flatness_module
+
+    real = flatness_module.on_device_of
+    calls = []
+
+    def recording(targets):
+        calls.append([t.name for t in targets])
+        return real(targets)
+
+    monkeypatch.setattr(flatness_module, "on_device_of", recording)
+    model = make_mlp()
+    x, y = batch()
+    flatness_module.measure_flatness(model, lambda m: nn.functional.cross_entropy(m(x), y), [0.1], draws=1, seed=0)
+    names = [t.name for t in flatness_module.discover_targets(model)]
+    assert calls == [[n] for n in names] + [[n] for n in reversed(names)]  # each perturb, then each restore
