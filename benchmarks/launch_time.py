@@ -38,12 +38,17 @@ import torch.nn.functional as F
 SLEEP_CYCLES = 400_000_000  # about 0.2 s on an H200: longer than one timed pass of the host
 
 
+def busy_gpu() -> None:
+    """An idle GPU, then a sleep kernel queued: the launches timed next wait for no queue slot."""
+    torch.cuda.synchronize()
+    torch.cuda._sleep(SLEEP_CYCLES)
+
+
 def per_layer_us(calls: List[Callable[[], object]], reps: int) -> float:
     """Median host microseconds per call over ``reps`` passes of ``calls``."""
     times = []
     for _ in range(reps):
-        torch.cuda.synchronize()
-        torch.cuda._sleep(SLEEP_CYCLES)
+        busy_gpu()
         start = time.perf_counter()
         for call in calls:
             call()
@@ -60,8 +65,7 @@ def first_and_repeated(flat, reps: int) -> Tuple[float, float]:
         for _ in range(reps):
             with flat.perturbed():
                 perturber, ps = flat._perturber, flat._perturbations
-                torch.cuda.synchronize()
-                torch.cuda._sleep(SLEEP_CYCLES)
+                busy_gpu()
                 start = time.perf_counter()
                 for p in ps:
                     perturber.perturbed_rows(p)

@@ -25,6 +25,7 @@ from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .devices import made_current
 from .interrupts import interrupts_deferred
 from .sharding import is_dtensor, local, row_range
 
@@ -169,16 +170,9 @@ class LoRATarget:
 
 
 def on_device_of(targets: Sequence[LoRATarget]) -> ContextManager[Any]:
-    """Make the targets' CUDA device the current one for the block (a no-op when it already is, or off CUDA).
-
-    Triton launches its kernels on the *current* device, whatever the tensors' device, where PyTorch's own
-    operators follow their tensors; a model moved with ``model.to("cuda:1")`` while device 0 is current would
-    otherwise have its noise kernels launched on device 0. The targets share one device (checked before).
-    """
-    device = targets[0].weight.device if targets else None
-    if device is None or device.type != "cuda" or device.index is None or device.index == torch.cuda.current_device():
-        return contextlib.nullcontext()
-    return torch.cuda.device(device)
+    """Make the targets' CUDA device the current one for the block (see :mod:`flatlora_optim.devices`); the
+    targets share one device (checked before)."""
+    return made_current(targets[0].weight.device) if targets else contextlib.nullcontext()
 
 
 class held_views:

@@ -32,6 +32,7 @@ try:
 except ImportError:  # a Triton without the CUDA backend's libdevice module: precise normals only
     libdevice = None
 
+from ..devices import made_current
 from ..interrupts import interrupts_deferred
 from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, _cdiv, adapter_table
 
@@ -649,11 +650,8 @@ class LayerLaunch:
         self._rest: tuple = ()
 
     def __call__(self) -> torch.Tensor:
-        rows = self.rows
-        if rows.is_cuda and rows.device.index != torch.cuda.current_device():  # Triton launches on the current device
-            with torch.cuda.device(rows.device):
-                return self._form(rows)
-        return self._form(rows)
+        with made_current(self.rows.device):  # virtual mode's forward runs in the caller's device context
+            return self._form(self.rows)
 
     def _form(self, rows: torch.Tensor) -> torch.Tensor:
         out = torch.empty(rows.shape, dtype=rows.dtype, device=rows.device)
