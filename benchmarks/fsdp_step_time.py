@@ -29,7 +29,7 @@ from typing import Dict, List
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from step_time import CONFIGS, build_model, make_step, sync
+from step_time import CONFIGS, build_model, make_ids, make_step, sync
 
 METHODS = ["lora", "flat-exact", "flat-backup"]
 
@@ -71,8 +71,7 @@ def _rank(rank: int, world: int, port: int, cfg_name: str, cfg: Dict, methods: L
     lora_params = [p for p in model.parameters() if p.requires_grad]
     wrapped = [local(m.base_layer.weight) for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     perturbed_bytes = sum(w.numel() * w.element_size() for w in wrapped)
-    gen = torch.Generator().manual_seed(1000 + rank)  # each rank its own batch
-    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+    ids = make_ids(cfg, device, seed=1000 + rank)  # each rank its own batch
     clean = frozen_bits(model)
     results: Dict[str, Dict] = {}
     for method in methods:

@@ -97,7 +97,7 @@ def profile_steps(step, n: int, synced: bool) -> List[Dict]:
 
 
 def main() -> None:
-    from step_time import CONFIGS, build_model, make_method, make_step
+    from step_time import CONFIGS, build_model, make_ids, make_method, make_step
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--methods", default="lora,flat-virtual,flat-exact")
@@ -108,7 +108,7 @@ def main() -> None:
     device = torch.device("cuda")
     model = build_model(cfg, device)
     lora_params = [p for p in model.parameters() if p.requires_grad]
-    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=torch.Generator().manual_seed(0)).to(device)
+    ids = make_ids(cfg, device)
     results: Dict[str, Dict] = {}
     for method in args.methods.split(","):
         base, flat, reference = make_method(method, model, lora_params)

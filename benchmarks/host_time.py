@@ -32,7 +32,7 @@ from typing import Dict, Iterator, List
 
 import torch
 
-METHODS = ("exact", "backup", "virtual")  # in-place with exact or backup restore; virtual mode (its perturb: stds, seeds, patches)
+METHODS = ("flat-exact", "flat-backup", "flat-virtual")  # step_time's methods: in-place exact or backup; virtual mode (its perturb: stds, seeds, patches)
 
 
 class _Record:
@@ -93,15 +93,15 @@ def build_model(layers: int = 16):
 
 
 def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
-    from flatlora_optim import FlatLoRA
+    from step_time import make_method
 
     model = build_model(layers)
     params = [p for p in model.parameters() if p.requires_grad]
     results: Dict[str, Dict] = {}
     with stub_kernel():
         for method in METHODS:
-            restore, mode = ("exact", "virtual") if method == "virtual" else (method, "inplace")
-            flat = FlatLoRA(torch.optim.AdamW(params), model, rho=0.05, schedule="constant", restore=restore, mode=mode, seed=0)
+            _, flat, _ = make_method(method, model, params)
+            name = method.split("-", 1)[1]  # reported as exact, backup, virtual
             for _ in range(5):
                 flat.perturb()
                 flat.restore()
@@ -114,9 +114,9 @@ def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
                 flat.restore()
                 perturb_ms.append((middle - start) * 1e3)
                 restore_ms.append((time.perf_counter() - middle) * 1e3)
-            results[method] = {"layers": len(flat.targets), "perturb_ms": statistics.median(perturb_ms), "restore_ms": statistics.median(restore_ms)}
-            print(f"{method:<7} {len(flat.targets)} layers: host perturb {results[method]['perturb_ms']:.3f} ms, "
-                  f"restore {results[method]['restore_ms']:.3f} ms", flush=True)
+            results[name] = {"layers": len(flat.targets), "perturb_ms": statistics.median(perturb_ms), "restore_ms": statistics.median(restore_ms)}
+            print(f"{name:<7} {len(flat.targets)} layers: host perturb {results[name]['perturb_ms']:.3f} ms, "
+                  f"restore {results[name]['restore_ms']:.3f} ms", flush=True)
             if profile:
                 profiler = cProfile.Profile()
                 profiler.enable()

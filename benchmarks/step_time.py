@@ -99,6 +99,12 @@ def gpu_state() -> Dict[str, Optional[float]]:
     return state
 
 
+def make_ids(cfg: dict, device: torch.device, seed: int = 0) -> torch.Tensor:
+    """The benchmark's batch of token ids (``batch x seq``), drawn on the CPU from ``seed``."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -238,8 +244,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = Fa
     wrapped = [m.base_layer.weight for m in model.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")]
     perturbed_params = sum(w.numel() for w in wrapped)
     perturbed_bytes = sum(w.numel() * w.element_size() for w in wrapped)
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=gen).to(device)
+    ids = make_ids(cfg, device)
     clean = checksum(model)
     results: Dict[str, Dict] = {}
     collections = FullCollections()
