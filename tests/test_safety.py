@@ -444,18 +444,23 @@ def test_on_device_of_makes_a_non_current_gpu_current_and_leaves_the_rest(monkey
     assert made_current == [torch.device("cuda", 1)]
 
 
+def _recorded_device_guards(monkeypatch, module, describe):
+    """``describe(targets)`` for every ``module.on_device_of(targets)`` entered from now on, in order."""
+    real, calls = module.on_device_of, []
+
+    def recording(targets):
+        calls.append(describe(targets))
+        return real(targets)
+
+    monkeypatch.setattr(module, "on_device_of", recording)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["inplace", "virtual"])
 def test_every_entry_point_that_launches_kernels_makes_the_targets_device_current(monkeypatch, mode):
     import flatlora_optim.optimizer as optimizer_module
 
-    real = optimizer_module.on_device_of
-    calls = []
-
-    def recording(targets):
-        calls.append(len(targets))
-        return real(targets)
-
-    monkeypatch.setattr(optimizer_module, "on_device_of", recording)
+    calls = _recorded_device_guards(monkeypatch, optimizer_module, len)
     model = make_mlp()
     opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant", mode=mode)
     x, _ = batch()
@@ -474,14 +479,7 @@ def test_every_entry_point_that_launches_kernels_makes_the_targets_device_curren
 def test_the_flatness_meter_makes_each_targets_device_current(monkeypatch):
     import flatlora_optim.flatness as flatness_module
 
-    real = flatness_module.on_device_of
-    calls = []
-
-    def recording(targets):
-        calls.append([t.name for t in targets])
-        return real(targets)
-
-    monkeypatch.setattr(flatness_module, "on_device_of", recording)
+    calls = _recorded_device_guards(monkeypatch, flatness_module, lambda targets: [t.name for t in targets])
     model = make_mlp()
     x, y = batch()
     flatness_module.measure_flatness(model, lambda m: nn.functional.cross_entropy(m(x), y), [0.1], draws=1, seed=0)
