@@ -20,10 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
+from pathlib import Path
 from typing import Dict, List
 
 import torch
@@ -53,19 +53,18 @@ def shard(model, device: torch.device, world: int) -> None:
     fully_shard(model, mesh=mesh)
 
 
-def _rank(rank: int, world: int, port: int, cfg_name: str, cfg: Dict, methods: List[str], out: str) -> None:
+def _rank(rank: int, world: int, rendezvous: str, cfg_name: str, cfg: Dict, methods: List[str], out: str) -> None:
     from flatlora_optim import FlatLoRA
     from flatlora_optim.sharding import local
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if cfg_name == "gpu":
         device = torch.device(f"cuda:{rank}")
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", rank=rank, world_size=world, device_id=device)
+        dist.init_process_group("nccl", init_method=rendezvous, rank=rank, world_size=world, device_id=device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world)
     model = build_model(cfg, device)  # the same seed on every rank: the same model, then sharded
     shard(model, device, world)
     lora_params = [p for p in model.parameters() if p.requires_grad]
@@ -114,12 +113,6 @@ def _rank(rank: int, world: int, port: int, cfg_name: str, cfg: Dict, methods: L
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def summarise(cfg_name: str, ranks: List[Dict]) -> Dict:
     """The per-rank reports and, per method, the slowest rank's medians and their ratios to plain LoRA."""
     methods = list(ranks[0]["results"])
@@ -142,7 +135,7 @@ def run(cfg_name: str, methods: List[str], nproc: int) -> Dict:
     if methods[0] != "lora":
         raise ValueError("the first method must be 'lora': the ratios are taken against it")
     with tempfile.TemporaryDirectory() as out:
-        mp.spawn(_rank, args=(nproc, _free_port(), cfg_name, CONFIGS[cfg_name], methods, out), nprocs=nproc, join=True)
+        mp.spawn(_rank, args=(nproc, Path(out, "rendezvous").as_uri(), cfg_name, CONFIGS[cfg_name], methods, out), nprocs=nproc, join=True)
         ranks = [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(nproc)]
     return summarise(cfg_name, ranks)
 

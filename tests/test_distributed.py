@@ -5,7 +5,6 @@ is as documented (independent streams with rank 0 = a single process; or shared)
 from __future__ import annotations
 
 import os
-import socket
 import sys
 
 import pytest
@@ -34,24 +33,23 @@ BACKENDS = [
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not built in")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _rendezvous(tmp_path) -> str:
+    """Where the ranks meet: a file store in the test's own folder. A TCP port found free and then handed to
+    the workers can be taken in between (EADDRINUSE: one NCCL run of the tenth session); a file cannot."""
+    return (tmp_path / "rendezvous").as_uri()
 
 
 def _device(backend: str, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if backend == "nccl" else torch.device("cpu")
 
 
-def _init(backend: str, rank: int, world: int, port: int) -> torch.device:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _init(backend: str, rank: int, world: int, rendezvous: str) -> torch.device:
     device = _device(backend, rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        dist.init_process_group(backend, rank=rank, world_size=world, device_id=device)
+        dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world, device_id=device)
     else:
-        dist.init_process_group(backend, rank=rank, world_size=world)
+        dist.init_process_group(backend, init_method=rendezvous, rank=rank, world_size=world)
     torch.set_num_threads(1)
     return device
 
@@ -80,8 +78,8 @@ def _single_process_noise(device: torch.device) -> torch.Tensor:
     return _noise_of_first_step(opt, single)
 
 
-def _worker(rank: int, world: int, port: int, backend: str, rank_noise: str, out_dir: str) -> None:
-    device = _init(backend, rank, world, port)
+def _worker(rank: int, world: int, rendezvous: str, backend: str, rank_noise: str, out_dir: str) -> None:
+    device = _init(backend, rank, world, rendezvous)
     model = make_mlp(seed=0).to(device)
     before = {n: bits(p) for n, p in model.named_parameters() if not p.requires_grad}
     ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -101,7 +99,7 @@ def _worker(rank: int, world: int, port: int, backend: str, rank_noise: str, out
 
 
 def _run(backend: str, rank_noise: str, tmp_path) -> list:
-    mp.spawn(_worker, args=(2, _free_port(), backend, rank_noise, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, _rendezvous(tmp_path), backend, rank_noise, str(tmp_path)), nprocs=2, join=True)
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
 
 
@@ -123,11 +121,11 @@ def test_ddp_shared_noise(backend, tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(r0["lora"], r1["lora"]))
 
 
-def _fsdp_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
+def _fsdp_worker(rank: int, world: int, rendezvous: str, backend: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    device = _init(backend, rank, world, port)
+    device = _init(backend, rank, world, rendezvous)
     mesh = init_device_mesh(device.type, (world,))
     model = make_mlp(seed=0).to(device)
     for layer in model:
@@ -166,7 +164,7 @@ def _fsdp_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -
 def test_fsdp2_perturbs_local_rows_like_a_single_process(backend, tmp_path):
     """Each rank perturbs its own Shard(0) rows in place; together they draw the single-process noise
     (same z for the same global row; the row stds agree to float32 rounding, rtol 1e-5)."""
-    mp.spawn(_fsdp_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_fsdp_worker, args=(2, _rendezvous(tmp_path), backend, str(tmp_path)), nprocs=2, join=True)
     ranks = sorted((torch.load(tmp_path / f"fsdp{r}.pt") for r in range(2)), key=lambda r: r["offset"])
     assert all(r["restored"] for r in ranks)  # base weights bitwise identical on every rank
     assert all(r["refused"] for r in ranks)  # virtual mode refuses FSDP2 clearly
@@ -177,13 +175,13 @@ def test_fsdp2_perturbs_local_rows_like_a_single_process(backend, tmp_path):
     assert sharded_noise.abs().sum() > 0
 
 
-def _gather_worker(rank: int, world: int, port: int, backend: str, out_dir: str) -> None:
+def _gather_worker(rank: int, world: int, rendezvous: str, backend: str, out_dir: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from flatlora_optim.sharding import full, gathered
 
-    device = _init(backend, rank, world, port)
+    device = _init(backend, rank, world, rendezvous)
     mesh = init_device_mesh(device.type, (world,))
     gen = torch.Generator().manual_seed(0)  # the same values on every rank
     shapes = [(8, 6), (5, 3), (1, 4), (3, 2, 2)]  # even, uneven (3 + 2 rows), a rank with no rows, 3-D
@@ -221,19 +219,18 @@ def test_sharded_factors_are_gathered_whole_in_one_block(backend, tmp_path):
     """``sharding.gathered``: every rank gets each Shard(0) DTensor's whole value (even and uneven row
     splits, a rank without rows, 3-D, two dtypes), equal to ``full_tensor()``; a weight not sharded on
     rows, and an adapter B not sharded like its weight, are refused with a clear error."""
-    mp.spawn(_gather_worker, args=(2, _free_port(), backend, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, _rendezvous(tmp_path), backend, str(tmp_path)), nprocs=2, join=True)
     assert all(torch.load(tmp_path / f"gather{r}.pt")["ok"] for r in range(2))
 
 
-def _empty_shard_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _empty_shard_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
     from datetime import timedelta
 
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))  # a hang fails, not stalls CI
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timedelta(seconds=60))  # a hang fails, not stalls CI
     torch.set_num_threads(1)
     mesh = init_device_mesh("cpu", (world,))
     model = make_mlp(seed=0)  # the last layer has 5 rows: with 4 ranks, rank 3 holds none of them
@@ -264,7 +261,7 @@ def test_fsdp2_rank_without_rows_takes_part_in_every_collective(tmp_path):
     """4 ranks, a 5-row layer (rank 3 holds none of its rows), every A sharded on its columns (gathered one
     by one): every rank joins the same collectives (a rank that skipped one used to leave the others
     waiting forever), trains, and restores its shards bitwise."""
-    mp.spawn(_empty_shard_worker, args=(4, _free_port(), str(tmp_path)), nprocs=4, join=True)
+    mp.spawn(_empty_shard_worker, args=(4, _rendezvous(tmp_path), str(tmp_path)), nprocs=4, join=True)
     ranks = [torch.load(tmp_path / f"empty{r}.pt") for r in range(4)]
     assert all(r["restored"] for r in ranks)
     assert [r["rows"] for r in ranks] == [2, 2, 1, 0]
