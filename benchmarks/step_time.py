@@ -19,6 +19,9 @@ Configurations (``--config``):
 * ``gpu``: the issue's configuration: hidden 2048, 16 layers, MLP 5632, vocab 32000 (about 0.96 B
   parameters, 0.82 B in LoRA-wrapped linears), bf16, batch 8 x 1024 tokens, LoRA r=8 on all seven
   projections, AdamW.
+* ``gpu-small``: the same architecture at about 0.13 B parameters (hidden 768, 12 layers, MLP 2048, vocab
+  32000; 84 LoRA-wrapped linears), bf16, batch 8 x 512 tokens. Its steps are short, so the host's work per
+  step (Python, launches) weighs more against the GPU's than in ``gpu``.
 
 Output: a table of ratios against plain LoRA, and the same numbers as JSON (``--json``). Each step is
 timed alone, between two device synchronisations (the median is ``ms_per_step``); blocks of steps
@@ -53,6 +56,8 @@ import torch
 CONFIGS = {
     "cpu": dict(hidden=128, layers=2, mlp=344, vocab=512, heads=4, batch=4, seq=64, dtype="float32", warmup=2, steps=10, pr_reps=10, back_to_back=5),
     "gpu": dict(hidden=2048, layers=16, mlp=5632, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=20, pr_reps=10, back_to_back=10),
+    "gpu-small": dict(hidden=768, layers=12, mlp=2048, vocab=32000, heads=12, batch=8, seq=512, dtype="bfloat16", warmup=5, steps=30, pr_reps=20,
+                      back_to_back=20),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -236,7 +241,7 @@ class FullCollections:
 
 def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = False) -> Dict:
     cfg = CONFIGS[cfg_name]
-    device = torch.device("cuda" if cfg_name == "gpu" else "cpu")
+    device = torch.device("cuda" if cfg_name.startswith("gpu") else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(threads)
     model = build_model(cfg, device)
