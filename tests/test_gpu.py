@@ -179,6 +179,36 @@ def test_layer_launch_repeats_the_first_launchs_values_through_the_compiled_runn
     assert not torch.equal(bits(first), bits(rows))
 
 
+@pytest.mark.parametrize("strided", [False, True])
+def test_a_later_steps_launch_takes_the_plan_with_its_own_tensors(monkeypatch, strided):
+    """A later step's launch of a layer (new row stds, new seeds) goes straight to the runner compiled for the
+    first: the bits are those of Triton's launcher with the new tensors, not the old ones."""
+    pytest.importorskip("triton")
+    from flatlora_optim.kernels import triton_noise as tn
+    from flatlora_optim.noise import rows_per_chunk
+
+    monkeypatch.setattr(tn, "_PLANS", tn._LaunchPlans())
+    rows = torch.randn(2048, 5632, device="cuda", dtype=torch.bfloat16)
+    rows = rows.t() if strided else rows
+    blocks = -(-rows.shape[0] // rows_per_chunk(rows.shape[1]))
+
+    def launch(step):
+        std = torch.rand(rows.shape[0], device="cuda", generator=torch.Generator("cuda").manual_seed(step)) * 0.05
+        seeds = (torch.arange(1, 1 + blocks, device="cuda") + 1000 * step) * 7919
+        return tn.LayerLaunch(rows, std, seeds, rows_per_chunk(rows.shape[1]), torch.float32)
+
+    first = launch(0)
+    first()
+    later = launch(1)
+    assert later._runner is not None  # adopted the plan before its first call
+    through_plan = later()
+    monkeypatch.setattr(tn, "_DIRECT_RUNNER", [False])
+    through_launcher = launch(1)
+    assert through_launcher._runner is None
+    assert torch.equal(bits(through_plan), bits(through_launcher()))
+    assert not torch.equal(bits(through_plan), bits(first()))  # step 0's noise differs
+
+
 def test_fused_row_std_kernel_matches_the_formula():
     pytest.importorskip("triton")
     from flatlora_optim.targets import Adapter

@@ -49,14 +49,15 @@ def fake(monkeypatch):
         jit = FakeJit(**kwargs)
         monkeypatch.setattr(tn, "_noise_kernel", jit)
         monkeypatch.setattr(tn, "_DIRECT_RUNNER", [True])
+        monkeypatch.setattr(tn, "_PLANS", tn._LaunchPlans())  # no plan from another test
         return jit
 
     return make
 
 
-def _launch():
-    rows = torch.zeros(96, 40, dtype=torch.bfloat16)[:, :36]  # a strided view: its strides must reach the kernel
-    return tn.LayerLaunch(rows, torch.ones(96), torch.arange(3), 32, torch.float32), rows
+def _launch(rows=None, std=None, seeds=None):
+    rows = torch.zeros(96, 40, dtype=torch.bfloat16)[:, :36] if rows is None else rows  # a strided view: its strides must reach the kernel
+    return tn.LayerLaunch(rows, torch.ones(96) if std is None else std, torch.arange(3) if seeds is None else seeds, 32, torch.float32), rows
 
 
 def test_later_calls_hand_the_first_calls_arguments_to_the_compiled_runner(fake):
@@ -95,3 +96,44 @@ def test_the_interpreter_launches_through_the_launcher_every_time(fake):
     for _ in range(3):
         launch()
     assert [entry[0] for entry in jit.log] == ["jit"] * 3
+
+
+def test_a_later_steps_launches_reuse_the_plan_with_their_own_tensors(fake):
+    """A new step builds new launches (new row stds, new seeds): the first call of each goes straight to the runner
+    that the first step's launch compiled, with the new step's tensors; nothing else changes."""
+    jit = fake()
+    first, rows = _launch()
+    first()
+    std, seeds = torch.full((96,), 2.0), torch.arange(3) + 10
+    later, _ = _launch(rows=rows, std=std, seeds=seeds)
+    out = later()
+    assert [entry[0] for entry in jit.log] == ["jit", "runner"]
+    _, _, args, options = jit.log[0]
+    every = dict(zip(jit.arg_names, args), **options)
+    runner_args = jit.log[1][2]
+    assert runner_args[0] is out
+    named = dict(zip(jit.arg_names, runner_args))
+    assert named["std_ptr"] is std and named["seeds_ptr"] is seeds and named["w_ptr"] is rows  # this step's tensors
+    assert all(named[name] == every[name] for name in jit.arg_names if name not in ("out_ptr", "w_ptr", "std_ptr", "seeds_ptr"))
+
+
+def test_a_layer_of_another_geometry_or_alignment_gets_its_own_plan(fake):
+    jit = fake()
+    _launch()[0]()
+    wider = torch.zeros(96, 40, dtype=torch.bfloat16)  # another shape and stride
+    _launch(rows=wider)[0]()
+    shifted = torch.ones(97)[1:]  # the row stds 4 bytes off a 16-byte boundary: Triton specialises on that
+    _launch(std=shifted)[0]()
+    half = torch.ones(96, dtype=torch.float16)  # row stds that the launch must convert: no reuse
+    _launch(std=half)[0]()
+    _launch(std=half)[0]()
+    assert [entry[0] for entry in jit.log] == ["jit"] * 5
+    _launch(rows=wider)[0]()  # its plan is there now
+    assert jit.log[-1][0] == "runner"
+
+
+def test_plans_hold_no_tensor(fake):
+    fake()
+    _launch()[0]()
+    (runner, template), = tn._PLANS._plans.values()
+    assert not any(isinstance(value, torch.Tensor) for value in template)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -632,22 +633,80 @@ its arguments). From Triton 3.3 the launcher hands that runner every parameter i
 included; earlier versions passed the others only."""
 
 
+_TENSOR_ARGS = ("w_ptr", "std_ptr", "seeds_ptr")  # the noise kernel's tensors besides the output: a layer's own each step
+_PLAN_CACHE_SIZE = 256  # launch plans kept (one per distinct layer geometry; a Llama has five)
+
+
+class _LaunchPlans:
+    """Compiled runners of the noise kernel and their non-tensor arguments, kept across steps.
+
+    A plan is keyed by everything that decides which compiled kernel Triton's launcher picks and what the
+    non-tensor arguments are: the layer's shape, strides and types, the rows per block, and whether each
+    tensor's address is a multiple of 16 (Triton specialises pointers on that). Layers of one shape share a
+    plan, and a new step's tensors (its row stds and seeds are new tensors) reuse it. Plans hold no tensor,
+    so a model that is deleted leaves nothing alive here.
+    """
+
+    def __init__(self, size: int = _PLAN_CACHE_SIZE):
+        self.size = size
+        self._plans: OrderedDict[tuple, Tuple[Callable[..., Any], tuple]] = OrderedDict()
+
+    @staticmethod
+    def key(rows: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, work: torch.dtype) -> Optional[tuple]:
+        """The plan's key, or None when the launch is not reusable as is (row stds that would need a copy)."""
+        if std.dtype != torch.float32 or not std.is_contiguous():
+            return None
+        return (rows.device, tuple(rows.shape), rows.stride(), rows.dtype, rows.data_ptr() % 16, std.shape[0], std.data_ptr() % 16,
+                seeds.dtype, seeds.data_ptr() % 16, rows_per_block, work)
+
+    def get(self, key: tuple) -> Optional[Tuple[Callable[..., Any], tuple]]:
+        plan = self._plans.get(key)
+        if plan is not None:
+            self._plans.move_to_end(key)
+        return plan
+
+    def put(self, key: tuple, runner: Callable[..., Any], rest: tuple) -> None:
+        self._plans[key] = (runner, tuple(None if isinstance(value, torch.Tensor) else value for value in rest))
+        while len(self._plans) > self.size:
+            self._plans.popitem(last=False)
+
+    def clear(self) -> None:
+        self._plans.clear()
+
+
+_PLANS = _LaunchPlans()
+
+
 class LayerLaunch:
     """One layer's ``fl(W + e)``, as often as asked, each time into a new tensor: virtual mode's forward and backward.
 
-    The launch's arguments are computed on the first call, which goes through Triton's launcher: it binds the
-    arguments, finds the kernel compiled for their specialisation and returns it. Later calls hand the same
-    arguments to that compiled kernel's runner, which skips the binding and the cache lookup. Host time per
-    launch on the H200 machine's host (benchmarks/launch_time.py, one run): 47.8 us for a first call, 18.6 us
-    for a later one. Only the output changes between calls, and a new tensor from PyTorch's caching allocator is
-    aligned as the first one was (to 512 bytes on CUDA; the launch is specialised on 16), so the compiled kernel
-    is the one Triton's launcher would pick.
+    A launch through Triton's launcher binds the arguments, finds the kernel compiled for their specialisation and
+    returns it; the compiled kernel's own runner skips that binding and cache lookup. The first launch of a layer
+    geometry goes through the launcher, and its compiled kernel and non-tensor arguments are kept as a plan
+    (:class:`_LaunchPlans`); every later launch of a layer of that geometry -- this step's backward, and every
+    launch of later steps, forward included -- hands its own tensors and the plan's arguments to that runner.
+    Host time per launch on the H200 machine's host (benchmarks/launch_time.py, one run): 47.8 us through the
+    launcher, 18.6 us through the runner. A new output from PyTorch's caching allocator is aligned as the first
+    one was (to 512 bytes on CUDA; the launch is specialised on 16), so the compiled kernel is the one Triton's
+    launcher would pick.
     """
 
     def __init__(self, rows: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, work: torch.dtype):
         self.rows, self.std, self.seeds, self.rows_per_block, self.work = rows, std_rows, seeds, rows_per_block, work
         self._runner: Optional[Callable[..., Any]] = None
         self._rest: tuple = ()
+        self._key = _PLANS.key(rows, std_rows, seeds, rows_per_block, work) if _DIRECT_RUNNER[0] else None
+        if self._key is not None:
+            plan = _PLANS.get(self._key)
+            if plan is not None:
+                self._adopt(*plan)
+
+    def _adopt(self, runner: Callable[..., Any], template: tuple) -> None:
+        """Take a plan's runner, with this layer's tensors in the template's tensor slots."""
+        tensors = dict(zip(_TENSOR_ARGS, (self.rows, self.std, self.seeds)))
+        names = _noise_kernel.arg_names[1:]
+        self._rest = tuple(tensors[name] if name in tensors else value for name, value in zip(names, template))
+        self._runner = runner
 
     def __call__(self) -> torch.Tensor:
         with made_current(self.rows.device):  # virtual mode's forward runs in the caller's device context
@@ -663,6 +722,7 @@ class LayerLaunch:
                 return out
             except TypeError as error:  # a Triton whose runner takes other arguments (refused before launching)
                 _DIRECT_RUNNER[0] = False
+                _PLANS.clear()
                 warnings.warn(f"Triton's compiled-kernel runner refused virtual mode's launch arguments ({error}); launching "
                               "through Triton's launcher from now on (same values, more host time per launch).", stacklevel=2)
         grid, args, options = _launch_args(out, rows, self.std, self.seeds, rows.shape[0], rows.shape[1], self.rows_per_block, self.work)
@@ -671,6 +731,8 @@ class LayerLaunch:
             values = dict(zip(_noise_kernel.arg_names, args), **options)
             self._rest = tuple(values[name] for name in _noise_kernel.arg_names[1:])  # every parameter after the output
             self._runner = compiled[(grid[0], 1, 1)]
+            if self._key is not None and args[2] is self.std and out.data_ptr() % 16 == 0:  # the row stds went in as they are
+                _PLANS.put(self._key, self._runner, self._rest)
         return out
 
 
