@@ -974,6 +974,7 @@ class ExactGroupRecord:
         self.exc_layer, self.exc_index, self.exc_bits = exc_layer, exc_index, exc_bits
         self.word_capacity, self.exc_capacity = capacity
         self.n_exceptions = n_exceptions
+        self._nbytes: Optional[int] = None
 
     @classmethod
     def allocate(cls, table: LayerTable, capacity: Tuple[int, int]) -> ExactGroupRecord:
@@ -997,7 +998,9 @@ class ExactGroupRecord:
                                 (self.word_capacity, self.exc_capacity), self.n_exceptions)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.bounds, self.stream, self.exc_layer, self.exc_index, self.exc_bits))
+        if self._nbytes is None:  # the buffers never change size; this is read for every layer at every step
+            self._nbytes = sum(t.numel() * t.element_size() for t in (self.bounds, self.stream, self.exc_layer, self.exc_index, self.exc_bits))
+        return self._nbytes
 
     def layer_nbytes(self, tiles: int) -> int:
         """A layer's share of the record: the bytes in proportion to its tiles (slots are not kept per layer)."""
