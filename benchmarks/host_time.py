@@ -9,6 +9,12 @@ the GPU benchmark's Llama (16 blocks, LoRA on all seven projections: 112 layers)
 the Python work per layer is the real one.
 
     python benchmarks/host_time.py [--reps 200] [--profile] [--json out.json]
+    python benchmarks/host_time.py --steps [--reps 30] [--profile]
+
+``--steps`` times whole training steps instead (forward, backward, AdamW, on the same tiny-width model, back to
+back): plain LoRA against each method, so the difference is Flat-LoRA's host work per step, the per-layer work
+of the rerouted forward and backward (virtual) and of the guards' hooks (in-place) included; the stub's ``W + e``
+is a copy of ``W``.
 
 Reports the median host milliseconds of ``perturb()`` and of ``restore()`` for in-place exact and
 backup restore, and for virtual mode (whose ``perturb()`` is what a step does before its first launch: row
@@ -67,6 +73,10 @@ class StubKernel:
 
     def exact_restore_layers(self, table, std, seeds, record, only_layer: int = -1) -> None:
         pass
+
+    def layer_former(self, rows, std_rows, seeds, rows_per_block, work):
+        """Virtual mode's per-layer ``W + e``: a copy of ``W`` (the real kernel's launch is not host work here)."""
+        return lambda: rows.clone()
 
 
 @contextmanager
@@ -130,13 +140,50 @@ def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
     return {"reps": reps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
 
 
+def run_steps(reps: int = 30, layers: int = 16, profile: bool = False, block: int = 10) -> Dict:
+    """Median milliseconds per training step, back to back in blocks of ``block`` steps, per method."""
+    from step_time import make_ids, make_method, make_step
+
+    cfg = dict(batch=1, seq=8, vocab=128)
+    model = build_model(layers)
+    params = [p for p in model.parameters() if p.requires_grad]
+    ids = make_ids(cfg, torch.device("cpu"))
+    results: Dict[str, Dict] = {}
+    with stub_kernel():
+        for method in ("lora",) + METHODS:
+            base, flat, reference = make_method(method, model, params)
+            step = make_step(model, ids, base, flat, reference)
+            for _ in range(3):
+                step()
+            blocks = []
+            for _ in range(max(reps // block, 1)):
+                start = time.perf_counter()
+                for _ in range(block):
+                    step()
+                blocks.append((time.perf_counter() - start) * 1e3 / block)
+            results[method] = {"ms_per_step": statistics.median(blocks), "ms_blocks": blocks}
+            extra = results[method]["ms_per_step"] - results["lora"]["ms_per_step"]
+            print(f"{method:<12} {results[method]['ms_per_step']:7.3f} ms per step (+{extra:.3f} ms over plain LoRA)", flush=True)
+            if profile and flat is not None:
+                profiler = cProfile.Profile()
+                profiler.enable()
+                for _ in range(block):
+                    step()
+                profiler.disable()
+                text = io.StringIO()
+                pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+                print(text.getvalue())
+    return {"reps": reps, "layers": layers, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": results}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--reps", type=int, default=200)
     parser.add_argument("--profile", action="store_true", help="also print the functions with the most host time")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--steps", action="store_true", help="time whole training steps (plain LoRA against each method) instead")
     args = parser.parse_args()
-    summary = run(args.reps, profile=args.profile)
+    summary = run_steps(args.reps, profile=args.profile) if args.steps else run(args.reps, profile=args.profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(summary, f, indent=1)

@@ -108,6 +108,40 @@ def test_dropped_graph_without_backward_restores(setup):
     assert_frozen_unchanged(model, before)
 
 
+def _loss(model, seed):
+    x, y = batch(seed)
+    return nn.functional.cross_entropy(model(x), y)
+
+
+def test_one_gradient_hook_per_graph_and_the_restore_still_follows_each_backward(setup, monkeypatch):
+    """The guards learn that a backward ended from a gradient hook on one output per graph (the first perturbed
+    output since the guards went in or since the last backward ended), not on every layer's output; each
+    backward below still restores right after it ends."""
+    from flatlora_optim.guards import PerturbationGuards
+
+    model, opt, before = setup
+    calls = []
+    original = PerturbationGuards._grad_hook
+    monkeypatch.setattr(PerturbationGuards, "_grad_hook", lambda self, grad: (calls.append(1), original(self, grad))[1])
+    with opt.perturbed():  # two micro-batches, one backward of their sum after the block
+        loss = _loss(model, 0) + _loss(model, 1)
+    assert opt.is_perturbed
+    loss.backward()
+    assert not opt.is_perturbed and len(calls) == 1  # the MLP has 3 perturbed layers per forward: 1 hook, not 6
+    assert_frozen_unchanged(model, before)
+    opt.step()
+    opt.zero_grad()
+    calls.clear()
+    with opt.perturbed():  # a backward inside the block, then another forward whose backward comes after it
+        _loss(model, 2).backward()
+        assert opt.is_perturbed
+        loss = _loss(model, 3)
+    assert opt.is_perturbed  # waits for the second graph's backward...
+    loss.backward()
+    assert not opt.is_perturbed and len(calls) == 2  # ...and restores once it ends: the hook was set again
+    assert_frozen_unchanged(model, before)
+
+
 def test_step_restores_a_pending_perturbation(setup):
     model, opt, before = setup
     with opt.perturbed():
