@@ -22,7 +22,7 @@ All hooks are removed when the weights are restored; the model is then exactly a
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Mapping, Optional
 
 import torch
 from torch import nn
@@ -85,6 +85,26 @@ class _CleanState:
                 state_dict[key] = self.clean_weight(target)
 
 
+def _tensor_with_grad(output: Any, depth: int = 3) -> Optional[torch.Tensor]:
+    """The first tensor that requires grad in a module's output: a tensor, or one inside tuples, lists and
+    mappings (transformers' ``ModelOutput`` is one), ``depth`` levels down."""
+    if isinstance(output, torch.Tensor):
+        return output if output.requires_grad else None
+    if depth == 0:
+        return None
+    if isinstance(output, Mapping):
+        items: Any = output.values()
+    elif isinstance(output, (tuple, list)):
+        items = output
+    else:
+        return None
+    for item in items:
+        found = _tensor_with_grad(item, depth - 1)
+        if found is not None:
+            return found
+    return None
+
+
 class PerturbationGuards:
     """Installs and removes the while-perturbed hooks on a set of targets.
 
@@ -96,6 +116,9 @@ class PerturbationGuards:
         on_graph_released: called when such a graph is garbage-collected.
         on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
             it is expected to restore and raise.
+        root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
+            checkpointing the layers build none while the block runs; their backward reruns them).
+        layers: install the per-layer guards (in-place mode); virtual mode takes the ``root`` hook only.
     """
 
     def __init__(
@@ -106,6 +129,8 @@ class PerturbationGuards:
         on_backward_end: Callable[[], None],
         on_graph_released: Callable[[], None],
         on_mode_change: Callable[[bool], None],
+        root: Optional[nn.Module] = None,
+        layers: bool = True,
     ):
         self._handles: List[RemovableHandle] = []
         self._patched_train: List[nn.Module] = []
@@ -124,7 +149,10 @@ class PerturbationGuards:
         # that held-back Ctrl-C, takes out what went in: nobody else gets this object to remove it
         try:
             with interrupts_deferred():
-                self._install(targets, forward_hook, clean_weight, on_mode_change)
+                if layers:
+                    self._install(targets, forward_hook, clean_weight, on_mode_change)
+                if root is not None:
+                    self._handles.append(root.register_forward_hook(self._root_hook))
         except BaseException:
             self.remove()
             raise
@@ -157,6 +185,20 @@ class PerturbationGuards:
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
         if not self._handles or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
             return
+        self._track(output)
+
+    def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        """The wrapped model's own output: under reentrant gradient checkpointing (transformers' default) the layers
+        run without grad inside the checkpoint, so only the model's output carries the graph, and its backward
+        runs the layers again: the noise must still be in place then (virtual mode: the layers still rerouted)."""
+        if not self._handles or not torch.is_grad_enabled():
+            return
+        tensor = _tensor_with_grad(output)
+        if tensor is not None:
+            self._track(tensor)
+
+    def _track(self, output: torch.Tensor) -> None:
+        """A graph built at the noisy weights: pending until its backward ends or it is released."""
         self._on_forward()
         if not self._grad_hooked:
             # one gradient hook per graph is enough to learn when its backward ends: the first perturbed

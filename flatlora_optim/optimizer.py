@@ -312,7 +312,14 @@ class FlatLoRA(torch.optim.Optimizer):
         place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
             perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
-            self._patches = VirtualPatches(self._perturber, perturbations)  # removes what it patched if it fails
+            self._patches = VirtualPatches(self._perturber, perturbations, self._armed)  # removes what it patched if it fails
+            try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
+                self._guards = PerturbationGuards(self.targets, self._clean_weight, self._on_forward, self._on_backward_end,
+                                                  self._on_graph_released, self._on_mode_change, root=self.model, layers=False)
+            except BaseException:
+                self._patches.remove()
+                self._patches = None
+                raise
             self._perturbations = perturbations
             return
         installed: List[PerturbationGuards] = []
@@ -320,6 +327,7 @@ class FlatLoRA(torch.optim.Optimizer):
         def install_guards() -> None:  # while the device runs the noise pass (exact restore: before the host waits for it)
             installed.append(PerturbationGuards(
                 self.targets, self._clean_weight, self._on_forward, self._on_backward_end, self._on_graph_released, self._on_mode_change,
+                root=self.model,
             ))
 
         try:
@@ -333,21 +341,25 @@ class FlatLoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _restore_now(self) -> None:
+        if self._guards is not None:
+            self._guards.remove()
+            self._guards = None
+        self._pending_backward = False
+        self._live_graphs = 0
         if self._patches is not None:  # virtual mode: nothing was written
             self._patches.remove()
             self._patches = None
             self._perturbations = None
             return
-        if self._guards is not None:
-            self._guards.remove()
-            self._guards = None
         perturbations, self._perturbations = self._perturbations, None
-        self._pending_backward = False
-        self._live_graphs = 0
         if not perturbations:
             return
         with on_device_of(self.targets):
             self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
+
+    def _armed(self) -> bool:
+        """Inside ``perturbed()``, or between ``perturb()`` and ``restore()``: virtual mode's layers take the noise."""
+        return self._depth > 0 or self._held
 
     def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
         clean = target.weight.detach().clone()

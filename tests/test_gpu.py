@@ -462,3 +462,46 @@ def test_a_model_on_a_gpu_that_is_not_the_current_one(mode, restore):
         assert torch.equal(bits(weight), before)
         results.append([bits(p.detach()) for p in lora_parameters(model)])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_on_the_gpu_gives_the_grads_at_the_noisy_weights(mode, checkpointing):
+    """The CPU test of gradient checkpointing (test_virtual.py) on CUDA, bf16, through the Triton kernels: the LoRA
+    grads of a checkpointed step are those of the same step without checkpointing (tolerance 1e-2 relative, 1e-5
+    absolute; rho 0.2 moves them far more), and the weights come back bitwise."""
+    import peft
+    import transformers
+
+    def grads(checkpoint, flat=True):
+        torch.manual_seed(0)
+        cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2)
+        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"]))
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.normal_(0, 0.1)
+        model = model.to("cuda", torch.bfloat16).train()
+        if checkpoint:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+            model.enable_input_require_grads()
+        ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0)).cuda()
+        if not flat:  # plain LoRA: the grads at the clean weights
+            model(input_ids=ids, labels=ids).loss.backward()
+            return [p.grad.float() for p in model.parameters() if p.requires_grad]
+        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, mode=mode, rho=0.2,
+                       schedule="constant", seed=5)
+        with opt.perturbed():
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        assert not opt.is_perturbed
+        assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+        return [p.grad.float() for p in model.parameters() if p.requires_grad]
+
+    got, expected = grads(True), grads(False)
+    for g, e in zip(got, expected):  # the same kernels run again in the recompute; attention's backward may reorder sums
+        torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-5)
+    clean = grads(False, flat=False)
+    assert any(not torch.allclose(c, e, rtol=1e-2, atol=1e-5) for c, e in zip(clean, expected))  # the noise shows at that tolerance

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import io
 import os
 import pickle
@@ -187,8 +188,12 @@ def test_unwrapping_leaves_the_model_exactly_as_it_was():
         assert torch.equal(model(x), noisy)
         assert "base_forward" in model[0].__dict__
     assert not torch.equal(noisy, expected)
-    assert torch.equal(model(x), expected)  # outside the block: the plain forward
+    assert torch.equal(model(x), expected)  # outside the block: the plain forward...
+    assert "base_forward" in model[0].__dict__  # ...though the patch waits for the backward of the graph `noisy` carries
+    del noisy
+    gc.collect()  # the graph is released without a backward: the patch goes
     assert all("base_forward" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
+    assert torch.equal(model(x), expected)
     assert list(model.state_dict()) == keys
     pickle.loads(pickle.dumps(model))
 
@@ -264,3 +269,59 @@ def test_virtual_peak_memory_is_about_one_layer():
         rise[mode] = float(out.stdout.split()[-1])
     layer = 1024 * 1024 * 4
     assert rise["virtual"] - rise["plain"] < 3 * layer, rise
+
+
+def test_peft_llama_under_bf16_autocast_same_grads_as_inplace():
+    """bf16 autocast over an fp32 model: virtual mode's layers form W + e in autocast's forward and again in
+    backward; the gradients are in-place mode's."""
+    (m1, o1), (m2, o2) = _pair(_llama())
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for opt, model in [(o1, m1), (o2, m2)]:
+        for step in range(2):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                with opt.perturbed():
+                    loss = model(input_ids=ids, labels=ids).loss
+                loss.backward()
+            losses.append(loss.item())
+            if step == 0:
+                opt.step()
+                opt.zero_grad()
+    assert losses[:2] == pytest.approx(losses[2:], rel=1e-6)
+    _assert_same(_grads(m1), _grads(m2))
+
+
+def _checkpointed_grads(mode, checkpointing):
+    """LoRA grads of one Flat-LoRA step on the tiny Llama (backward after the block), with transformers' gradient
+    checkpointing off, reentrant (its default) or non-reentrant; ``mode=None``: plain LoRA."""
+    model = _llama()
+    model.train()
+    if checkpointing != "off":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    if mode is None:
+        model(input_ids=ids, labels=ids).loss.backward()
+        return _grads(model)
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05), model, mode=mode, rho=0.2,
+                   schedule="constant", seed=5)
+    before = frozen_weights(model)
+    with opt.perturbed():
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()  # checkpointing runs the layers' forward again in here: the noise must still be on
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    return _grads(model)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+@pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
+def test_gradient_checkpointing_gives_the_grads_at_the_noisy_weights(mode, checkpointing):
+    """Under gradient checkpointing the backward reruns each block's forward. Those reruns must see W + e: the
+    LoRA grads equal those of the same step without checkpointing, not plain LoRA's. (Before the fix, reentrant
+    checkpointing -- transformers' default -- silently gave grads partly at the clean weights in both modes, and
+    virtual mode failed with a CheckpointError under non-reentrant checkpointing.)"""
+    got = _checkpointed_grads(mode, checkpointing)
+    _assert_same(got, _checkpointed_grads(mode, "off"))
+    plain = _checkpointed_grads(None, "off")
+    assert any(not torch.allclose(g, p, rtol=1e-4, atol=1e-6) for g, p in zip(got, plain))
