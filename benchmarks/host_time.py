@@ -11,10 +11,10 @@ the Python work per layer is the real one.
     python benchmarks/host_time.py [--reps 200] [--profile] [--json out.json]
     python benchmarks/host_time.py --steps [--reps 30] [--profile]
 
-``--steps`` times whole training steps instead (forward, backward, AdamW, on the same tiny-width model, back to
-back): plain LoRA against each method, so the difference is Flat-LoRA's host work per step, the per-layer work
-of the rerouted forward and backward (virtual) and of the guards' hooks (in-place) included; the stub's ``W + e``
-is a copy of ``W``.
+``--steps`` times whole training steps instead (forward, backward, AdamW, on the same tiny-width model, one thread,
+process time, the methods taking turns round by round): plain LoRA against each method, so the difference is
+Flat-LoRA's host work per step, the per-layer work of the rerouted forward and backward (virtual) and of the
+guards' hooks (in-place) included; the stub's ``W + e`` is a copy of ``W``.
 
 Reports the median host milliseconds of ``perturb()`` and of ``restore()`` for in-place exact and
 backup restore, and for virtual mode (whose ``perturb()`` is what a step does before its first launch: row
@@ -140,40 +140,46 @@ def run(reps: int = 200, layers: int = 16, profile: bool = False) -> Dict:
     return {"reps": reps, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "results": results}
 
 
-def run_steps(reps: int = 30, layers: int = 16, profile: bool = False, block: int = 10) -> Dict:
-    """Median milliseconds per training step, back to back in blocks of ``block`` steps, per method."""
+def run_steps(reps: int = 30, layers: int = 16, profile: bool = False, block: int = 5) -> Dict:
+    """Median milliseconds of process time per training step, per method, over ``reps`` rounds in which every method
+    runs ``block`` steps in turn (so that a change in the machine's load hits all methods alike). One thread: the
+    process time is then the host's work, and on a shared machine it moves less than the wall time does."""
     from step_time import make_ids, make_method, make_step
 
+    torch.set_num_threads(1)
     cfg = dict(batch=1, seq=8, vocab=128)
     model = build_model(layers)
     params = [p for p in model.parameters() if p.requires_grad]
     ids = make_ids(cfg, torch.device("cpu"))
     results: Dict[str, Dict] = {}
     with stub_kernel():
+        steps = {}
         for method in ("lora",) + METHODS:
             base, flat, reference = make_method(method, model, params)
-            step = make_step(model, ids, base, flat, reference)
+            steps[method] = make_step(model, ids, base, flat, reference)
             for _ in range(3):
-                step()
-            blocks = []
-            for _ in range(max(reps // block, 1)):
-                start = time.perf_counter()
+                steps[method]()
+        times: Dict[str, List[float]] = {method: [] for method in steps}
+        for _ in range(reps):
+            for method, step in steps.items():
+                start = time.process_time()
                 for _ in range(block):
                     step()
-                blocks.append((time.perf_counter() - start) * 1e3 / block)
-            results[method] = {"ms_per_step": statistics.median(blocks), "ms_blocks": blocks}
+                times[method].append((time.process_time() - start) * 1e3 / block)
+        for method, values in times.items():
+            results[method] = {"ms_per_step": statistics.median(values), "ms_rounds": values}
             extra = results[method]["ms_per_step"] - results["lora"]["ms_per_step"]
             print(f"{method:<12} {results[method]['ms_per_step']:7.3f} ms per step (+{extra:.3f} ms over plain LoRA)", flush=True)
-            if profile and flat is not None:
+            if profile and method != "lora":
                 profiler = cProfile.Profile()
                 profiler.enable()
                 for _ in range(block):
-                    step()
+                    steps[method]()
                 profiler.disable()
                 text = io.StringIO()
                 pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
                 print(text.getvalue())
-    return {"reps": reps, "layers": layers, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": results}
+    return {"reps": reps, "block": block, "layers": layers, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "steps": results}
 
 
 def main() -> None:
