@@ -7,20 +7,24 @@ Three things must not see those values by accident, and one thing must be known:
   checkpoint saved at any moment holds the original weights);
 * ``train()`` / ``eval()`` that change the mode of a perturbed layer restore the weights and
   raise (evaluating, or switching dropout, between forward and backward is a bug in in-place mode);
-* autograd: every forward of a perturbed layer that builds a graph marks a *pending* backward,
-  and the end of the backward pass that consumes it is reported (through a gradient hook on the
-  first perturbed output of each graph: the first since the guards went in or since the last
-  backward ended; a backward that does not reach that output is not reported, and the weights are
-  then restored when the graph is released or at ``step()``), so that restoring can wait
-  until the gradient has been computed (restoring earlier would make autograd either raise its
-  in-place error or, through ``.data``, silently compute input gradients at the wrong weights).
-  A graph dropped without backward is reported too.
+* autograd: a forward that builds a graph at the noisy weights leaves it *pending*, and the noise
+  stays until every pending graph has had a backward or been released, so that restoring waits
+  until the gradients have been computed (restoring earlier would make autograd raise its in-place
+  error, or, under gradient checkpointing, which runs the forward again inside the backward,
+  silently compute gradients at the clean weights). A forward's graph is seen through the wrapped
+  model's outputs that require grad (all of them) and the first perturbed layer output since the
+  guards went in or since the last backward ended (for a layer called on its own): a gradient hook
+  on each says a backward reached it, a token in its graph node's metadata says it was released.
+  A backward that reaches none of them leaves the graph pending until it is released or ``step()``.
+  Virtual mode takes this part only (its layers stay rerouted while a graph is pending).
 
 All hooks are removed when the weights are restored; the model is then exactly as it was.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 import weakref
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
@@ -35,18 +39,30 @@ __all__ = ["PerturbationGuards"]
 
 
 class _GraphToken:
-    """Stored in a graph node's metadata: its finaliser says the graph was released."""
+    """Stored in a graph node's metadata: its finaliser says that this graph was released."""
 
-    __slots__ = ("_callback", "__weakref__")
+    __slots__ = ("_callback", "_key", "__weakref__")
 
-    def __init__(self, callback: Callable[[], None]):
-        self._callback = callback
+    def __init__(self, callback: Callable[[int], None], key: int):
+        self._callback, self._key = callback, key
 
     def __del__(self) -> None:
         try:
-            self._callback()
+            self._callback(self._key)
         except Exception:  # pragma: no cover - never raise from a finaliser
             pass
+
+
+class _GradHook:
+    """A tracked output's gradient hook: its gradient was computed, so a backward reached that graph."""
+
+    __slots__ = ("_fired", "_key")
+
+    def __init__(self, fired: Callable[[int], None], key: int):
+        self._fired, self._key = fired, key
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        self._fired(self._key)
 
 
 def _register_state_dict_post_hook(module: nn.Module, hook: Callable[..., Any]) -> RemovableHandle:
@@ -85,24 +101,22 @@ class _CleanState:
                 state_dict[key] = self.clean_weight(target)
 
 
-def _tensor_with_grad(output: Any, depth: int = 3) -> Optional[torch.Tensor]:
-    """The first tensor that requires grad in a module's output: a tensor, or one inside tuples, lists and
-    mappings (transformers' ``ModelOutput`` is one), ``depth`` levels down."""
+def _tensors_with_grad(output: Any, depth: int = 3) -> List[torch.Tensor]:
+    """Every tensor that requires grad in a module's output: a tensor, or those inside tuples, lists, mappings
+    (transformers' ``ModelOutput`` is one) and dataclasses, ``depth`` levels down."""
     if isinstance(output, torch.Tensor):
-        return output if output.requires_grad else None
+        return [output] if output.requires_grad else []
     if depth == 0:
-        return None
+        return []
     if isinstance(output, Mapping):
         items: Any = output.values()
     elif isinstance(output, (tuple, list)):
         items = output
+    elif dataclasses.is_dataclass(output) and not isinstance(output, type):
+        items = [getattr(output, f.name, None) for f in dataclasses.fields(output)]
     else:
-        return None
-    for item in items:
-        found = _tensor_with_grad(item, depth - 1)
-        if found is not None:
-            return found
-    return None
+        return []
+    return [tensor for item in items for tensor in _tensors_with_grad(item, depth - 1)]
 
 
 class PerturbationGuards:
@@ -111,9 +125,9 @@ class PerturbationGuards:
     Args:
         targets: the perturbed targets.
         clean_weight: ``clean_weight(target)`` returns a clean copy of that target's weight.
-        on_forward: called (no arguments) when a perturbed layer's forward builds a graph.
-        on_backward_end: called at the end of every backward pass through such a graph.
+        on_backward_end: called at the end of every backward pass that reached such a graph.
         on_graph_released: called when such a graph is garbage-collected.
+        (:meth:`pending` says whether a graph built at the noisy weights still waits for its backward.)
         on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
             it is expected to restore and raise.
         root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
@@ -125,7 +139,6 @@ class PerturbationGuards:
         self,
         targets: List[LoRATarget],
         clean_weight: Callable[[LoRATarget], torch.Tensor],
-        on_forward: Callable[[], None],
         on_backward_end: Callable[[], None],
         on_graph_released: Callable[[], None],
         on_mode_change: Callable[[bool], None],
@@ -135,14 +148,16 @@ class PerturbationGuards:
         self._handles: List[RemovableHandle] = []
         self._patched_train: List[nn.Module] = []
         self._callback_queued = False
-        self._grad_hooked = False  # whether a graph built since the last backward's end carries the gradient hook
-        self._on_forward = on_forward
+        self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
+        self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
+        self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
+        self._keys = itertools.count()
         self._on_backward_end = on_backward_end
         self._on_graph_released = on_graph_released
-        # one bound method and one callback for every layer and forward: these objects live through
+        # one bound method and one callback shared by every tracked output: these objects live through
         # the step, and each one Python's collector tracks brings its next full collection closer
         forward_hook = self._forward_hook
-        self._grad_hook_of_all = self._grad_hook
+        self._fired = self._grad_fired
         self._released = self._released_callback()
         # Ctrl-C is held back while hooks go in (one landing between a registration and its bookkeeping
         # would leave a hook that remove() does not know of); whatever ends the install early, including
@@ -176,60 +191,89 @@ class PerturbationGuards:
             for module in self._patched_train:
                 module.__dict__.pop("train", None)
             self._patched_train.clear()
-            self._grad_hook_of_all = None  # a bound method of self: no cycle left behind
+            self._pending.clear()
+            self._fired = None  # a bound method of self: no cycle left behind
 
     # -- autograd -----------------------------------------------------------------------------
+
+    def pending(self) -> bool:
+        """Whether a graph built at the noisy weights waits for a backward (neither reached by one nor released)."""
+        return bool(self._pending)
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
-        if not self._handles or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) or not output.requires_grad:
+        if not self._handles or self._grad_hooked or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
+                or not output.requires_grad:
             return
+        # one layer output per forward is enough (the first since the guards went in, or since a backward ended
+        # or a tracked graph was released); the model's own outputs are tracked too (_root_hook). Tracking every
+        # layer's output cost a hook per layer and step and a Python call per layer in backward (in-place
+        # exact's host work over plain LoRA: 10.1 and 9.4 -> 7.5 and 7.1 ms per step, host_time.py --steps)
+        self._grad_hooked = True
         self._track(output)
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The wrapped model's own output: under reentrant gradient checkpointing (transformers' default) the layers
-        run without grad inside the checkpoint, so only the model's output carries the graph, and its backward
-        runs the layers again: the noise must still be in place then (virtual mode: the layers still rerouted)."""
+        """The wrapped model's own outputs, each of them: under reentrant gradient checkpointing (transformers'
+        default) the layers run without grad inside the checkpoint, so only the model's outputs carry the graph,
+        and its backward runs the layers again: the noise must still be in place then (virtual mode: the layers
+        still rerouted). A loss taken from any one output (``.logits`` with the returned ``.loss`` dropped, say)
+        reaches a tracked tensor."""
         if not self._handles or not torch.is_grad_enabled():
             return
-        tensor = _tensor_with_grad(output)
-        if tensor is not None:
-            self._track(tensor)
+        tensors = _tensors_with_grad(output)
+        if tensors:
+            self._track(*tensors)
 
-    def _track(self, output: torch.Tensor) -> None:
-        """A graph built at the noisy weights: pending until its backward ends or it is released."""
-        self._on_forward()
-        if not self._grad_hooked:
-            # one gradient hook per graph is enough to learn when its backward ends: the first perturbed
-            # output after the guards go in, or after a backward ended (the next forward's). A hook on every
-            # layer's output cost a registration per layer and step and a Python call per layer in backward
-            # (1.8 of 7.7 ms of in-place exact's host work per step, 112 layers, host_time.py --steps)
-            self._grad_hooked = True
-            output.register_hook(self._grad_hook_of_all)
-        node = output.grad_fn
-        metadata = getattr(node, "metadata", None)
-        if isinstance(metadata, dict):
-            metadata.setdefault("flatlora_optim", []).append(_GraphToken(self._released))
+    def _track(self, *outputs: torch.Tensor) -> None:
+        """One forward's graph built at the noisy weights, through its tracked outputs: pending until a backward
+        computes the gradient of any of them, or until all of them are released."""
+        key = next(self._keys)
+        self._pending[key] = 0
+        for output in outputs:
+            output.register_hook(_GradHook(self._fired, key))
+            metadata = getattr(output.grad_fn, "metadata", None)
+            if isinstance(metadata, dict):
+                metadata.setdefault("flatlora_optim", []).append(_GraphToken(self._released, key))
+                self._pending[key] += 1
 
-    def _released_callback(self) -> Callable[[], None]:
+    def _released_callback(self) -> Callable[[int], None]:
         owner = weakref.ref(self)
 
-        def released() -> None:
+        def released(key: int) -> None:
             guards = owner()
-            if guards is not None and guards._handles:
-                guards._on_graph_released()
+            if guards is None or not guards._handles or key not in guards._pending:
+                return
+            guards._pending[key] -= 1
+            if guards._pending[key] <= 0:  # every tracked output of that forward is gone: its graph was released
+                del guards._pending[key]
+                guards._grad_hooked = False  # the next forward's first layer output is tracked again
+                if not guards._callback_queued:
+                    # a release inside a backward that reached a tracked output (the throwaway graph of a
+                    # checkpoint's rerun, say) waits for that backward's end, which decides
+                    guards._on_graph_released()
 
         return released
 
-    def _grad_hook(self, grad: torch.Tensor) -> None:
+    def _grad_fired(self, key: int) -> None:
+        if not self._handles:  # the noise was taken out before this backward
+            if self._strict:
+                raise RuntimeError(
+                    "A backward ran through a graph built at Flat-LoRA's noisy weights after they were restored (a second "
+                    "backward with retain_graph=True, or a graph kept from an earlier step): its gradient would be taken at "
+                    "other weights than its forward's. Run one backward per forward, before opt.step()."
+                )
+            return
+        self._pending.pop(key, None)
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
 
     def _backward_finished(self) -> None:
         self._callback_queued = False
-        self._grad_hooked = False  # a later forward's graph gets its own hook
+        if not self._handles:  # these guards were removed meanwhile (a graph kept from an earlier step)
+            return
+        self._grad_hooked = False  # a later forward's graph gets its own tracked output
         self._on_backward_end()
 
     # -- train/eval ---------------------------------------------------------------------------

@@ -140,8 +140,6 @@ class FlatLoRA(torch.optim.Optimizer):
         self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
-        self._pending_backward = False  # a graph built at W + e waits for its backward
-        self._live_graphs = 0
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
 
@@ -277,7 +275,7 @@ class FlatLoRA(torch.optim.Optimizer):
 
         If a forward at the noisy weights still waits for its backward, the restore is done at
         the end of that backward pass (restoring now would corrupt its gradient); ``force=True``
-        restores now, and a later backward through that graph then raises autograd's in-place error.
+        restores now, and a later backward through that graph then raises (in-place mode: a ``RuntimeError`` saying so).
         """
         self._held = False
         if force:
@@ -288,8 +286,8 @@ class FlatLoRA(torch.optim.Optimizer):
     def _release(self) -> None:
         if self._depth or self._held or self._perturbations is None:
             return
-        if self._pending_backward and self._live_graphs:
-            return  # restored by _on_backward_end or _on_graph_released
+        if self._guards is not None and self._guards.pending():
+            return  # restored by _on_backward_end or _on_graph_released once no graph waits
         self._restore_now()
 
     @torch.no_grad()
@@ -312,10 +310,10 @@ class FlatLoRA(torch.optim.Optimizer):
         place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
             perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
-            self._patches = VirtualPatches(self._perturber, perturbations, self._armed)  # removes what it patched if it fails
+            self._patches = VirtualPatches(self._perturber, perturbations)  # removes what it patched if it fails
             try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
-                self._guards = PerturbationGuards(self.targets, self._clean_weight, self._on_forward, self._on_backward_end,
-                                                  self._on_graph_released, self._on_mode_change, root=self.model, layers=False)
+                self._guards = PerturbationGuards(self.targets, self._clean_weight, self._on_backward_end, self._on_graph_released,
+                                                  self._on_mode_change, root=self.model, layers=False)
             except BaseException:
                 self._patches.remove()
                 self._patches = None
@@ -326,7 +324,7 @@ class FlatLoRA(torch.optim.Optimizer):
 
         def install_guards() -> None:  # while the device runs the noise pass (exact restore: before the host waits for it)
             installed.append(PerturbationGuards(
-                self.targets, self._clean_weight, self._on_forward, self._on_backward_end, self._on_graph_released, self._on_mode_change,
+                self.targets, self._clean_weight, self._on_backward_end, self._on_graph_released, self._on_mode_change,
                 root=self.model,
             ))
 
@@ -344,8 +342,6 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._guards is not None:
             self._guards.remove()
             self._guards = None
-        self._pending_backward = False
-        self._live_graphs = 0
         if self._patches is not None:  # virtual mode: nothing was written
             self._patches.remove()
             self._patches = None
@@ -357,10 +353,6 @@ class FlatLoRA(torch.optim.Optimizer):
         with on_device_of(self.targets):
             self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
 
-    def _armed(self) -> bool:
-        """Inside ``perturbed()``, or between ``perturb()`` and ``restore()``: virtual mode's layers take the noise."""
-        return self._depth > 0 or self._held
-
     def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
         clean = target.weight.detach().clone()
         with on_device_of([target]):
@@ -369,18 +361,11 @@ class FlatLoRA(torch.optim.Optimizer):
                     self._perturber.restore(p, dest=target.rows_of(clean))
         return clean
 
-    def _on_forward(self) -> None:
-        self._pending_backward = True
-        self._live_graphs += 1
-
     def _on_backward_end(self) -> None:
-        self._pending_backward = False
         self._release()
 
     def _on_graph_released(self) -> None:
-        self._live_graphs = max(0, self._live_graphs - 1)
-        if self._live_graphs == 0:
-            self._release()
+        self._release()
 
     def _on_mode_change(self, mode: bool) -> None:
         self._held = False

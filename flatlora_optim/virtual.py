@@ -14,11 +14,10 @@ is entered and is a constant for autograd, as in the paper: no gradient flows fr
 ``A`` or ``B`` through the row norms.
 
 Interception replaces ``forward`` (``base_forward`` for ``LoRALinear``) on the module instance for
-the duration of the block; outside it every forward is the model's own. When the block ends with a graph
-that the model's output carries still waiting for its backward, the patch stays (doing the plain forward)
-until that backward ends or the graph is released: gradient checkpointing runs the layers' forward again
-inside the backward, and those reruns must see the block's noise. Afterwards the model is exactly the model
-that was built.
+the duration of the block. When the block ends with a graph still waiting for its backward, the layers
+stay rerouted until that backward ends or the graph is released, as in-place mode keeps its weights
+perturbed: gradient checkpointing runs the layers' forward again inside the backward, and those reruns
+must see the block's noise. Afterwards the model is exactly the model that was built.
 """
 
 from __future__ import annotations
@@ -87,27 +86,13 @@ def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
     return None
 
 
-def _in_backward() -> bool:
-    """True while autograd runs a backward pass (gradient checkpointing reruns forwards there). A torch without
-    the probe counts as always in backward: the noise then stays on until the graph's backward, as in-place."""
-    current = getattr(torch._C, "_current_graph_task_id", None)
-    return current is None or current() != -1
-
-
-def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: TargetPerturbation,
-                   armed: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
-    plain = getattr(type(owner), attribute).__get__(owner, type(owner))
-
+def _noisy_forward(owner: nn.Module, perturber: Perturber, p: TargetPerturbation) -> Callable[[torch.Tensor], torch.Tensor]:
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _is_compiling():
             raise RuntimeError(
                 "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
                 "and reroutes modules at run time). Use mode='inplace', which only writes the weights between compiled calls."
             )
-        if not armed() and not _in_backward():
-            # after the block, the patch stays while a graph built inside waits for its backward, for gradient
-            # checkpointing, which runs the forward again inside that backward; any other forward is the plain one
-            return plain(x)
         return NoisyLinearFunction.apply(x, p.target.weight, owner.bias, perturber, p)
 
     return forward
@@ -116,7 +101,7 @@ def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: Ta
 class VirtualPatches:
     """Reroutes the targets' base products to :class:`NoisyLinearFunction` until :meth:`remove`."""
 
-    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation], armed: Callable[[], bool] = lambda: True):
+    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation]):
         self._patched: List[Tuple[nn.Module, str]] = []
         try:
             for p in perturbations:
@@ -127,7 +112,7 @@ class VirtualPatches:
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
                 self._patched.append((module, attribute))  # first: remove() must know of every patch
-                module.__dict__[attribute] = _noisy_forward(module, attribute, perturber, p, armed)
+                module.__dict__[attribute] = _noisy_forward(module, perturber, p)
         except BaseException:
             self.remove()
             raise

@@ -100,7 +100,7 @@ def test_forced_restore_before_backward_raises_autograd_error():
     opt.perturb()
     loss = nn.functional.cross_entropy(model(x), y)
     opt.restore(force=True)
-    with pytest.raises(RuntimeError, match="inplace"):
+    with pytest.raises(RuntimeError, match="after they were restored"):
         loss.backward()
 
 

@@ -113,32 +113,58 @@ def _loss(model, seed):
     return nn.functional.cross_entropy(model(x), y)
 
 
-def test_one_gradient_hook_per_graph_and_the_restore_still_follows_each_backward(setup, monkeypatch):
-    """The guards learn that a backward ended from a gradient hook on one output per graph (the first perturbed
-    output since the guards went in or since the last backward ended), not on every layer's output; each
-    backward below still restores right after it ends."""
-    from flatlora_optim.guards import PerturbationGuards
+def test_gradient_hooks_per_forward_not_per_layer_and_the_restore_still_follows_each_backward(setup, monkeypatch):
+    """The guards learn that a backward ended from gradient hooks on a few tracked outputs per forward (the model's
+    outputs, and the first perturbed layer output since the guards went in or since the last backward ended), not
+    on every layer's output; each backward below still restores right after it ends."""
+    from flatlora_optim import guards
 
     model, opt, before = setup
-    calls = []
-    original = PerturbationGuards._grad_hook
-    monkeypatch.setattr(PerturbationGuards, "_grad_hook", lambda self, grad: (calls.append(1), original(self, grad))[1])
+    fired = []
+    original = guards.PerturbationGuards._grad_fired
+    monkeypatch.setattr(guards.PerturbationGuards, "_grad_fired", lambda self, key: (fired.append(key), original(self, key))[1])
     with opt.perturbed():  # two micro-batches, one backward of their sum after the block
         loss = _loss(model, 0) + _loss(model, 1)
     assert opt.is_perturbed
     loss.backward()
-    assert not opt.is_perturbed and len(calls) == 1  # the MLP has 3 perturbed layers per forward: 1 hook, not 6
+    # the MLP has 3 perturbed layers: one hook per layer output would fire 6 times; here the first forward's first
+    # layer output and each forward's model output
+    assert not opt.is_perturbed and len(fired) == 3
     assert_frozen_unchanged(model, before)
     opt.step()
     opt.zero_grad()
-    calls.clear()
+    fired.clear()
     with opt.perturbed():  # a backward inside the block, then another forward whose backward comes after it
         _loss(model, 2).backward()
         assert opt.is_perturbed
         loss = _loss(model, 3)
     assert opt.is_perturbed  # waits for the second graph's backward...
     loss.backward()
-    assert not opt.is_perturbed and len(calls) == 2  # ...and restores once it ends: the hook was set again
+    assert not opt.is_perturbed and len(fired) == 4  # ...and restores once it ends: its first layer output was tracked again
+    assert_frozen_unchanged(model, before)
+
+
+def test_two_graphs_two_backwards_and_a_dropped_graph(setup):
+    """The noise stays until every graph built at it has had its backward or been released: two forwards in the
+    block and a backward of each after it (the first no longer restores before the second has run), and a
+    throwaway forward released without backward before the real one."""
+    model, opt, before = setup
+    with opt.perturbed():
+        first, second = _loss(model, 0), _loss(model, 1)
+    first.backward()
+    assert opt.is_perturbed  # `second` still waits
+    second.backward()  # at the noisy weights: before, autograd raised its in-place error here
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    opt.step()
+    opt.zero_grad()
+    with opt.perturbed():
+        throwaway = _loss(model, 2)
+        del throwaway  # released without a backward
+        gc.collect()
+        loss = _loss(model, 3)
+    loss.backward()
+    assert not opt.is_perturbed  # before, the real loss's backward went unreported and the noise stayed until step()
     assert_frozen_unchanged(model, before)
 
 
@@ -190,8 +216,11 @@ def test_backward_twice_with_retain_graph_raises_clearly(setup):
         loss = nn.functional.cross_entropy(model(x), y)
     loss.backward(retain_graph=True)  # weights restored at the end of this backward
     assert_frozen_unchanged(model, before)
-    with pytest.raises(RuntimeError, match="inplace"):
+    # a second backward would take the gradient at other weights than its forward's (without checkpointing autograd
+    # would raise its in-place error; under gradient checkpointing it would run silently at the clean weights)
+    with pytest.raises(RuntimeError, match="after they were restored"):
         loss.backward()
+    assert_frozen_unchanged(model, before)
 
 
 def test_lora_linear_rejects_bad_arguments():
@@ -319,7 +348,7 @@ def test_a_hook_that_restores_during_forward_leaves_the_later_guard_hook_harmles
     opt.perturb()
     model(batch(0)[0].requires_grad_(True))  # the layer's output needs a graph: the guard's hook would act on it
     assert not opt.is_perturbed
-    assert not opt._pending_backward and opt._live_graphs == 0  # no backward awaited at weights already restored
+    assert opt._guards is None  # no backward awaited at weights already restored
     assert_frozen_unchanged(model, before)
 
 
@@ -519,3 +548,24 @@ def test_the_flatness_meter_makes_each_targets_device_current(monkeypatch):
     flatness_module.measure_flatness(model, lambda m: nn.functional.cross_entropy(m(x), y), [0.1], draws=1, seed=0)
     names = [t.name for t in flatness_module.discover_targets(model)]
     assert calls == [[n] for n in names] + [[n] for n in reversed(names)]  # each perturb, then each restore
+
+
+def test_the_models_outputs_that_carry_a_graph_are_found_in_any_usual_container():
+    """The guards track every output of the wrapped model that requires grad: a tensor, or tensors inside tuples,
+    lists, dicts (transformers' ModelOutput is one) and dataclasses; tensors without grad and other objects are
+    skipped."""
+    import dataclasses
+
+    from flatlora_optim.guards import _tensors_with_grad
+
+    @dataclasses.dataclass
+    class Output:
+        logits: torch.Tensor
+        aux: object = None
+
+    grad = [torch.ones(2, requires_grad=True) * k for k in range(1, 5)]
+    plain = torch.ones(2)
+    found = _tensors_with_grad((plain, {"a": grad[0], "b": [plain, grad[1]]}, Output(grad[2], aux=(grad[3], "text")), object()))
+    assert [id(t) for t in found] == [id(t) for t in grad]
+    assert _tensors_with_grad(plain) == [] and _tensors_with_grad(Output) == []  # a dataclass type, not an instance
+    assert _tensors_with_grad(((((grad[0],),),),)) == []  # deeper than three levels: not searched

@@ -188,10 +188,11 @@ def test_unwrapping_leaves_the_model_exactly_as_it_was():
         assert torch.equal(model(x), noisy)
         assert "base_forward" in model[0].__dict__
     assert not torch.equal(noisy, expected)
-    assert torch.equal(model(x), expected)  # outside the block: the plain forward...
-    assert "base_forward" in model[0].__dict__  # ...though the patch waits for the backward of the graph `noisy` carries
+    # after the block, the graph that `noisy` carries still waits for its backward: as in-place mode keeps its weights
+    # perturbed, the layers stay rerouted (gradient checkpointing reruns them inside that backward)
+    assert torch.equal(model(x), noisy) and "base_forward" in model[0].__dict__
     del noisy
-    gc.collect()  # the graph is released without a backward: the patch goes
+    gc.collect()  # the graph is released without a backward: the patches go
     assert all("base_forward" not in m.__dict__ and "forward" not in m.__dict__ for m in model.modules())
     assert torch.equal(model(x), expected)
     assert list(model.state_dict()) == keys
@@ -291,24 +292,37 @@ def test_peft_llama_under_bf16_autocast_same_grads_as_inplace():
     _assert_same(_grads(m1), _grads(m2))
 
 
-def _checkpointed_grads(mode, checkpointing):
+def _checkpointed_grads(mode, checkpointing, loss_from="loss"):
     """LoRA grads of one Flat-LoRA step on the tiny Llama (backward after the block), with transformers' gradient
-    checkpointing off, reentrant (its default) or non-reentrant; ``mode=None``: plain LoRA."""
+    checkpointing off, reentrant (its default) or non-reentrant; ``mode=None``: plain LoRA. ``loss_from="logits"``:
+    only the logits leave the block (the returned output, its ``.loss`` with it, is dropped) and the loss is taken
+    from them after it."""
     model = _llama()
     model.train()
     if checkpointing != "off":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
         model.enable_input_require_grads()  # reentrant checkpointing needs an input that requires grad
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    def loss_of(ids):
+        if loss_from == "loss":
+            return model(input_ids=ids, labels=ids).loss
+        logits = model(input_ids=ids, labels=ids).logits
+        return logits
+
+    def finish(value):
+        if loss_from == "loss":
+            return value
+        return nn.functional.cross_entropy(value[:, :-1].reshape(-1, value.shape[-1]), ids[:, 1:].reshape(-1))
+
     if mode is None:
-        model(input_ids=ids, labels=ids).loss.backward()
+        finish(loss_of(ids)).backward()
         return _grads(model)
     opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05), model, mode=mode, rho=0.2,
                    schedule="constant", seed=5)
     before = frozen_weights(model)
     with opt.perturbed():
-        loss = model(input_ids=ids, labels=ids).loss
-    loss.backward()  # checkpointing runs the layers' forward again in here: the noise must still be on
+        value = loss_of(ids)
+    finish(value).backward()  # checkpointing runs the layers' forward again in here: the noise must still be on
     assert not opt.is_perturbed
     assert_frozen_unchanged(model, before)
     return _grads(model)
@@ -316,12 +330,13 @@ def _checkpointed_grads(mode, checkpointing):
 
 @pytest.mark.parametrize("mode", ["inplace", "virtual"])
 @pytest.mark.parametrize("checkpointing", ["reentrant", "non-reentrant"])
-def test_gradient_checkpointing_gives_the_grads_at_the_noisy_weights(mode, checkpointing):
+@pytest.mark.parametrize("loss_from", ["loss", "logits"])
+def test_gradient_checkpointing_gives_the_grads_at_the_noisy_weights(mode, checkpointing, loss_from):
     """Under gradient checkpointing the backward reruns each block's forward. Those reruns must see W + e: the
     LoRA grads equal those of the same step without checkpointing, not plain LoRA's. (Before the fix, reentrant
     checkpointing -- transformers' default -- silently gave grads partly at the clean weights in both modes, and
     virtual mode failed with a CheckpointError under non-reentrant checkpointing.)"""
-    got = _checkpointed_grads(mode, checkpointing)
-    _assert_same(got, _checkpointed_grads(mode, "off"))
-    plain = _checkpointed_grads(None, "off")
+    got = _checkpointed_grads(mode, checkpointing, loss_from)
+    _assert_same(got, _checkpointed_grads(mode, "off", loss_from))
+    plain = _checkpointed_grads(None, "off", loss_from)
     assert any(not torch.allclose(g, p, rtol=1e-4, atol=1e-6) for g, p in zip(got, plain))
