@@ -104,8 +104,8 @@ class _CleanState:
 def _tensors_with_grad(output: Any, depth: int = 3) -> List[torch.Tensor]:
     """Every tensor that requires grad in a module's output: a tensor, or those inside tuples, lists, mappings
     (transformers' ``ModelOutput`` is one) and dataclasses, ``depth`` levels down."""
-    if isinstance(output, torch.Tensor):
-        return [output] if output.requires_grad else []
+    if isinstance(output, torch.Tensor):  # a leaf (a parameter, an input handed back) was not built by this forward
+        return [output] if output.requires_grad and output.grad_fn is not None else []
     if depth == 0:
         return []
     if isinstance(output, Mapping):
@@ -117,6 +117,21 @@ def _tensors_with_grad(output: Any, depth: int = 3) -> List[torch.Tensor]:
     else:
         return []
     return [tensor for item in items for tensor in _tensors_with_grad(item, depth - 1)]
+
+
+class _BackwardEnd:
+    """Queued on a backward that reached a tracked graph; runs at its end. Only that backward holds it, so while it
+    is alive the backward still runs, and a backward that failed (its queued callbacks dropped unrun) frees it."""
+
+    __slots__ = ("_guards", "__weakref__")
+
+    def __init__(self, guards: PerturbationGuards):
+        self._guards = guards
+
+    def __call__(self) -> None:
+        guards, self._guards = self._guards, None
+        if guards is not None:
+            guards._backward_finished()
 
 
 class PerturbationGuards:
@@ -147,7 +162,7 @@ class PerturbationGuards:
     ):
         self._handles: List[RemovableHandle] = []
         self._patched_train: List[nn.Module] = []
-        self._callback_queued = False
+        self._queued: Optional[weakref.ReferenceType] = None  # the _BackwardEnd queued on a running backward
         self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
@@ -204,7 +219,7 @@ class PerturbationGuards:
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
         if not self._handles or self._grad_hooked or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
-                or not output.requires_grad:
+                or output.grad_fn is None:
             return
         # one layer output per forward is enough (the first since the guards went in, or since a backward ended
         # or a tracked graph was released); the model's own outputs are tracked too (_root_hook). Tracking every
@@ -242,16 +257,20 @@ class PerturbationGuards:
 
         def released(key: int) -> None:
             guards = owner()
-            if guards is None or not guards._handles or key not in guards._pending:
+            if guards is None or not guards._handles:
                 return
-            guards._pending[key] -= 1
-            if guards._pending[key] <= 0:  # every tracked output of that forward is gone: its graph was released
-                del guards._pending[key]
+            count = guards._pending.get(key)
+            if count is not None:
+                if count > 1:  # other tracked outputs of that forward are still alive
+                    guards._pending[key] = count - 1
+                    return
+                del guards._pending[key]  # every tracked output of that forward is gone: its graph was released
                 guards._grad_hooked = False  # the next forward's first layer output is tracked again
-                if not guards._callback_queued:
-                    # a release inside a backward that reached a tracked output (the throwaway graph of a
-                    # checkpoint's rerun, say) waits for that backward's end, which decides
-                    guards._on_graph_released()
+            # (a key already reached by a backward that then failed, before its end ran, comes here too)
+            if not guards._awaiting_backward_end():
+                # a release inside a backward that reached a tracked output -- the throwaway graph of a
+                # checkpoint's rerun, say -- waits for that backward's end, which decides
+                guards._on_graph_released()
 
         return released
 
@@ -265,12 +284,16 @@ class PerturbationGuards:
                 )
             return
         self._pending.pop(key, None)
-        if not self._callback_queued:
-            self._callback_queued = True
-            torch.autograd.Variable._execution_engine.queue_callback(self._backward_finished)
+        if not self._awaiting_backward_end():  # once per backward, nested ones (reentrant checkpointing) included
+            end = _BackwardEnd(self)
+            self._queued = weakref.ref(end)
+            torch.autograd.Variable._execution_engine.queue_callback(end)
+
+    def _awaiting_backward_end(self) -> bool:
+        return self._queued is not None and self._queued() is not None
 
     def _backward_finished(self) -> None:
-        self._callback_queued = False
+        self._queued = None
         if not self._handles:  # these guards were removed meanwhile (a graph kept from an earlier step)
             return
         self._grad_hooked = False  # a later forward's graph gets its own tracked output

@@ -310,7 +310,7 @@ class FlatLoRA(torch.optim.Optimizer):
         place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
             perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
-            self._patches = VirtualPatches(self._perturber, perturbations)  # removes what it patched if it fails
+            self._patches = VirtualPatches(self._perturber, perturbations, self._armed)  # removes what it patched if it fails
             try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
                 self._guards = PerturbationGuards(self.targets, self._clean_weight, self._on_backward_end, self._on_graph_released,
                                                   self._on_mode_change, root=self.model, layers=False)
@@ -352,6 +352,11 @@ class FlatLoRA(torch.optim.Optimizer):
             return
         with on_device_of(self.targets):
             self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
+
+    def _armed(self) -> bool:
+        """Inside ``perturbed()`` or between ``perturb()`` and ``restore()``: virtual mode's layers take the noise in
+        every forward (outside, only in forwards that build a graph, while one still waits for its backward)."""
+        return self._depth > 0 or self._held
 
     def _clean_weight(self, target: LoRATarget) -> torch.Tensor:
         clean = target.weight.detach().clone()

@@ -17,7 +17,8 @@ Interception replaces ``forward`` (``base_forward`` for ``LoRALinear``) on the m
 the duration of the block. When the block ends with a graph still waiting for its backward, the layers
 stay rerouted until that backward ends or the graph is released, as in-place mode keeps its weights
 perturbed: gradient checkpointing runs the layers' forward again inside the backward, and those reruns
-must see the block's noise. Afterwards the model is exactly the model that was built.
+must see the block's noise (a forward without grad meanwhile, an evaluation, is the model's own). Afterwards the
+model is exactly the model that was built.
 """
 
 from __future__ import annotations
@@ -86,13 +87,20 @@ def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
     return None
 
 
-def _noisy_forward(owner: nn.Module, perturber: Perturber, p: TargetPerturbation) -> Callable[[torch.Tensor], torch.Tensor]:
+def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: TargetPerturbation,
+                   armed: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
+    plain = getattr(type(owner), attribute).__get__(owner, type(owner))
+
     def forward(x: torch.Tensor) -> torch.Tensor:
         if _is_compiling():
             raise RuntimeError(
                 "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
                 "and reroutes modules at run time). Use mode='inplace', which only writes the weights between compiled calls."
             )
+        if not armed() and not torch.is_grad_enabled():
+            # after the block, while a graph still waits: a forward without grad (an evaluation) builds no graph and
+            # is never rerun by checkpointing, so it gets the model's own forward
+            return plain(x)
         return NoisyLinearFunction.apply(x, p.target.weight, owner.bias, perturber, p)
 
     return forward
@@ -101,7 +109,7 @@ def _noisy_forward(owner: nn.Module, perturber: Perturber, p: TargetPerturbation
 class VirtualPatches:
     """Reroutes the targets' base products to :class:`NoisyLinearFunction` until :meth:`remove`."""
 
-    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation]):
+    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation], armed: Callable[[], bool] = lambda: True):
         self._patched: List[Tuple[nn.Module, str]] = []
         try:
             for p in perturbations:
@@ -112,7 +120,7 @@ class VirtualPatches:
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
                 self._patched.append((module, attribute))  # first: remove() must know of every patch
-                module.__dict__[attribute] = _noisy_forward(module, perturber, p)
+                module.__dict__[attribute] = _noisy_forward(module, attribute, perturber, p, armed)
         except BaseException:
             self.remove()
             raise

@@ -569,3 +569,84 @@ def test_the_models_outputs_that_carry_a_graph_are_found_in_any_usual_container(
     assert [id(t) for t in found] == [id(t) for t in grad]
     assert _tensors_with_grad(plain) == [] and _tensors_with_grad(Output) == []  # a dataclass type, not an instance
     assert _tensors_with_grad(((((grad[0],),),),)) == []  # deeper than three levels: not searched
+
+
+class _WithLeafOutput(nn.Module):
+    """Returns a trainable leaf beside its logits (a learned temperature, say): not a graph that a forward built."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = make_mlp(seed=2)
+        self.log_scale = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x):
+        return self.net(x), self.log_scale
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+def test_a_leaf_among_the_outputs_gets_no_hook_and_steps_run_on(mode):
+    model = _WithLeafOutput()
+    params = list(lora_parameters(model)) + [model.log_scale]
+    opt = FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.2, schedule="constant", mode=mode)
+    before = frozen_weights(model)
+    for step in range(3):
+        x, y = batch(step)
+        with opt.perturbed():
+            logits, log_scale = model(x)
+        (nn.functional.cross_entropy(logits * log_scale.exp(), y)).backward()
+        assert not opt.is_perturbed
+        opt.step()
+        opt.zero_grad()
+    assert not model.log_scale._backward_hooks  # a hook on the parameter would have stayed from step to step
+    assert_frozen_unchanged(model, before)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+def test_a_backward_that_fails_midway_then_a_retry(mode):
+    """A backward that raises partway (an out-of-memory error, a hook raising) never runs its end-of-backward
+    callback; dropping its graph, or the retried step's backward, still takes the noise out."""
+    model = make_mlp(seed=2)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", mode=mode)
+    before = frozen_weights(model)
+    x, y = batch(0)
+    failing = [True]
+
+    def fail_once(grad):
+        if failing[0]:
+            failing[0] = False
+            raise MemoryError("simulated out-of-memory in backward")
+
+    handle = model[1].register_forward_hook(lambda module, args, output: output.register_hook(fail_once) and None)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    handle.remove()
+    with pytest.raises(MemoryError):
+        loss.backward()
+    del loss
+    gc.collect()
+    assert not opt.is_perturbed  # the failed graph was released: nothing waits
+    opt.zero_grad()
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert not opt.is_perturbed  # the retry's backward end was seen
+    assert_frozen_unchanged(model, before)
+
+
+def test_virtual_mode_evaluates_without_noise_while_a_kept_graph_waits():
+    """Virtual mode, after the block, while a graph built at the noise is kept without a backward: a forward without
+    grad (an evaluation) is the model's own; in-place mode refuses model.eval() in that window instead."""
+    model = make_mlp(seed=2)
+    x, y = batch(0)
+    expected = model(x).detach()
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", mode="virtual")
+    with opt.perturbed():
+        kept = model(x)  # kept, never backpropagated
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    assert opt.is_perturbed  # `kept` still waits
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
+    del kept
+    gc.collect()
+    assert not opt.is_perturbed
