@@ -140,9 +140,8 @@ class PerturbationGuards:
     Args:
         targets: the perturbed targets.
         clean_weight: ``clean_weight(target)`` returns a clean copy of that target's weight.
-        on_backward_end: called at the end of every backward pass that reached such a graph.
-        on_graph_released: called when such a graph is garbage-collected.
-        (:meth:`pending` says whether a graph built at the noisy weights still waits for its backward.)
+        on_settled: called when a backward that reached such a graph has ended, and when such a graph is
+            garbage-collected: the noise may come out once :meth:`pending` says that no graph waits.
         on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
             it is expected to restore and raise.
         root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
@@ -154,8 +153,7 @@ class PerturbationGuards:
         self,
         targets: List[LoRATarget],
         clean_weight: Callable[[LoRATarget], torch.Tensor],
-        on_backward_end: Callable[[], None],
-        on_graph_released: Callable[[], None],
+        on_settled: Callable[[], None],
         on_mode_change: Callable[[bool], None],
         root: Optional[nn.Module] = None,
         layers: bool = True,
@@ -167,8 +165,7 @@ class PerturbationGuards:
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
         self._keys = itertools.count()
-        self._on_backward_end = on_backward_end
-        self._on_graph_released = on_graph_released
+        self._on_settled = on_settled
         # one bound method and one callback shared by every tracked output: these objects live through
         # the step, and each one Python's collector tracks brings its next full collection closer
         forward_hook = self._forward_hook
@@ -270,7 +267,7 @@ class PerturbationGuards:
             if not guards._awaiting_backward_end():
                 # a release inside a backward that reached a tracked output -- the throwaway graph of a
                 # checkpoint's rerun, say -- waits for that backward's end, which decides
-                guards._on_graph_released()
+                guards._on_settled()
 
         return released
 
@@ -297,7 +294,7 @@ class PerturbationGuards:
         if not self._handles:  # these guards were removed meanwhile (a graph kept from an earlier step)
             return
         self._grad_hooked = False  # a later forward's graph gets its own tracked output
-        self._on_backward_end()
+        self._on_settled()
 
     # -- train/eval ---------------------------------------------------------------------------
 

@@ -287,7 +287,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._depth or self._held or self._perturbations is None:
             return
         if self._guards is not None and self._guards.pending():
-            return  # restored by _on_backward_end or _on_graph_released once no graph waits
+            return  # called again by the guards when a backward ends or a graph is released
         self._restore_now()
 
     @torch.no_grad()
@@ -312,8 +312,8 @@ class FlatLoRA(torch.optim.Optimizer):
             perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
             self._patches = VirtualPatches(self._perturber, perturbations, self._armed)  # removes what it patched if it fails
             try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
-                self._guards = PerturbationGuards(self.targets, self._clean_weight, self._on_backward_end, self._on_graph_released,
-                                                  self._on_mode_change, root=self.model, layers=False)
+                self._guards = PerturbationGuards(self.targets, self._clean_weight, self._release, self._on_mode_change,
+                                                  root=self.model, layers=False)
             except BaseException:
                 self._patches.remove()
                 self._patches = None
@@ -324,7 +324,7 @@ class FlatLoRA(torch.optim.Optimizer):
 
         def install_guards() -> None:  # while the device runs the noise pass (exact restore: before the host waits for it)
             installed.append(PerturbationGuards(
-                self.targets, self._clean_weight, self._on_backward_end, self._on_graph_released, self._on_mode_change,
+                self.targets, self._clean_weight, self._release, self._on_mode_change,
                 root=self.model,
             ))
 
@@ -365,12 +365,6 @@ class FlatLoRA(torch.optim.Optimizer):
                 if p.target is target:
                     self._perturber.restore(p, dest=target.rows_of(clean))
         return clean
-
-    def _on_backward_end(self) -> None:
-        self._release()
-
-    def _on_graph_released(self) -> None:
-        self._release()
 
     def _on_mode_change(self, mode: bool) -> None:
         self._held = False
