@@ -30,7 +30,7 @@ import time
 from typing import Dict, List
 
 import torch
-from step_time import CONFIGS, build_model, make_ids, make_method, make_step, sync
+from step_time import CONFIGS, build_model, config_device, make_ids, make_method, make_step, sync
 
 
 def library_rows(profiler: cProfile.Profile, steps: int, limit: int) -> List[Dict]:
@@ -102,7 +102,7 @@ class PhaseTimer:
 
 def run(cfg_name: str, methods: List[str], steps: int, blocks: int, limit: int) -> Dict:
     cfg = CONFIGS[cfg_name]
-    device = torch.device("cuda" if cfg_name.startswith("gpu") else "cpu")
+    device = config_device(cfg_name)
     model = build_model(cfg, device)
     lora_params = [p for p in model.parameters() if p.requires_grad]
     ids = make_ids(cfg, device)

@@ -62,6 +62,11 @@ CONFIGS = {
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
+def config_device(cfg_name: str) -> torch.device:
+    """CUDA for the ``gpu*`` configurations, else the CPU."""
+    return torch.device("cuda" if cfg_name.startswith("gpu") else "cpu")
+
+
 def build_model(cfg: dict, device: torch.device):
     import peft
     import transformers
@@ -241,7 +246,7 @@ class FullCollections:
 
 def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = False) -> Dict:
     cfg = CONFIGS[cfg_name]
-    device = torch.device("cuda" if cfg_name.startswith("gpu") else "cpu")
+    device = config_device(cfg_name)
     if device.type == "cpu":
         torch.set_num_threads(threads)
     model = build_model(cfg, device)
