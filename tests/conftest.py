@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -20,6 +21,35 @@ def bits(t: torch.Tensor) -> torch.Tensor:
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return a.dtype == b.dtype and torch.equal(bits(a), bits(b))
+
+
+def normal_sample_report(z: torch.Tensor) -> dict:
+    """What :func:`assert_standard_normal` reads from a sample of the noise generator."""
+    z = z.double().flatten()
+    n = z.numel()
+    ordered = z.sort().values
+    cdf = torch.special.ndtr(ordered)
+    i = torch.arange(1, n + 1, dtype=torch.float64, device=z.device)
+    return {"n": n, "ks": torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item(), "mean": z.mean().item(), "var": z.var().item(),
+            "m4": (z ** 4).mean().item(), "beyond3": (z.abs() > 3).double().mean().item(), "near_zero": (z.abs() < 1e-6).sum().item(),
+            "max": z.abs().max().item()}
+
+
+def assert_standard_normal(report: dict) -> None:
+    """Seeded sample of ``n`` normals against N(0, 1). Tolerances: Kolmogorov-Smirnov distance below its 1e-4 level
+    ``sqrt(ln(2e4) / 2n)``; mean, variance, fourth moment and P(|z| > 3) within 5 standard errors; values within 1e-6
+    of 0 under 1e-4 of the draws (N(0, 1) puts 8e-7 there; a grid of angles through 0 and +-pi/2 would put 1/2048);
+    nothing past the largest
+    normal the 20-bit radius can give, ``sqrt(40 ln 2) = 5.27``."""
+    n = report["n"]
+    assert report["ks"] < math.sqrt(math.log(2e4) / (2 * n)), report
+    assert abs(report["mean"]) < 5 / math.sqrt(n), report
+    assert abs(report["var"] - 1) < 5 * math.sqrt(2 / n), report
+    assert abs(report["m4"] - 3) < 5 * math.sqrt(96 / n), report
+    tail = 2 * (1 - 0.9986501019683699)  # P(|z| > 3)
+    assert abs(report["beyond3"] - tail) < 5 * math.sqrt(tail / n), report
+    assert report["near_zero"] < 1e-4 * n, report
+    assert report["max"] <= math.sqrt(40 * math.log(2)) + 1e-5, report
 
 
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, width: int = 32, bias: bool = True, r: int = 4) -> nn.Module:

@@ -171,6 +171,6 @@ def test_layer_table_describes_every_tile_and_row_once():
         assert (table.tile_layer == index).sum().item() == table.tiles[index]
         assert (table.rowtile_layer == index).sum().item() == -(-m // ROWS_PER_PROGRAM)
         assert layer[12] == -(-n // TILE_COLS)
-    # codec variants: fan-in a multiple of 4 (bit 0), contiguous 16-byte-aligned rows (bit 1)
+    # codec variants: fan-in a multiple of 8 (bit 0), contiguous 16-byte-aligned rows (bit 1)
     assert [row[13] for row in table.layers.tolist()] == [3, 0, 0]
     assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]

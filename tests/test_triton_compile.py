@@ -33,7 +33,7 @@ from flatlora_optim.kernels.triton_noise import ExactGroupRecord, TritonNoiseKer
 
 KERNEL = TritonNoiseKernel()
 # ptxas keeps one 4-byte value on the stack in two of the codec's forms (restore on strided rows of a
-# fan-in multiple of 4, plain on aligned rows); anything more is a regression
+# fan-in multiple of 8, plain on aligned rows); anything more is a regression
 SPILL_ALLOWANCE = {"_codec_kernel": 4}
 
 

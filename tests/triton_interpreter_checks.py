@@ -13,6 +13,7 @@ when the kernels are defined (the environment variable must be set before the im
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 
@@ -33,6 +34,9 @@ from flatlora_optim.kernels import triton_noise as tn  # noqa: E402
 from flatlora_optim.kernels.layer_table import DTYPE_CODES, LayerTable  # noqa: E402
 from flatlora_optim.kernels.triton_noise import TritonNoiseKernel  # noqa: E402
 from flatlora_optim.noise import rows_per_chunk  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import assert_standard_normal, normal_sample_report  # noqa: E402
 
 KERNEL = TritonNoiseKernel()
 SPECIAL = [0.0, -0.0, float("inf"), float("-inf"), float("nan"), 6.0e4, -6.0e4, 2.0**-14, -(2.0**-24), 1.0e-7]
@@ -80,8 +84,9 @@ def perturb_and_restore(rows, std_scale, generator, capacity=None):
 def check_examples() -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
-        # odd fan-in (not a multiple of 4), transposed view, unaligned rows, aligned rows, special values
-        rows = layers([(9, 1030), (7, 330), (6, 900), (5, 1024)], dtype, gen, transposed=(1,), special=True)
+        # fan-ins not a multiple of 8 (per-element counters: 1030, and 900, a multiple of 4), a transposed view with
+        # a fan-in of 8k (eight normals per counter, strided rows), aligned rows, special values
+        rows = layers([(9, 1030), (7, 336), (6, 900), (5, 1024)], dtype, gen, transposed=(1,), special=True)
         assert sorted(LayerTable(rows).variants) == [0, 1, 3]
         perturb_and_restore(rows, 0.002, gen)
         perturb_and_restore(rows, 0.002, gen, capacity=(3, 2))  # too small on purpose: undone and redone
@@ -124,16 +129,34 @@ def check_examples() -> None:
 
 
 @triton.jit
-def _reference_normals(out_ptr, seed, n, BLOCK: tl.constexpr):
-    """The stream's definition, element by element: ``z[L]`` is lane ``L % 4`` of ``randn4x(seed, L // 4)``."""
-    local = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    n1, n2, n3, n4 = tl.randn4x(seed, local // 4)
-    lane = local % 4
-    tl.store(out_ptr + local, tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4))), mask=local < n)
+def _philox_words(out_ptr, seed, n_counters, BLOCK: tl.constexpr):
+    """The four raw 32-bit Philox words of each counter (Triton's ``randint4x``, 10 rounds)."""
+    c = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    i1, i2, i3, i4 = tl.randint4x(seed, c)
+    mask = c < n_counters
+    tl.store(out_ptr + 4 * c, i1.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+    tl.store(out_ptr + 4 * c + 1, i2.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+    tl.store(out_ptr + 4 * c + 2, i3.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+    tl.store(out_ptr + 4 * c + 3, i4.to(tl.int64) & 0xFFFFFFFF, mask=mask)
+
+
+def _reference_normals(seed: int, n: int) -> torch.Tensor:
+    """The stream's definition, element by element, written apart from the kernels: ``z[L]`` is lane ``L % 8``
+    of counter ``L // 8``; word ``k`` of a counter gives lanes ``2k`` and ``2k + 1``: a radius from its top 20
+    bits, ``sqrt(-2 ln(1 - u))`` with ``u = top / 2**20``, and an angle ``2 pi ((low + 1/2) / 2**12) - pi`` from its low 12
+    bits (the midpoints of 4096 steps), then ``radius * cos(angle)`` and ``radius * sin(angle)`` (float64 here; the
+    kernel works in float32)."""
+    counters = -(-n // 8)
+    words = torch.empty(4 * counters, dtype=torch.int64)
+    _philox_words[(-(-counters // 64),)](words, seed, counters, BLOCK=64)
+    u = (words >> 12).double() / 2**20
+    angle = 2 * math.pi * ((words & 0xFFF).double() + 0.5) / 2**12 - math.pi
+    radius = torch.sqrt(-2 * torch.log1p(-u))
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=1).reshape(-1)[:n]
 
 
 def check_noise_stream_follows_its_definition() -> None:
-    """The tiled noise kernel draws element ``L`` of a row block from lane ``L % 4`` of counter ``L // 4``
+    """The tiled noise kernel draws element ``L`` of a row block from lane ``L % 8`` of counter ``L // 8``
     whatever its tile shape: narrow rows (tiles of fewer columns), odd widths (per-element counters),
     rows wider than a tile, several row blocks (each its own seed), a transposed source."""
     gen = torch.Generator().manual_seed(1)
@@ -145,11 +168,17 @@ def check_noise_stream_follows_its_definition() -> None:
         for b, seed in enumerate(seeds.tolist()):
             block = slice(b * per_block, min(rows, (b + 1) * per_block))
             n = (block.stop - block.start) * cols
-            z = torch.empty(n)
-            _reference_normals[(-(-n // 256),)](z, seed, n, BLOCK=256)
-            z = z.reshape(-1, cols)
-            assert torch.equal(KERNEL.noise(ones[block], cols, seeds[b:b + 1], torch.float32), z), f"noise of {rows}x{cols} block {b}"
-            assert torch.equal(noisy[block], w[block] + z), f"W + e of {rows}x{cols} block {b}"
+            z = _reference_normals(seed, n).reshape(-1, cols)
+            drawn = KERNEL.noise(ones[block], cols, seeds[b:b + 1], torch.float32)
+            # float32 arithmetic against the float64 definition: a lane or counter out of place is off by O(1)
+            torch.testing.assert_close(drawn.double(), z, rtol=0, atol=2e-5, msg=f"noise of {rows}x{cols} block {b}")
+            assert torch.equal(noisy[block], w[block] + drawn), f"W + e of {rows}x{cols} block {b}"
+
+
+def check_noise_is_standard_normal() -> None:
+    """2**18 normals (seed 11) of the interpreted kernel pass :func:`assert_standard_normal`."""
+    z = KERNEL.noise(torch.ones(512), 512, torch.tensor([11]), torch.float32)
+    assert_standard_normal(normal_sample_report(z))
 
 
 def check_tiles_without_rows() -> None:
@@ -505,6 +534,7 @@ if __name__ == "__main__":
     check_fsdp_shards_take_their_rows_of_the_whole_layers_values()
     check_shard_kernel_forms_the_fused_kernels_values()
     check_noise_stream_follows_its_definition()
+    check_noise_is_standard_normal()
     check_noise_time_benchmark_runs()
     check_tiles_without_rows()
     check_examples()

@@ -141,14 +141,14 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def codec_variant(rows: torch.Tensor) -> int:
-    """Which compiled form of the codec suits a view: bit 0 -- the fan-in is a multiple of 4 (each
-    row's noise starts at a fresh Philox counter, so a tile draws four normals per evaluation);
+    """Which compiled form of the codec suits a view: bit 0 -- the fan-in is a multiple of 8 (each
+    row's noise starts at a fresh Philox counter, so a tile draws eight normals per evaluation);
     bit 1 -- rows are contiguous, 16-byte aligned and a whole number of 16-byte vectors long (the
     loads and stores can be vectorised)."""
     n = rows.shape[1]
     size = rows.element_size()
     aligned = rows.stride(1) == 1 and rows.data_ptr() % 16 == 0 and (rows.stride(0) * size) % 16 == 0 and (n * size) % 16 == 0
-    return int(n % 4 == 0) | (2 * int(aligned))
+    return int(n % 8 == 0) | (2 * int(aligned))
 
 
 def table_key(rows: Sequence[torch.Tensor]) -> Tuple:

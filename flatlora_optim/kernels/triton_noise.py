@@ -5,9 +5,9 @@ row stds and adds it to the weights: several passes over a block plus a generato
 ``z`` comes from Philox inside the kernel, so forming ``fl(W + e)`` reads ``W`` once and writes the
 result once, and the noise is regenerated from ``(seed, position)`` alone, with no generator state.
 
-Element ``L`` of a row block (row-major position inside the block) takes lane ``L % 4`` of the
-Philox output for counter ``L // 4`` under the block's seed (four normals per Philox evaluation,
-by Box--Muller: :func:`_randn4x`). Every kernel draws through :func:`_tile_normals`, and a launch
+Element ``L`` of a row block (row-major position inside the block) takes lane ``L % 8`` of the
+Philox output for counter ``L // 8`` under the block's seed (eight normals per Philox evaluation,
+two per 32-bit word by Box--Muller: :func:`_randn8x`). Every kernel draws through :func:`_tile_normals`, and a launch
 covers any number of row blocks, so the whole-layer launch of virtual mode, the step-wide codec of
 in-place mode and an FSDP2 shard's blocks all give the same bits.
 
@@ -72,68 +72,86 @@ one or two atomics (noise_time.py on an H200: perturb pass 8.98 ms with 32, 8.83
 
 
 @triton.jit
-def _in_lane_order(n1, n2, n3, n4):
-    """Philox's four normals per counter side by side: ``[..., 2, 2]`` holding n1 n2 n3 n4 in order,
-    so that flattening the last two axes gives element ``4c + lane`` its lane of counter ``c``."""
-    return tl.join(tl.join(n1, n3), tl.join(n2, n4))
+def _in_lane_order(n1, n2, n3, n4, n5, n6, n7, n8):
+    """One counter's eight normals side by side: ``[..., 2, 2, 2]`` holding n1 ... n8 in order, so that
+    flattening the last three axes gives element ``8c + lane`` its lane of counter ``c`` (each ``join``
+    adds a last axis, so the innermost pairs are the ones four lanes apart)."""
+    low = tl.join(tl.join(n1, n5), tl.join(n3, n7))
+    high = tl.join(tl.join(n2, n6), tl.join(n4, n8))
+    return tl.join(low, high)
 
 
 @triton.jit
-def _unit_interval(bits):
-    """``[0, 1)`` in steps of ``2**-23`` from the top 23 of 32 random bits: placed in the mantissa of a
-    float in ``[1, 2)``, then 1 subtracted (integer and add units only: the int-to-float conversion
-    runs on the GPU's slow special-function pipe, which Box--Muller already keeps busy)."""
-    return ((bits.to(tl.uint32, bitcast=True) >> 9) | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
+def _unit_interval(bits, BITS: tl.constexpr):
+    """``[0, 1)`` in steps of ``2**-BITS`` from the low ``BITS`` (at most 23) of ``bits``: placed at the top
+    of the mantissa of a float in ``[1, 2)``, then 1 subtracted (integer and add units only: the int-to-float
+    conversion runs on the GPU's slow special-function pipe, which Box--Muller already keeps busy)."""
+    mantissa = (bits.to(tl.uint32, bitcast=True) & ((1 << BITS) - 1)) << (23 - BITS)
+    return (mantissa | 0x3F800000).to(tl.float32, bitcast=True) - 1.0
 
 
 @triton.jit
-def _randn4x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
-    """Four standard normals per counter: Philox-4x32 with ``ROUNDS`` rounds, then Box--Muller.
-
-    ``FAST`` takes the logarithm, sine and cosine from the GPU's special-function units (about
-    2**-21 absolute error, far below the bf16/fp16 rounding of ``W + e``) instead of libdevice's
-    correctly rounded routines, which cost more than Philox itself, and forms the uniforms with
-    :func:`_unit_interval`: the radius from ``1 - u`` in ``(0, 1]`` (largest normal 5.65; 5.68 with
-    ``tl.randn4x``'s clamp at 1e-7), the angle centred on 0, where those units are most accurate.
-    Without ``FAST`` this is ``tl.randn4x``.
-    """
+def _normal_pair(bits, FAST: tl.constexpr):
+    """Two standard normals from one 32-bit word by Box--Muller: the radius from its top 20 bits (``1 - u``
+    in ``(0, 1]``, so the largest normal is ``sqrt(40 ln 2) = 5.27``), the angle from its low 12 bits:
+    4096 angles in ``(-pi, pi)``, each the midpoint of its step (on the steps' ends, the angles 0, +-pi/2
+    and -pi would give exact zeros, a point mass of 1/2048 at 0), centred on 0 where the fast sine and
+    cosine are most accurate. An even grid keeps ``E[cos^2] = 1/2`` and ``E[cos^4] = 3/8`` exact, so
+    the pair's moments are the continuous form's.
+    ``FAST``: the logarithm, sine and cosine from the special-function units (about 2**-21 absolute error,
+    far below the bf16/fp16 rounding of ``W + e``) instead of libdevice's correctly rounded routines, which
+    cost more than Philox itself."""
+    u = _unit_interval(bits.to(tl.uint32, bitcast=True) >> 12, 20)
+    angle = 6.283185307179586 * _unit_interval(bits, 12) - 3.14082566319585  # pi - pi / 4096: midpoints
     if FAST:
-        i1, i2, i3, i4 = tl.randint4x(seed, counters, ROUNDS)
         # the fast logarithm has an absolute error of about 2**-21 near 1, where the true value is as small as
-        # -1.2e-7: it may come out positive there, and the square root of a negative number is NaN
-        r1 = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i1)), 0.0))
-        r2 = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(1.0 - _unit_interval(i3)), 0.0))
-        t1 = 6.283185307179586 * _unit_interval(i2) - 3.141592653589793
-        t2 = 6.283185307179586 * _unit_interval(i4) - 3.141592653589793
-        return r1 * libdevice.fast_cosf(t1), r1 * libdevice.fast_sinf(t1), r2 * libdevice.fast_cosf(t2), r2 * libdevice.fast_sinf(t2)
+        # -9.5e-7: it may come out positive there, and the square root of a negative number is NaN
+        radius = tl.sqrt(tl.maximum(-2.0 * libdevice.fast_logf(1.0 - u), 0.0))
+        return radius * libdevice.fast_cosf(angle), radius * libdevice.fast_sinf(angle)
     else:
-        return tl.randn4x(seed, counters, ROUNDS)
+        radius = tl.sqrt(-2.0 * tl.log(1.0 - u))
+        return radius * tl.cos(angle), radius * tl.sin(angle)
 
 
 @triton.jit
-def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr,
+def _randn8x(seed, counters, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+    """Eight standard normals per counter: Philox-4x32 with ``ROUNDS`` rounds gives four 32-bit words, and
+    each word two normals (:func:`_normal_pair`). Eight rather than ``tl.randn4x``'s four halve Philox's
+    work per normal (noise_time.py on an H200, side by side, for the 1 B Llama's 112 weights: virtual ``W + e``
+    1.65 -> 1.39 ms, plain pass 1.22 -> 1.05 ms, exact perturb and restore passes 6.98 / 4.83 -> 6.41 / 4.46 ms)."""
+    i1, i2, i3, i4 = tl.randint4x(seed, counters, ROUNDS)
+    n1, n2 = _normal_pair(i1, FAST)
+    n3, n4 = _normal_pair(i2, FAST)
+    n5, n6 = _normal_pair(i3, FAST)
+    n7, n8 = _normal_pair(i4, FAST)
+    return n1, n2, n3, n4, n5, n6, n7, n8
+
+
+@triton.jit
+def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.constexpr, ALIGNED8: tl.constexpr,
                   FAST: tl.constexpr, ROUNDS: tl.constexpr):
     """The standard normals of a ``TR x TC`` tile of a row block (``rows`` inside the block).
 
-    Element ``L = row * n_cols + col`` of a row block takes lane ``L % 4`` of Philox counter
-    ``L // 4`` under the block's seed. When ``n_cols`` is a multiple of 4 a row's counters are
-    consecutive and one evaluation gives four neighbours; otherwise every element evaluates its
+    Element ``L = row * n_cols + col`` of a row block takes lane ``L % 8`` of Philox counter
+    ``L // 8`` under the block's seed. When ``n_cols`` is a multiple of 8 a row's counters are
+    consecutive and one evaluation gives eight neighbours; otherwise every element evaluates its
     own counter. Every kernel draws through here, so all of them see the same noise.
     """
-    if ALIGNED4:
-        counters = (rows[:, None] * n_cols + first_col) // 4 + tl.arange(0, TC // 4)[None, :]
-        n1, n2, n3, n4 = _randn4x(seed, counters, FAST, ROUNDS)
-        return tl.reshape(_in_lane_order(n1, n2, n3, n4), (TR, TC))
+    if ALIGNED8:
+        counters = (rows[:, None] * n_cols + first_col) // 8 + tl.arange(0, TC // 8)[None, :]
+        n1, n2, n3, n4, n5, n6, n7, n8 = _randn8x(seed, counters, FAST, ROUNDS)
+        return tl.reshape(_in_lane_order(n1, n2, n3, n4, n5, n6, n7, n8), (TR, TC))
     else:
         local = rows[:, None] * n_cols + cols[None, :]
-        n1, n2, n3, n4 = _randn4x(seed, local // 4, FAST, ROUNDS)
-        lane = local % 4
-        return tl.where(lane == 0, n1, tl.where(lane == 1, n2, tl.where(lane == 2, n3, n4)))
+        i1, i2, i3, i4 = tl.randint4x(seed, local // 8, ROUNDS)
+        lane = local % 8
+        first, second = _normal_pair(tl.where(lane < 4, tl.where(lane < 2, i1, i2), tl.where(lane < 6, i3, i4)), FAST)
+        return tl.where(lane % 2 == 0, first, second)  # only the element's own word goes through Box--Muller
 
 
 @triton.jit
 def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_block, stride_row, stride_col, row_tiles, col_tiles,
-                  ADD: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ALIGNED4: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr,
+                  ADD: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ALIGNED8: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr,
                   WORK_FP64: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr):
     """``e`` (or ``fl(W + e)`` with ``ADD``) into a new contiguous ``m x n`` tensor, one ``TR x TC``
     tile of one row block per program; ``seeds[b]`` seeds row block ``b``.
@@ -159,7 +177,7 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
     cols = first_col + tl.arange(0, TC)
     row_mask = rows < block_rows
     mask = row_mask[:, None] & (cols < n_cols)[None, :]
-    z = _tile_normals(tl.load(seeds_ptr + block), rows, cols, first_col, n_cols, TR, TC, ALIGNED4, FAST, ROUNDS)
+    z = _tile_normals(tl.load(seeds_ptr + block), rows, cols, first_col, n_cols, TR, TC, ALIGNED8, FAST, ROUNDS)
     std = tl.load(std_ptr + first_row + rows, mask=row_mask, other=0.0)
     if WORK_FP64:
         e = z.to(tl.float64) * std.to(tl.float64)[:, None]
@@ -200,8 +218,8 @@ def _typed(raw, CODE: tl.constexpr):
 _NF = tl.constexpr(15)  # columns of the layer table (layer_table.FIELDS)
 _ASM = os.environ.get("TRITON_INTERPRET") != "1"  # inline PTX (popc) on the GPU; the interpreter cannot run it
 _FAST_NORMALS = _ASM and libdevice is not None
-"""Box--Muller from the special-function units on the GPU (see :func:`_randn4x`); the interpreter has
-no libdevice and draws with ``tl.randn4x``'s precise routines (same logic, other low bits)."""
+"""Box--Muller from the special-function units on the GPU (see :func:`_normal_pair`); the interpreter has
+no libdevice and draws with the precise routines (same logic, other low bits)."""
 _PHILOX_ROUNDS = 10
 """Philox rounds per evaluation (10, as ``tl.randn4x``, cuRAND and torch's CUDA generator use)."""
 
@@ -607,7 +625,7 @@ def _launch_args(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Ten
     grid = (_cdiv(n_rows, rows_per_block) * row_tiles * col_tiles,)
     args = (out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
             row_tiles, col_tiles)
-    options = dict(ADD=rows is not None, TR=tr, TC=tc, ALIGNED4=n_cols % 4 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
+    options = dict(ADD=rows is not None, TR=tr, TC=tc, ALIGNED8=n_cols % 8 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
                    FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False, num_warps=_NOISE_WARPS)
     return grid, args, options
 
@@ -753,7 +771,9 @@ def _row_std_forms(ranks: Sequence[int], w_code: int, ab_code: int) -> List[Tupl
     17-32 (a rank padded with zero rows adds exact zeros); the element-wise form above, for float32/float64
     weights, and for adapters of another type. Those (float32 adapters on bfloat16 weights: peft's default)
     would need two 16-bit parts each to keep their precision, and on an H200 that form took 1.82 ms for the
-    1 B Llama's stds against 1.15 ms element-wise (noise_time.py --adapters float32).
+    1 B Llama's stds against 1.15 ms element-wise (noise_time.py --adapters float32). TF32 products (``A``
+    rounded to 10 mantissa bits) took 1.085 against 1.145 ms, and missed the formula by more than 1e-4 where
+    ``s B A`` is as large as ``W`` (tests/test_gpu.py): not adopted.
     """
     largest = max(list(ranks) + [1])
     loop_r = min(_next_power_of_2(largest), 16)  # element-wise: above 8 the kernel loops over the rank (same sums)
