@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import weakref
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -87,16 +87,18 @@ class _ModeGuard:
 
 
 class _CleanState:
-    """A ``state_dict`` post-hook: the entries of ``group``'s perturbed weights become clean copies."""
+    """A ``state_dict`` post-hook: the entries of one owner's perturbed weights become clean copies. ``group``
+    holds ``(param_name, target)``: the owner's name for the weight, and the target that perturbs it (another
+    layer's, for a weight tied to it)."""
 
     __slots__ = ("group", "clean_weight", "_from_public_api")  # torch marks hooks given to its public registration
 
-    def __init__(self, group: List[LoRATarget], clean_weight: Callable[[LoRATarget], torch.Tensor]):
+    def __init__(self, group: List[Tuple[str, LoRATarget]], clean_weight: Callable[[LoRATarget], torch.Tensor]):
         self.group, self.clean_weight = group, clean_weight
 
     def __call__(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
-        for target in self.group:
-            key = prefix + target.param_name
+        for param_name, target in self.group:
+            key = prefix + param_name
             if key in state_dict:
                 state_dict[key] = self.clean_weight(target)
 
@@ -178,6 +180,10 @@ class PerturbationGuards:
             with interrupts_deferred():
                 if layers:
                     self._install(targets, forward_hook, clean_weight, on_mode_change)
+                    if root is not None and "train" not in root.__dict__:
+                        # first in line: model.eval() is refused before it switches anything (a layer's guard alone
+                        # fires midway, with the root and the modules before that layer already switched)
+                        self._patch_train(root, on_mode_change)
                 if root is not None:
                     self._handles.append(root.register_forward_hook(self._root_hook))
         except BaseException:
@@ -186,13 +192,16 @@ class PerturbationGuards:
 
     def _install(self, targets: List[LoRATarget], forward_hook: Callable[..., None], clean_weight: Callable[[LoRATarget], torch.Tensor],
                  on_mode_change: Callable[[bool], None]) -> None:
-        owners: Dict[int, List[LoRATarget]] = {}
+        owners: Dict[int, Tuple[nn.Module, List[Tuple[str, LoRATarget]]]] = {}
         for target in targets:
-            owners.setdefault(id(target.owner), []).append(target)
+            owners.setdefault(id(target.owner), (target.owner, []))[1].append((target.param_name, target))
             self._handles.append(target.module.register_forward_hook(forward_hook))
             self._patch_train(target.module, on_mode_change)
-        for group in owners.values():
-            self._handles.append(_register_state_dict_post_hook(group[0].owner, _CleanState(group, clean_weight)))
+            for alias in target.aliases:  # a layer that computes with the same (tied) weight
+                owners.setdefault(id(alias.owner), (alias.owner, []))[1].append((alias.param_name, target))
+                self._patch_train(alias.module, on_mode_change)
+        for owner, group in owners.values():
+            self._handles.append(_register_state_dict_post_hook(owner, _CleanState(group, clean_weight)))
 
     def remove(self) -> None:
         """Take every hook out; idempotent. Ctrl-C waits until the last one is out."""

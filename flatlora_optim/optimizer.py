@@ -35,7 +35,7 @@ from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
 from .sharding import check_row_sharded
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
-from .virtual import INTERCEPTABLE, VirtualPatches, interception_point
+from .virtual import VirtualPatches, virtual_refusal
 
 __all__ = ["FlatLoRA"]
 
@@ -136,6 +136,7 @@ class FlatLoRA(torch.optim.Optimizer):
         _logger.info("Flat-LoRA targets (%s mode):\n%s", mode, format_targets(self.targets))
         self._step_index = 0
         self._perturbations: Optional[List[TargetPerturbation]] = None
+        self._unrestored: List[str] = []  # layers a restore raised for (see _check_restored)
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
@@ -209,8 +210,9 @@ class FlatLoRA(torch.optim.Optimizer):
     def is_perturbed(self) -> bool:
         """True while noise is in the weights (in virtual mode: while the layers compute with it).
 
-        False at ``sigma_t = 0`` (the first step of the cosine ramp), when nothing is drawn."""
-        return bool(self._perturbations)
+        False at ``sigma_t = 0`` (the first step of the cosine ramp), when nothing is drawn. True after a
+        restore that raised for some layers (their weights may still hold noise; see :meth:`_check_restored`)."""
+        return bool(self._perturbations) or bool(self._unrestored)
 
     @property
     def restore_bytes(self) -> int:
@@ -294,6 +296,7 @@ class FlatLoRA(torch.optim.Optimizer):
     def _apply_noise(self) -> None:
         if self._perturbations is not None:
             return
+        self._check_restored()
         for target in self.targets:
             target.check()  # e.g. merged since construction: raise before touching anything
         _check_one_device(self.targets)
@@ -350,8 +353,23 @@ class FlatLoRA(torch.optim.Optimizer):
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
             return
-        with on_device_of(self.targets):
-            self._perturber.restore_all(perturbations)  # every layer is attempted before an error is raised
+        failed: List[TargetPerturbation] = []
+        try:
+            with on_device_of(self.targets):
+                self._perturber.restore_all(perturbations, failed=failed)  # every layer is attempted before an error is raised
+        finally:
+            self._unrestored = [p.target.name for p in failed]
+
+    def _check_restored(self) -> None:
+        """Refuse to go on after a restore that raised: the layers it names may hold noise, or part of it (a restore
+        that stopped halfway cannot be redone: the part it did would be undone twice)."""
+        if self._unrestored:
+            names = self._unrestored
+            raise RuntimeError(
+                f"An earlier restore of Flat-LoRA's noise raised for {len(names)} layer(s) ({names[:3]}...): their frozen weights "
+                "may still hold noise. Reload those weights (e.g. from a checkpoint) and build a new FlatLoRA; this one will not "
+                "perturb them again."
+            )
 
     def _armed(self) -> bool:
         """Inside ``perturbed()`` or between ``perturb()`` and ``restore()``: virtual mode's layers take the noise in
@@ -471,9 +489,9 @@ MODES = ("inplace", "virtual")
 def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:
     if type(model).__name__ == "OptimizedModule" or hasattr(model, "_orig_mod"):
         raise ValueError("mode='virtual' does not work with torch.compile'd models; use mode='inplace' (or compile after training).")
-    unsupported = sorted({f"{type(t.owner).__name__} ({t.name})" for t in targets if interception_point(t) is None})
-    if unsupported:
-        raise ValueError(f"mode='virtual' cannot intercept {unsupported[:5]}; it handles {INTERCEPTABLE}. Use mode='inplace' for these layers.")
+    refusals = [why for why in map(virtual_refusal, targets) if why is not None]
+    if refusals:
+        raise ValueError(f"mode='virtual' cannot reroute {len(refusals)} layer(s): {'; '.join(refusals[:3])}. Use mode='inplace'.")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -22,6 +22,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
+from .devices import autocast_off
 from .grouped import StepGroup, TableCache
 from .interrupts import interrupts_deferred
 from .kernels.layer_table import to_device
@@ -59,7 +60,8 @@ class TargetPerturbation:
         the GPU work of the layers before it instead of stalling the start of the step.
         """
         if self.std is None:
-            self.std = row_std(self.target.rows(), self.target.adapters(), self.sigma)
+            with autocast_off():  # virtual mode's first forward may run under the caller's autocast
+                self.std = row_std(self.target.rows(), self.target.adapters(), self.sigma)
         return self.std
 
 
@@ -201,7 +203,8 @@ class Perturber:
             else:
                 former = functools.partial(self._perturbed_blocks, p)
             p.former = former
-        return former()
+        with autocast_off():
+            return former()
 
     @torch.no_grad()
     def _perturbed_blocks(self, p: TargetPerturbation) -> torch.Tensor:
@@ -257,7 +260,7 @@ class Perturber:
         """
         once = _Once(while_waiting)
         sharded_factors = [a.A for t in targets if t.sharded for a in t.adapters()]
-        with gathered(sharded_factors):  # every sharded A whole, in one collective (FSDP2's row stds need them)
+        with gathered(sharded_factors), autocast_off():  # every sharded A whole, in one collective (FSDP2's row stds need them)
             described = self._perturb_all(targets, sigma, step, once)
         try:
             once()
@@ -345,7 +348,7 @@ class Perturber:
         """Undo ``p`` in the live weight, or in ``dest`` (a copy of the perturbed rows); a Ctrl-C
         meanwhile is delivered once it is done (:mod:`flatlora_optim.interrupts`)."""
         rows = p.target.rows() if dest is None else dest
-        with interrupts_deferred():
+        with interrupts_deferred(), autocast_off():
             for block, start, end, skip, block_rows, record in reversed(p.blocks):
                 if block in (_GROUPED, _BATCHED):  # a slot of a record shared with other layers
                     record.restore(dest)
@@ -354,33 +357,37 @@ class Perturber:
                 self.strategy.restore(rows[start:end], noise, record)
 
     @torch.no_grad()
-    def restore_all(self, perturbations: List[TargetPerturbation]) -> None:
+    def restore_all(self, perturbations: List[TargetPerturbation], failed: Optional[List[TargetPerturbation]] = None) -> None:
         """Undo every perturbation in its live weight, the fused groups and the batches each in
-        one call; every layer is attempted before the first error is raised. A Ctrl-C meanwhile is
-        delivered once every layer is restored: a layer left half restored could not be mended."""
-        with interrupts_deferred():
-            self._restore_all(perturbations)
+        one call; every layer is attempted before the first error is raised, and ``failed`` (when
+        given) receives the perturbations whose restore raised, still in their weights. A Ctrl-C
+        meanwhile is delivered once every layer is restored: a layer left half restored could not
+        be mended."""
+        with interrupts_deferred(), autocast_off():
+            self._restore_all(perturbations, [] if failed is None else failed)
 
-    def _restore_all(self, perturbations: List[TargetPerturbation]) -> None:
+    def _restore_all(self, perturbations: List[TargetPerturbation], failed: List[TargetPerturbation]) -> None:
         error: Optional[BaseException] = None
-        shared: Dict[int, Callable[[], None]] = {}  # one restore call per StepGroup / BlockBatch
+        shared: Dict[int, Tuple[Callable[[], None], List[TargetPerturbation]]] = {}  # one restore call per StepGroup / BlockBatch
         for p in reversed(perturbations):
             for block, *_, record in reversed(p.blocks):
                 if block == _GROUPED:
-                    shared[id(record.group)] = record.group.restore_all
+                    shared.setdefault(id(record.group), (record.group.restore_all, []))[1].append(p)
                 elif block == _BATCHED:
-                    shared[id(record.batch)] = record.batch.restore
+                    shared.setdefault(id(record.batch), (record.batch.restore, []))[1].append(p)
             if any(block in (_GROUPED, _BATCHED) for block, *_ in p.blocks):
                 continue
             try:
                 self.restore(p)
             except BaseException as exc:
                 error = error or exc
-        for restore in shared.values():
+                failed.append(p)
+        for restore, members in shared.values():
             try:
                 restore()
             except BaseException as exc:
                 error = error or exc
+                failed.extend(members)
         if error is not None:
             raise error
 

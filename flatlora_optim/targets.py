@@ -86,6 +86,9 @@ class LoRATarget:
     _check: Callable[[], None] = field(default=lambda: None, repr=False)
     _held: Optional[Tuple[torch.Tensor, torch.Tensor, bool, Tuple[int, int]]] = field(default=None, init=False, repr=False, compare=False)
     """``(weight, rows, sharded, row_range)`` while :func:`held_views` holds them (see there)."""
+    aliases: List[LoRATarget] = field(default_factory=list, repr=False, compare=False)
+    """Other LoRA layers of the model whose base weight is this very tensor (tied weights): discovery takes the
+    weight once, here, and lists them, so that the guards cover their owners too (``state_dict()``, ``train()``)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -481,7 +484,7 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
     unsupported: Dict[str, List[str]] = {}
     packed: List[Tuple[str, str]] = []
     shared: List[Tuple[str, str]] = []
-    weights: Dict[int, str] = {}
+    weights: Dict[int, LoRATarget] = {}
     claimed: List[str] = []
     for name, module in model.named_modules():
         if any(name.startswith(prefix + ".") for prefix in claimed):
@@ -511,9 +514,10 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
             continue
         first = weights.get(id(target.weight))
         if first is not None:
-            shared.append((name, first))
+            shared.append((name, first.name))
+            first.aliases.append(target)
             continue
-        weights[id(target.weight)] = name
+        weights[id(target.weight)] = target
         found.append(target)
     if packed:
         listed = ", ".join(f"{n!r} ({why})" for n, why in packed[:8]) + (f" and {len(packed) - 8} more" if len(packed) > 8 else "")

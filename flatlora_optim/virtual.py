@@ -33,7 +33,7 @@ from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
 from .targets import LoRATarget
 
-__all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "INTERCEPTABLE"]
+__all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "virtual_refusal", "INTERCEPTABLE"]
 
 INTERCEPTABLE = "nn.Linear (and subclasses that keep its forward), transformers Conv1D (GPT-2), flatlora_optim.LoRALinear"
 
@@ -75,6 +75,29 @@ def _is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def reads_base_weight(target: LoRATarget) -> bool:
+    """Whether the LoRA layer reads its base weight outside the base product (DoRA: the row norms of
+    ``W + sBA``), where virtual mode's rerouting would leave it the clean ``W``."""
+    if target.flavour == "torchtune-dora":
+        return True
+    if target.flavour.startswith("peft"):
+        from .flavours.peft_flavours import variant_label
+
+        return any(variant_label(target.module, a.name) == "DoRA" for a in target.adapters())
+    return False
+
+
+def virtual_refusal(target: LoRATarget) -> Optional[str]:
+    """Why virtual mode cannot take ``target`` (for the error message), or None."""
+    if target.aliases:
+        return f"{target.name} shares its base weight with {[a.name for a in target.aliases][:3]} (tied weights)"
+    if reads_base_weight(target):
+        return f"{target.name} is a DoRA layer, which reads its base weight directly for its row norms"
+    if interception_point(target) is None:
+        return f"{type(target.owner).__name__} ({target.name}) is not a layer it handles ({INTERCEPTABLE})"
+    return None
+
+
 def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
     """Where virtual mode reroutes ``target``'s base product: ``(module, method name)``, or None."""
     owner = target.owner
@@ -113,10 +136,10 @@ class VirtualPatches:
         self._patched: List[Tuple[nn.Module, str]] = []
         try:
             for p in perturbations:
-                point = interception_point(p.target)
-                if point is None:  # checked at construction; a target changed type since
-                    raise ValueError(f"mode='virtual' cannot intercept {type(p.target.owner).__name__} ({p.target.name}); it handles {INTERCEPTABLE}.")
-                module, attribute = point
+                refusal = virtual_refusal(p.target)  # checked at construction; a target changed since (say, DoRA switched on)
+                if refusal is not None:
+                    raise ValueError(f"mode='virtual' cannot reroute {refusal}. Use mode='inplace'.")
+                module, attribute = interception_point(p.target)  # type: ignore[misc]
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
                 self._patched.append((module, attribute))  # first: remove() must know of every patch

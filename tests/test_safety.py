@@ -50,6 +50,8 @@ def test_eval_inside_block_restores_and_raises(setup):
             model.eval()
     assert not opt.is_perturbed
     assert_frozen_unchanged(model, before)
+    assert all(m.training for m in model.modules()), "the refused eval() switched some modules"
+    assert "train" not in model.__dict__, "the guard on the model's own train() stayed"
 
 
 def test_eval_between_forward_and_backward_restores_and_raises(setup):
@@ -650,3 +652,98 @@ def test_virtual_mode_evaluates_without_noise_while_a_kept_graph_waits():
     del kept
     gc.collect()
     assert not opt.is_perturbed
+
+
+# -- the library's own work runs without the caller's autocast --------------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["backward after the block", "step", "restore"])
+def test_restore_under_the_callers_autocast_leaves_float16_weights_clean(where):
+    """float16 weights, the restore reached inside a CPU bfloat16 autocast region: autocast refuses torch.cat of
+    float16 tensors there, which once made the restore raise and left the weights noisy for good."""
+    model = make_mlp(seed=2, dtype=torch.float16)
+    before = frozen_weights(model)
+    x, y = batch(0, dtype=torch.float16)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    if where == "backward after the block":
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(x).float(), y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss.backward()
+    else:
+        opt.perturb()
+        nn.functional.cross_entropy(model(x).float(), y).backward()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            opt.step() if where == "step" else opt.restore()
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_perturb_entered_under_the_callers_autocast_works_for_float16_weights():
+    model = make_mlp(seed=2, dtype=torch.float16)
+    before = frozen_weights(model)
+    x, y = batch(0, dtype=torch.float16)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with opt.perturbed():
+            noisy = frozen_weights(model)
+            nn.functional.cross_entropy(model(x).float(), y).backward()
+    assert any(not torch.equal(noisy[n], before[n]) for n in before), "no noise went in"
+    assert_frozen_unchanged(model, before)
+
+
+def test_a_restore_that_raises_is_reported_and_stops_further_steps(monkeypatch):
+    """A restore that raised may have left noise in the layers it names: ``is_perturbed`` stays True and the next
+    perturbation refuses with a message naming them (a retry could undo twice what the first attempt undid)."""
+    from flatlora_optim.batched import BlockBatch
+
+    model = make_mlp(seed=0)
+    x, y = batch(0)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+
+    def restore(self):
+        raise RuntimeError("restore failed on purpose")
+
+    monkeypatch.setattr(BlockBatch, "restore", restore)  # the CPU path restores the step's layers as one batch
+    with pytest.raises(RuntimeError, match="on purpose"):
+        with opt.perturbed():
+            nn.functional.cross_entropy(model(x), y).backward()
+    assert opt.is_perturbed
+    with pytest.raises(RuntimeError, match=f"restore .*raised for 3 layer.*{opt.targets[0].name}.*Reload"):
+        with opt.perturbed():
+            pass
+
+
+# -- tied weights: the layers that share a perturbed weight are guarded too --------------------------------------
+
+
+def _tied_mlp():
+    from flatlora_optim import inject_lora
+
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    model[2].weight = model[0].weight  # one tensor, two layers
+    inject_lora(model, ["0", "2", "4"], r=2, alpha=4)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def test_state_dict_while_perturbed_is_clean_under_every_name_of_a_tied_weight():
+    model = _tied_mlp()
+    clean = {k: bits(v) for k, v in model.state_dict().items()}
+    with pytest.warns(UserWarning, match="shared"):
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    assert [a.name for t in opt.targets for a in t.aliases] == ["2"]
+    with opt.perturbed():
+        assert not torch.equal(bits(model[2].weight), clean["2.weight"]), "the shared weight took no noise"
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+        with pytest.raises(RuntimeError, match="eval"):
+            model[2].eval()  # the layer that only shares the weight is guarded too
+    dirty = [k for k in clean if not torch.equal(clean[k], bits(inside[k]))]
+    assert dirty == []
+    assert torch.equal(bits(model[2].weight), clean["2.weight"])

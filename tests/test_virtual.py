@@ -229,7 +229,7 @@ def test_unsupported_layer_kind_is_refused_clearly():
 
     model = nn.Sequential(Custom(4, 4))
     target = LoRATarget("0", model[0], "custom", model[0], "weight")
-    with pytest.raises(ValueError, match="cannot intercept.*Custom.*mode='inplace'"):
+    with pytest.raises(ValueError, match="cannot reroute.*Custom.*mode='inplace'"):
         _check_virtual(model, [target])
     with pytest.raises(ValueError, match="mode"):
         FlatLoRA(torch.optim.SGD(list(lora_parameters(make_mlp())), lr=0.1), make_mlp(), rho=0.1, schedule="constant", mode="lazy")
@@ -340,3 +340,77 @@ def test_gradient_checkpointing_gives_the_grads_at_the_noisy_weights(mode, check
     _assert_same(got, _checkpointed_grads(mode, "off", loss_from))
     plain = _checkpointed_grads(None, "off", loss_from)
     assert any(not torch.allclose(g, p, rtol=1e-4, atol=1e-6) for g, p in zip(got, plain))
+
+
+def test_autocast_entered_inside_the_block_gives_both_modes_the_same_noise():
+    """Virtual mode draws a layer's row stds at its first forward; under the caller's bfloat16 autocast they once came
+    from bf16 products (stds 0.24% and LoRA grads 0.85% off in-place mode's). The library's work runs without it."""
+    (a, opt_a), (b, opt_b) = _pair(make_mlp(seed=3, width=32), rho=0.3)
+    x, y = batch(0)
+    results = []
+    for model, opt in ((a, opt_a), (b, opt_b)):
+        with opt.perturbed():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = model(x)
+            loss = nn.functional.cross_entropy(out.float(), y)
+            stds = [p.scales().clone() for p in opt._perturbations]
+        loss.backward()
+        results.append((loss.detach(), stds, _grads(model)))
+    assert torch.equal(results[0][0], results[1][0])
+    _assert_same(results[0][1], results[1][1])
+    _assert_same(results[0][2], results[1][2])
+
+
+def _dora_model():
+    from peft import LoraConfig, get_peft_model
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(12, 24), nn.Linear(24, 5)
+
+        def forward(self, x):
+            return self.fc2(torch.tanh(self.fc1(x)))
+
+    torch.manual_seed(0)
+    return get_peft_model(Net(), LoraConfig(r=4, lora_alpha=8, target_modules=["fc1", "fc2"], use_dora=True))
+
+
+def test_dora_layers_are_refused_by_virtual_mode():
+    """DoRA reads its base weight directly for its row norms, where virtual mode's rerouting would leave it the clean
+    W (once silently: the loss and grads were those of a half-perturbed model)."""
+    model = _dora_model()
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="cannot reroute 2 layer.*DoRA.*mode='inplace'"):
+        FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.3, schedule="constant", mode="inplace")  # in-place takes DoRA
+
+
+def test_dora_switched_on_after_construction_is_refused_at_the_block():
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(12, 24), nn.Tanh(), nn.Linear(24, 5))
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"]))
+    model.add_adapter("dora", LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], use_dora=True))
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, rho=0.3,
+                   schedule="constant", mode="virtual")
+    model.set_adapter("dora")
+    before = frozen_weights(model)
+    with pytest.raises(ValueError, match="DoRA"):
+        with opt.perturbed():
+            pass
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_a_tied_weight_is_refused_by_virtual_mode():
+    """Virtual mode reroutes the layer that took the shared weight, not the others computing with it (once silently:
+    they saw the clean weight where in-place mode gives every sharer W + e)."""
+    from flatlora_optim import inject_lora
+
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 16))
+    model[2].weight = model[0].weight
+    inject_lora(model, ["0", "2"], r=2, alpha=4)
+    with pytest.warns(UserWarning, match="shared"), pytest.raises(ValueError, match="tied weights.*mode='inplace'"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
