@@ -23,7 +23,7 @@ import contextlib
 import logging
 import warnings
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -42,6 +42,23 @@ __all__ = ["FlatLoRA"]
 _logger = logging.getLogger("flatlora_optim")
 
 _STATE_VERSION = 1
+
+
+class _OnWrappedOptimizer:
+    """An attribute of :class:`FlatLoRA` that lives on the wrapped optimizer (unset there: ``AttributeError``, so that
+    ``getattr(opt, name, default)`` works)."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, objtype: Optional[type] = None) -> Any:
+        return self if obj is None else getattr(obj.base_optimizer, self.name)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj.base_optimizer, self.name, value)
+
+    def __delete__(self, obj: Any) -> None:
+        obj.base_optimizer.__dict__.pop(self.name, None)
 
 
 class FlatLoRA(torch.optim.Optimizer):
@@ -137,6 +154,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._step_index = 0
         self._perturbations: Optional[List[TargetPerturbation]] = None
         self._unrestored: List[str] = []  # layers a restore raised for (see _check_restored)
+        self._drew_since_step = False  # perturbed() or perturb() ran since the last step() (see _counts_as_a_step)
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
@@ -158,6 +176,12 @@ class FlatLoRA(torch.optim.Optimizer):
         self._patch_step_function()
 
     # -- shared optimizer state -------------------------------------------------------------------
+
+    # GradScaler hands an optimizer that unscales inside its step (``_step_supports_amp_scaling``: the fused ones)
+    # the scale and the inf flag as these two attributes, set before step() and deleted after it; the wrapped
+    # optimizer is the one that reads them.
+    grad_scale = _OnWrappedOptimizer()
+    found_inf = _OnWrappedOptimizer()
 
     @property  # type: ignore[override]
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -297,6 +321,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._perturbations is not None:
             return
         self._check_restored()
+        self._drew_since_step = True
         for target in self.targets:
             target.check()  # e.g. merged since construction: raise before touching anything
         _check_one_device(self.targets)
@@ -410,9 +435,21 @@ class FlatLoRA(torch.optim.Optimizer):
                 with torch.enable_grad(), self.perturbed():
                     return closure()
 
+        drew, self._drew_since_step = self._drew_since_step, False
         loss = self.base_optimizer.step(wrapped, **kwargs) if wrapped is not None else self.base_optimizer.step(**kwargs)
-        self._step_index += 1
+        if self._counts_as_a_step(drew or wrapped is not None):
+            self._step_index += 1
         return loss
+
+    def _counts_as_a_step(self, drew: bool) -> bool:
+        """Whether the step just taken advances the noise schedule. Not when GradScaler found inf/NaN gradients and the
+        wrapped (fused) optimizer skipped its update (as GradScaler skips ``step()`` itself for the others: the next
+        step reuses the draw), nor for ``torch.distributed.checkpoint``'s optimizer-state initialisation (a step
+        with every learning rate 0 and no noise drawn since the last step), which would shift the schedule by one."""
+        found_inf = getattr(self.base_optimizer, "found_inf", None)
+        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):  # fused + GradScaler only: one sync
+            return False
+        return drew or not all(float(group.get("lr", 1.0)) == 0.0 for group in self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -421,9 +458,24 @@ class FlatLoRA(torch.optim.Optimizer):
         self.base_optimizer.add_param_group(param_group)
 
     def state_dict(self) -> Dict[str, Any]:  # type: ignore[override]
-        """The wrapped optimizer's ``state_dict`` plus a ``"flatlora"`` entry (step, seed, schedule)."""
+        """The wrapped optimizer's ``state_dict`` plus a ``"flatlora"`` entry (:meth:`flatlora_state_dict`). The hooks
+        registered with ``register_state_dict_pre_hook`` / ``register_state_dict_post_hook`` run as on any optimizer."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         state = self.base_optimizer.state_dict()
-        state["flatlora"] = {
+        state["flatlora"] = self.flatlora_state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            changed = post_hook(self, state)
+            if changed is not None:
+                state = changed
+        return state
+
+    def flatlora_state_dict(self) -> Dict[str, Any]:
+        """Flat-LoRA's own state (step, seed, schedule; the settings and target names for the checks on load), without
+        the wrapped optimizer's. For checkpoints that carry the optimizer by other means, such as
+        ``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``, which keeps only ``state`` and
+        ``param_groups``: save this next to it and give it to :meth:`load_flatlora_state_dict`."""
+        return {
             "version": _STATE_VERSION,
             "step": self._step_index,
             "seed": self._perturber.seed,
@@ -435,18 +487,50 @@ class FlatLoRA(torch.optim.Optimizer):
             "rank_noise": self.rank_noise,
             "targets": [t.name for t in self.targets],
         }
-        return state
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:  # type: ignore[override]
-        """Load what :meth:`state_dict` gave; training then continues bitwise as if uninterrupted."""
+        """Load what :meth:`state_dict` gave; training then continues bitwise as if uninterrupted.
+
+        Nothing changes when it raises: the ``"flatlora"`` entry is checked before the wrapped optimizer loads. The
+        hooks registered with ``register_load_state_dict_pre_hook`` / ``..._post_hook`` run as on any optimizer."""
+        self._refuse_inside_block("load_state_dict")
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            changed = pre_hook(self, state_dict)
+            if changed is not None:
+                state_dict = changed
         state = dict(state_dict)
         flat = state.pop("flatlora", None)
+        loaded = None if flat is None else self._checked_flatlora_state(flat)
         self._held = False
         self._restore_now()
         self.base_optimizer.load_state_dict(state)
-        if flat is None:
+        if loaded is None:
             warnings.warn("Loading a state_dict without Flat-LoRA state: the noise schedule restarts at step 0.", stacklevel=2)
-            return
+            self._step_index = 0
+        else:
+            self._adopt(*loaded)
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def load_flatlora_state_dict(self, flat: Dict[str, Any]) -> None:
+        """Load what :meth:`flatlora_state_dict` gave (the wrapped optimizer's state is loaded apart)."""
+        self._refuse_inside_block("load_flatlora_state_dict")
+        loaded = self._checked_flatlora_state(flat)
+        self._held = False
+        self._restore_now()
+        self._adopt(*loaded)
+
+    def _refuse_inside_block(self, what: str) -> None:
+        if self._depth:
+            raise RuntimeError(
+                f"{what}() was called inside opt.perturbed(): the block's noise belongs to the step it was drawn for. "
+                "Load before entering the block (or after the step)."
+            )
+
+    def _checked_flatlora_state(self, flat: Dict[str, Any]) -> Tuple[NoiseSchedule, int, int]:
+        """``(schedule, seed, step)`` from a saved ``"flatlora"`` entry, or a ``ValueError`` before anything changes. Warns
+        where the saved run drew its noise otherwise (other target names, another ``rank_noise``): the run then does
+        not continue bitwise."""
         if flat.get("version") != _STATE_VERSION:
             raise ValueError(f"Unsupported Flat-LoRA state version {flat.get('version')!r} (this library writes {_STATE_VERSION}).")
         schedule: ScheduleLike = flat["schedule"]
@@ -454,9 +538,29 @@ class FlatLoRA(torch.optim.Optimizer):
             if isinstance(self.schedule.schedule, str):
                 raise ValueError("The checkpoint was trained with a callable schedule; construct FlatLoRA with that callable before loading.")
             schedule = self.schedule.schedule
-        self.schedule = NoiseSchedule(flat["rho"], schedule, flat["total_steps"])
-        self._perturber.seed = int(flat["seed"])
-        self._step_index = int(flat["step"])
+        loaded = (NoiseSchedule(flat["rho"], schedule, flat["total_steps"]), int(flat["seed"]), int(flat["step"]))
+        saved = flat.get("targets")
+        names = [t.name for t in self.targets]
+        if saved is not None and list(saved) != names:
+            missing, extra = sorted(set(saved) - set(names)), sorted(set(names) - set(saved))
+            warnings.warn(
+                f"The Flat-LoRA state was saved with other targets (only in the checkpoint: {missing[:3]}, only here: {extra[:3]}"
+                f"{'; same names in another order' if not missing and not extra else ''}). A layer's noise follows from its "
+                "name, so the run will not continue as the saved one would have.",
+                stacklevel=3,
+            )
+        if flat.get("rank_noise", self.rank_noise) != self.rank_noise:
+            warnings.warn(
+                f"The Flat-LoRA state was saved with rank_noise={flat['rank_noise']!r}, this wrapper has {self.rank_noise!r}: under "
+                "torch.distributed the ranks now draw other noise than the saved run's.",
+                stacklevel=3,
+            )
+        return loaded
+
+    def _adopt(self, schedule: NoiseSchedule, seed: int, step: int) -> None:
+        self.schedule = schedule
+        self._perturber.seed = seed
+        self._step_index = step
 
     def regenerate_noise(self, name: str) -> torch.Tensor:
         """The full noise matrix of target ``name`` for the current draw (while perturbed).

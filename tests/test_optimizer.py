@@ -189,3 +189,133 @@ def test_repr_and_read_outs(mlp):
     assert opt.restore_strategy == "exact" and opt.sigma == 0.0
     opt.step()
     assert opt.sigma > 0
+
+
+# -- the optimizer protocol's less travelled paths (found by an adversarial review) --------------------------------
+
+
+def _wrapped(model=None, inner=torch.optim.AdamW, **kwargs):
+    model = model if model is not None else make_mlp(seed=0)
+    kwargs.setdefault("rho", 0.1)
+    kwargs.setdefault("schedule", "constant")
+    return model, FlatLoRA(inner(list(lora_parameters(model)), lr=1e-2), model, **kwargs)
+
+
+def _train_step(model, opt, seed):
+    x, y = batch(seed)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+@pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.AdamW], ids=["SGD", "AdamW"])
+def test_grad_scaler_with_a_fused_inner_optimizer_unscales_and_skips_inf_steps(inner):
+    """A fused optimizer unscales inside its step, from the ``grad_scale`` / ``found_inf`` GradScaler sets on the object it
+    is given: on the wrapper they once went unread (steps 1024x too large, inf steps applied)."""
+    def run(wrap, inf):
+        model = make_mlp(seed=0)
+        base = inner(list(lora_parameters(model)), lr=1e-2, fused=True)
+        opt = FlatLoRA(base, model, rho=0.1, schedule="constant") if wrap else base
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        x, y = batch(0)
+        if wrap:
+            with opt.perturbed():
+                loss = nn.functional.cross_entropy(model(x), y)
+        else:
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss * (float("inf") if inf else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+        return [p.detach().clone() for p in lora_parameters(model)], opt
+
+    start = [p.detach().clone() for p in lora_parameters(make_mlp(seed=0))]
+    plain, _ = run(False, False)
+    flat, opt = run(True, False)
+    plain_update = sum((a - b).abs().sum() for a, b in zip(plain, start))
+    flat_update = sum((a - b).abs().sum() for a, b in zip(flat, start))
+    torch.testing.assert_close(flat_update, plain_update, rtol=0.2, atol=0)  # the noise moves it a little, not 1024x
+    assert opt.step_count == 1
+    skipped, opt = run(True, True)
+    assert all(torch.equal(a, b) for a, b in zip(skipped, start)), "an inf step was applied"
+    assert opt.step_count == 0, "a skipped step advanced the noise schedule"
+    assert not hasattr(opt.base_optimizer, "grad_scale") and not hasattr(opt.base_optimizer, "found_inf")
+
+
+def test_state_dict_hooks_registered_on_the_wrapper_run():
+    model, opt = _wrapped()
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: (calls.append("post"), {**sd, "extra": 1})[1])
+    opt.register_load_state_dict_pre_hook(lambda o, sd: (calls.append("load pre"), {k: v for k, v in sd.items() if k != "extra"})[1])
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load post"))
+    state = opt.state_dict()
+    assert state["extra"] == 1 and "flatlora" in state
+    opt.load_state_dict(state)
+    assert calls == ["pre", "post", "load pre", "load post"]
+
+
+def test_load_state_dict_checks_before_it_changes_anything():
+    model, opt = _wrapped(schedule=lambda step: 1.0)
+    _train_step(model, opt, 0)
+    state = opt.state_dict()
+    model2, fresh = _wrapped(make_mlp(seed=0))  # a named schedule: the callable checkpoint cannot load into it
+    fresh.param_groups[0]["lr"] = 0.5
+    with pytest.raises(ValueError, match="callable schedule"):
+        fresh.load_state_dict(state)
+    assert fresh.param_groups[0]["lr"] == 0.5 and not fresh.state, "the wrapped optimizer loaded before the check failed"
+    with pytest.raises(ValueError, match="version"):
+        fresh.load_state_dict({**state, "flatlora": {**state["flatlora"], "version": -1}})
+    assert fresh.param_groups[0]["lr"] == 0.5 and fresh.step_count == 0
+
+
+def test_load_state_dict_inside_the_block_is_refused():
+    model, opt = _wrapped()
+    state = opt.state_dict()
+    with opt.perturbed():
+        with pytest.raises(RuntimeError, match="inside opt.perturbed"):
+            opt.load_state_dict(state)
+        assert opt.is_perturbed, "the refused load took the noise out"
+
+
+def test_loading_other_targets_or_a_plain_state_says_so():
+    model, opt = _wrapped()
+    _train_step(model, opt, 0)
+    state = opt.state_dict()
+    renamed = nn.Sequential()
+    renamed.add_module("net", make_mlp(seed=0))
+    _, other = _wrapped(renamed)
+    with pytest.warns(UserWarning, match="other targets.*will not continue"):
+        other.load_state_dict(state)
+    plain = {k: v for k, v in state.items() if k != "flatlora"}
+    with pytest.warns(UserWarning, match="restarts at step 0"):
+        opt.load_state_dict(plain)
+    assert opt.step_count == 0
+
+
+def test_resume_through_torch_distributed_checkpoint_helpers_with_the_flatlora_state():
+    """``get_optimizer_state_dict`` keeps only ``state`` and ``param_groups`` and, on a fresh optimizer, initialises its
+    state with a zero-lr ``step()``: that step does not count, and ``flatlora_state_dict`` carries the rest."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
+
+    model, opt = _wrapped(schedule="linear", total_steps=10)
+    reference, ref_opt = _wrapped(make_mlp(seed=0), schedule="linear", total_steps=10)
+    for s in range(3):
+        _train_step(model, opt, s)
+        _train_step(reference, ref_opt, s)
+    saved, flat = get_optimizer_state_dict(model, opt), opt.flatlora_state_dict()
+    assert opt.step_count == 3
+    model2, opt2 = _wrapped(make_mlp(seed=0), schedule="linear", total_steps=10)
+    model2.load_state_dict(model.state_dict())
+    get_optimizer_state_dict(model2, opt2)  # initialises a fresh optimizer's state with a zero-lr step()
+    assert opt2.step_count == 0, "the state initialisation's step advanced the noise schedule"
+    with pytest.warns(UserWarning, match="without Flat-LoRA state"):  # the helper loads state and param_groups only
+        set_optimizer_state_dict(model2, opt2, saved)
+    opt2.load_flatlora_state_dict(flat)
+    assert opt2.step_count == 3
+    for s in range(3, 6):
+        _train_step(model2, opt2, s)
+        _train_step(reference, ref_opt, s)
+    for a, b in zip(lora_parameters(model2), lora_parameters(reference)):
+        assert torch.equal(a, b), "the resumed run left the uninterrupted one"
