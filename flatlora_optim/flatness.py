@@ -166,7 +166,7 @@ def measure_flatness(
         target.check()
     perturber = Perturber(seed, make_strategy(restore))
 
-    was_training = model.training
+    modes = [(module, module.training) for module in model.modules()]  # each module's own flag: eval() sets them all
     if eval_mode:
         model.eval()
     try:
@@ -179,7 +179,8 @@ def measure_flatness(
             losses.append(row)
     finally:
         if eval_mode:
-            model.train(was_training)
+            for module, training in modes:
+                module.training = training
     return FlatnessResult(radii, base, losses, seed, [t.name for t in found])
 
 

@@ -86,6 +86,25 @@ class _ModeGuard:
         return self.original(self.module, mode)
 
 
+class _SharedCopies:
+    """``clean_weight(target)``, one copy per target while anyone holds it: the names of a tied weight in one
+    ``state_dict()`` get one tensor, as they do outside the block (safetensors keeps one of names that share
+    storage, and refuses to load a checkpoint that has both)."""
+
+    __slots__ = ("clean_weight", "copies")
+
+    def __init__(self, clean_weight: Callable[[LoRATarget], torch.Tensor]):
+        self.clean_weight = clean_weight
+        self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+
+    def __call__(self, target: LoRATarget) -> torch.Tensor:
+        copy = self.copies.get(id(target))
+        if copy is None:
+            copy = self.clean_weight(target)
+            self.copies[id(target)] = copy
+        return copy
+
+
 class _CleanState:
     """A ``state_dict`` post-hook: the entries of one owner's perturbed weights become clean copies. ``group``
     holds ``(param_name, target)``: the owner's name for the weight, and the target that perturbs it (another
@@ -195,13 +214,15 @@ class PerturbationGuards:
         owners: Dict[int, Tuple[nn.Module, List[Tuple[str, LoRATarget]]]] = {}
         for target in targets:
             owners.setdefault(id(target.owner), (target.owner, []))[1].append((target.param_name, target))
+            for module, attribute, _ in target.tied:  # the same parameter under another name (a tied lm_head, a LoRA alias)
+                owners.setdefault(id(module), (module, []))[1].append((attribute, target))
             self._handles.append(target.module.register_forward_hook(forward_hook))
             self._patch_train(target.module, on_mode_change)
-            for alias in target.aliases:  # a layer that computes with the same (tied) weight
-                owners.setdefault(id(alias.owner), (alias.owner, []))[1].append((alias.param_name, target))
+            for alias in target.aliases:  # a LoRA layer that computes with the same (tied) weight
                 self._patch_train(alias.module, on_mode_change)
+        shared_clean = _SharedCopies(clean_weight)
         for owner, group in owners.values():
-            self._handles.append(_register_state_dict_post_hook(owner, _CleanState(group, clean_weight)))
+            self._handles.append(_register_state_dict_post_hook(owner, _CleanState(group, shared_clean)))
 
     def remove(self) -> None:
         """Take every hook out; idempotent. Ctrl-C waits until the last one is out."""

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from .claims import claim, release
 from .describe import describe_targets, format_targets
 from .guards import PerturbationGuards
 from .perturbation import Perturber, TargetPerturbation
@@ -330,8 +331,13 @@ class FlatLoRA(torch.optim.Optimizer):
         if sigma == 0.0:
             self._perturbations = []  # nothing to draw this step: later calls in the step do nothing either
             return
-        with on_device_of(self.targets), held_views(self.targets):
-            self._add_noise(sigma)
+        claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
+        try:
+            with on_device_of(self.targets), held_views(self.targets):
+                self._add_noise(sigma)
+        except BaseException:
+            release(self, self.targets)
+            raise
 
     def _add_noise(self, sigma: float) -> None:
         """Draw this step's noise and put it in place. ``self._perturbations`` is set only once it is in
@@ -374,6 +380,7 @@ class FlatLoRA(torch.optim.Optimizer):
             self._patches.remove()
             self._patches = None
             self._perturbations = None
+            release(self, self.targets)
             return
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
@@ -384,6 +391,8 @@ class FlatLoRA(torch.optim.Optimizer):
                 self._perturber.restore_all(perturbations, failed=failed)  # every layer is attempted before an error is raised
         finally:
             self._unrestored = [p.target.name for p in failed]
+            if not failed:
+                release(self, self.targets)
 
     def _check_restored(self) -> None:
         """Refuse to go on after a restore that raised: the layers it names may hold noise, or part of it (a restore

@@ -277,7 +277,7 @@ STRATEGY_NAMES = ("exact", "backup", "subtract")
 def make_strategy(name: str) -> RestoreStrategy:
     """The strategy called ``name`` (``"exact"``, ``"backup"`` or ``"subtract"``)."""
     strategies = {"exact": ExactRestore, "backup": BackupRestore, "subtract": SubtractRestore}
-    if name not in strategies:
+    if not isinstance(name, str) or name not in strategies:
         raise ValueError(
             f"Invalid restore={name!r}: choose 'exact' (default, bitwise, ~5% memory), 'backup' (bitwise, full copy) "
             "or 'subtract' (the paper's, drifts)."

@@ -23,6 +23,14 @@ ScheduleLike = Union[str, Callable[[int], float]]
 SCHEDULE_NAMES = ("cosine", "linear", "constant")
 
 
+def _finite(value: float) -> bool:
+    """``math.isfinite``, false (not ``OverflowError``) for an int too large for a float."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 class NoiseSchedule:
     """Maps an optimizer step count ``t`` to the noise level ``sigma_t``.
 
@@ -35,7 +43,7 @@ class NoiseSchedule:
     """
 
     def __init__(self, rho: float, schedule: ScheduleLike = "cosine", total_steps: Optional[int] = None):
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho) or rho < 0:
+        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not _finite(rho) or rho < 0:
             raise ValueError(f"Invalid rho {rho!r}: rho is the relative noise radius and must be a finite number >= 0 (the paper uses 0.05-0.15).")
         if isinstance(schedule, str):
             if schedule not in SCHEDULE_NAMES:

@@ -88,7 +88,11 @@ class LoRATarget:
     """``(weight, rows, sharded, row_range)`` while :func:`held_views` holds them (see there)."""
     aliases: List[LoRATarget] = field(default_factory=list, repr=False, compare=False)
     """Other LoRA layers of the model whose base weight is this very tensor (tied weights): discovery takes the
-    weight once, here, and lists them, so that the guards cover their owners too (``state_dict()``, ``train()``)."""
+    weight once, here, and lists them, so that the guards cover them too (``train()``)."""
+    tied: List[Tuple[nn.Module, str, str]] = field(default_factory=list, repr=False, compare=False)
+    """Every other place in the model that holds this very parameter, LoRA layer or not (a tied ``lm_head``):
+    ``(module, attribute, qualified name)``. ``state_dict()`` while perturbed is made clean under those names too,
+    and virtual mode refuses such a weight (it reroutes the target's product only)."""
 
     @property
     def weight(self) -> torch.Tensor:
@@ -466,6 +470,16 @@ def _searched() -> str:
     return ", ".join(parts)
 
 
+def _find_tied(model: nn.Module, found: List[LoRATarget]) -> None:
+    """Fill each target's ``tied``: the other modules of ``model`` holding its weight parameter itself."""
+    by_weight = {id(t.weight): t for t in found}
+    for module_name, module in model.named_modules():
+        for attribute, parameter in module._parameters.items():
+            target = by_weight.get(id(parameter)) if parameter is not None else None
+            if target is not None and target.weight is parameter and not (module is target.owner and attribute == target.param_name):
+                target.tied.append((module, attribute, f"{module_name}.{attribute}" if module_name else attribute))
+
+
 def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRATarget]:
     """Return the weights Flat-LoRA should perturb, in ``model.named_modules()`` order.
 
@@ -484,6 +498,7 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
     unsupported: Dict[str, List[str]] = {}
     packed: List[Tuple[str, str]] = []
     shared: List[Tuple[str, str]] = []
+    empty: List[str] = []
     weights: Dict[int, LoRATarget] = {}
     claimed: List[str] = []
     for name, module in model.named_modules():
@@ -512,6 +527,9 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
         if target.weight.dtype not in _FLOAT_DTYPES:
             packed.append((name, f"{target.weight.dtype} weight"))
             continue
+        if target.weight.numel() == 0:  # no element to perturb, and sigma / sqrt(fan-in) has no value at fan-in 0
+            empty.append(name)
+            continue
         first = weights.get(id(target.weight))
         if first is not None:
             shared.append((name, first.name))
@@ -519,6 +537,12 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
             continue
         weights[id(target.weight)] = target
         found.append(target)
+    _find_tied(model, found)
+    if empty:
+        message = f"Flat-LoRA skips LoRA layers with empty base weights (no element to perturb): {empty[:8]}."
+        if not found:
+            raise ValueError(message + " Nothing is left to perturb.")
+        warnings.warn(message, stacklevel=3)
     if packed:
         listed = ", ".join(f"{n!r} ({why})" for n, why in packed[:8]) + (f" and {len(packed) - 8} more" if len(packed) > 8 else "")
         message = (

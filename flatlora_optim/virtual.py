@@ -89,8 +89,8 @@ def reads_base_weight(target: LoRATarget) -> bool:
 
 def virtual_refusal(target: LoRATarget) -> Optional[str]:
     """Why virtual mode cannot take ``target`` (for the error message), or None."""
-    if target.aliases:
-        return f"{target.name} shares its base weight with {[a.name for a in target.aliases][:3]} (tied weights)"
+    if target.tied:
+        return f"{target.name} shares its base weight with {[name for *_, name in target.tied][:3]} (tied weights)"
     if reads_base_weight(target):
         return f"{target.name} is a DoRA layer, which reads its base weight directly for its row norms"
     if interception_point(target) is None:

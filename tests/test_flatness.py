@@ -105,10 +105,11 @@ def test_restores_bitwise_keeps_global_rng_and_mode():
         assert not m.training  # eval_mode=True
         return float(nn.functional.cross_entropy(m(x), y))
 
+    model[1].eval()  # a submodule the caller keeps in eval mode (a frozen BatchNorm, say) stays so
     result = measure_flatness(model, loss_fn, [0.0, 0.1, 0.3], draws=3, seed=7)
     assert_frozen_unchanged(model, before)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert model.training
+    assert model.training and not model[1].training, "the modes were not put back module by module"
     assert result.targets == ["0", "2", "4"]
     assert result.mean_increase[2] > result.mean_increase[1] > 0  # a random MLP: larger noise, larger loss
     again = measure_flatness(model, loss_fn, [0.0, 0.1, 0.3], draws=3, seed=7)

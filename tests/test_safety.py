@@ -747,3 +747,95 @@ def test_state_dict_while_perturbed_is_clean_under_every_name_of_a_tied_weight()
     dirty = [k for k in clean if not torch.equal(clean[k], bits(inside[k]))]
     assert dirty == []
     assert torch.equal(bits(model[2].weight), clean["2.weight"])
+
+
+def _gpt2_with_lora_on_the_tied_embedding():
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["wte", "c_attn"], fan_in_fan_out=True))
+
+
+def test_state_dict_while_perturbed_is_clean_under_a_tied_plain_modules_name():
+    """GPT-2 ties ``lm_head.weight`` to the embedding; with LoRA on the embedding, ``lm_head`` is no LoRA layer, yet it
+    holds the perturbed parameter: its state_dict entry must be clean too, and the tensor the embedding's entry is
+    (safetensors keeps one of names sharing storage and refuses to load a checkpoint with both)."""
+    model = _gpt2_with_lora_on_the_tied_embedding()
+    clean = {k: bits(v) for k, v in model.state_dict().items()}
+    lm_head = next(k for k in clean if k.endswith("lm_head.weight"))
+    wte = next(k for k in clean if k.endswith("wte.base_layer.weight"))
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, rho=0.1, schedule="constant")
+    assert [name for t in opt.targets for *_, name in t.tied] == ["base_model.model.lm_head.weight"]
+    ids = torch.randint(0, 50, (2, 8))
+    with opt.perturbed():
+        inside = model.state_dict()
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert inside[lm_head] is inside[wte], "the tied names got two copies"
+    dirty = [k for k in clean if not torch.equal(clean[k], bits(inside[k]))]
+    assert dirty == []
+
+
+def test_a_second_wrapper_is_refused_while_the_first_ones_noise_is_in():
+    """Each wrapper restores against what it wrote: ``a.perturb(); b.perturb(); a.restore()`` once left noise in the
+    weights (silently with backup restore). The second is refused before it writes; once the first restored, it may."""
+    model = make_mlp(seed=0)
+    before = frozen_weights(model)
+    a = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", restore="backup")
+    b = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", seed=1)
+    a.perturb()
+    noisy = frozen_weights(model)
+    with pytest.raises(RuntimeError, match="another FlatLoRA wrapper"):
+        b.perturb()
+    assert not b.is_perturbed and all(torch.equal(noisy[n], w) for n, w in frozen_weights(model).items())
+    a.restore()
+    assert_frozen_unchanged(model, before)
+    with b.perturbed():
+        pass
+    assert_frozen_unchanged(model, before)
+    del a  # a dropped wrapper's claims go with it
+    with b.perturbed():
+        pass
+
+
+def test_row_stds_of_rows_the_adapter_nearly_cancels_follow_the_formula():
+    """The CPU row norms expand ``||W_i + s B_i A||^2``; where the adapter nearly cancels the row the float32 products
+    cancelled catastrophically (40% off at 4e-4 of the row's norm, rows clamped to 0). Such rows are summed
+    explicitly: within 1e-5 of the float64 formula at every ratio down to 1e-6."""
+    from flatlora_optim.noise import row_std
+    from flatlora_optim.targets import Adapter
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(8, 256, generator=gen)
+    A = torch.randn(4, 256, generator=gen)
+    B = torch.linalg.lstsq(A.t(), W.t()).solution.t()  # B A is the row's projection on A's span
+    W = B @ A + torch.randn(8, 256, generator=gen) * torch.logspace(0, -6, 8)[:, None]  # what B A leaves: 1 .. 1e-6
+    B = -B  # W + B A keeps only that residual
+    std = row_std(W, [Adapter("a", A, B, 1.0)], 0.1)
+    exact = 0.1 / 256**0.5 * (W.double() + B.double() @ A.double()).norm(dim=1)
+    torch.testing.assert_close(std.double(), exact, rtol=1e-5, atol=0)
+
+
+def test_bad_restore_and_rho_values_get_clear_errors():
+    model = make_mlp(seed=0)
+    params = list(lora_parameters(model))
+    with pytest.raises(ValueError, match="Invalid restore"):
+        FlatLoRA(torch.optim.SGD(params, lr=0.1), model, restore=["exact"])
+    with pytest.raises(ValueError, match="Invalid rho"):
+        FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=10**400, schedule="constant")
+
+
+def test_lora_layers_with_empty_weights_are_skipped_or_refused():
+    from flatlora_optim import inject_lora
+
+    model = nn.Sequential(nn.Linear(0, 4), nn.Linear(4, 3))
+    inject_lora(model, ["0", "1"], r=2, alpha=4)
+    with pytest.warns(UserWarning, match="empty base weights.*'0'"):
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant")
+    assert [t.name for t in opt.targets] == ["1"]
+    only_empty = nn.Sequential(nn.Linear(0, 4))
+    inject_lora(only_empty, ["0"], r=2, alpha=4)
+    with pytest.raises(ValueError, match="empty base weights.*Nothing is left"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(only_empty)), lr=0.1), only_empty, rho=0.1, schedule="constant")

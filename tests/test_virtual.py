@@ -414,3 +414,17 @@ def test_a_tied_weight_is_refused_by_virtual_mode():
     inject_lora(model, ["0", "2"], r=2, alpha=4)
     with pytest.warns(UserWarning, match="shared"), pytest.raises(ValueError, match="tied weights.*mode='inplace'"):
         FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+
+
+def test_a_weight_tied_to_a_plain_module_is_refused_by_virtual_mode():
+    """GPT-2's lm_head holds the embedding's parameter: in-place mode gives both W + e, virtual mode would reroute the
+    LoRA layer only (losses 3.925 and 4.137 once)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=2, bos_token_id=0, eos_token_id=0))
+    model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head", "c_attn"], fan_in_fan_out=True))
+    params = [p for p in model.parameters() if p.requires_grad]
+    with pytest.raises(ValueError, match="lm_head shares its base weight with.*wte.*tied"):
+        FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
