@@ -38,11 +38,15 @@ def _autocast_enabled(device_type: str) -> bool:
         return bool(torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled())
 
 
+_OFF = contextlib.nullcontext()
+
+
 def autocast_off() -> ContextManager[Any]:
-    """Autocast disabled on every device type where it is on (a no-op, and no context entered, when it is off)."""
+    """Autocast disabled on every device type where it is on (a no-op, and no context entered, when it is off).
+    Enters the contexts when called: use it directly in a ``with``."""
     enabled = [kind for kind in _AUTOCAST_DEVICES if _autocast_enabled(kind)]
     if not enabled:
-        return contextlib.nullcontext()
+        return _OFF
     stack = contextlib.ExitStack()
     for kind in enabled:
         stack.enter_context(torch.autocast(kind, enabled=False))

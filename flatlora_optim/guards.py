@@ -87,21 +87,24 @@ class _ModeGuard:
 
 
 class _SharedCopies:
-    """``clean_weight(target)``, one copy per target while anyone holds it: the names of a tied weight in one
-    ``state_dict()`` get one tensor, as they do outside the block (safetensors keeps one of names that share
-    storage, and refuses to load a checkpoint that has both)."""
+    """``clean_weight(target)``, one copy per target and ``state_dict()`` call: the names of a tied weight in one
+    state dict get one tensor, as they do outside the block (safetensors keeps one of names that share storage, and
+    refuses to load a checkpoint that has both), while each call gets copies of its own (a caller may change its
+    copies in place). A call is told by its destination dict, which every module of the call writes into."""
 
-    __slots__ = ("clean_weight", "copies")
+    __slots__ = ("clean_weight", "destination", "copies")
 
     def __init__(self, clean_weight: Callable[[LoRATarget], torch.Tensor]):
         self.clean_weight = clean_weight
-        self.copies: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+        self.destination: Optional[weakref.ReferenceType] = None
+        self.copies: Dict[int, torch.Tensor] = {}
 
-    def __call__(self, target: LoRATarget) -> torch.Tensor:
+    def __call__(self, target: LoRATarget, destination: Dict[str, Any]) -> torch.Tensor:
+        if self.destination is None or self.destination() is not destination:
+            self.destination, self.copies = weakref.ref(destination), {}
         copy = self.copies.get(id(target))
         if copy is None:
-            copy = self.clean_weight(target)
-            self.copies[id(target)] = copy
+            copy = self.copies[id(target)] = self.clean_weight(target)
         return copy
 
 
@@ -112,14 +115,14 @@ class _CleanState:
 
     __slots__ = ("group", "clean_weight", "_from_public_api")  # torch marks hooks given to its public registration
 
-    def __init__(self, group: List[Tuple[str, LoRATarget]], clean_weight: Callable[[LoRATarget], torch.Tensor]):
+    def __init__(self, group: List[Tuple[str, LoRATarget]], clean_weight: _SharedCopies):
         self.group, self.clean_weight = group, clean_weight
 
     def __call__(self, module: nn.Module, state_dict: Dict[str, Any], prefix: str, local_metadata: Any) -> None:
         for param_name, target in self.group:
             key = prefix + param_name
             if key in state_dict:
-                state_dict[key] = self.clean_weight(target)
+                state_dict[key] = self.clean_weight(target, state_dict)
 
 
 def _tensors_with_grad(output: Any, depth: int = 3) -> List[torch.Tensor]:

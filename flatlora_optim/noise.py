@@ -175,8 +175,9 @@ def row_norms(rows: torch.Tensor, adapters: List[Adapter]) -> torch.Tensor:
     if A is not None:
         quadratic = ((B @ (A @ A.t())) * B).sum(dim=1, dtype=torch.float64)
         total += quadratic
-        cancelled = (total < _CANCELLATION * (squares + quadratic)).nonzero().flatten()
-        if cancelled.numel():  # rare: form those rows of W + sBA and sum them exactly
+        cancelled = total < _CANCELLATION * (squares + quadratic)
+        if bool(cancelled.any()):  # rare: form those rows of W + sBA and sum them exactly
+            cancelled = cancelled.nonzero().flatten()
             explicit = rows[cancelled].to(torch.float64) + B[cancelled].to(torch.float64) @ A.to(torch.float64)
             total[cancelled] = torch.linalg.vector_norm(explicit, dim=1).square()
     return total.clamp_(min=0.0).sqrt_()

@@ -45,6 +45,11 @@ _logger = logging.getLogger("flatlora_optim")
 _STATE_VERSION = 1
 
 
+def _is_zero(lr: Any) -> bool:
+    """Whether a param group's learning rate is 0 (``None``, Adafactor's relative step, is not)."""
+    return isinstance(lr, (int, float, torch.Tensor)) and float(lr) == 0.0
+
+
 class _OnWrappedOptimizer:
     """An attribute of :class:`FlatLoRA` that lives on the wrapped optimizer (unset there: ``AttributeError``, so that
     ``getattr(opt, name, default)`` works)."""
@@ -391,8 +396,7 @@ class FlatLoRA(torch.optim.Optimizer):
                 self._perturber.restore_all(perturbations, failed=failed)  # every layer is attempted before an error is raised
         finally:
             self._unrestored = [p.target.name for p in failed]
-            if not failed:
-                release(self, self.targets)
+            release(self, self.targets)  # after a failure too: this wrapper never perturbs again, and a new one must be able to
 
     def _check_restored(self) -> None:
         """Refuse to go on after a restore that raised: the layers it names may hold noise, or part of it (a restore
@@ -445,8 +449,9 @@ class FlatLoRA(torch.optim.Optimizer):
                     return closure()
 
         drew, self._drew_since_step = self._drew_since_step, False
+        counts = self._counts_as_a_step(drew or wrapped is not None)  # decided before the update: nothing may raise after it
         loss = self.base_optimizer.step(wrapped, **kwargs) if wrapped is not None else self.base_optimizer.step(**kwargs)
-        if self._counts_as_a_step(drew or wrapped is not None):
+        if counts:
             self._step_index += 1
         return loss
 
@@ -458,7 +463,7 @@ class FlatLoRA(torch.optim.Optimizer):
         found_inf = getattr(self.base_optimizer, "found_inf", None)
         if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):  # fused + GradScaler only: one sync
             return False
-        return drew or not all(float(group.get("lr", 1.0)) == 0.0 for group in self.param_groups)
+        return drew or not all(_is_zero(group.get("lr")) for group in self.param_groups)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -203,8 +203,7 @@ class Perturber:
             else:
                 former = functools.partial(self._perturbed_blocks, p)
             p.former = former
-        with autocast_off():
-            return former()
+        return former()  # no autocast-affected op in it (its row stds, p.scales(), turn autocast off themselves)
 
     @torch.no_grad()
     def _perturbed_blocks(self, p: TargetPerturbation) -> torch.Tensor:

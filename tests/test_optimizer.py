@@ -319,3 +319,27 @@ def test_resume_through_torch_distributed_checkpoint_helpers_with_the_flatlora_s
         _train_step(reference, ref_opt, s)
     for a, b in zip(lora_parameters(model2), lora_parameters(reference)):
         assert torch.equal(a, b), "the resumed run left the uninterrupted one"
+
+
+def test_a_step_without_a_draw_and_with_no_numeric_lr_counts_and_does_not_raise():
+    """Adafactor's default param groups hold ``lr=None``: the check for a zero-lr state initialisation step must not
+    raise (it once did, after the wrapped optimizer had already stepped)."""
+    model, opt = _wrapped()
+    for group in opt.param_groups:
+        group["lr"] = None
+    real_step = opt.base_optimizer.step
+
+    def step(closure=None):  # AdamW itself needs a number: stand in for an optimizer that does not
+        for group in opt.param_groups:
+            group["lr"] = 1e-2
+        try:
+            return real_step(closure)
+        finally:
+            for group in opt.param_groups:
+                group["lr"] = None
+
+    opt.base_optimizer.step = step
+    x, y = batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()  # no perturbed() since the last step
+    assert opt.step_count == 1

@@ -712,6 +712,10 @@ def test_a_restore_that_raises_is_reported_and_stops_further_steps(monkeypatch):
     with pytest.raises(RuntimeError, match=f"restore .*raised for 3 layer.*{opt.targets[0].name}.*Reload"):
         with opt.perturbed():
             pass
+    monkeypatch.undo()
+    fresh = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    with fresh.perturbed():  # what the message says to do is not refused as a second wrapper while opt lives
+        pass
 
 
 # -- tied weights: the layers that share a perturbed weight are guarded too --------------------------------------
@@ -776,6 +780,11 @@ def test_state_dict_while_perturbed_is_clean_under_a_tied_plain_modules_name():
     assert inside[lm_head] is inside[wte], "the tied names got two copies"
     dirty = [k for k in clean if not torch.equal(clean[k], bits(inside[k]))]
     assert dirty == []
+    with opt.perturbed():
+        first = model.state_dict()
+        first[wte].zero_()  # a caller may change its copies in place: another call still gets clean ones
+        second = model.state_dict()
+    assert second[wte] is not first[wte] and torch.equal(bits(second[wte]), clean[wte])
 
 
 def test_a_second_wrapper_is_refused_while_the_first_ones_noise_is_in():
