@@ -45,6 +45,23 @@ _logger = logging.getLogger("flatlora_optim")
 _STATE_VERSION = 1
 
 
+def _resharded(model: nn.Module, targets: List[LoRATarget], sharded_names: Any) -> None:
+    """Put FSDP2's sharded parameters back in place before the noise goes in: with ``reshard_after_forward=False`` a
+    forward (an evaluation under ``no_grad``) leaves the unsharded copies registered, and noise added to those would
+    never reach the shards the next forward gathers from. ``reshard()`` frees those copies (no communication)."""
+    if not sharded_names or not any(t.name in sharded_names and not t.sharded for t in targets):
+        return
+    for module in model.modules():
+        if callable(getattr(module, "reshard", None)) and type(module).__name__.startswith("FSDP"):
+            module.reshard()
+    unsharded = [t.name for t in targets if t.name in sharded_names and not t.sharded]
+    if unsharded:
+        raise RuntimeError(
+            f"FSDP2 holds {unsharded[:3]} unsharded and reshard() did not shard them again: Flat-LoRA perturbs the shards. "
+            "Call opt.perturbed() where FSDP2 holds the parameters sharded (before the step's first forward)."
+        )
+
+
 def _is_zero(lr: Any) -> bool:
     """Whether a param group's learning rate is 0 (``None``, Adafactor's relative step, is not)."""
     return isinstance(lr, (int, float, torch.Tensor)) and float(lr) == 0.0
@@ -160,7 +177,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._step_index = 0
         self._perturbations: Optional[List[TargetPerturbation]] = None
         self._unrestored: List[str] = []  # layers a restore raised for (see _check_restored)
-        self._drew_since_step = False  # perturbed() or perturb() ran since the last step() (see _counts_as_a_step)
+        self._sharded_names = {t.name for t in self.targets if t.sharded}  # FSDP2 weights (see _resharded)
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
@@ -327,7 +344,6 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._perturbations is not None:
             return
         self._check_restored()
-        self._drew_since_step = True
         for target in self.targets:
             target.check()  # e.g. merged since construction: raise before touching anything
         _check_one_device(self.targets)
@@ -336,10 +352,13 @@ class FlatLoRA(torch.optim.Optimizer):
         if sigma == 0.0:
             self._perturbations = []  # nothing to draw this step: later calls in the step do nothing either
             return
+        _resharded(self.model, self.targets, self._sharded_names)
         claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
         try:
             with on_device_of(self.targets), held_views(self.targets):
                 self._add_noise(sigma)
+                for target in self.targets:
+                    target._pinned = target.weight if target.sharded else None
         except BaseException:
             release(self, self.targets)
             raise
@@ -391,12 +410,21 @@ class FlatLoRA(torch.optim.Optimizer):
         if not perturbations:
             return
         failed: List[TargetPerturbation] = []
+        swapped = [t.name for t in self.targets if t._pinned is not None and t.live_weight() is not t._pinned]
         try:
             with on_device_of(self.targets):
                 self._perturber.restore_all(perturbations, failed=failed)  # every layer is attempted before an error is raised
         finally:
             self._unrestored = [p.target.name for p in failed]
             release(self, self.targets)  # after a failure too: this wrapper never perturbs again, and a new one must be able to
+            for target in self.targets:
+                target._pinned = None
+        if swapped:
+            raise RuntimeError(
+                f"FSDP2 kept {swapped[:3]} unsharded after the backward (set_reshard_after_backward(False)?): Flat-LoRA "
+                "restored the shards, but FSDP2's unsharded copies still hold the noise and would be used again. Keep "
+                "reshard_after_backward=True (the default) with Flat-LoRA."
+            )
 
     def _check_restored(self) -> None:
         """Refuse to go on after a restore that raised: the layers it names may hold noise, or part of it (a restore
@@ -439,6 +467,8 @@ class FlatLoRA(torch.optim.Optimizer):
         With a ``closure`` (LBFGS, Lightning), every call of it runs inside ``perturbed()``.
         Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
         """
+        if closure is None and self._initialises_state():
+            return self.base_optimizer.step(**kwargs)  # not a training step: the noise and the schedule are left alone
         self._held = False
         self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
@@ -448,22 +478,27 @@ class FlatLoRA(torch.optim.Optimizer):
                 with torch.enable_grad(), self.perturbed():
                     return closure()
 
-        drew, self._drew_since_step = self._drew_since_step, False
-        counts = self._counts_as_a_step(drew or wrapped is not None)  # decided before the update: nothing may raise after it
+        skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it
         loss = self.base_optimizer.step(wrapped, **kwargs) if wrapped is not None else self.base_optimizer.step(**kwargs)
-        if counts:
+        if not skipped:
             self._step_index += 1
         return loss
 
-    def _counts_as_a_step(self, drew: bool) -> bool:
-        """Whether the step just taken advances the noise schedule. Not when GradScaler found inf/NaN gradients and the
-        wrapped (fused) optimizer skipped its update (as GradScaler skips ``step()`` itself for the others: the next
-        step reuses the draw), nor for ``torch.distributed.checkpoint``'s optimizer-state initialisation (a step
-        with every learning rate 0 and no noise drawn since the last step), which would shift the schedule by one."""
+    def _skipped_by_grad_scaler(self) -> bool:
+        """Whether GradScaler found inf/NaN gradients and the wrapped (fused) optimizer skips its update: then the
+        schedule does not advance, as when GradScaler skips ``step()`` itself for the others (the next step reuses the
+        draw). One host sync, in that setting only."""
         found_inf = getattr(self.base_optimizer, "found_inf", None)
-        if isinstance(found_inf, torch.Tensor) and bool(found_inf.item()):  # fused + GradScaler only: one sync
+        return isinstance(found_inf, torch.Tensor) and bool(found_inf.item())
+
+    def _initialises_state(self) -> bool:
+        """``torch.distributed.checkpoint``'s helpers give a fresh optimizer its state with a ``step()`` at learning rate
+        0 on zero gradients: no training step (it must neither take the noise out of a block nor advance the schedule).
+        A real first step has a non-zero gradient somewhere."""
+        if self.base_optimizer.state or not all(_is_zero(group.get("lr")) for group in self.param_groups):
             return False
-        return drew or not all(_is_zero(group.get("lr")) for group in self.param_groups)
+        grads = [p.grad for group in self.param_groups for p in group["params"]]
+        return all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -393,8 +393,10 @@ class Perturber:
     @torch.no_grad()
     def noise(self, p: TargetPerturbation) -> torch.Tensor:
         """The ``m x n`` noise drawn for ``p`` on this process's rows (for inspection; allocates it whole)."""
-        m, n = p.target.shape
-        out = torch.zeros((m, n), dtype=noise_dtype(p.target.weight.dtype), device=p.scales().device)
+        rows = p.target.rows()
+        # the device from the rows: a rank holding no rows of an FSDP2 layer must not compute its stds (a collective
+        # the other ranks, whose stds are cached, would not join)
+        out = torch.zeros(rows.shape, dtype=noise_dtype(rows.dtype), device=rows.device)
         for block, start, end, skip, block_rows in self._blocks(p):
             out[start:end] = self._block_noise(p, block, start, end, skip, block_rows)
         return out

@@ -89,6 +89,9 @@ class LoRATarget:
     aliases: List[LoRATarget] = field(default_factory=list, repr=False, compare=False)
     """Other LoRA layers of the model whose base weight is this very tensor (tied weights): discovery takes the
     weight once, here, and lists them, so that the guards cover them too (``train()``)."""
+    _pinned: Optional[torch.Tensor] = field(default=None, init=False, repr=False, compare=False)
+    """An FSDP2 weight's sharded parameter while its noise is in it: FSDP2 may register its unsharded copy in its place
+    meanwhile (``set_reshard_after_backward(False)``), and the restore must reach the shard."""
     tied: List[Tuple[nn.Module, str, str]] = field(default_factory=list, repr=False, compare=False)
     """Every other place in the model that holds this very parameter, LoRA layer or not (a tied ``lm_head``):
     ``(module, attribute, qualified name)``. ``state_dict()`` while perturbed is made clean under those names too,
@@ -103,6 +106,13 @@ class LoRATarget:
         """
         if self._held is not None:
             return self._held[0]
+        live = self.live_weight()
+        if self._pinned is not None and live is not self._pinned and not is_dtensor(live):
+            return self._pinned  # FSDP2 registered its unsharded copy meanwhile: the noise went into the shard
+        return live
+
+    def live_weight(self) -> torch.Tensor:
+        """The parameter registered on the owner right now (see :attr:`weight`)."""
         # read nn.Module's registries directly: this runs several times per layer and step, and
         # ``getattr`` of a missing submodule goes through a raised and caught AttributeError
         parametrizations = self.owner._modules.get("parametrizations")

@@ -252,8 +252,11 @@ def _empty_shard_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
         loss.backward()
         opt.step()
         opt.zero_grad()
+    with opt.perturbed():  # a rank with no rows of the layer computes no stds for it (its collective would hang)
+        regenerated = tuple(opt.regenerate_noise(opt.targets[2].name).shape)
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
-    torch.save({"restored": restored, "rows": opt.targets[2].rows().shape[0]}, os.path.join(out_dir, f"empty{rank}.pt"))
+    torch.save({"restored": restored, "rows": opt.targets[2].rows().shape[0], "regenerated": regenerated},
+               os.path.join(out_dir, f"empty{rank}.pt"))
     _finish()
 
 
@@ -265,3 +268,56 @@ def test_fsdp2_rank_without_rows_takes_part_in_every_collective(tmp_path):
     ranks = [torch.load(tmp_path / f"empty{r}.pt") for r in range(4)]
     assert all(r["restored"] for r in ranks)
     assert [r["rows"] for r in ranks] == [2, 2, 1, 0]
+    assert [r["regenerated"] for r in ranks] == [(2, 32), (2, 32), (1, 32), (0, 32)]
+
+
+def _unsharded_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> None:
+    from datetime import timedelta
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=rendezvous, rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    torch.set_num_threads(1)
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for case in ("evaluation forward, reshard_after_forward=False", "set_reshard_after_backward(False)"):
+        model = make_mlp(seed=0)
+        for layer in model:
+            if hasattr(layer, "lora_A"):
+                fully_shard(layer, mesh=mesh, reshard_after_forward=not case.startswith("evaluation"))
+        fully_shard(model, mesh=mesh, reshard_after_forward=not case.startswith("evaluation"))
+        if not case.startswith("evaluation"):
+            model.set_reshard_after_backward(False)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        before = [bits(p.to_local()) for p in frozen]
+        opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), model, rho=0.2, schedule="constant", seed=3)
+        with torch.no_grad():
+            model(batch(9)[0])  # an evaluation: with reshard_after_forward=False the unsharded copies stay registered
+        x, y = batch(rank)
+        error = None
+        try:
+            with opt.perturbed():
+                noisy = [not torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before) if p.dim() == 2]
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+        except RuntimeError as exc:
+            error = str(exc)
+        results[case] = {"noisy_shards": all(noisy), "error": error, "restored": all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))}
+    torch.save(results, os.path.join(out_dir, f"unsharded{rank}.pt"))
+    _finish()
+
+
+def test_fsdp2_unsharded_parameters_are_resharded_before_the_noise_or_refused_after_the_backward(tmp_path):
+    """With ``reshard_after_forward=False`` an evaluation forward leaves FSDP2's unsharded copies registered: the noise
+    once went into those copies (the shards were never perturbed; the restore then failed for good). They are resharded
+    first now. With ``set_reshard_after_backward(False)`` the copies are registered when the backward ends: the restore
+    once went into them (one rank's shards kept the noise silently, another raised, and the run hung); the shards are
+    restored now, and the backward raises a clear error on every rank."""
+    mp.spawn(_unsharded_worker, args=(2, _rendezvous(tmp_path), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        results = torch.load(tmp_path / f"unsharded{rank}.pt")
+        evaluation = results["evaluation forward, reshard_after_forward=False"]
+        assert evaluation == {"noisy_shards": True, "error": None, "restored": True}, (rank, evaluation)
+        kept = results["set_reshard_after_backward(False)"]
+        assert kept["restored"] and kept["noisy_shards"] and "reshard_after_backward" in (kept["error"] or ""), (rank, kept)

@@ -343,3 +343,20 @@ def test_a_step_without_a_draw_and_with_no_numeric_lr_counts_and_does_not_raise(
     nn.functional.cross_entropy(model(x), y).backward()
     opt.step()  # no perturbed() since the last step
     assert opt.step_count == 1
+
+
+def test_checkpoint_helpers_inside_the_block_leave_the_noise_in_and_the_count_alone():
+    """``get_optimizer_state_dict`` on a fresh optimizer steps it at lr 0 on zero gradients to create its state; inside
+    the block that step once took the noise out for the rest of it and counted as a step (2 after one real step)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model, opt = _wrapped()
+    x, y = batch(0)
+    with opt.perturbed():
+        noisy = frozen_weights(model)
+        get_optimizer_state_dict(model, opt)
+        assert opt.is_perturbed and all(torch.equal(noisy[n], w) for n, w in frozen_weights(model).items())
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert opt.step_count == 1
