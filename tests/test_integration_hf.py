@@ -311,6 +311,13 @@ def test_callback_without_a_flatlora_optimizer_says_what_to_do(tmp_path):
         add_flatlora(trainer)
 
 
+def test_add_flatlora_refuses_total_steps_clearly(tmp_path):
+    """The schedule length comes from the Trainer; a total_steps keyword once failed inside FlatLoRA with a TypeError."""
+    trainer = Trainer(model=tiny_llama_with_lora(), args=training_args(tmp_path, max_steps=1), train_dataset=lm_data(4))
+    with pytest.raises(ValueError, match="total_steps from the Trainer.*max_steps"):
+        add_flatlora(trainer, rho=0.05, total_steps=3)
+
+
 def test_importing_the_package_and_integrations_index_pulls_in_no_framework():
     code = (
         "import sys, flatlora_optim, flatlora_optim.integrations; "

@@ -146,7 +146,8 @@ def add_flatlora(
     Args:
         trainer: a ``transformers.Trainer`` (or subclass) whose model holds the LoRA layers.
         rho, schedule, seed, targets, restore: as in :class:`FlatLoRA`.
-        **flatlora_kwargs: any further :class:`FlatLoRA` keyword argument (e.g. ``mode=``).
+        **flatlora_kwargs: any further :class:`FlatLoRA` keyword argument (e.g. ``mode=``) but ``total_steps``,
+            which comes from the Trainer.
 
     Returns:
         The installed :class:`FlatLoRACallback`; its ``flat`` attribute is the FlatLoRA once
@@ -154,6 +155,9 @@ def add_flatlora(
     """
     if any(isinstance(cb, FlatLoRACallback) for cb in trainer.callback_handler.callbacks):
         raise ValueError("This Trainer already has a FlatLoRACallback; call add_flatlora once.")
+    if "total_steps" in flatlora_kwargs:
+        raise ValueError("add_flatlora takes total_steps from the Trainer (state.max_steps); set TrainingArguments(max_steps=...) "
+                         "or num_train_epochs instead of passing total_steps.")
     callback = FlatLoRACallback()
     create_optimizer = trainer.create_optimizer  # bound method of the (sub)class, or a user override
 
