@@ -178,6 +178,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._perturbations: Optional[List[TargetPerturbation]] = None
         self._unrestored: List[str] = []  # layers a restore raised for (see _check_restored)
         self._sharded_names = {t.name for t in self.targets if t.sharded}  # FSDP2 weights (see _resharded)
+        self._virtual_verified = False  # a block has seen every LoRA layer that ran go through its rerouted product
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
         self._depth = 0  # nesting of perturbed() blocks
@@ -304,7 +305,28 @@ class FlatLoRA(torch.optim.Optimizer):
                 self._restore_now()
             raise
         self._depth -= 1
+        if self._depth == 0:
+            self._verify_rerouting()
         self._release()
+
+    def _verify_rerouting(self) -> None:
+        """Virtual mode, until a block has seen the LoRA layers run: refuse layers that ran without the rerouted product
+        (their forward reads the base weight itself), whose gradients would then carry no noise."""
+        patches = self._patches
+        if patches is None or not patches.watching or not patches.ran:
+            return
+        unrouted = patches.unrouted()
+        patches.stop_watching()
+        self._virtual_verified = True
+        if unrouted:
+            self._virtual_verified = False
+            self._held = False
+            self._restore_now()
+            raise ValueError(
+                f"mode='virtual' rerouted no product of {unrouted[:3]}: their forward ran without calling the module that holds "
+                "the weight (it reads the weight itself, e.g. F.linear(x, self.base.weight)), so they computed without the "
+                "noise. Call the base module in the layer's forward (self.base(x)), or use mode='inplace'."
+            )
 
     def perturb(self) -> None:
         """Put this step's noise into the weights (idempotent within a step). Pair with :meth:`restore`.
@@ -368,7 +390,8 @@ class FlatLoRA(torch.optim.Optimizer):
         place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
             perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
-            self._patches = VirtualPatches(self._perturber, perturbations, self._armed)  # removes what it patched if it fails
+            self._patches = VirtualPatches(self._perturber, perturbations, self._armed,  # removes what it patched if it fails
+                                           watch=not self._virtual_verified)
             try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
                 self._guards = PerturbationGuards(self.targets, self._clean_weight, self._release, self._on_mode_change,
                                                   root=self.model, layers=False)

@@ -23,11 +23,12 @@ model is exactly the model that was built.
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
@@ -111,10 +112,12 @@ def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
 
 
 def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: TargetPerturbation,
-                   armed: Callable[[], bool]) -> Callable[[torch.Tensor], torch.Tensor]:
+                   armed: Callable[[], bool], called: Set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
     plain = getattr(type(owner), attribute).__get__(owner, type(owner))
+    key = id(p.target)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        called.add(key)
         if _is_compiling():
             raise RuntimeError(
                 "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
@@ -129,12 +132,37 @@ def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: Ta
     return forward
 
 
-class VirtualPatches:
-    """Reroutes the targets' base products to :class:`NoisyLinearFunction` until :meth:`remove`."""
+class _Ran:
+    """A forward pre-hook: the LoRA layer ``key`` ran."""
 
-    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation], armed: Callable[[], bool] = lambda: True):
+    __slots__ = ("ran", "key")
+
+    def __init__(self, ran: Set[int], key: int):
+        self.ran, self.key = ran, key
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        self.ran.add(self.key)
+
+
+class VirtualPatches:
+    """Reroutes the targets' base products to :class:`NoisyLinearFunction` until :meth:`remove`.
+
+    ``watch``: also note which LoRA layers ran (a forward pre-hook each), so that :meth:`unrouted` can name those
+    whose forward never went through the rerouted product: a registered layer that computes with its base weight
+    directly (``F.linear(x, self.base.weight)``) would get no noise, silently. The optimizer watches until a
+    block has seen the layers run."""
+
+    def __init__(self, perturber: Perturber, perturbations: List[TargetPerturbation], armed: Callable[[], bool] = lambda: True,
+                 watch: bool = False):
         self._patched: List[Tuple[nn.Module, str]] = []
+        self.called: Set[int] = set()
+        self.ran: Set[int] = set()
+        self._names = {id(p.target): p.target.name for p in perturbations}
+        self._watching: List[RemovableHandle] = []
         try:
+            if watch:
+                for p in perturbations:
+                    self._watching.append(p.target.module.register_forward_pre_hook(_Ran(self.ran, id(p.target))))
             for p in perturbations:
                 refusal = virtual_refusal(p.target)  # checked at construction; a target changed since (say, DoRA switched on)
                 if refusal is not None:
@@ -143,13 +171,27 @@ class VirtualPatches:
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
                 self._patched.append((module, attribute))  # first: remove() must know of every patch
-                module.__dict__[attribute] = _noisy_forward(module, attribute, perturber, p, armed)
+                module.__dict__[attribute] = _noisy_forward(module, attribute, perturber, p, armed, self.called)
         except BaseException:
             self.remove()
             raise
 
+    @property
+    def watching(self) -> bool:
+        return bool(self._watching)
+
+    def unrouted(self) -> List[str]:
+        """The layers that ran without their rerouted product (watched only)."""
+        return [self._names[key] for key in sorted(self.ran - self.called, key=list(self._names).index)]
+
+    def stop_watching(self) -> None:
+        for handle in self._watching:
+            handle.remove()
+        self._watching.clear()
+
     def remove(self) -> None:
         """Put every module back exactly as it was; idempotent."""
+        self.stop_watching()
         for module, attribute in self._patched:
             module.__dict__.pop(attribute, None)
         self._patched.clear()

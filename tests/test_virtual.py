@@ -428,3 +428,47 @@ def test_a_weight_tied_to_a_plain_module_is_refused_by_virtual_mode():
     params = [p for p in model.parameters() if p.requires_grad]
     with pytest.raises(ValueError, match="lm_head shares its base weight with.*wte.*tied"):
         FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+
+
+def _registered_layer(calls_base: bool):
+    """A registered LoRA layer over an nn.Linear whose forward calls its base module, or reads its weight itself."""
+    from flatlora_optim import LoRALayerInfo, register_lora_layer
+
+    class Layer(nn.Module):
+        def __init__(self, base):
+            super().__init__()
+            self.base = base.requires_grad_(False)
+            self.U = nn.Parameter(torch.randn(base.in_features, 2) * 0.1)
+            self.V = nn.Parameter(torch.randn(2, base.out_features) * 0.1)
+
+        def forward(self, x):
+            out = self.base(x) if calls_base else nn.functional.linear(x, self.base.weight, self.base.bias)
+            return out + x @ self.U @ self.V
+
+    register_lora_layer(Layer, lambda m: LoRALayerInfo(weight=m.base.weight, adapters=[(m.U.t(), m.V.t(), 1.0)]))
+    torch.manual_seed(0)
+    return nn.Sequential(Layer(nn.Linear(12, 16)), nn.Tanh(), Layer(nn.Linear(16, 5)))
+
+
+def test_a_registered_layer_that_reads_its_base_weight_itself_is_refused_at_the_first_block():
+    """Virtual mode reroutes the base module's forward; a layer computing F.linear(x, self.base.weight) never calls it
+    and once ran without noise, silently. The first block that sees the layers run names it; one that calls its base
+    is checked once and then runs without the watch."""
+    x, y = batch(0)
+    for calls_base in (False, True):
+        model = _registered_layer(calls_base)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = FlatLoRA(torch.optim.SGD(params, lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+        before = frozen_weights(model)
+        for _ in range(2):
+            if calls_base:
+                with opt.perturbed():
+                    nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                assert not [m for m in model.modules() if m._forward_pre_hooks], "the watch stayed after a checked block"
+            else:
+                with pytest.raises(ValueError, match=r"rerouted no product of \['0', '2'\].*self.base\(x\)"):
+                    with opt.perturbed():
+                        model(x)
+                assert not opt.is_perturbed
+        assert_frozen_unchanged(model, before)
