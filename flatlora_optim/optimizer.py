@@ -317,9 +317,8 @@ class FlatLoRA(torch.optim.Optimizer):
             return
         unrouted = patches.unrouted()
         patches.stop_watching()
-        self._virtual_verified = True
+        self._virtual_verified = not unrouted
         if unrouted:
-            self._virtual_verified = False
             self._held = False
             self._restore_now()
             raise ValueError(

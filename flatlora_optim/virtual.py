@@ -81,10 +81,12 @@ def reads_base_weight(target: LoRATarget) -> bool:
     ``W + sBA``), where virtual mode's rerouting would leave it the clean ``W``."""
     if target.flavour == "torchtune-dora":
         return True
-    if target.flavour.startswith("peft"):
+    if target.flavour.startswith("peft"):  # checked at every block: the active names only, no adapter factors built
         from .flavours.peft_flavours import variant_label
 
-        return any(variant_label(target.module, a.name) == "DoRA" for a in target.adapters())
+        module = target.module
+        active = [] if getattr(module, "disable_adapters", False) else getattr(module, "active_adapters", [])
+        return any(variant_label(module, name) == "DoRA" for name in active)
     return False
 
 
@@ -182,7 +184,7 @@ class VirtualPatches:
 
     def unrouted(self) -> List[str]:
         """The layers that ran without their rerouted product (watched only)."""
-        return [self._names[key] for key in sorted(self.ran - self.called, key=list(self._names).index)]
+        return [name for key, name in self._names.items() if key in self.ran and key not in self.called]
 
     def stop_watching(self) -> None:
         for handle in self._watching:
