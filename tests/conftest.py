@@ -52,6 +52,16 @@ def assert_standard_normal(report: dict) -> None:
     assert report["max"] <= math.sqrt(40 * math.log(2)) + 1e-5, report
 
 
+def train_step(model: nn.Module, opt, seed: int) -> None:
+    """One Flat-LoRA training step on ``batch(seed)``: forward in the block, backward after it, step, zero_grad."""
+    x, y = batch(seed)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, width: int = 32, bias: bool = True, r: int = 4) -> nn.Module:
     """A 3-layer MLP with LoRALinear on every Linear; B is random so W + sBA != W."""
     gen = torch.Generator().manual_seed(seed)

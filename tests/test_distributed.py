@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import batch, bits, make_mlp  # noqa: E402
+from conftest import batch, bits, make_mlp, train_step  # noqa: E402
 
 from flatlora_optim import FlatLoRA, lora_parameters  # noqa: E402
 
@@ -246,12 +246,7 @@ def _empty_shard_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
     before = [bits(p.to_local()) for p in frozen]
     opt = FlatLoRA(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2), model, rho=0.2, schedule="constant", seed=3)
     for step in range(2):
-        x, y = batch(step)
-        with opt.perturbed():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, step)
     with opt.perturbed():  # a rank with no rows of the layer computes no stds for it (its collective would hang)
         regenerated = tuple(opt.regenerate_noise(opt.targets[2].name).shape)
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))

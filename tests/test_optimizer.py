@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, train_step
 from torch import nn
 
 from flatlora_optim import FlatLoRA, lora_parameters
@@ -201,15 +201,6 @@ def _wrapped(model=None, inner=torch.optim.AdamW, **kwargs):
     return model, FlatLoRA(inner(list(lora_parameters(model)), lr=1e-2), model, **kwargs)
 
 
-def _train_step(model, opt, seed):
-    x, y = batch(seed)
-    with opt.perturbed():
-        loss = nn.functional.cross_entropy(model(x), y)
-    loss.backward()
-    opt.step()
-    opt.zero_grad()
-
-
 @pytest.mark.parametrize("inner", [torch.optim.SGD, torch.optim.AdamW], ids=["SGD", "AdamW"])
 def test_grad_scaler_with_a_fused_inner_optimizer_unscales_and_skips_inf_steps(inner):
     """A fused optimizer unscales inside its step, from the ``grad_scale`` / ``found_inf`` GradScaler sets on the object it
@@ -258,7 +249,7 @@ def test_state_dict_hooks_registered_on_the_wrapper_run():
 
 def test_load_state_dict_checks_before_it_changes_anything():
     model, opt = _wrapped(schedule=lambda step: 1.0)
-    _train_step(model, opt, 0)
+    train_step(model, opt, 0)
     state = opt.state_dict()
     model2, fresh = _wrapped(make_mlp(seed=0))  # a named schedule: the callable checkpoint cannot load into it
     fresh.param_groups[0]["lr"] = 0.5
@@ -281,7 +272,7 @@ def test_load_state_dict_inside_the_block_is_refused():
 
 def test_loading_other_targets_or_a_plain_state_says_so():
     model, opt = _wrapped()
-    _train_step(model, opt, 0)
+    train_step(model, opt, 0)
     state = opt.state_dict()
     renamed = nn.Sequential()
     renamed.add_module("net", make_mlp(seed=0))
@@ -302,8 +293,8 @@ def test_resume_through_torch_distributed_checkpoint_helpers_with_the_flatlora_s
     model, opt = _wrapped(schedule="linear", total_steps=10)
     reference, ref_opt = _wrapped(make_mlp(seed=0), schedule="linear", total_steps=10)
     for s in range(3):
-        _train_step(model, opt, s)
-        _train_step(reference, ref_opt, s)
+        train_step(model, opt, s)
+        train_step(reference, ref_opt, s)
     saved, flat = get_optimizer_state_dict(model, opt), opt.flatlora_state_dict()
     assert opt.step_count == 3
     model2, opt2 = _wrapped(make_mlp(seed=0), schedule="linear", total_steps=10)
@@ -315,8 +306,8 @@ def test_resume_through_torch_distributed_checkpoint_helpers_with_the_flatlora_s
     opt2.load_flatlora_state_dict(flat)
     assert opt2.step_count == 3
     for s in range(3, 6):
-        _train_step(model2, opt2, s)
-        _train_step(reference, ref_opt, s)
+        train_step(model2, opt2, s)
+        train_step(reference, ref_opt, s)
     for a, b in zip(lora_parameters(model2), lora_parameters(reference)):
         assert torch.equal(a, b), "the resumed run left the uninterrupted one"
 

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import torch
-from conftest import batch, make_mlp
+from conftest import make_mlp, train_step
 from torch import nn
 
 from flatlora_optim import FlatLoRA, lora_parameters
@@ -19,12 +19,7 @@ def test_global_rng_states_unchanged_by_a_training_run():
     numpy_state = np.random.get_state()[1].copy()
     python_state = random.getstate()
     for step in range(5):
-        x, y = batch(step)
-        with opt.perturbed():
-            loss = nn.functional.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
+        train_step(model, opt, step)
     assert torch.equal(torch.get_rng_state(), torch_state)
     assert np.array_equal(np.random.get_state()[1], numpy_state)
     assert random.getstate() == python_state
