@@ -66,12 +66,15 @@ class StubKernel:
     def add_noise_layers(self, table, std, seeds) -> None:
         pass
 
-    def exact_perturb_layers(self, table, std, seeds, while_waiting=None) -> _Record:
+    def exact_perturb_layers(self, table, std, seeds, while_waiting=None, step=None, sigma=None) -> _Record:
         if while_waiting is not None:
             while_waiting()
         return _Record()
 
     def exact_restore_layers(self, table, std, seeds, record, only_layer: int = -1) -> None:
+        pass
+
+    def settle_counts(self, table, wait: bool) -> None:
         pass
 
     def layer_former(self, rows, std_rows, seeds, rows_per_block, work):

@@ -3,7 +3,8 @@
 On CUDA with Triton, :class:`StepGroup` computes every target's row stds in one launch (per
 weight/adapter type), uploads every row block's seed in one copy, and -- in in-place mode on
 16-bit weights -- perturbs all those layers in one pass: with exact restore through the fused
-codec (restored by one more pass, with one host sync per step to size the records), with backup
+codec (restored by one more pass; the records are sized from the previous step's counts, which the
+host reads without waiting for the device), with backup
 restore after one multi-tensor copy of the weights (restored by copying them back). Per-layer
 Python work is limited to reading each target's weight view and adapters.
 
@@ -70,6 +71,7 @@ class StepGroup:
 
     def __init__(self, kernel: Any, cache: TableCache, targets: Sequence[LoRATarget], sigma: float, stream_seed: int, step: int):
         self.kernel = kernel
+        self.sigma, self.step = sigma, step
         self.targets = list(targets)
         self._position = {id(t): k for k, t in enumerate(self.targets)}
         self.rows = [t.rows() for t in self.targets]
@@ -121,7 +123,7 @@ class StepGroup:
                 torch._foreach_copy_(rows, self.backups)
                 raise
         else:
-            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting)
+            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting, step=self.step, sigma=self.sigma)
         self.restored = [False] * len(indices)
         return [GroupSlot(self, k) for k in range(len(indices))]
 
@@ -134,6 +136,7 @@ class StepGroup:
                 torch._foreach_copy_(self._codec_rows, self.backups)
             else:
                 self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
+                self.kernel.settle_counts(self.codec_table, wait=False)  # the pass's counts, if the device has them by now
             self.restored = [True] * len(self.restored)
             return
         for k, done in enumerate(self.restored):

@@ -519,3 +519,74 @@ def test_gradient_checkpointing_on_the_gpu_gives_the_grads_at_the_noisy_weights(
         torch.testing.assert_close(g, e, rtol=1e-2, atol=1e-5)
     clean = grads(False, flat=False)
     assert any(not torch.allclose(c, e, rtol=1e-2, atol=1e-5) for c, e in zip(clean, expected))  # the noise shows at that tolerance
+
+
+def _three_layers(dtype=torch.bfloat16):
+    layers = [LoRALinear(nn.Linear(n, m), r=8, alpha=16) for n, m in [(1024, 768), (768, 2048), (2048, 512)]]
+    for layer in layers:
+        nn.init.normal_(layer.lora_B, std=0.05)
+    return nn.Sequential(*layers).to(device="cuda", dtype=dtype)
+
+
+def _step(model, opt, x):
+    with opt.perturbed():
+        loss = model(x).float().square().mean()
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_in_place_exact_steps_after_the_first_do_not_wait_for_the_device():
+    """The codec's counts of a training step's pass are read later, not waited for: from the second step on,
+    entering the block makes no synchronizing call (``set_sync_debug_mode('error')`` raises on one)."""
+    pytest.importorskip("triton")
+    model = _three_layers()
+    before = [bits(layer.weight) for layer in model]
+    opt = _opt(model)
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    for step in range(5):
+        if step >= 2:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            with opt.perturbed():
+                assert all(not torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
+                loss = model(x).float().square().mean()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before)), step
+
+
+def test_a_record_too_small_leaves_tiles_clean_restores_exactly_and_warns_naming_the_step():
+    """Buffers made too small on purpose (as after a sharp change of the weights): the step's tiles that do
+    not fit carry no noise, the restore is exact, a RuntimeWarning names the step, and the next step's
+    buffers fit (no warning, every tile perturbed)."""
+    pytest.importorskip("triton")
+    model = _three_layers()
+    before = [bits(layer.weight) for layer in model]
+    opt = _opt(model)
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    _step(model, opt, x)
+    tables = list(opt._perturber._tables._tables.values())
+    assert tables and all(t.codec_capacity is not None for t in tables)
+    for table in tables:
+        table.codec_capacity = (3, 2)
+    with pytest.warns(RuntimeWarning, match=r"Flat-LoRA step 1: the exact-restore record was too small .* tiles of 2048 weights carried no noise"):
+        with opt.perturbed():
+            unchanged = sum(int((bits(layer.weight) == b).sum()) for layer, b in zip(model, before))
+            loss = model(x).float().square().mean()
+        torch.cuda.synchronize()  # the pass's counts are on the host by the restore, which reads them then
+        loss.backward()
+    assert unchanged > 0.5 * sum(layer.weight.numel() for layer in model)  # most tiles left clean
+    assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
+    opt.step()
+    opt.zero_grad()
+    with opt.perturbed():
+        unchanged = sum(int((bits(layer.weight) == b).sum()) for layer, b in zip(model, before))
+        loss = model(x).float().square().mean()
+    loss.backward()
+    opt.step()
+    assert unchanged < 0.5 * sum(layer.weight.numel() for layer in model)
+    assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))

@@ -320,6 +320,56 @@ def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, seed) ->
     perturb_and_restore(layers(shapes, dtype, gen, transposed=(0,) if transpose_first else ()), std_scale, gen)
 
 
+def check_passes_that_read_their_counts_later() -> None:
+    """A training step's pass (``step`` given) after a table's first does not wait for its counts: buffers
+    scaled by the rise of sigma, counts read later. Buffers too small on purpose: the tiles that do not fit
+    stay clean, the restore is still exact, the late read warns naming the step and the clean tiles, and
+    the next pass is sized from those counts."""
+    import warnings
+
+    gen = torch.Generator().manual_seed(11)
+    rows = layers([(9, 1030), (6, 900), (5, 1024)], torch.bfloat16, gen)
+    before = [bits(r).clone() for r in rows]
+    table = LayerTable(rows)
+    std = torch.rand(table.total_rows, generator=gen) * 0.002
+    seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
+
+    def step_pass(step, sigma, scale=1.0):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            record = KERNEL.exact_perturb_layers(table, std * scale, seeds, step=step, sigma=sigma)
+            clean_tiles = int((record.bounds == -1).sum())
+            KERNEL.exact_restore_layers(table, std * scale, seeds, record)
+            KERNEL.settle_counts(table, wait=False)
+        for index, (r, b) in enumerate(zip(rows, before)):
+            assert torch.equal(bits(r), b), f"step {step}: layer {index} not restored bitwise"
+        return record, clean_tiles, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+    first, clean, warned = step_pass(0, 1.0)  # the table's first pass waits, counts and redoes: every tile perturbed
+    assert clean == 0 and not warned and table.codec_pending is None
+    assert first.n_exceptions < first.exc_capacity or first.exc_capacity == 0
+    sized = table.codec_capacity
+    table.codec_capacity = (3, 2)  # far too small, as after a sharp change of the weights
+    record, clean, warned = step_pass(1, 1.0)
+    assert record.n_exceptions == record.exc_capacity == 2, "a pass that does not wait has its exceptions pass look at every slot"
+    assert clean > 0, "buffers too small on purpose, yet every tile was perturbed"
+    assert len(warned) == 1 and "step 1:" in warned[0] and f"{clean} of {table.n_tiles} tiles" in warned[0], warned
+    assert table.codec_capacity[0] >= sized[0] - 1024 and table.codec_pending is None, "the late counts did not size the next pass"
+    record, clean, warned = step_pass(2, 1.0)
+    assert clean == 0 and not warned, (clean, warned)
+    # sigma doubles: the next pass's buffers double with it (the slots needed grow at most in proportion)
+    previous = table.codec_capacity
+    record, clean, warned = step_pass(3, 2.0, scale=2.0)
+    assert (record.word_capacity, record.exc_capacity) == (2 * previous[0], 2 * previous[1]), (record.word_capacity, previous)
+    assert clean == 0 and not warned
+    # counts left unread at the next pass are read there first (waiting for them)
+    KERNEL.exact_restore_layers(table, std * 2.0, seeds, KERNEL.exact_perturb_layers(table, std * 2.0, seeds, step=4, sigma=2.0))
+    assert table.codec_pending is not None
+    KERNEL.exact_restore_layers(table, std * 2.0, seeds, KERNEL.exact_perturb_layers(table, std * 2.0, seeds, step=5, sigma=2.0))
+    assert table.codec_pending.step == 5 and table.codec_sigma == 2.0
+    assert all(torch.equal(bits(r), b) for r, b in zip(rows, before))
+
+
 def check_training_steps_through_the_grouped_path() -> None:
     """FlatLoRA itself with the Triton kernel forced onto CPU tensors: the step-wide group (row stds,
     seeds, fused codec; backup restore's plain pass), a clean ``state_dict`` while perturbed (one
@@ -342,7 +392,7 @@ def check_training_steps_through_the_grouped_path() -> None:
     noisy = {}
     for mode, restore in (("inplace", "exact"), ("inplace", "backup"), ("virtual", "exact")):
         opt = FlatLoRA(torch.optim.SGD(params, lr=0.0), model, rho=0.05, schedule="constant", seed=1, mode=mode, restore=restore)
-        for step in range(2):
+        for step in range(3):  # the group's first pass waits for its counts, the later ones do not
             x = torch.randn(5, 24)
             with opt.perturbed():
                 h = x
@@ -540,6 +590,7 @@ if __name__ == "__main__":
     check_examples()
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()
+    check_passes_that_read_their_counts_later()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()
     print("triton interpreter checks passed")

@@ -13,7 +13,7 @@ adapters acting on each layer at this step.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -109,6 +109,8 @@ class LayerTable:
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
         self.variants = sorted({int(e[FIELDS.index("variant")]) for e in entries})
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
+        self.codec_sigma: Optional[float] = None  # the noise level those sizes were counted at
+        self.codec_pending: Any = None  # the counts of a pass the host did not wait for (triton_noise.PendingCounts)
 
     @property
     def tile_layer(self) -> torch.Tensor:

@@ -899,21 +899,35 @@ class TritonNoiseKernel:
         self._exact(table, std, seeds, None, restore=False)
 
     def exact_perturb_layers(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor,
-                             while_waiting: Optional[Callable[[], None]] = None) -> ExactGroupRecord:
+                             while_waiting: Optional[Callable[[], None]] = None, step: Optional[int] = None,
+                             sigma: Optional[float] = None) -> ExactGroupRecord:
         """Write ``fl(W + e)`` into every layer of ``table`` and return the exact-restore record.
 
-        One pass over the weights and one host sync for the whole group (to read how many slots
-        were used). The buffers are sized from the previous step's counts plus headroom (kept on
-        the table); when they turn out too small, what was written is undone and the step redone.
-        ``while_waiting`` runs once, after the first pass is queued and before the host waits for
-        it: host work put there overlaps the pass instead of leaving the device idle after it.
+        One pass over the weights. The buffers are sized from an earlier pass's counts plus headroom
+        (kept on the table). Without ``step``, and on a table's first pass, the host then waits for
+        the pass to read how many slots it used; when the buffers turn out too small, what was
+        written is undone and the pass redone: every tile is perturbed.
+
+        With ``step`` and ``sigma`` (a training step's pass, at noise level ``sigma``) on a table that
+        has counts, the host does not wait (that wait left the device idle for about 2 ms per step
+        of the 1 B Llama): the buffers are scaled by the rise of ``sigma`` since the counts were
+        taken (the slots needed grow at most in proportion to it), the exceptions pass looks at every
+        slot, and the counts are read later, by :meth:`settle_counts`. Should the buffers still be too
+        small, the tiles that did not fit stay clean in that step (restore stays exact) and a
+        ``RuntimeWarning`` names the step.
+
+        ``while_waiting`` runs once, after the pass is queued and before any host wait: host work
+        put there overlaps the pass instead of leaving the device idle after it.
         """
         _check_codec_layers(table, "the fused exact codec")
         device = table.device
+        self.settle_counts(table, wait=True)  # an earlier pass's counts, not read yet, size this one
         # the first step has no counts to go by: a pass with no room counts them (tiles that need
         # room are skipped, nothing is written for them), then the real pass runs with exact buffers
         if table.codec_capacity is None:  # this table's first pass
             self._compile_restore(table, std, seeds)
+        elif step is not None and sigma is not None:
+            return self._perturb_without_waiting(table, std, seeds, while_waiting, step, sigma)
         capacity = table.codec_capacity or (0, 0)
         while True:
             counters = torch.zeros(2, dtype=torch.int64, device=device)
@@ -929,10 +943,50 @@ class TritonNoiseKernel:
                 raise
             record.n_exceptions = min(used[1], capacity[1])
             if all(u <= c for u, c in zip(used, capacity)):
-                table.codec_capacity = tuple(int(u * 1.02) + 1024 for u in used)  # next step's buffers
+                table.codec_capacity = _next_capacity(used)
+                table.codec_sigma = sigma
                 return record
             self._undo_written(table, std, seeds, record, counters)  # buffers too small: undo, then redo bigger
             capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
+
+    def _perturb_without_waiting(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor,
+                                 while_waiting: Optional[Callable[[], None]], step: int, sigma: float) -> ExactGroupRecord:
+        """The perturb pass with buffers sized ahead and its counts read later (see :meth:`exact_perturb_layers`)."""
+        growth = sigma / table.codec_sigma if table.codec_sigma else 1.0
+        capacity = tuple(int(c * max(growth, 1.0)) for c in table.codec_capacity)
+        counters = torch.zeros(2, dtype=torch.int64, device=table.device)
+        record = ExactGroupRecord.allocate(table, capacity)
+        try:
+            self._exact(table, std, seeds, record, restore=False, counters=counters)
+            if while_waiting is not None:
+                while_waiting()
+        except BaseException:  # a later launch failed, or Ctrl-C: undo what the pass wrote
+            self._undo_written(table, std, seeds, record, counters)
+            raise
+        record.n_exceptions = record.exc_capacity  # not read yet: the exceptions pass skips the unused slots (layer -1)
+        table.codec_pending = PendingCounts(counters, record.bounds, capacity, step, sigma, table.n_tiles)
+        return record
+
+    def settle_counts(self, table: LayerTable, wait: bool) -> None:
+        """Read the counts of ``table``'s last pass that did not wait for them, once the device has
+        them (or, with ``wait``, waiting for them): they size the next pass's buffers. If that pass's
+        buffers were too small, warn: some of its tiles were left without noise."""
+        pending = table.codec_pending
+        if pending is None or not (wait or pending.ready()):
+            return
+        table.codec_pending = None
+        words, exceptions, clean_tiles = pending.read()
+        overflowed = words > pending.capacity[0] or exceptions > pending.capacity[1]
+        table.codec_capacity = _next_capacity((words, exceptions), 1.1 if overflowed else 1.02)
+        table.codec_sigma = pending.sigma
+        if overflowed:
+            warnings.warn(
+                f"Flat-LoRA step {pending.step}: the exact-restore record was too small ({words} words and {exceptions} "
+                f"exceptions needed, room for {pending.capacity[0]} and {pending.capacity[1]}), so {clean_tiles} of "
+                f"{pending.n_tiles} tiles of 2048 weights carried no noise in that step (the restore stayed exact). The "
+                "record is now sized for it; this happens when the weights or the noise level change sharply between steps.",
+                RuntimeWarning, stacklevel=2,
+            )
 
     def _undo_written(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
         """Undo the tiles a perturb pass wrote (an interrupted pass, or one whose buffers were too
@@ -979,6 +1033,37 @@ class TritonNoiseKernel:
         self.exact_restore_layers(LayerTable([dest]), std_rows.to(torch.float32).contiguous(), seeds, record, only_layer=0)
 
 
+def _next_capacity(used: Sequence[int], headroom: float = 1.02) -> Tuple[int, int]:
+    """The buffers (stream words, exceptions) for the next pass, from a pass's counts."""
+    words, exceptions = used
+    return int(words * headroom) + 1024, int(exceptions * headroom) + 1024
+
+
+class PendingCounts:
+    """A perturb pass's counts (stream words and exceptions needed, tiles left clean), on their way to
+    the host without the host waiting for them: a copy into pinned memory, and an event to ask."""
+
+    def __init__(self, counters: torch.Tensor, bounds: torch.Tensor, capacity: Tuple[int, int], step: int, sigma: float, n_tiles: int):
+        counts = torch.cat([counters, (bounds == -1).sum().to(torch.int64).view(1)])
+        self.event: Optional[torch.cuda.Event] = None
+        if counts.is_cuda:
+            self.host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            self.host.copy_(counts, non_blocking=True)
+            self.event = torch.cuda.Event()
+            self.event.record()
+        else:  # the interpreter's CPU tensors: already there
+            self.host = counts
+        self.capacity, self.step, self.sigma, self.n_tiles = capacity, step, sigma, n_tiles
+
+    def ready(self) -> bool:
+        return self.event is None or self.event.query()
+
+    def read(self) -> List[int]:
+        if self.event is not None:
+            self.event.synchronize()
+        return self.host.tolist()
+
+
 class ExactGroupRecord:
     """What the fused codec keeps between perturb and restore for a group of layers.
 
@@ -1006,7 +1091,8 @@ class ExactGroupRecord:
         return cls(
             torch.full((table.n_tiles,), -1, dtype=torch.int32, device=device),  # -1: not perturbed (yet)
             torch.zeros(words + 1, dtype=torch.int64, device=device),  # codes are OR-ed in: start from 0
-            torch.empty(exceptions, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
+            # layer -1 marks a slot unused: a pass whose counts are read later has its exceptions pass look at every slot
+            torch.full((exceptions,), -1, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
             torch.empty(exceptions, dtype=torch.int32, device=device),
             torch.empty(exceptions, dtype=torch.int16, device=device),
             capacity,
