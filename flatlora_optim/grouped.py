@@ -84,6 +84,7 @@ class StepGroup:
         seeds = noise_seeds(stream_seed, step, [layer_key(t.name) for t in self.targets], self.table.blocks)
         self.seeds = to_device(torch.from_numpy(seeds), device)
         self.record: Any = None  # exact restore: the fused codec's record
+        self.report: Optional[str] = None  # the record's overflow warning, read at restore
         self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W
         self.codec_table: Any = None
         self.restored: List[bool] = []
@@ -107,7 +108,7 @@ class StepGroup:
 
         Exact restore keeps the fused codec's record; ``backup`` keeps a copy of every layer's ``W``
         (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
-        ``while_waiting`` runs after the pass is queued (for exact restore: before its host sync).
+        ``while_waiting`` runs after the pass is queued (for exact restore: before any host wait).
         """
         rows = self._codec_rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
@@ -136,12 +137,20 @@ class StepGroup:
                 torch._foreach_copy_(self._codec_rows, self.backups)
             else:
                 self.kernel.exact_restore_layers(self.codec_table, self.std, self.seeds, self.record)
-                self.kernel.settle_counts(self.codec_table, wait=False)  # the pass's counts, if the device has them by now
             self.restored = [True] * len(self.restored)
-            return
-        for k, done in enumerate(self.restored):
-            if not done:
-                self.restore_one(k, None)
+        else:
+            for k, done in enumerate(self.restored):
+                if not done:
+                    self.restore_one(k, None)
+        if self.record is not None:
+            # the pass's counts: by the end of the backward the device is past the pass (or busy with this step's queued
+            # work, so this wait does not leave it idle); a report waits for the caller, who gives it once all is restored
+            self.report = self.kernel.settle_counts(self.codec_table, wait=True)
+
+    def take_report(self) -> Optional[str]:
+        """The warning of this step's pass, if its buffers were too small (given once)."""
+        report, self.report = self.report, None
+        return report
 
     def restore_one(self, k: int, dest: Optional[torch.Tensor]) -> None:
         """Undo codec layer ``k`` in ``dest`` (a copy of its perturbed rows), or in the live weight."""

@@ -16,6 +16,7 @@ fixed cost once per layer.
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
@@ -253,8 +254,8 @@ class Perturber:
 
         On CUDA, 16-bit weights with exact or backup restore go through one step-wide pass together
         (a few launches for the whole list); every other target is perturbed block by block.
-        ``while_waiting`` runs exactly once: right after the step-wide pass is queued (before exact
-        restore's host sync, so that its work overlaps the pass), else at the end. If it raises,
+        ``while_waiting`` runs exactly once: right after the step-wide pass is queued (before any host
+        wait, so that its work overlaps the pass), else at the end. If it raises,
         the weights are restored and the error propagates.
         """
         once = _Once(while_waiting)
@@ -364,6 +365,11 @@ class Perturber:
         be mended."""
         with interrupts_deferred(), autocast_off():
             self._restore_all(perturbations, [] if failed is None else failed)
+        groups = {id(record.group): record.group for p in perturbations for block, *_, record in p.blocks if block == _GROUPED}
+        for group in groups.values():  # warnings only now that every layer is restored (one turned into an error is safe)
+            report = group.take_report()
+            if report is not None:
+                warnings.warn(report, RuntimeWarning, stacklevel=3)
 
     def _restore_all(self, perturbations: List[TargetPerturbation], failed: List[TargetPerturbation]) -> None:
         error: Optional[BaseException] = None

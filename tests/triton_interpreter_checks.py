@@ -323,8 +323,8 @@ def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, seed) ->
 def check_passes_that_read_their_counts_later() -> None:
     """A training step's pass (``step`` given) after a table's first does not wait for its counts: buffers
     scaled by the rise of sigma, counts read later. Buffers too small on purpose: the tiles that do not fit
-    stay clean, the restore is still exact, the late read warns naming the step and the clean tiles, and
-    the next pass is sized from those counts."""
+    stay clean, the restore is still exact, the late read reports the step and the clean tiles, and the
+    next pass is sized from those counts. A large rise of sigma, and a failure after the pass, are covered."""
     import warnings
 
     gen = torch.Generator().manual_seed(11)
@@ -334,40 +334,117 @@ def check_passes_that_read_their_counts_later() -> None:
     std = torch.rand(table.total_rows, generator=gen) * 0.002
     seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
 
-    def step_pass(step, sigma, scale=1.0):
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            record = KERNEL.exact_perturb_layers(table, std * scale, seeds, step=step, sigma=sigma)
-            clean_tiles = int((record.bounds == -1).sum())
-            KERNEL.exact_restore_layers(table, std * scale, seeds, record)
-            KERNEL.settle_counts(table, wait=False)
-        for index, (r, b) in enumerate(zip(rows, before)):
-            assert torch.equal(bits(r), b), f"step {step}: layer {index} not restored bitwise"
-        return record, clean_tiles, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    def clean() -> bool:
+        return all(torch.equal(bits(r), b) for r, b in zip(rows, before))
 
-    first, clean, warned = step_pass(0, 1.0)  # the table's first pass waits, counts and redoes: every tile perturbed
-    assert clean == 0 and not warned and table.codec_pending is None
+    def step_pass(step, sigma, scale=1.0):
+        record = KERNEL.exact_perturb_layers(table, std * scale, seeds, step=step, sigma=sigma)
+        clean_tiles = int((record.bounds == -1).sum())
+        KERNEL.exact_restore_layers(table, std * scale, seeds, record)
+        report = KERNEL.settle_counts(table, wait=False)
+        assert clean(), f"step {step}: not restored bitwise"
+        return record, clean_tiles, report
+
+    first, tiles_clean, report = step_pass(0, 1.0)  # the table's first pass waits, counts and redoes: every tile perturbed
+    assert tiles_clean == 0 and report is None and table.codec_pending is None
     assert first.n_exceptions < first.exc_capacity or first.exc_capacity == 0
     sized = table.codec_capacity
     table.codec_capacity = (3, 2)  # far too small, as after a sharp change of the weights
-    record, clean, warned = step_pass(1, 1.0)
+    record, tiles_clean, report = step_pass(1, 1.0)
     assert record.n_exceptions == record.exc_capacity == 2, "a pass that does not wait has its exceptions pass look at every slot"
-    assert clean > 0, "buffers too small on purpose, yet every tile was perturbed"
-    assert len(warned) == 1 and "step 1:" in warned[0] and f"{clean} of {table.n_tiles} tiles" in warned[0], warned
+    assert tiles_clean > 0, "buffers too small on purpose, yet every tile was perturbed"
+    assert report is not None and "step 1:" in report and f"{tiles_clean} of {table.n_tiles} tiles" in report, report
     assert table.codec_capacity[0] >= sized[0] - 1024 and table.codec_pending is None, "the late counts did not size the next pass"
-    record, clean, warned = step_pass(2, 1.0)
-    assert clean == 0 and not warned, (clean, warned)
-    # sigma doubles: the next pass's buffers double with it (the slots needed grow at most in proportion)
-    previous = table.codec_capacity
-    record, clean, warned = step_pass(3, 2.0, scale=2.0)
-    assert (record.word_capacity, record.exc_capacity) == (2 * previous[0], 2 * previous[1]), (record.word_capacity, previous)
-    assert clean == 0 and not warned
-    # counts left unread at the next pass are read there first (waiting for them)
-    KERNEL.exact_restore_layers(table, std * 2.0, seeds, KERNEL.exact_perturb_layers(table, std * 2.0, seeds, step=4, sigma=2.0))
-    assert table.codec_pending is not None
-    KERNEL.exact_restore_layers(table, std * 2.0, seeds, KERNEL.exact_perturb_layers(table, std * 2.0, seeds, step=5, sigma=2.0))
-    assert table.codec_pending.step == 5 and table.codec_sigma == 2.0
-    assert all(torch.equal(bits(r), b) for r, b in zip(rows, before))
+    record, tiles_clean, report = step_pass(2, 1.0)
+    assert tiles_clean == 0 and report is None, (tiles_clean, report)
+    # sigma doubles: the next pass's buffers double with it (the slots needed grow at most in proportion), up to
+    # the most any pass can need (every element ambiguous with an escape byte; every element an exception)
+    previous, largest = table.codec_capacity, tn._largest_need(table)
+    assert largest[1] == sum(r.numel() for r in rows) < 2 * previous[1]  # small layers: the exceptions' bound applies
+    record, tiles_clean, report = step_pass(3, 2.0, scale=2.0)
+    assert (record.word_capacity, record.exc_capacity) == (min(2 * previous[0], largest[0]), min(2 * previous[1], largest[1]))
+    assert tiles_clean == 0 and report is None
+    # sigma rises 1000-fold (a resumed cosine run): that pass waits for its counts instead of scaling the buffers
+    KERNEL.exact_restore_layers(table, std * 4.0, seeds, KERNEL.exact_perturb_layers(table, std * 4.0, seeds, step=4, sigma=2000.0))
+    assert table.codec_pending is None and table.codec_sigma == 2000.0 and clean()
+    # counts left unread are read by the next pass first; a report they hold is given before that pass writes
+    # anything, so a warning turned into an error leaves the weights clean
+    table.codec_capacity = (3, 2)
+    KERNEL.exact_restore_layers(table, std * 4.0, seeds, KERNEL.exact_perturb_layers(table, std * 4.0, seeds, step=5, sigma=2000.0))
+    assert table.codec_pending is not None and table.codec_pending.step == 5 and clean()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            KERNEL.exact_perturb_layers(table, std * 4.0, seeds, step=6, sigma=2000.0)
+        except RuntimeWarning as warning:
+            assert "step 5:" in str(warning), warning
+        else:
+            raise AssertionError("the unread overflow of step 5 was not reported")
+    assert clean() and table.codec_pending is None, "the report came after the pass had written"
+    # anything failing after a pass that does not wait (here: its counts' copy) undoes what the pass wrote
+    real = tn.PendingCounts
+
+    def failing(*args, **kwargs):
+        raise RuntimeError("pinned memory exhausted")
+
+    tn.PendingCounts = failing
+    try:
+        KERNEL.exact_perturb_layers(table, std * 4.0, seeds, step=7, sigma=2000.0)
+    except RuntimeError as error:
+        assert "pinned" in str(error)
+    else:
+        raise AssertionError("the failure was swallowed")
+    finally:
+        tn.PendingCounts = real
+    assert clean(), "a failure after the pass left weights perturbed"
+
+
+def check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order() -> None:
+    """The too-small-record warning of a step is given once the whole restore is done: turned into an error
+    (``-W error``), it reaches the caller with the weights clean, nothing marked unrestored, and the next
+    step runs."""
+    import warnings
+
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(40, 24).to(torch.bfloat16), r=4, alpha=8),
+                                LoRALinear(torch.nn.Linear(24, 520).to(torch.bfloat16), r=4, alpha=8))
+    frozen = [layer.weight for layer in model]
+    before = [bits(w).clone() for w in frozen]
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.05,
+                   schedule="constant", seed=2)
+    x = torch.randn(3, 40).to(torch.bfloat16)
+
+    def step() -> None:
+        with opt.perturbed():
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()
+    for table in opt._perturber._tables._tables.values():
+        if table.codec_capacity is not None:
+            table.codec_capacity = (3, 2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        try:
+            step()
+        except RuntimeWarning as warning:
+            assert "step 1:" in str(warning), warning
+        else:
+            raise AssertionError("the too-small record of step 1 was not reported")
+    assert all(torch.equal(bits(w), b) for w, b in zip(frozen, before)), "weights not clean"
+    assert not opt._unrestored and not opt.is_perturbed, (opt._unrestored, opt.is_perturbed)
+    opt.zero_grad()
+    step()
+    step()
+    assert all(torch.equal(bits(w), b) for w, b in zip(frozen, before))
 
 
 def check_training_steps_through_the_grouped_path() -> None:
@@ -591,6 +668,7 @@ if __name__ == "__main__":
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()
     check_passes_that_read_their_counts_later()
+    check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()
     print("triton interpreter checks passed")

@@ -426,7 +426,8 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     64-bit words of one stream, which the tile reserves with one atomic add (no word is shared
     between programs); ``bounds[t]`` keeps the first. A tile whose words or exceptions would pass
     a buffer's capacity writes nothing (its weights stay clean), voids the exception slots it
-    took and marks itself -1; the host then redoes the step with bigger buffers. A tile without rows
+    took and marks itself -1; a pass the host waits for is then redone with bigger buffers, one it
+    does not wait for leaves those tiles clean for that step (see ``exact_perturb_layers``). A tile without rows
     (past the end of a short last block, or rows another rank holds) marks itself -2.
 
     ``PLAIN`` writes ``fl(W + e)`` and nothing else (backup restore keeps ``W`` itself): the same
@@ -909,24 +910,27 @@ class TritonNoiseKernel:
         written is undone and the pass redone: every tile is perturbed.
 
         With ``step`` and ``sigma`` (a training step's pass, at noise level ``sigma``) on a table that
-        has counts, the host does not wait (that wait left the device idle for about 2 ms per step
-        of the 1 B Llama): the buffers are scaled by the rise of ``sigma`` since the counts were
-        taken (the slots needed grow at most in proportion to it), the exceptions pass looks at every
-        slot, and the counts are read later, by :meth:`settle_counts`. Should the buffers still be too
-        small, the tiles that did not fit stay clean in that step (restore stays exact) and a
-        ``RuntimeWarning`` names the step.
+        has counts taken at a noise level no less than a quarter of ``sigma``, the host does not wait
+        (that wait left the device idle for about 2 ms per step of the 1 B Llama): the buffers are
+        scaled by the rise of ``sigma`` since the counts were taken (the slots needed grow at most in
+        proportion to it), the exceptions pass looks at every slot, and the counts are read later, by
+        :meth:`settle_counts`. Should the buffers still be too small, the tiles that did not fit stay
+        clean in that step (restore stays exact), and a ``RuntimeWarning`` names the step: at its
+        restore, or at the latest before the table's next pass writes anything.
 
         ``while_waiting`` runs once, after the pass is queued and before any host wait: host work
         put there overlaps the pass instead of leaving the device idle after it.
         """
         _check_codec_layers(table, "the fused exact codec")
         device = table.device
-        self.settle_counts(table, wait=True)  # an earlier pass's counts, not read yet, size this one
+        report = self.settle_counts(table, wait=True)  # an earlier pass's counts, not read yet, size this one
+        if report is not None:  # nothing is written yet: a warning turned into an error leaves the weights clean
+            warnings.warn(report, RuntimeWarning, stacklevel=2)
         # the first step has no counts to go by: a pass with no room counts them (tiles that need
         # room are skipped, nothing is written for them), then the real pass runs with exact buffers
         if table.codec_capacity is None:  # this table's first pass
             self._compile_restore(table, std, seeds)
-        elif step is not None and sigma is not None:
+        elif step is not None and sigma is not None and table.codec_sigma and sigma <= _LARGEST_UNWAITED_RISE * table.codec_sigma:
             return self._perturb_without_waiting(table, std, seeds, while_waiting, step, sigma)
         capacity = table.codec_capacity or (0, 0)
         while True:
@@ -952,41 +956,40 @@ class TritonNoiseKernel:
     def _perturb_without_waiting(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor,
                                  while_waiting: Optional[Callable[[], None]], step: int, sigma: float) -> ExactGroupRecord:
         """The perturb pass with buffers sized ahead and its counts read later (see :meth:`exact_perturb_layers`)."""
-        growth = sigma / table.codec_sigma if table.codec_sigma else 1.0
-        capacity = tuple(int(c * max(growth, 1.0)) for c in table.codec_capacity)
+        rise = max(sigma / table.codec_sigma, 1.0)
+        capacity = tuple(min(int(c * rise), most) for c, most in zip(table.codec_capacity, _largest_need(table)))
         counters = torch.zeros(2, dtype=torch.int64, device=table.device)
         record = ExactGroupRecord.allocate(table, capacity)
         try:
             self._exact(table, std, seeds, record, restore=False, counters=counters)
             if while_waiting is not None:
                 while_waiting()
+            record.n_exceptions = record.exc_capacity  # not read yet: the exceptions pass skips the unused slots (layer -1)
+            table.codec_pending = PendingCounts(counters, record.bounds, capacity, step, sigma, table.n_tiles)
         except BaseException:  # a later launch failed, or Ctrl-C: undo what the pass wrote
             self._undo_written(table, std, seeds, record, counters)
             raise
-        record.n_exceptions = record.exc_capacity  # not read yet: the exceptions pass skips the unused slots (layer -1)
-        table.codec_pending = PendingCounts(counters, record.bounds, capacity, step, sigma, table.n_tiles)
         return record
 
-    def settle_counts(self, table: LayerTable, wait: bool) -> None:
+    def settle_counts(self, table: LayerTable, wait: bool) -> Optional[str]:
         """Read the counts of ``table``'s last pass that did not wait for them, once the device has
-        them (or, with ``wait``, waiting for them): they size the next pass's buffers. If that pass's
-        buffers were too small, warn: some of its tiles were left without noise."""
+        them (or, with ``wait``, waiting for them): they size the next pass's buffers. Returns the
+        warning to give when that pass's buffers were too small (some of its tiles were left without
+        noise), for the caller to give once the weights are in order; else None."""
         pending = table.codec_pending
         if pending is None or not (wait or pending.ready()):
-            return
+            return None
         table.codec_pending = None
         words, exceptions, clean_tiles = pending.read()
         overflowed = words > pending.capacity[0] or exceptions > pending.capacity[1]
         table.codec_capacity = _next_capacity((words, exceptions), 1.1 if overflowed else 1.02)
         table.codec_sigma = pending.sigma
-        if overflowed:
-            warnings.warn(
-                f"Flat-LoRA step {pending.step}: the exact-restore record was too small ({words} words and {exceptions} "
+        if not overflowed:
+            return None
+        return (f"Flat-LoRA step {pending.step}: the exact-restore record was too small ({words} words and {exceptions} "
                 f"exceptions needed, room for {pending.capacity[0]} and {pending.capacity[1]}), so {clean_tiles} of "
                 f"{pending.n_tiles} tiles of 2048 weights carried no noise in that step (the restore stayed exact). The "
-                "record is now sized for it; this happens when the weights or the noise level change sharply between steps.",
-                RuntimeWarning, stacklevel=2,
-            )
+                "record is now sized for it; this happens when the weights or the noise level change sharply between steps.")
 
     def _undo_written(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
         """Undo the tiles a perturb pass wrote (an interrupted pass, or one whose buffers were too
@@ -1031,6 +1034,20 @@ class TritonNoiseKernel:
     def exact_restore(self, dest: torch.Tensor, std_rows: torch.Tensor, seeds: torch.Tensor, rows_per_block: int, record: ExactGroupRecord) -> None:
         """Write the original bits into ``dest`` (which holds ``fl(W + e)``) from a one-layer record."""
         self.exact_restore_layers(LayerTable([dest]), std_rows.to(torch.float32).contiguous(), seeds, record, only_layer=0)
+
+
+_LARGEST_UNWAITED_RISE = 4.0
+"""A pass whose noise level is more than this many times the one its buffers were counted at waits for its counts
+(a cosine schedule's first steps, a resumed run, a jump of a user's schedule): scaling the buffers by a large rise
+would reserve far more memory than the pass can need."""
+
+
+def _largest_need(table: LayerTable) -> Tuple[int, int]:
+    """The most stream words and exceptions any pass over ``table`` can need: every element ambiguous with an
+    escape byte (2 + 8 bits, in whole words per tile), and every element an exception."""
+    per_tile = TILE_ROWS * TILE_COLS
+    words_per_tile = ((2 * per_tile + 7) // 8 + per_tile + 7) // 8
+    return table.n_tiles * words_per_tile, sum(m * n for m, n in table.shapes)
 
 
 def _next_capacity(used: Sequence[int], headroom: float = 1.02) -> Tuple[int, int]:
