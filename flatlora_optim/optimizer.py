@@ -163,6 +163,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if mode == "virtual":
             _check_virtual(model, self.targets)
         self.mode = mode
+        _check_optimizer_holds_adapters(optimizer, self.targets)
         trainable = [t.name for t in self.targets if t.weight.requires_grad]
         if trainable:
             warnings.warn(
@@ -667,6 +668,23 @@ def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:
     refusals = [why for why in map(virtual_refusal, targets) if why is not None]
     if refusals:
         raise ValueError(f"mode='virtual' cannot reroute {len(refusals)} layer(s): {'; '.join(refusals[:3])}. Use mode='inplace'.")
+
+
+def _check_optimizer_holds_adapters(optimizer: torch.optim.Optimizer, targets: List[LoRATarget]) -> None:
+    """Warn when the wrapped optimizer holds none of the LoRA layers' trainable parameters: the noise would go into the
+    weights at every step while nothing Flat-LoRA perturbs for is trained (an optimizer built for another model, or
+    for the model before ``get_peft_model``, say)."""
+    trainable = {id(p) for t in targets for p in t.module.parameters() if p.requires_grad and p is not t.weight}
+    if not trainable:  # adapters held outside the layer modules (or frozen): nothing to compare against
+        return
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    if not held & trainable:
+        warnings.warn(
+            f"The optimizer wrapped by FlatLoRA holds none of the trainable parameters of the {len(targets)} LoRA layers it "
+            f"perturbs (e.g. {targets[0].name!r}): the noise goes into their weights, but their adapters are not trained. "
+            "Build the optimizer from the LoRA model's parameters, e.g. [p for p in model.parameters() if p.requires_grad].",
+            stacklevel=3,
+        )
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

@@ -47,6 +47,19 @@ def test_trainable_base_weight_warns():
         FlatLoRA(_base(model), model, total_steps=10)
 
 
+def test_an_optimizer_holding_none_of_the_adapters_warns(recwarn):
+    """An optimizer built for another model (or before the adapters were added) trains nothing Flat-LoRA perturbs for:
+    warned, naming a layer. One holding any adapter parameter, or the whole model's trainable ones, is not."""
+    model, other = make_mlp(), make_mlp()
+    with pytest.warns(UserWarning, match=r"holds none of the trainable parameters of the \d+ LoRA layers .* not trained"):
+        FlatLoRA(_base(other), model, total_steps=10)
+    recwarn.clear()
+    FlatLoRA(_base(model), model, total_steps=10)
+    FlatLoRA(torch.optim.SGD([next(lora_parameters(model))], lr=0.1), model, total_steps=10)
+    FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, total_steps=10)
+    assert not [w for w in recwarn if "holds none" in str(w.message)]
+
+
 def test_a_failing_schedule_leaves_weights_clean():
     model = make_mlp()
     before = frozen_weights(model)
