@@ -29,7 +29,7 @@ from flatlora_optim.kernels.layer_table import LayerTable
 SOURCE = Path(__file__).resolve().parents[1] / "flatlora_optim" / "kernels" / "triton_noise.py"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), tl.sum(codes, axis=2))\n"
+CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), group_codes)\n"
 ESCAPE_WRITE = "                    _or_bits_at(stream_ptr + word_base, 8 * (first_byte + (starts >> 16)).to(tl.int64), tl.sum(escape_bytes, axis=2))\n"
 CODE_READ = "codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
 
