@@ -3,8 +3,9 @@
 On CUDA with Triton, :class:`StepGroup` computes every target's row stds in one launch (per
 weight/adapter type), uploads every row block's seed in one copy, and -- in in-place mode on
 16-bit weights -- perturbs all those layers in one pass: with exact restore through the fused
-codec (restored by one more pass; the records are sized from the previous step's counts, which the
-host reads without waiting for the device), with backup
+codec (restored by one more pass; the records are sized from the previous step's counts, and the host
+does not wait for the device after the perturb pass: it reads the pass's counts at the restore, at the end
+of the backward, waiting on an event the device passed long before), with backup
 restore after one multi-tensor copy of the weights (restored by copying them back). Per-layer
 Python work is limited to reading each target's weight view and adapters.
 

@@ -537,9 +537,11 @@ def _step(model, opt, x):
 
 
 def test_in_place_exact_steps_after_the_first_do_not_wait_for_the_device():
-    """The codec's counts of a training step's pass are read later, not waited for: from the third step on,
-    the whole step (perturb, forward, backward and its restore, optimizer step) makes no synchronizing call
-    (``set_sync_debug_mode('error')`` raises on one; it is off only while the test itself compares bits)."""
+    """The codec's counts of a training step's pass are read later, not waited for after the pass: from the third
+    step on, the whole step (perturb, forward, backward and its restore, optimizer step) makes no synchronizing call
+    that ``set_sync_debug_mode('error')`` sees (it raises on ``tolist()``, the former wait; it is off only while the
+    test itself compares bits). The restore's read of the counts waits on a CUDA event, which that mode does not
+    flag: it is an event the device passed before the forward, so the wait does not idle the device."""
     pytest.importorskip("triton")
     model = _three_layers()
     before = [bits(layer.weight) for layer in model]
