@@ -977,7 +977,7 @@ class TritonNoiseKernel:
             if while_waiting is not None:
                 while_waiting()
             record.n_exceptions = record.exc_capacity  # not read yet: the exceptions pass skips the unused slots (layer -1)
-            table.codec_pending = PendingCounts(counters, record.bounds, capacity, step, sigma, table.n_tiles)
+            table.codec_pending = PendingCounts(counters, record.bounds, capacity, step, sigma)
         except BaseException:  # a later launch failed, or Ctrl-C: undo what the pass wrote
             self._undo_written(table, std, seeds, record, counters)
             raise
@@ -992,7 +992,7 @@ class TritonNoiseKernel:
         if pending is None or not (wait or pending.ready()):
             return None
         table.codec_pending = None
-        words, exceptions, clean_tiles = pending.read()
+        words, exceptions, clean_tiles, tiles = pending.read()
         overflowed = words > pending.capacity[0] or exceptions > pending.capacity[1]
         table.codec_capacity = _next_capacity((words, exceptions), 1.1 if overflowed else 1.02)
         table.codec_sigma = pending.sigma
@@ -1000,7 +1000,7 @@ class TritonNoiseKernel:
             return None
         return (f"Flat-LoRA step {pending.step}: the exact-restore record was too small ({words} words and {exceptions} "
                 f"exceptions needed, room for {pending.capacity[0]} and {pending.capacity[1]}), so {clean_tiles} of "
-                f"{pending.n_tiles} tiles of 2048 weights carried no noise in that step (the restore stayed exact). The "
+                f"{tiles} tiles of 2048 weights carried no noise in that step (the restore stayed exact). The "
                 "record is now sized for it; this happens when the weights or the noise level change sharply between steps.")
 
     def _undo_written(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor, record: ExactGroupRecord, counters: torch.Tensor) -> None:
@@ -1069,20 +1069,21 @@ def _next_capacity(used: Sequence[int], headroom: float = 1.02) -> Tuple[int, in
 
 
 class PendingCounts:
-    """A perturb pass's counts (stream words and exceptions needed, tiles left clean), on their way to
-    the host without the host waiting for them: a copy into pinned memory, and an event to ask."""
+    """A perturb pass's counts (stream words and exceptions needed, tiles left clean, tiles with rows), on
+    their way to the host without the host waiting for them: a copy into pinned memory, and an event to ask.
+    Tiles without rows (past a short last row block, or rows another rank holds) mark themselves -2."""
 
-    def __init__(self, counters: torch.Tensor, bounds: torch.Tensor, capacity: Tuple[int, int], step: int, sigma: float, n_tiles: int):
-        counts = torch.cat([counters, (bounds == -1).sum().to(torch.int64).view(1)])
+    def __init__(self, counters: torch.Tensor, bounds: torch.Tensor, capacity: Tuple[int, int], step: int, sigma: float):
+        counts = torch.cat([counters, (bounds == -1).sum().to(torch.int64).view(1), (bounds != -2).sum().to(torch.int64).view(1)])
         self.event: Optional[torch.cuda.Event] = None
         if counts.is_cuda:
-            self.host = torch.empty(3, dtype=torch.int64, pin_memory=True)
+            self.host = torch.empty(4, dtype=torch.int64, pin_memory=True)
             self.host.copy_(counts, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:  # the interpreter's CPU tensors: already there
             self.host = counts
-        self.capacity, self.step, self.sigma, self.n_tiles = capacity, step, sigma, n_tiles
+        self.capacity, self.step, self.sigma = capacity, step, sigma
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
