@@ -963,7 +963,7 @@ class TritonNoiseKernel:
                 table.codec_sigma = sigma
                 return record
             self._undo_written(table, std, seeds, record, counters)  # buffers too small: undo, then redo bigger
-            capacity = tuple(max(c, int(u * 1.1) + 1024) for u, c in zip(used, capacity))
+            capacity = tuple(max(c, n) for c, n in zip(capacity, _next_capacity(used, 1.1)))
 
     def _perturb_without_waiting(self, table: LayerTable, std: torch.Tensor, seeds: torch.Tensor,
                                  while_waiting: Optional[Callable[[], None]], step: int, sigma: float) -> ExactGroupRecord:
@@ -992,12 +992,15 @@ class TritonNoiseKernel:
         if pending is None or not (wait or pending.ready()):
             return None
         table.codec_pending = None
-        words, exceptions, clean_tiles, tiles = pending.read()
+        words, exceptions = pending.read()
         overflowed = words > pending.capacity[0] or exceptions > pending.capacity[1]
         table.codec_capacity = _next_capacity((words, exceptions), 1.1 if overflowed else 1.02)
         table.codec_sigma = pending.sigma
         if not overflowed:
             return None
+        # tiles left clean (-1) and tiles with rows (not -2: past a short last row block, or another rank's rows),
+        # counted only here: the host has waited for the pass already
+        clean_tiles, tiles = int((pending.bounds == -1).sum()), int((pending.bounds != -2).sum())
         return (f"Flat-LoRA step {pending.step}: the exact-restore record was too small ({words} words and {exceptions} "
                 f"exceptions needed, room for {pending.capacity[0]} and {pending.capacity[1]}), so {clean_tiles} of "
                 f"{tiles} tiles of 2048 weights carried no noise in that step (the restore stayed exact). The "
@@ -1069,21 +1072,20 @@ def _next_capacity(used: Sequence[int], headroom: float = 1.02) -> Tuple[int, in
 
 
 class PendingCounts:
-    """A perturb pass's counts (stream words and exceptions needed, tiles left clean, tiles with rows), on
-    their way to the host without the host waiting for them: a copy into pinned memory, and an event to ask.
-    Tiles without rows (past a short last row block, or rows another rank holds) mark themselves -2."""
+    """A perturb pass's counts (stream words and exceptions needed) on their way to the host without the host
+    waiting for them: a copy into pinned memory, and an event to ask. ``bounds`` (the record's tile marks) is kept
+    for the warning of a pass that overflowed, which counts its tiles from them."""
 
     def __init__(self, counters: torch.Tensor, bounds: torch.Tensor, capacity: Tuple[int, int], step: int, sigma: float):
-        counts = torch.cat([counters, (bounds == -1).sum().to(torch.int64).view(1), (bounds != -2).sum().to(torch.int64).view(1)])
         self.event: Optional[torch.cuda.Event] = None
-        if counts.is_cuda:
-            self.host = torch.empty(4, dtype=torch.int64, pin_memory=True)
-            self.host.copy_(counts, non_blocking=True)
+        if counters.is_cuda:
+            self.host = torch.empty(2, dtype=torch.int64, pin_memory=True)
+            self.host.copy_(counters, non_blocking=True)
             self.event = torch.cuda.Event()
             self.event.record()
         else:  # the interpreter's CPU tensors: already there
-            self.host = counts
-        self.capacity, self.step, self.sigma = capacity, step, sigma
+            self.host = counters
+        self.bounds, self.capacity, self.step, self.sigma = bounds, capacity, step, sigma
 
     def ready(self) -> bool:
         return self.event is None or self.event.query()
