@@ -5,6 +5,7 @@ Everything is measured side by side in one process on one model, with warm-up an
 * ``lora``            plain LoRA step (forward, backward, AdamW step)
 * ``flat-exact``      Flat-LoRA, in-place, exact compact restore (the default)
 * ``flat-backup``     Flat-LoRA, in-place, full-copy restore
+* ``flat-host``       Flat-LoRA, in-place, restore from a copy in host memory (written back during the backward)
 * ``flat-subtract``   Flat-LoRA, in-place, the paper's subtraction restore (drifts)
 * ``flat-virtual``    Flat-LoRA, virtual mode (weights never written)
 * ``reference``       a loop written from the paper's description: W' = W + sBA materialised, a full
@@ -377,7 +378,7 @@ def print_table(summary: Dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", choices=sorted(CONFIGS), default="cpu")
-    parser.add_argument("--methods", default="lora,flat-exact,flat-backup,flat-virtual,flat-subtract,reference")
+    parser.add_argument("--methods", default="lora,flat-exact,flat-backup,flat-host,flat-virtual,flat-subtract,reference")
     parser.add_argument("--json", default=None)
     parser.add_argument("--threads", type=int, default=2, help="CPU threads (use 1 on a machine shared with other jobs)")
     parser.add_argument("--gpu-busy", action="store_true",

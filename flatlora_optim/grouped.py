@@ -21,6 +21,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from .host_restore import HostCopies, copy_stream, write_back
 from .kernels.layer_table import to_device
 from .noise import _stack_adapters, layer_key, noise_seeds
 from .sharding import full, local
@@ -86,7 +87,10 @@ class StepGroup:
         self.seeds = to_device(torch.from_numpy(seeds), device)
         self.record: Any = None  # exact restore: the fused codec's record
         self.report: Optional[str] = None  # the record's overflow warning, read at restore
-        self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W
+        self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W (host restore: in host memory)
+        self.host: Optional[HostCopies] = None  # host restore: the copies kept from step to step
+        self._copy_stream: Any = None  # host restore on CUDA: the stream the copies back are queued on
+        self._compute_stream: Any = None  # ... and the stream the noise pass ran on, which waits for them at the end
         self.codec_table: Any = None
         self.restored: List[bool] = []
         self._codec_rows: List[torch.Tensor] = []  # the live views of the layers the pass wrote
@@ -104,17 +108,31 @@ class StepGroup:
         return self.seeds[base : base + self.table.blocks[index]]
 
     def perturb(self, cache: TableCache, indices: Sequence[int], backup: bool = False,
-                while_waiting: Optional[Callable[[], None]] = None) -> List[GroupSlot]:
+                while_waiting: Optional[Callable[[], None]] = None, host: Optional[HostCopies] = None) -> List[GroupSlot]:
         """Write ``W + e`` into the layers ``indices`` in one pass; one slot per layer.
 
         Exact restore keeps the fused codec's record; ``backup`` keeps a copy of every layer's ``W``
-        (taken with one multi-tensor copy before the pass) and writes the same ``W + e``.
+        (taken with one multi-tensor copy before the pass) and writes the same ``W + e``; ``host`` (host
+        restore) takes the copies from there, kept from step to step, and writes the same ``W + e``.
         ``while_waiting`` runs after the pass is queued (for exact restore: before any host wait).
         """
         rows = self._codec_rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
                                      [self.row_ranges[i] for i in indices])
-        if backup:
+        if host is not None:
+            self.host, self.backups = host, host.copies_for(rows)
+            if self.table.device.type == "cuda":
+                self._copy_stream = copy_stream(self.table.device)
+                self._compute_stream = torch.cuda.current_stream(self.table.device)
+            self.restored = [False] * len(indices)  # before the pass: an interrupted one is put back layer by layer
+            try:
+                self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
+                if while_waiting is not None:
+                    while_waiting()
+            except BaseException:
+                self.restore_all()
+                raise
+        elif backup:
             self.backups = [torch.empty_like(r) for r in rows]
             torch._foreach_copy_(self.backups, rows)
             try:
@@ -131,9 +149,9 @@ class StepGroup:
 
     def restore_all(self) -> None:
         """Undo every layer not restored yet: one grouped restore when none was restored alone."""
-        if (self.record is None and self.backups is None) or all(self.restored):
+        if self.record is None and self.backups is None:
             return
-        if not any(self.restored):
+        if not any(self.restored) and self.host is None:
             if self.backups is not None:
                 torch._foreach_copy_(self._codec_rows, self.backups)
             else:
@@ -143,6 +161,10 @@ class StepGroup:
             for k, done in enumerate(self.restored):
                 if not done:
                     self.restore_one(k, None)
+        if self._copy_stream is not None:  # host restore: what comes next on the compute streams waits for the copies
+            current = torch.cuda.current_stream(self.table.device)
+            for stream in (self._compute_stream, current) if current != self._compute_stream else (current,):
+                stream.wait_stream(self._copy_stream)
         if self.record is not None:
             # the pass's counts: by the end of the backward the device is past the pass (or busy with this step's queued
             # work, so this wait does not leave it idle); a report waits for the caller, who gives it once all is restored
@@ -159,7 +181,10 @@ class StepGroup:
         if live and self.restored[k]:
             return
         rows = self._codec_rows[k] if live else dest
-        if self.backups is not None:
+        if self.host is not None and live:
+            write_back(rows, self.backups[k], self._copy_stream)  # on CUDA queued on the copy stream, no wait
+            self.host.restored(rows)
+        elif self.backups is not None:
             rows.copy_(self.backups[k])
         else:
             self.kernel.exact_restore_one(self.codec_table, k, rows, self.std, self.seeds, self.record)

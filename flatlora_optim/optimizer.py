@@ -20,6 +20,7 @@ accelerate and Lightning see one optimizer.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import warnings
 from collections import OrderedDict
@@ -31,6 +32,7 @@ from torch import nn
 from .claims import claim, release
 from .describe import describe_targets, format_targets
 from .guards import PerturbationGuards
+from .host_restore import EarlyRestore
 from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
@@ -101,7 +103,9 @@ class FlatLoRA(torch.optim.Optimizer):
         targets: restrict or override discovery: a regex (full match), a list of module names
             or name suffixes, or ``callable(name, module) -> bool``.
         restore: ``"exact"`` (default; bitwise, about 2-6% extra memory), ``"backup"`` (bitwise,
-            a full copy) or ``"subtract"`` (the paper's ``W~ - e``; drifts, not exact).
+            a full copy), ``"host"`` (bitwise, a copy in host memory kept from step to step, written back
+            layer by layer during the backward: no device memory; see :mod:`flatlora_optim.host_restore`)
+            or ``"subtract"`` (the paper's ``W~ - e``; drifts, not exact).
         rank_noise: under ``torch.distributed`` (DDP), ``"independent"`` (default: each rank draws its
             own noise, stream ``rank``; rank 0 draws what one process would) or ``"shared"`` (every
             rank draws the same noise).
@@ -182,6 +186,9 @@ class FlatLoRA(torch.optim.Optimizer):
         self._virtual_verified = False  # a block has seen every LoRA layer that ran go through its rerouted product
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
+        self._early: Optional[EarlyRestore] = None  # host restore: the layers restored during the backward
+        # torch.compile traces the layers' forward pre-hooks into its graph: there, host restore restores at the end only
+        self._early_restore_allowed = not _is_compiled(model)
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
         self.peak_restore_bytes = 0
@@ -274,6 +281,17 @@ class FlatLoRA(torch.optim.Optimizer):
     def perturbed_bytes(self) -> int:
         """Bytes of all target weights (what a full backup would cost)."""
         return sum(t.weight.numel() * t.weight.element_size() for t in self.targets)
+
+    def refresh_host_copies(self) -> None:
+        """``restore="host"``: take the host copies of the weights anew at the next step.
+
+        They are taken again by themselves when a weight's version counter moved (any in-place write through the
+        parameter, ``load_state_dict``). Call this after writing a frozen weight some other way (``weight.data``)."""
+        self._refuse_inside_block("refresh_host_copies()")
+        if self._perturbations:
+            raise RuntimeError("refresh_host_copies() while the noise is in the weights: call it after the step's restore.")
+        if self._perturber.host_copies is not None:
+            self._perturber.host_copies.forget()
 
     def set_total_steps(self, total_steps: int) -> None:
         """Set ``T`` once it is known (frameworks learn the number of optimizer steps after building
@@ -416,13 +434,28 @@ class FlatLoRA(torch.optim.Optimizer):
                 guards.remove()
             raise
         self._guards = installed[0]
+        if self._strategy.name == "host" and self._early_restore_allowed:
+            self._early = self._install_early_restore(self._perturbations)  # if this raises, the noise is put back by the caller's error path
         self.peak_restore_bytes = max(self.peak_restore_bytes, self.restore_bytes)
+
+    def _install_early_restore(self, perturbations: List[TargetPerturbation]) -> Optional[EarlyRestore]:
+        """Host restore: restore each layer during the backward once autograd is done with its weight (see
+        :class:`~flatlora_optim.host_restore.EarlyRestore`). Not for FSDP2 shards, nor for weights that a
+        module other than their LoRA layers also computes with (a tied ``lm_head``): those wait for the end."""
+        layers = [([p.target.module, *(a.module for a in p.target.aliases)], functools.partial(self._perturber.restore_early, p))
+                  for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
+        if not layers:
+            return None
+        return EarlyRestore(layers, counting=self._armed, may_restore=lambda: not self._armed())
 
     @torch.no_grad()
     def _restore_now(self) -> None:
         if self._guards is not None:
             self._guards.remove()
             self._guards = None
+        if self._early is not None:
+            self._early.remove()
+            self._early = None
         if self._patches is not None:  # virtual mode: nothing was written
             self._patches.remove()
             self._patches = None
@@ -685,6 +718,11 @@ def _check_optimizer_holds_adapters(optimizer: torch.optim.Optimizer, targets: L
             "Build the optimizer from the LoRA model's parameters, e.g. [p for p in model.parameters() if p.requires_grad].",
             stacklevel=3,
         )
+
+
+def _is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is, or holds, a ``torch.compile`` wrapper."""
+    return any(type(m).__name__ == "OptimizedModule" for m in model.modules())
 
 
 def _unwrap(model: nn.Module) -> nn.Module:

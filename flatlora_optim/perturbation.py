@@ -25,6 +25,7 @@ import torch
 from .batched import BatchPart, BatchSlot, BlockBatch, group_parts
 from .devices import autocast_off
 from .grouped import StepGroup, TableCache
+from .host_restore import HostCopies
 from .interrupts import interrupts_deferred
 from .kernels.layer_table import to_device
 from .noise import ShardNoiseKernel, TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
@@ -99,6 +100,7 @@ class Perturber:
         self.strategy = strategy
         self.stream = 0  # the noise stream: 0 for one process; the rank under DDP with independent noise
         self._tables = TableCache()
+        self.host_copies = HostCopies() if strategy.name == "host" else None  # kept from step to step (fused pass)
 
     def stream_seed(self) -> int:
         """The seed of this process's noise stream; stream 0 is ``seed`` itself, so rank 0 of a
@@ -278,7 +280,7 @@ class Perturber:
         try:
             if fused:
                 slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused], backup=self.strategy.name == "backup",
-                                      while_waiting=while_waiting)
+                                      while_waiting=while_waiting, host=self.host_copies)
                 for k, slot in zip(fused, slots):
                     rows = described[k].target.rows()
                     described[k].blocks.append((_GROUPED, 0, rows.shape[0], 0, rows.shape[0], slot))
@@ -328,7 +330,7 @@ class Perturber:
         fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(target.weight.dtype)
         rows = target.rows()
         seen_rows = rows.shape[0] + target.row_range()[0] % rows_per_chunk(rows.shape[1])  # a shard is seen from its block's start
-        return self.strategy.name in ("exact", "backup") and fused_kernel and seen_rows * rows.shape[1] < 2**31
+        return self.strategy.name in ("exact", "backup", "host") and fused_kernel and seen_rows * rows.shape[1] < 2**31
 
     def _perturb_blocks(self, p: TargetPerturbation) -> None:
         rows = p.target.rows()
@@ -355,6 +357,20 @@ class Perturber:
                     continue
                 noise = self._block_noise(p, block, start, end, skip, block_rows) if self.strategy.restore_needs_noise else None
                 self.strategy.restore(rows[start:end], noise, record)
+
+    @torch.no_grad()
+    def restore_early(self, p: TargetPerturbation) -> None:
+        """Undo ``p`` in its live weight now (during a backward: see :class:`~flatlora_optim.host_restore.EarlyRestore`);
+        the step's :meth:`restore_all` then leaves it alone. A slot of a shared record marks itself restored; the
+        blocks of the per-block path are dropped from ``p`` once undone."""
+        with interrupts_deferred(), autocast_off():
+            for block, *_, record in p.blocks:
+                if block in (_GROUPED, _BATCHED):
+                    record.restore(None)
+            own = [entry for entry in p.blocks if entry[0] not in (_GROUPED, _BATCHED)]
+            if own:
+                self.restore(TargetPerturbation(p.target, p.step, p.sigma, p.std, own, p.block_seeds, p.seeds, p.kernel))
+                p.blocks = [entry for entry in p.blocks if entry[0] in (_GROUPED, _BATCHED)]
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation], failed: Optional[List[TargetPerturbation]] = None) -> None:

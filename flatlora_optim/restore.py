@@ -18,7 +18,8 @@ time by decoding it, so restore is bitwise exact by construction, not by luck.
 Memory held per perturbed element: half a byte for each "ambiguous" element (~8-18% of them at
 rho 0.05-0.15) plus exceptions -- measured in docs/user-guide.md.
 
-``BackupRestore`` keeps a full copy (exact, 100% extra memory). ``SubtractRestore`` is the
+``BackupRestore`` keeps a full copy (exact, 100% extra memory). ``HostRestore`` keeps that copy in host
+memory (see :mod:`flatlora_optim.host_restore`). ``SubtractRestore`` is the
 paper's way (no memory, drifts; documented as such).
 """
 
@@ -29,7 +30,7 @@ from typing import Any, Dict, NamedTuple, Optional
 
 import torch
 
-__all__ = ["noise_dtype", "RestoreStrategy", "ExactRestore", "BackupRestore", "SubtractRestore", "make_strategy", "STRATEGY_NAMES"]
+__all__ = ["noise_dtype", "RestoreStrategy", "ExactRestore", "BackupRestore", "HostRestore", "SubtractRestore", "make_strategy", "STRATEGY_NAMES"]
 
 
 class _Format(NamedTuple):
@@ -254,6 +255,26 @@ class BackupRestore(RestoreStrategy):
         return record.numel() * record.element_size()
 
 
+class HostRestore(BackupRestore):
+    """Keeps a copy of each weight in host memory (pinned on CUDA): exact, no device memory.
+
+    On the per-block path (the CPU, float32 weights, a layer outside the fused pass) each step copies the
+    block out and back, as :class:`BackupRestore` does, into host memory. On CUDA's fused pass the copies
+    are kept from step to step and written back during the backward: :mod:`flatlora_optim.host_restore`.
+    """
+
+    name = "host"
+
+    @torch.no_grad()
+    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        from .host_restore import _host_like
+
+        backup = _host_like(block)
+        backup.copy_(block)
+        block.copy_(perturbed)
+        return backup
+
+
 class SubtractRestore(RestoreStrategy):
     """The paper's restore, ``W~ - e``: no memory, but NOT exact (weights drift over steps)."""
 
@@ -271,15 +292,15 @@ class SubtractRestore(RestoreStrategy):
         dest.copy_(_candidates(dest, noise, _format(dest.dtype)))
 
 
-STRATEGY_NAMES = ("exact", "backup", "subtract")
+STRATEGY_NAMES = ("exact", "backup", "host", "subtract")
 
 
 def make_strategy(name: str) -> RestoreStrategy:
-    """The strategy called ``name`` (``"exact"``, ``"backup"`` or ``"subtract"``)."""
-    strategies = {"exact": ExactRestore, "backup": BackupRestore, "subtract": SubtractRestore}
+    """The strategy called ``name`` (``"exact"``, ``"backup"``, ``"host"`` or ``"subtract"``)."""
+    strategies = {"exact": ExactRestore, "backup": BackupRestore, "host": HostRestore, "subtract": SubtractRestore}
     if not isinstance(name, str) or name not in strategies:
         raise ValueError(
-            f"Invalid restore={name!r}: choose 'exact' (default, bitwise, ~5% memory), 'backup' (bitwise, full copy) "
-            "or 'subtract' (the paper's, drifts)."
+            f"Invalid restore={name!r}: choose 'exact' (default, bitwise, ~5% memory), 'backup' (bitwise, full copy), "
+            "'host' (bitwise, a copy in host memory, restored during the backward) or 'subtract' (the paper's, drifts)."
         )
     return strategies[name]()

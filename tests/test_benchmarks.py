@@ -18,7 +18,7 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
 
     tiny = dict(hidden=32, layers=1, mlp=64, vocab=64, heads=2, batch=2, seq=8, dtype="float32", warmup=1, steps=3, pr_reps=2, back_to_back=2)
     monkeypatch.setitem(step_time.CONFIGS, "cpu", tiny)
-    methods = ["lora", "flat-exact", "flat-backup", "flat-virtual", "flat-subtract", "reference"]
+    methods = ["lora", "flat-exact", "flat-backup", "flat-host", "flat-virtual", "flat-subtract", "reference"]
     summary = step_time.run("cpu", methods, threads=1)
 
     assert list(summary["results"]) == methods
@@ -30,7 +30,7 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
         assert len(result["ms_back_to_back_blocks"]) == 3 and result["ms_per_step_back_to_back"] > 0
         assert summary["ratios_back_to_back"][method] == pytest.approx(
             result["ms_per_step_back_to_back"] / summary["results"]["lora"]["ms_per_step_back_to_back"])
-    for method in ("lora", "flat-exact", "flat-backup", "flat-virtual"):  # the exact methods leave the weights as they were
+    for method in ("lora", "flat-exact", "flat-backup", "flat-host", "flat-virtual"):  # the exact methods leave the weights as they were
         assert summary["results"][method]["weights_bitwise_equal"], method
     assert not summary["results"]["reference"]["weights_bitwise_equal"]  # subtraction drifts: the benchmark must see it
     assert "perturb_restore_ms" in summary["results"]["flat-exact"] and "form_noisy_weights_ms" in summary["results"]["flat-virtual"]

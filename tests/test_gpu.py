@@ -536,6 +536,22 @@ def _step(model, opt, x):
     opt.zero_grad()
 
 
+def _step_watching_syncs(model, opt, x, watched, inside) -> None:
+    """One step under ``set_sync_debug_mode(watched)``, off only while ``inside()`` looks at the perturbed weights."""
+    torch.cuda.set_sync_debug_mode(watched)
+    try:
+        with opt.perturbed():
+            torch.cuda.set_sync_debug_mode(0)
+            inside()
+            torch.cuda.set_sync_debug_mode(watched)
+            loss = model(x).float().square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+
 def test_in_place_exact_steps_after_the_first_do_not_wait_for_the_device():
     """The codec's counts of a training step's pass are read later, not waited for after the pass: from the third
     step on, the whole step (perturb, forward, backward and its restore, optimizer step) makes no synchronizing call
@@ -548,19 +564,10 @@ def test_in_place_exact_steps_after_the_first_do_not_wait_for_the_device():
     opt = _opt(model)
     x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
     for step in range(5):
-        watched = "error" if step >= 2 else 0
-        torch.cuda.set_sync_debug_mode(watched)
-        try:
-            with opt.perturbed():
-                torch.cuda.set_sync_debug_mode(0)
-                assert all(not torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
-                torch.cuda.set_sync_debug_mode(watched)
-                loss = model(x).float().square().mean()
-            loss.backward()
-            opt.step()
-            opt.zero_grad()
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
+        def perturbed():
+            assert all(not torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
+
+        _step_watching_syncs(model, opt, x, "error" if step >= 2 else 0, perturbed)
         assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before)), step
 
 
@@ -595,3 +602,99 @@ def test_a_record_too_small_leaves_tiles_clean_restores_exactly_and_warns_naming
     opt.step()
     assert unchanged < 0.5 * sum(layer.weight.numel() for layer in model)
     assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before))
+
+
+def _tiny_llama(checkpointing: str = "none"):
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=4)
+    projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), peft.LoraConfig(r=4, lora_alpha=8, target_modules=projections))
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    model = model.to("cuda", torch.bfloat16).train()
+    if checkpointing != "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": checkpointing == "reentrant"})
+        model.enable_input_require_grads()
+    return model
+
+
+@pytest.mark.parametrize("checkpointing,early", [("none", 11), ("non-reentrant", 14), ("reentrant", 0)])
+def test_host_restore_gives_exact_restores_gradients_and_writes_layers_back_during_the_backward(monkeypatch, checkpointing, early):
+    """restore='host' on a bf16 Llama through the fused pass: each step's LoRA gradients are exact restore's (the same
+    W + e is written; tolerance 1e-3 relative, 1e-6 absolute, where rho 0.2 moves them by more than 1e-2), the weights
+    come back bitwise, and the layers are written back during the backward: all 14 but layer 0's q, k and v (their
+    input needs no gradient) without checkpointing, all with non-reentrant checkpointing (the input requires grad),
+    none with reentrant checkpointing (its forward runs without grad: the layers wait for the end)."""
+    pytest.importorskip("triton")
+    ids = torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(0)).cuda()
+    results = {}
+    for restore in ("exact", "host"):
+        model = _tiny_llama(checkpointing)
+        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01), model, rho=0.2, schedule="constant",
+                       seed=5, restore=restore)
+        written_early = []
+        real = opt._perturber.restore_early
+        monkeypatch.setattr(opt._perturber, "restore_early", lambda p, seen=written_early, real=real: (seen.append(p.target.name), real(p)))
+        results[restore] = []
+        for step in range(3):
+            written_early.clear()
+            with opt.perturbed():
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            assert not opt.is_perturbed
+            assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad), (restore, step)
+            results[restore].append([p.grad.float().clone() for p in model.parameters() if p.requires_grad])
+            if restore == "host":
+                assert len(written_early) == early, (step, written_early)
+            opt.step()
+            opt.zero_grad()
+    for step, (a, b) in enumerate(zip(results["exact"], results["host"])):
+        for g, h in zip(a, b):
+            torch.testing.assert_close(h, g, rtol=1e-3, atol=1e-6, msg=f"step {step}")
+
+
+def test_host_restore_holds_no_device_memory_and_makes_no_sync_after_the_first_step():
+    """restore='host': while perturbed the device holds only the row stds and seeds (under 1% of the weights' bytes),
+    and from the second step on a whole step makes no synchronizing call (the copies back are queued on a side stream,
+    from pinned memory)."""
+    pytest.importorskip("triton")
+    model = _three_layers()
+    before = [bits(layer.weight) for layer in model]
+    weight_bytes = sum(layer.weight.numel() * layer.weight.element_size() for layer in model)
+    opt = _opt(model, restore="host")
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.bfloat16)
+    for step in range(4):
+        torch.cuda.synchronize()
+        allocated = torch.cuda.memory_allocated()
+        held = []
+        def look(held=held, allocated=allocated):
+            held.append(torch.cuda.memory_allocated() - allocated)
+
+        _step_watching_syncs(model, opt, x, "error" if step >= 1 else 0, look)
+        assert held[0] < 0.01 * weight_bytes, (step, held, weight_bytes)
+        assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before)), step
+
+
+def test_host_restore_takes_a_weight_written_between_steps_anew():
+    """A weight written in place between steps (its version counter moves) is copied to the host again before its
+    noise goes in, and restored to its new bits; the other layers' copies are kept."""
+    pytest.importorskip("triton")
+    model = _three_layers(torch.float16)
+    opt = _opt(model, restore="host")
+    x = torch.randn(16, 1024, device="cuda", dtype=torch.float16)
+    _step(model, opt, x)
+    _step(model, opt, x)
+    assert opt._perturber.host_copies.taken == 3
+    with torch.no_grad():
+        model[1].weight.mul_(0.5)
+    written = [bits(layer.weight) for layer in model]
+    _step(model, opt, x)
+    assert opt._perturber.host_copies.taken == 4
+    assert all(torch.equal(bits(layer.weight), w) for layer, w in zip(model, written))

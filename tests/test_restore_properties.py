@@ -12,7 +12,7 @@ from torch import nn
 
 from flatlora_optim import FlatLoRA, lora_parameters
 from flatlora_optim.noise import add_noise
-from flatlora_optim.restore import BackupRestore, ExactRestore, SubtractRestore, noise_dtype
+from flatlora_optim.restore import BackupRestore, ExactRestore, HostRestore, SubtractRestore, noise_dtype
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SPECIALS = [0.0, -0.0, math.inf, -math.inf, math.nan, 1e-40, -1e-45, 5e-8, 6e-5, 65504.0, 3e38, -3e38, 1e30]
@@ -42,10 +42,10 @@ def weight_and_noise(draw):
 
 
 @settings(max_examples=300, deadline=None)
-@given(weight_and_noise(), st.sampled_from(["exact", "backup"]), st.booleans())
+@given(weight_and_noise(), st.sampled_from(["exact", "backup", "host"]), st.booleans())
 def test_codec_restores_exact_bits(case, strategy_name, transposed):
     w, noise = case
-    strategy = ExactRestore() if strategy_name == "exact" else BackupRestore()
+    strategy = {"exact": ExactRestore, "backup": BackupRestore, "host": HostRestore}[strategy_name]()
     storage = w.t().contiguous() if transposed else w.clone()
     rows = storage.t() if transposed else storage  # a strided view, as for GPT-2 Conv1D
     before = bits(rows)
@@ -79,11 +79,13 @@ def test_clean_copy_restore_leaves_live_weight_perturbed(case):
     seed=st.integers(0, 10_000),
     schedule=st.sampled_from(["cosine", "linear", "constant"]),
     backward_inside=st.booleans(),
+    restore=st.sampled_from(["exact", "backup", "host"]),
 )
-def test_training_leaves_frozen_weights_bitwise_identical(dtype, rho, steps, seed, schedule, backward_inside):
+def test_training_leaves_frozen_weights_bitwise_identical(dtype, rho, steps, seed, schedule, backward_inside, restore):
     model = make_mlp(seed=seed % 7, dtype=dtype)
     before = frozen_weights(model)
-    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=1e-2), model, rho=rho, total_steps=steps, schedule=schedule, seed=seed)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=1e-2), model, rho=rho, total_steps=steps, schedule=schedule, seed=seed,
+                   restore=restore)
     for step in range(steps):
         x, y = batch(step, dtype=dtype)
         with opt.perturbed():

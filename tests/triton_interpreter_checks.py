@@ -472,8 +472,8 @@ def check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order
 def check_training_steps_through_the_grouped_path() -> None:
     """FlatLoRA itself with the Triton kernel forced onto CPU tensors: the step-wide group (row stds,
     seeds, fused codec; backup restore's plain pass), a clean ``state_dict`` while perturbed (one
-    layer restored into a copy), and weights bitwise equal after every step; exact, backup and
-    virtual mode all see the same ``W + e``."""
+    layer restored into a copy), and weights bitwise equal after every step; exact, backup, host and
+    virtual mode all see the same ``W + e``. Host restore writes layers 1 and 2 back before layer 0's backward."""
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
     from flatlora_optim import FlatLoRA
@@ -489,18 +489,21 @@ def check_training_steps_through_the_grouped_path() -> None:
     before = [bits(w).clone() for w in frozen]
     params = [p for p in model.parameters() if p.requires_grad]
     noisy = {}
-    for mode, restore in (("inplace", "exact"), ("inplace", "backup"), ("virtual", "exact")):
+    for mode, restore in (("inplace", "exact"), ("inplace", "backup"), ("inplace", "host"), ("virtual", "exact")):
         opt = FlatLoRA(torch.optim.SGD(params, lr=0.0), model, rho=0.05, schedule="constant", seed=1, mode=mode, restore=restore)
         for step in range(3):  # the group's first pass waits for its counts, the later ones do not
             x = torch.randn(5, 24)
+            clean_at_layer0 = []
             with opt.perturbed():
                 h = x
-                for layer in model:
+                for k, layer in enumerate(model):
                     h = layer(h.to(layer.weight.dtype)).float()
+                    if k == 0:  # its gradient comes after layers 1 and 2's backward, before layer 0's
+                        h.register_hook(lambda g, seen=clean_at_layer0: seen.extend(torch.equal(bits(w), b) for w, b in zip(frozen, before)))
                 loss = h.square().mean()
                 if mode == "inplace":
                     assert any(not torch.equal(bits(w), b) for w, b in zip(frozen, before)), "nothing perturbed"
-                    if restore == "backup":  # the step-wide pass, a copy kept: the same W + e as the codec
+                    if restore in ("backup", "host"):  # the step-wide pass, a copy kept: the same W + e as the codec
                         assert all(p.blocks[0][0] == perturbation._GROUPED for p in opt._perturbations), "backup not grouped"
                         formed = [bits(w) for w in frozen]
                         assert all(torch.equal(f, n) for f, n in zip(formed, noisy[step])), "backup W + e differs from exact"
@@ -513,10 +516,58 @@ def check_training_steps_through_the_grouped_path() -> None:
                     formed = [bits(opt._perturber.perturbed_rows(p)) for p in opt._perturbations]
                     assert all(torch.equal(f, n) for f, n in zip(formed, noisy[step])), "virtual W + e differs from in-place"
             loss.backward()
+            if mode == "inplace":
+                expected = [False, True, True] if restore == "host" else [False, False, False]
+                assert clean_at_layer0 == expected, f"{restore}, step {step}: clean before layer 0's backward: {clean_at_layer0}"
             opt.step()
             opt.zero_grad()
             for k, (w, b) in enumerate(zip(frozen, before)):
                 assert torch.equal(bits(w), b), f"{mode}/{restore}, step {step}: layer {k} not restored bitwise"
+
+
+def check_host_copies_follow_the_weights() -> None:
+    """Host restore keeps its copies from step to step: taken at the first step only; taken again for a weight written
+    in place through the parameter (its version counter moves), which is then restored to its new bits; a write
+    through ``.data`` is not seen until ``refresh_host_copies()``."""
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24).to(torch.bfloat16), r=2, alpha=4),
+                                LoRALinear(torch.nn.Linear(24, 8).to(torch.float16), r=2, alpha=4))
+    frozen = [layer.weight for layer in model]
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.1,
+                   schedule="constant", restore="host")
+    copies = opt._perturber.host_copies
+
+    def step() -> None:
+        with opt.perturbed():
+            loss = model[1](model[0](torch.randn(4, 16, dtype=torch.bfloat16)).to(torch.float16)).float().square().mean()
+        loss.backward()
+        opt.step()
+
+    step()
+    step()
+    assert copies.taken == 2, f"copies taken {copies.taken} times in two steps of two layers (expected once each)"
+    with torch.no_grad():
+        frozen[0].mul_(2)  # through the parameter: its version counter moves
+    written = bits(frozen[0]).clone()
+    step()
+    assert copies.taken == 3, copies.taken
+    assert torch.equal(bits(frozen[0]), written), "a weight written between steps was not restored to its new bits"
+    kept = bits(frozen[1]).clone()
+    frozen[1].data.mul_(2)  # not seen by the version counter: the copy is stale, restored to the old bits
+    step()
+    assert torch.equal(bits(frozen[1]), kept), "a .data write was expected to go unseen"
+    frozen[1].data.mul_(2)
+    written = bits(frozen[1]).clone()
+    opt.refresh_host_copies()
+    step()
+    assert torch.equal(bits(frozen[1]), written), "refresh_host_copies() did not take the copy anew"
+    assert copies.taken == 5, copies.taken
 
 
 def check_shard_kernel_forms_the_fused_kernels_values() -> None:
@@ -698,6 +749,7 @@ if __name__ == "__main__":
     check_dense_escapes()
     check_interrupted_perturb_leaves_nothing_perturbed()
     check_passes_that_read_their_counts_later()
+    check_host_copies_follow_the_weights()
     check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()

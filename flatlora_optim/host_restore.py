@@ -1,0 +1,200 @@
+"""``restore="host"``: put the weights back from a copy in host memory, layer by layer during the backward.
+
+The frozen weights do not change from one step to the next, so one copy of them, taken once in host
+memory (pinned, on CUDA), restores every perturbed weight bitwise by a plain copy: nothing is held on
+the device, and no record is computed. On CUDA the copy back is a DMA transfer over PCIe (a copy engine,
+no SM time), queued on a stream of its own; :class:`EarlyRestore` queues each layer's as soon as the
+backward pass is done with that layer's weight, so that the transfers run while the backward computes
+the layers before it. Measured on an H200 (1 B Llama, ``benchmarks/step_time.py``): see docs/benchmarks.md.
+
+When the copy is taken again: :class:`HostCopies` remembers each weight's version counter after the
+restore; a weight written since (``load_state_dict``, an in-place op on the parameter, a new tensor) is
+copied anew before its noise goes in. A write through ``weight.data`` does not move the parameter's
+version counter and is not seen: after one, call :meth:`FlatLoRA.refresh_host_copies`.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = ["HostCopies", "EarlyRestore", "copy_stream"]
+
+
+def _host_like(rows: torch.Tensor) -> torch.Tensor:
+    """An empty host tensor with ``rows``' shape and strides (pinned when ``rows`` is on CUDA): a copy between the two
+    is then one DMA transfer, without a staging buffer or a copy kernel."""
+    return torch.empty_like(rows, device="cpu", pin_memory=rows.is_cuda)  # keeps dense strides, else contiguous
+
+
+_COPY_STREAMS: Dict[torch.device, Any] = {}
+
+
+def copy_stream(device: torch.device) -> Any:
+    """The side stream that host-to-device restores of ``device`` are queued on (one per device, made on first use)."""
+    stream = _COPY_STREAMS.get(device)
+    if stream is None:
+        stream = _COPY_STREAMS[device] = torch.cuda.Stream(device)
+    return stream
+
+
+class _HostCopy:
+    __slots__ = ("tensor", "version", "key")
+
+    def __init__(self, tensor: torch.Tensor, version: int, key: tuple):
+        self.tensor, self.version, self.key = tensor, version, key
+
+
+def _view_key(rows: torch.Tensor) -> tuple:
+    return (rows.data_ptr(), tuple(rows.shape), rows.stride(), rows.dtype, rows.device)
+
+
+class HostCopies:
+    """A host copy of each weight, kept from step to step and taken again when the weight was written meanwhile."""
+
+    def __init__(self) -> None:
+        self._copies: Dict[tuple, _HostCopy] = {}
+        self.taken = 0  # copies taken (device to host), for tests and diagnostics
+
+    def copies_for(self, rows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """The host copy of every view in ``rows`` (clean weights), taken now where there is none or it is stale.
+
+        Copies of weights not in ``rows`` are dropped (their host memory freed)."""
+        keys = [_view_key(r) for r in rows]
+        kept = {key: self._copies[key] for key in keys if key in self._copies}
+        self._copies = kept
+        out = []
+        for key, view in zip(keys, rows):
+            entry = kept.get(key)
+            if entry is None or entry.version != view._version:
+                if entry is None:
+                    entry = kept[key] = _HostCopy(_host_like(view), -1, key)
+                entry.tensor.copy_(view)  # blocking: the noise goes in only after the copy is taken
+                entry.version = view._version
+                self.taken += 1
+            out.append(entry.tensor)
+        return out
+
+    def restored(self, rows: torch.Tensor) -> None:
+        """Note that ``rows`` were just written back from their copy (which moved their version counter)."""
+        entry = self._copies.get(_view_key(rows))
+        if entry is not None:
+            entry.version = rows._version
+
+    def forget(self) -> None:
+        """Drop every copy: the next perturb takes them anew (after a write the version counter does not see)."""
+        self._copies = {}
+
+    def nbytes(self) -> int:
+        return sum(c.tensor.numel() * c.tensor.element_size() for c in self._copies.values())
+
+
+def write_back(rows: torch.Tensor, host: torch.Tensor, stream: Optional[Any]) -> None:
+    """Copy ``host`` into ``rows``: on CUDA queued on ``stream`` after the work queued so far on the current stream
+    (the backward kernels that read the noisy weight), without waiting; elsewhere at once."""
+    if stream is None:
+        rows.copy_(host)
+        return
+    stream.wait_stream(torch.cuda.current_stream(rows.device))
+    with torch.cuda.stream(stream):
+        rows.copy_(host, non_blocking=True)
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing this call (a hook on a traced input would not run as one here)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(getattr(compiler, "is_compiling", lambda: False)())
+
+
+class _InputGradHook:
+    """Called with the gradient of a LoRA layer's input: autograd is then done with that use of the layer's weight."""
+
+    __slots__ = ("owner", "layer")
+
+    def __init__(self, owner: weakref.ReferenceType, layer: int):
+        self.owner, self.layer = owner, layer
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        owner = self.owner()
+        if owner is not None:
+            owner._fired(self.layer)
+
+
+class _UseHook:
+    """Forward pre-hook of a module that computes with layer ``layer``'s weight: counts the use."""
+
+    __slots__ = ("owner", "layer")
+
+    def __init__(self, owner: weakref.ReferenceType, layer: int):
+        self.owner, self.layer = owner, layer
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        owner = self.owner()
+        if owner is not None:
+            owner._used(self.layer, args)
+
+
+class EarlyRestore:
+    """Restores each layer of a step once the backward pass has finished every use of its weight.
+
+    A use is a forward of a module that computes with the weight, run while the noise is meant to be in
+    (``counting()``). Each use with grad enabled and an input that requires grad puts a hook on that
+    input: autograd calls it once the input's gradient is complete, after the backward of every product
+    that read the weight with it. When the last use's hook has run, and the noise may come out
+    (``may_restore()``: the ``perturbed()`` block has ended), the layer is restored at once (on CUDA, a
+    copy queued on the side stream). A layer with a use that puts no hook -- its input needs no gradient
+    (the first layer), or grad was off (reentrant gradient checkpointing reruns that forward in the
+    backward) -- waits for the restore of the whole step, at the end of the backward.
+
+    It relies on the layer reading its weight only in products with its input (``x @ W.T``, a
+    convolution of ``x``): true of the LoRA layers discovered (peft, loralib, torchtune). Should another
+    node still need the weight, autograd raises (the copy back moves the weight's version counter).
+    """
+
+    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None]]],
+                 counting: Callable[[], bool], may_restore: Callable[[], bool]):
+        self._restore = [restore for _, restore in layers]
+        self._pending = [0] * len(layers)  # uses whose input gradient is not complete yet
+        self._blind = [False] * len(layers)  # a use without a hook: this layer waits for the step's restore
+        self._done = [False] * len(layers)
+        self._counting, self._may_restore = counting, may_restore
+        self.restored_early = 0  # layers restored during a backward (for tests and diagnostics)
+        me = weakref.ref(self)
+        self._handles: List[RemovableHandle] = []
+        try:
+            for k, (modules, _) in enumerate(layers):
+                for module in modules:
+                    self._handles.append(module.register_forward_pre_hook(_UseHook(me, k)))
+        except BaseException:
+            self.remove()
+            raise
+
+    def remove(self) -> None:
+        """Take the hooks out (idempotent); hooks already on inputs then do nothing."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _used(self, k: int, args: Any) -> None:
+        if not self._handles or not self._counting():
+            return  # a forward after the block: a checkpoint's rerun in the backward, or the user's own
+        x = args[0] if args else None
+        if _compiling() or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or not x.requires_grad:
+            self._blind[k] = True
+            return
+        self._pending[k] += 1
+        x.register_hook(_InputGradHook(weakref.ref(self), k))
+
+    def _fired(self, k: int) -> None:
+        if not self._handles:
+            return
+        self._pending[k] -= 1
+        if self._pending[k] or self._blind[k] or self._done[k] or not self._may_restore():
+            return
+        self._done[k] = True
+        self._restore[k]()
+        self.restored_early += 1

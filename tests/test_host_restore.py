@@ -1,0 +1,171 @@
+"""``restore="host"``: a copy in host memory, each layer written back during the backward once autograd is done with it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from flatlora_optim import FlatLoRA, lora_parameters
+
+
+def _opt(model: nn.Module, restore: str, **kwargs) -> FlatLoRA:
+    return FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.05), model, rho=0.2, schedule="constant", seed=3,
+                    restore=restore, **kwargs)
+
+
+def _loss(model: nn.Module, step: int, dtype: torch.dtype = torch.float32, ckpt: str = "none") -> torch.Tensor:
+    x, y = batch(step, dtype=dtype)
+    if ckpt == "none":
+        out = model(x)
+    else:  # the first two layers (and their Tanh) in one checkpointed segment; an input that needs a gradient, for reentrant
+        x.requires_grad_(True)
+        head = nn.Sequential(*list(model)[:3])
+        out = model[4](model[3](checkpoint(head, x, use_reentrant=ckpt == "reentrant")))
+    return nn.functional.cross_entropy(out.float(), y)
+
+
+def _grads(model: nn.Module):
+    return [p.grad.clone() for p in lora_parameters(model)]
+
+
+def _train(restore: str, steps: int = 3, dtype: torch.dtype = torch.float32, ckpt: str = "none", inside: bool = False):
+    """Train ``steps`` steps; the LoRA gradients of each step and the frozen weights' bits before and after."""
+    model = make_mlp(seed=1, dtype=dtype)
+    before = frozen_weights(model)
+    opt = _opt(model, restore)
+    grads = []
+    for step in range(steps):
+        with opt.perturbed():
+            loss = _loss(model, step, dtype, ckpt)
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append(_grads(model))
+        opt.step()
+        opt.zero_grad()
+    return grads, before, model
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("ckpt", ["none", "non-reentrant", "reentrant"])
+def test_gradients_and_weights_are_those_of_exact_restore(dtype, ckpt):
+    """The same noise is written as with exact restore, so every step's gradient is the same bits; the frozen
+    weights end bitwise unchanged. Under gradient checkpointing the rerun forward must still see the noise."""
+    exact, _, _ = _train("exact", dtype=dtype, ckpt=ckpt)
+    host, before, model = _train("host", dtype=dtype, ckpt=ckpt)
+    for step, (a, b) in enumerate(zip(exact, host)):
+        assert all(torch.equal(bits(g), bits(h)) for g, h in zip(a, b)), f"step {step}: gradients differ from exact restore"
+    assert_frozen_unchanged(model, before)
+
+
+def _weights_during_backward(restore: str, inside: bool = False):
+    """Whether each frozen weight holds its clean bits at the moment the first layer's backward starts."""
+    model = make_mlp(seed=2)
+    before = frozen_weights(model)
+    opt = _opt(model, restore)
+    seen = {}
+
+    def look(grad):  # the gradient of layer 0's output: layers 2 and 4 are done, layer 0 is not
+        seen.update({name: torch.equal(bits(p), before[name]) for name, p in model.named_parameters() if name in before})
+
+    with opt.perturbed():
+        hidden = model[0](batch(0)[0])
+        hidden.register_hook(look)
+        out = model[4](model[3](model[2](model[1](hidden))))
+        loss = nn.functional.cross_entropy(out, batch(0)[1])
+        if inside:
+            loss.backward()
+    if not inside:
+        loss.backward()
+    opt.step()
+    assert_frozen_unchanged(model, before)
+    return {name.split(".")[0]: clean for name, clean in seen.items() if name.endswith("weight")}
+
+
+def test_layers_are_restored_as_soon_as_their_backward_is_done():
+    """With host restore the layers after layer 0 are clean before layer 0's backward starts; layer 0 (whose input
+    needs no gradient: no hook on it) waits for the end. Exact restore restores everything at the end."""
+    assert _weights_during_backward("host") == {"0": False, "2": True, "4": True}
+    assert _weights_during_backward("exact") == {"0": False, "2": False, "4": False}
+
+
+def test_no_layer_comes_out_early_when_the_backward_runs_inside_the_block():
+    """Inside the block the weights may serve another forward (gradient accumulation): nothing comes out early."""
+    assert _weights_during_backward("host", inside=True) == {"0": False, "2": False, "4": False}
+
+
+def test_a_layer_waits_for_every_forward_of_the_block():
+    """Two forwards in one block, the first one's backward alone: the noise must stay for the second graph's backward,
+    whose gradient is then the same as with exact restore."""
+    results = {}
+    for restore in ("exact", "host"):
+        model = make_mlp(seed=4)
+        before = frozen_weights(model)
+        opt = _opt(model, restore)
+        with opt.perturbed():
+            first = _loss(model, 0)
+            second = _loss(model, 1)
+        first.backward()
+        assert opt.is_perturbed and any(not torch.equal(bits(p), before[n]) for n, p in model.named_parameters() if n in before)
+        opt.zero_grad()
+        second.backward()
+        results[restore] = _grads(model)
+        assert not opt.is_perturbed
+        assert_frozen_unchanged(model, before)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"]))
+
+
+def test_backward_inside_the_block_gives_exact_restores_gradients():
+    exact, _, _ = _train("exact", inside=True)
+    host, before, model = _train("host", inside=True)
+    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
+    assert_frozen_unchanged(model, before)
+
+
+def test_a_graph_dropped_without_backward_restores_everything():
+    model = make_mlp(seed=5)
+    before = frozen_weights(model)
+    opt = _opt(model, "host")
+    with opt.perturbed():
+        loss = _loss(model, 0)
+    assert opt.is_perturbed
+    del loss
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+
+
+def test_state_dict_while_perturbed_is_clean():
+    model = make_mlp(seed=6, dtype=torch.bfloat16)
+    before = frozen_weights(model)
+    opt = _opt(model, "host")
+    with opt.perturbed():
+        state = model.state_dict()
+        loss = _loss(model, 0, torch.bfloat16)
+    for name, value in before.items():
+        assert torch.equal(bits(state[name]), value), name
+    loss.backward()
+    opt.step()
+    assert_frozen_unchanged(model, before)
+
+
+def test_refresh_host_copies_is_refused_while_perturbed():
+    model = make_mlp(seed=7)
+    opt = _opt(model, "host")
+    with opt.perturbed():
+        with pytest.raises(RuntimeError, match="refresh_host_copies"):
+            opt.refresh_host_copies()
+        loss = _loss(model, 0)
+    with pytest.raises(RuntimeError, match="after the step's restore"):
+        opt.refresh_host_copies()  # the noise waits for the backward
+    loss.backward()
+    opt.refresh_host_copies()
+    opt.step()
+
+
+def test_restore_host_is_listed_in_the_error_for_a_bad_name():
+    with pytest.raises(ValueError, match="'host'"):
+        _opt(make_mlp(), "hots")
