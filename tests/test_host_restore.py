@@ -169,3 +169,61 @@ def test_refresh_host_copies_is_refused_while_perturbed():
 def test_restore_host_is_listed_in_the_error_for_a_bad_name():
     with pytest.raises(ValueError, match="'host'"):
         _opt(make_mlp(), "hots")
+
+
+def _held_steps(restore: str):
+    """The Trainer and Lightning callbacks' pattern: perturb() held over two micro-batches' forward and backward."""
+    model = make_mlp(seed=8)
+    before = frozen_weights(model)
+    opt = _opt(model, restore)
+    grads = []
+    for step in range(2):
+        opt.perturb()
+        for micro in range(2):
+            _loss(model, 2 * step + micro).backward()
+            assert opt.is_perturbed and any(not torch.equal(bits(p), before[n]) for n, p in model.named_parameters() if n in before)
+        opt.restore()
+        grads.append(_grads(model))
+        opt.step()
+        opt.zero_grad()
+    assert_frozen_unchanged(model, before)
+    return grads
+
+
+def test_noise_held_across_micro_batches_stays_until_restore():
+    """With perturb() held, every micro-batch's backward must still see the noise: nothing is written back early, and
+    the accumulated gradients are exact restore's."""
+    exact, host = _held_steps("exact"), _held_steps("host")
+    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
+
+
+def test_peft_dora_layers_give_exact_restores_gradients():
+    """DoRA reads its base weight for the row norms too (detached) and in its product with the input: written back
+    once the input's gradient is complete, the gradients are exact restore's, bit for bit."""
+    peft = pytest.importorskip("peft")
+
+    def run(restore):
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
+        model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"], use_dora=True))
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_B" in name:
+                    p.normal_(0, 0.2)
+        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = FlatLoRA(torch.optim.SGD(params, lr=0.05), model, rho=0.2, schedule="constant", seed=3, restore=restore)
+        grads = []
+        for step in range(2):
+            x, y = batch(step)
+            with opt.perturbed():
+                loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            grads.append([p.grad.clone() for p in params])
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
+        return grads
+
+    exact, host = run("exact"), run("host")
+    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
