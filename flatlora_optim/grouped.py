@@ -88,7 +88,7 @@ class StepGroup:
         self.record: Any = None  # exact restore: the fused codec's record
         self.report: Optional[str] = None  # the record's overflow warning, read at restore
         self.backups: Optional[List[torch.Tensor]] = None  # backup restore: a copy of every layer's W (host restore: in host memory)
-        self.host: Optional[HostCopies] = None  # host restore: the copies kept from step to step
+        self.host: Optional[List[Any]] = None  # host restore: the layers' entries in the HostCopies kept from step to step
         self._copy_stream: Any = None  # host restore on CUDA: the stream the copies back are queued on
         self._compute_stream: Any = None  # ... and the stream the noise pass ran on, which waits for them at the end
         self.codec_table: Any = None
@@ -120,7 +120,8 @@ class StepGroup:
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
                                      [self.row_ranges[i] for i in indices])
         if host is not None:
-            self.host, self.backups = host, host.copies_for(rows)
+            self.host = host.copies_for(rows)
+            self.backups = [entry.tensor for entry in self.host]
             if self.table.device.type == "cuda":
                 self._copy_stream = copy_stream(self.table.device)
                 self._compute_stream = torch.cuda.current_stream(self.table.device)
@@ -183,7 +184,7 @@ class StepGroup:
         rows = self._codec_rows[k] if live else dest
         if self.host is not None and live:
             write_back(rows, self.backups[k], self._copy_stream)  # on CUDA queued on the copy stream, no wait
-            self.host.restored(rows)
+            self.host[k].version = rows._version  # the write moved it: the copy is current
         elif self.backups is not None:
             rows.copy_(self.backups[k])
         else:

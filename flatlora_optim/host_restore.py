@@ -60,10 +60,11 @@ class HostCopies:
         self._copies: Dict[tuple, _HostCopy] = {}
         self.taken = 0  # copies taken (device to host), for tests and diagnostics
 
-    def copies_for(self, rows: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+    def copies_for(self, rows: Sequence[torch.Tensor]) -> List[_HostCopy]:
         """The host copy of every view in ``rows`` (clean weights), taken now where there is none or it is stale.
 
-        Copies of weights not in ``rows`` are dropped (their host memory freed)."""
+        Copies of weights not in ``rows`` are dropped (their host memory freed). After writing a copy back, set its
+        ``version`` to the view's (the write moved it)."""
         keys = [_view_key(r) for r in rows]
         kept = {key: self._copies[key] for key in keys if key in self._copies}
         self._copies = kept
@@ -76,14 +77,8 @@ class HostCopies:
                 entry.tensor.copy_(view)  # blocking: the noise goes in only after the copy is taken
                 entry.version = view._version
                 self.taken += 1
-            out.append(entry.tensor)
+            out.append(entry)
         return out
-
-    def restored(self, rows: torch.Tensor) -> None:
-        """Note that ``rows`` were just written back from their copy (which moved their version counter)."""
-        entry = self._copies.get(_view_key(rows))
-        if entry is not None:
-            entry.version = rows._version
 
     def forget(self) -> None:
         """Drop every copy: the next perturb takes them anew (after a write the version counter does not see)."""

@@ -363,6 +363,9 @@ class Perturber:
         """Undo ``p`` in its live weight now (during a backward: see :class:`~flatlora_optim.host_restore.EarlyRestore`);
         the step's :meth:`restore_all` then leaves it alone. A slot of a shared record marks itself restored; the
         blocks of the per-block path are dropped from ``p`` once undone."""
+        if len(p.blocks) == 1 and p.blocks[0][0] == _GROUPED:  # the fused pass: a copy queued, nothing else (called per layer in backward)
+            p.blocks[0][-1].restore(None)
+            return
         with interrupts_deferred(), autocast_off():
             for block, *_, record in p.blocks:
                 if block in (_GROUPED, _BATCHED):
