@@ -10,7 +10,8 @@ the layers before it. Measured on an H200 (1 B Llama, ``benchmarks/step_time.py`
 When the copy is taken again: :class:`HostCopies` remembers each weight's version counter after the
 restore; a weight written since (``load_state_dict``, an in-place op on the parameter, a new tensor) is
 copied anew before its noise goes in. A write through ``weight.data`` does not move the parameter's
-version counter and is not seen: after one, call :meth:`FlatLoRA.refresh_host_copies`.
+version counter and is not seen, nor is a ``torch.distributed`` collective into the weights (peft's
+``merge_adapter``/``unmerge_adapter`` write through ``.data``): after one, call :meth:`FlatLoRA.refresh_host_copies`.
 """
 
 from __future__ import annotations
@@ -105,91 +106,119 @@ def _compiling() -> bool:
     return bool(getattr(compiler, "is_compiling", lambda: False)())
 
 
-class _InputGradHook:
-    """Called with the gradient of a LoRA layer's input: autograd is then done with that use of the layer's weight."""
+class _UseHook:
+    """A hook of one use of a weight (``owner._reached(use)`` / ``owner._input_done(use)``), holding its owner weakly:
+    the tensors it sits on keep no graph or restorer alive through it."""
 
-    __slots__ = ("owner", "layer")
+    __slots__ = ("owner", "use", "input_done")
 
-    def __init__(self, owner: weakref.ReferenceType, layer: int):
-        self.owner, self.layer = owner, layer
+    def __init__(self, owner: weakref.ReferenceType, use: int, input_done: bool):
+        self.owner, self.use, self.input_done = owner, use, input_done
 
     def __call__(self, grad: torch.Tensor) -> None:
         owner = self.owner()
         if owner is not None:
-            owner._fired(self.layer)
+            (owner._input_done if self.input_done else owner._reached)(self.use)
 
 
-class _UseHook:
-    """Forward pre-hook of a module that computes with layer ``layer``'s weight: counts the use."""
+class _ForwardHook:
+    """Forward hook of a module that computes with layer ``layer``'s weight: records the use."""
 
     __slots__ = ("owner", "layer")
 
     def __init__(self, owner: weakref.ReferenceType, layer: int):
         self.owner, self.layer = owner, layer
 
-    def __call__(self, module: nn.Module, args: Any) -> None:
+    def __call__(self, module: nn.Module, args: Any, output: Any) -> None:
         owner = self.owner()
         if owner is not None:
-            owner._used(self.layer, args)
+            owner._used(self.layer, args, output)
+
+
+def _graph_task() -> Optional[int]:
+    """The id of the backward pass running this call (-1 outside one); None where torch cannot tell."""
+    task_id = getattr(torch._C, "_current_graph_task_id", None)
+    return None if task_id is None else task_id()
 
 
 class EarlyRestore:
-    """Restores each layer of a step once the backward pass has finished every use of its weight.
+    """Restores each layer of a step once the backward has finished every use of its weight.
 
-    A use is a forward of a module that computes with the weight, run while the noise is meant to be in
-    (``counting()``). Each use with grad enabled and an input that requires grad puts a hook on that
-    input: autograd calls it once the input's gradient is complete, after the backward of every product
-    that read the weight with it. When the last use's hook has run, and the noise may come out
-    (``may_restore()``: the ``perturbed()`` block has ended), the layer is restored at once (on CUDA, a
-    copy queued on the side stream). A layer with a use that puts no hook -- its input needs no gradient
-    (the first layer), or grad was off (reentrant gradient checkpointing reruns that forward in the
-    backward) -- waits for the restore of the whole step, at the end of the backward.
+    A use is a forward of a module that computes with the weight while the noise is in (in the ``perturbed()``
+    block, or after it before the backward). Each use with grad enabled, an input that requires grad and an
+    output with a graph gets two hooks, both on existing tensors (the graph is not changed, so the gradients
+    are exactly those of the other restores): one on its output notes which backward pass reached that
+    forward's graph; one on its input runs once the input's gradient is complete in a backward pass -- after
+    every product with the weight that that pass computes. The use is done when the second runs in the pass
+    the first noted: an input shared with another forward, or reached by another loss, does not end a use
+    whose output that pass did not reach, and a second backward through a retained graph does not count again.
+    When every use of a layer is done and the noise may come out (``may_restore()``: the ``perturbed()`` block
+    has ended and no ``perturb()`` holds it), the layer is restored at once (on CUDA, a copy queued on the side
+    stream). A layer with a use that gets no hooks -- its input needs no gradient (the first layer), grad was
+    off (reentrant gradient checkpointing reruns that forward in the backward), its input came as a keyword --
+    waits for the restore of the whole step, at the end of the backward. A forward run by a backward (a
+    checkpoint's rerun) is not a use: the backward traverses the first forward's graph.
 
     It relies on the layer reading its weight only in products with its input (``x @ W.T``, a
-    convolution of ``x``): true of the LoRA layers discovered (peft, loralib, torchtune). Should another
-    node still need the weight, autograd raises (the copy back moves the weight's version counter).
+    convolution of ``x``): true of the LoRA layers discovered (peft, DoRA included; loralib; torchtune).
     """
 
-    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None]]],
-                 counting: Callable[[], bool], may_restore: Callable[[], bool]):
+    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None]]], may_restore: Callable[[], bool]):
         self._restore = [restore for _, restore in layers]
-        self._pending = [0] * len(layers)  # uses whose input gradient is not complete yet
-        self._blind = [False] * len(layers)  # a use without a hook: this layer waits for the step's restore
+        self._pending = [0] * len(layers)  # uses not done yet
+        self._blind = [False] * len(layers)  # a use without hooks: this layer waits for the step's restore
         self._done = [False] * len(layers)
-        self._counting, self._may_restore = counting, may_restore
-        self.restored_early = 0  # layers restored during a backward (for tests and diagnostics)
-        me = weakref.ref(self)
-        self._handles: List[RemovableHandle] = []
+        self._may_restore = may_restore
+        self._use_layer: List[int] = []  # per use: its layer
+        self._use_pass: List[Optional[int]] = []  # per use: the backward pass that reached its output (None: none yet; -1: done)
+        self._me = weakref.ref(self)
+        self._handles: List[RemovableHandle] = []  # the modules' forward hooks, then the input hooks (inputs may outlive the step)
         try:
             for k, (modules, _) in enumerate(layers):
                 for module in modules:
-                    self._handles.append(module.register_forward_pre_hook(_UseHook(me, k)))
+                    self._handles.append(module.register_forward_hook(_ForwardHook(self._me, k)))
         except BaseException:
             self.remove()
             raise
 
     def remove(self) -> None:
-        """Take the hooks out (idempotent); hooks already on inputs then do nothing."""
+        """Take every hook out (idempotent); the output hooks left on this step's graphs then do nothing."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
 
-    def _used(self, k: int, args: Any) -> None:
-        if not self._handles or not self._counting():
-            return  # a forward after the block: a checkpoint's rerun in the backward, or the user's own
+    def _used(self, k: int, args: Any, output: Any) -> None:
+        if not self._handles or _in_backward():
+            return
         x = args[0] if args else None
-        if _compiling() or not torch.is_grad_enabled() or not isinstance(x, torch.Tensor) or not x.requires_grad:
+        if (_compiling() or not torch.is_grad_enabled() or _graph_task() is None or not isinstance(x, torch.Tensor) or not x.requires_grad
+                or not isinstance(output, torch.Tensor) or output.grad_fn is None):
             self._blind[k] = True
             return
+        use = len(self._use_layer)
+        self._use_layer.append(k)
+        self._use_pass.append(None)
+        output.register_hook(_UseHook(self._me, use, input_done=False))
+        self._handles.append(x.register_hook(_UseHook(self._me, use, input_done=True)))
         self._pending[k] += 1
-        x.register_hook(_InputGradHook(weakref.ref(self), k))
 
-    def _fired(self, k: int) -> None:
-        if not self._handles:
-            return
+    def _reached(self, use: int) -> None:
+        if self._use_pass[use] != -1:
+            self._use_pass[use] = _graph_task()
+
+    def _input_done(self, use: int) -> None:
+        if not self._handles or self._use_pass[use] in (None, -1) or self._use_pass[use] != _graph_task():
+            return  # this pass did not reach the use's output, or the use is done already
+        self._use_pass[use] = -1
+        k = self._use_layer[use]
         self._pending[k] -= 1
         if self._pending[k] or self._blind[k] or self._done[k] or not self._may_restore():
             return
         self._done[k] = True
         self._restore[k]()
-        self.restored_early += 1
+
+
+def _in_backward() -> bool:
+    """Whether this call runs inside a backward pass (a checkpoint's rerun of a forward)."""
+    current_node = getattr(torch._C, "_current_autograd_node", None)
+    return current_node is not None and current_node() is not None
