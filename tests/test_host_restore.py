@@ -197,12 +197,33 @@ def test_noise_held_across_micro_batches_stays_until_restore():
     assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
 
 
+def _assert_host_matches_exact(make_model, loss_of) -> None:
+    """Two steps of ``make_model()`` (fresh each time) with exact and with host restore: the frozen weights come back
+    bitwise after each, and every LoRA gradient is the same bits."""
+    results = {}
+    for restore in ("exact", "host"):
+        model = make_model()
+        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = FlatLoRA(torch.optim.SGD(params, lr=0.01), model, rho=0.2, schedule="constant", seed=5, restore=restore)
+        results[restore] = []
+        for step in range(2):
+            with opt.perturbed():
+                loss = loss_of(model, step)
+            loss.backward()
+            results[restore].append([p.grad.clone() for p in params])
+            opt.step()
+            opt.zero_grad()
+        assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad), restore
+    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(results["exact"], results["host"]) for g, h in zip(a, b))
+
+
 def test_peft_dora_layers_give_exact_restores_gradients():
     """DoRA reads its base weight for the row norms too (detached) and in its product with the input: written back
     once the input's gradient is complete, the gradients are exact restore's, bit for bit."""
     peft = pytest.importorskip("peft")
 
-    def run(restore):
+    def make_model():
         torch.manual_seed(0)
         base = nn.Sequential(nn.Linear(12, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 5))
         model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2", "4"], use_dora=True))
@@ -210,23 +231,9 @@ def test_peft_dora_layers_give_exact_restores_gradients():
             for name, p in model.named_parameters():
                 if "lora_B" in name:
                     p.normal_(0, 0.2)
-        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = FlatLoRA(torch.optim.SGD(params, lr=0.05), model, rho=0.2, schedule="constant", seed=3, restore=restore)
-        grads = []
-        for step in range(2):
-            x, y = batch(step)
-            with opt.perturbed():
-                loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            grads.append([p.grad.clone() for p in params])
-            opt.step()
-            opt.zero_grad()
-        assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
-        return grads
+        return model
 
-    exact, host = run("exact"), run("host")
-    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
+    _assert_host_matches_exact(make_model, lambda model, step: nn.functional.cross_entropy(model(batch(step)[0]), batch(step)[1]))
 
 
 def _two_forwards_same_input(model, opt, ckpt):
@@ -301,27 +308,16 @@ def test_peft_llama_gradients_are_exact_restores_to_the_bit():
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
 
-    def run(restore):
+    def make_model():
         torch.manual_seed(0)
         cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                        num_key_value_heads=2, max_position_embeddings=64)
         projections = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-        model = peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16),
-                                    peft.LoraConfig(r=4, lora_alpha=8, target_modules=projections, init_lora_weights=False))
-        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
-        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01), model, rho=0.2, schedule="constant",
-                       seed=5, restore=restore)
-        grads = []
-        for step in range(2):
-            ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
-            with opt.perturbed():
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            grads.append([p.grad.clone() for p in model.parameters() if p.requires_grad])
-            opt.step()
-            opt.zero_grad()
-        assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
-        return grads
+        return peft.get_peft_model(transformers.LlamaForCausalLM(cfg).to(torch.bfloat16),
+                                   peft.LoraConfig(r=4, lora_alpha=8, target_modules=projections, init_lora_weights=False))
 
-    exact, host = run("exact"), run("host")
-    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
+    def loss_of(model, step):
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+        return model(input_ids=ids, labels=ids).loss
+
+    _assert_host_matches_exact(make_model, loss_of)
