@@ -100,10 +100,15 @@ def write_back(rows: torch.Tensor, host: torch.Tensor, stream: Optional[Any]) ->
         rows.copy_(host, non_blocking=True)
 
 
+# looked up once: the hooks below run for every LoRA layer in every forward and backward
+_IS_COMPILING: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
+_GRAPH_TASK_ID: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)
+_CURRENT_NODE: Optional[Callable[[], Any]] = getattr(torch._C, "_current_autograd_node", None)
+
+
 def _compiling() -> bool:
     """Whether torch.compile is tracing this call (a hook on a traced input would not run as one here)."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(getattr(compiler, "is_compiling", lambda: False)())
+    return bool(_IS_COMPILING())
 
 
 class _UseHook:
@@ -137,8 +142,7 @@ class _ForwardHook:
 
 def _graph_task() -> Optional[int]:
     """The id of the backward pass running this call (-1 outside one); None where torch cannot tell."""
-    task_id = getattr(torch._C, "_current_graph_task_id", None)
-    return None if task_id is None else task_id()
+    return None if _GRAPH_TASK_ID is None else _GRAPH_TASK_ID()
 
 
 class EarlyRestore:
@@ -220,5 +224,4 @@ class EarlyRestore:
 
 def _in_backward() -> bool:
     """Whether this call runs inside a backward pass (a checkpoint's rerun of a forward)."""
-    current_node = getattr(torch._C, "_current_autograd_node", None)
-    return current_node is not None and current_node() is not None
+    return _CURRENT_NODE is not None and _CURRENT_NODE() is not None
