@@ -697,7 +697,7 @@ def _fsdp_rank(rank: int, world: int, port: int, dtype: torch.dtype, restore: st
 
 def check_fsdp_ranks_draw_the_single_process_weights() -> None:
     """FlatLoRA under FSDP2 on 4 gloo ranks through the interpreted kernels: each rank's perturbed rows are
-    bitwise the single process's (16-bit exact and backup: the step-wide fused pass with shards starting
+    bitwise the single process's (16-bit exact, backup and host: the step-wide fused pass with shards starting
     inside row blocks and a rank holding no rows of the 5-row layer; float32: block by block with the
     fused kernel's noise), and every rank restores bitwise."""
     import socket
@@ -711,7 +711,8 @@ def check_fsdp_ranks_draw_the_single_process_weights() -> None:
     import flatlora_optim.perturbation as perturbation
 
     world = 4
-    for dtype, restore, grouped in ((torch.float16, "exact", True), (torch.bfloat16, "backup", True), (torch.float32, "exact", False)):
+    cases = ((torch.float16, "exact", True), (torch.bfloat16, "backup", True), (torch.bfloat16, "host", True), (torch.float32, "exact", False))
+    for dtype, restore, grouped in cases:
         with tempfile.TemporaryDirectory() as out, socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
