@@ -192,6 +192,16 @@ class StepGroup:
         if live:
             self.restored[k] = True
 
+    def perturb_again(self, k: int) -> None:
+        """Host restore: put codec layer ``k``'s noise back into its live weight after it was written back early (the
+        same ``fl(W + e)``; on CUDA after its copy back has landed). The step's restore writes it back again."""
+        if not self.restored[k]:
+            return
+        if self._copy_stream is not None:
+            torch.cuda.current_stream(self.table.device).wait_stream(self._copy_stream)
+        self.kernel.add_noise_one(self.codec_table, k, self._codec_rows[k], self.std, self.seeds)
+        self.restored[k] = False
+
     def slot_nbytes(self, k: int) -> int:
         """Bytes held for codec layer ``k`` until restore: its backup, or its share of the record."""
         if self.backups is not None:
@@ -207,6 +217,9 @@ class GroupSlot:
 
     def restore(self, dest: Optional[torch.Tensor]) -> None:
         self.group.restore_one(self.k, dest)
+
+    def perturb_again(self) -> None:
+        self.group.perturb_again(self.k)
 
     def nbytes(self) -> int:
         return self.group.slot_nbytes(self.k)

@@ -140,6 +140,17 @@ class _ForwardHook:
             owner._used(self.layer, args, output)
 
 
+class _ForwardPreHook(_ForwardHook):
+    """Forward pre-hook of such a module: a layer written back early gets its noise back before it computes again."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:  # type: ignore[override]
+        owner = self.owner()
+        if owner is not None and owner._done[self.layer]:
+            owner._perturb_again(self.layer)
+
+
 def _graph_task() -> Optional[int]:
     """The id of the backward pass running this call (-1 outside one); None where torch cannot tell."""
     return None if _GRAPH_TASK_ID is None else _GRAPH_TASK_ID()
@@ -158,17 +169,22 @@ class EarlyRestore:
     whose output that pass did not reach, and a second backward through a retained graph does not count again.
     When every use of a layer is done and the noise may come out (``may_restore()``: the ``perturbed()`` block
     has ended and no ``perturb()`` holds it), the layer is restored at once (on CUDA, a copy queued on the side
-    stream). A layer with a use that gets no hooks -- its input needs no gradient (the first layer), grad was
-    off (reentrant gradient checkpointing reruns that forward in the backward), its input came as a keyword --
-    waits for the restore of the whole step, at the end of the backward. A forward run by a backward (a
+    stream). Should the layer compute again before the step's restore (a forward after that backward while
+    another graph is pending, a micro-batch redone after a backward that raised, a checkpoint's rerun for
+    another graph), its noise is put back first: it computes at ``W + e``, as with the other restores. A layer
+    with a use that gets no hooks -- its input needs no gradient (the first layer), grad was off (reentrant
+    gradient checkpointing reruns that forward in the backward), its input came as a keyword -- waits for the
+    restore of the whole step, at the end of the backward. A forward run by a backward (a
     checkpoint's rerun) is not a use: the backward traverses the first forward's graph.
 
     It relies on the layer reading its weight only in products with its input (``x @ W.T``, a
     convolution of ``x``): true of the LoRA layers discovered (peft, DoRA included; loralib; torchtune).
     """
 
-    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None]]], may_restore: Callable[[], bool]):
-        self._restore = [restore for _, restore in layers]
+    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None], Callable[[], None]]], may_restore: Callable[[], bool]):
+        """``layers``: per layer, the modules that compute with its weight, what restores it and what puts its noise back."""
+        self._restore = [restore for _, restore, _ in layers]
+        self._again = [again for _, _, again in layers]
         self._pending = [0] * len(layers)  # uses not done yet
         self._blind = [False] * len(layers)  # a use without hooks: this layer waits for the step's restore
         self._done = [False] * len(layers)
@@ -178,8 +194,9 @@ class EarlyRestore:
         self._me = weakref.ref(self)
         self._handles: List[RemovableHandle] = []  # the modules' forward hooks, then the input hooks (inputs may outlive the step)
         try:
-            for k, (modules, _) in enumerate(layers):
+            for k, (modules, *_) in enumerate(layers):
                 for module in modules:
+                    self._handles.append(module.register_forward_pre_hook(_ForwardPreHook(self._me, k)))
                     self._handles.append(module.register_forward_hook(_ForwardHook(self._me, k)))
         except BaseException:
             self.remove()
@@ -220,6 +237,12 @@ class EarlyRestore:
             return
         self._done[k] = True
         self._restore[k]()
+
+    def _perturb_again(self, k: int) -> None:
+        if not self._handles:
+            return
+        self._again[k]()
+        self._done[k] = False
 
 
 def _in_backward() -> bool:

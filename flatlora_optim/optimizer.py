@@ -442,7 +442,8 @@ class FlatLoRA(torch.optim.Optimizer):
         """Host restore: restore each layer during the backward once autograd is done with its weight (see
         :class:`~flatlora_optim.host_restore.EarlyRestore`). Not for FSDP2 shards, nor for weights that a
         module other than their LoRA layers also computes with (a tied ``lm_head``): those wait for the end."""
-        layers = [([p.target.module, *(a.module for a in p.target.aliases)], functools.partial(self._perturber.restore_early, p))
+        layers = [([p.target.module, *(a.module for a in p.target.aliases)], functools.partial(self._perturber.restore_early, p),
+                   functools.partial(self._perturber.perturb_again, p))
                   for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
         if not layers:
             return None

@@ -299,8 +299,10 @@ class Perturber:
         return described
 
     def _batchable(self, p: TargetPerturbation) -> bool:
-        """Whether ``p``'s blocks can go through a :class:`BlockBatch`: the torch kernel, whole blocks."""
-        return p.block_seeds is None and not p.target.sharded and isinstance(self._kernel(p), TorchNoiseKernel)
+        """Whether ``p``'s blocks can go through a :class:`BlockBatch`: the torch kernel, whole blocks; not with host
+        restore, whose layers are written back (and their noise put back) one by one during the step."""
+        return (p.block_seeds is None and not p.target.sharded and isinstance(self._kernel(p), TorchNoiseKernel)
+                and self.strategy.name != "host")
 
     def _parts(self, p: TargetPerturbation) -> Iterator[BatchPart]:
         rows = p.target.rows()
@@ -361,19 +363,25 @@ class Perturber:
     @torch.no_grad()
     def restore_early(self, p: TargetPerturbation) -> None:
         """Undo ``p`` in its live weight now (during a backward: see :class:`~flatlora_optim.host_restore.EarlyRestore`);
-        the step's :meth:`restore_all` then leaves it alone. A slot of a shared record marks itself restored; the
+        the step's :meth:`restore_all` then leaves it alone. A slot of the fused pass marks itself restored; the
         blocks of the per-block path are dropped from ``p`` once undone."""
         if len(p.blocks) == 1 and p.blocks[0][0] == _GROUPED:  # the fused pass: a copy queued, nothing else (called per layer in backward)
             p.blocks[0][-1].restore(None)
             return
-        with interrupts_deferred(), autocast_off():
-            for block, *_, record in p.blocks:
-                if block in (_GROUPED, _BATCHED):
-                    record.restore(None)
-            own = [entry for entry in p.blocks if entry[0] not in (_GROUPED, _BATCHED)]
-            if own:
-                self.restore(TargetPerturbation(p.target, p.step, p.sigma, p.std, own, p.block_seeds, p.seeds, p.kernel))
-                p.blocks = [entry for entry in p.blocks if entry[0] in (_GROUPED, _BATCHED)]
+        if any(block == _BATCHED for block, *_ in p.blocks):
+            raise ValueError("restore_early: a layer in a batch of blocks is restored with its batch")
+        self.restore(p)
+        p.blocks = [entry for entry in p.blocks if entry[0] == _GROUPED]
+
+    @torch.no_grad()
+    def perturb_again(self, p: TargetPerturbation) -> None:
+        """Put ``p``'s noise back after :meth:`restore_early` (a forward of the layer before the step's restore): the same
+        ``fl(W + e)`` as before."""
+        with autocast_off():
+            if p.blocks and p.blocks[0][0] == _GROUPED:
+                p.blocks[0][-1].perturb_again()
+            elif not p.blocks:
+                self._perturb_blocks(p)
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation], failed: Optional[List[TargetPerturbation]] = None) -> None:

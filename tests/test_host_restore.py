@@ -267,13 +267,60 @@ def _retained_graph_twice_with_another_pending(model, opt, ckpt):
     second.backward()
 
 
-@pytest.mark.parametrize("scenario", [_two_forwards_same_input, _forward_after_the_block, _retained_graph_twice_with_another_pending])
+def _forward_again_after_an_early_write_back(model, opt, ckpt):
+    """Layer 0 is written back by the first backward (its only use is done) while another graph keeps the step's noise
+    in; a new forward then runs layer 0 again: it must compute at W + e, as with the other restores."""
+    run = (lambda t: checkpoint(model, t, use_reentrant=False)) if ckpt else model
+    (xa, ya), (_, yb), (xc, yc) = batch(0), batch(1), batch(2)
+    xa.requires_grad_(True)
+    xc.requires_grad_(True)
+    hidden = torch.randn(16, 32, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    with opt.perturbed():
+        partial = nn.functional.cross_entropy(model[2:](hidden), yb)  # layers 2 and 4 only
+        whole = nn.functional.cross_entropy(run(xa), ya)
+    whole.backward()
+    again = nn.functional.cross_entropy(run(xc), yc)
+    partial.backward()
+    again.backward()
+
+
+class _FailOnce:
+    def __init__(self):
+        self.armed = True
+
+    def __call__(self, module, grad_input, grad_output):
+        if self.armed:
+            self.armed = False
+            raise RuntimeError("a backward hook failed")
+
+
+def _micro_batch_redone_after_a_failed_backward(model, opt, ckpt):
+    """A backward raises after layers 4 and 2 were written back (the graph is still referenced, so the noise stays);
+    the micro-batch is redone in the same step: those layers must compute at W + e again."""
+    handle = model[1].register_full_backward_hook(_FailOnce())
+    x, y = batch(0)
+    x.requires_grad_(True)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(RuntimeError, match="a backward hook failed"):
+        loss.backward()
+    handle.remove()
+    opt.zero_grad()
+    with opt.perturbed():
+        retry = nn.functional.cross_entropy(model(x), y)
+    retry.backward()
+    del loss
+
+
+@pytest.mark.parametrize("scenario", [_two_forwards_same_input, _forward_after_the_block, _retained_graph_twice_with_another_pending,
+                                      _forward_again_after_an_early_write_back, _micro_batch_redone_after_a_failed_backward])
 @pytest.mark.parametrize("ckpt", [False, True])
 def test_a_use_ends_only_with_a_backward_of_its_own_graph(scenario, ckpt):
     """Several graphs built at the noisy weights: a layer is written back only once every graph that used it has had
     its backward (found in review: an input shared by two forwards, a forward after the block and a retained graph
     run twice each wrote a layer back that a pending graph still needed: an error, or under non-reentrant checkpointing
-    silently different gradients). The gradients are exact restore's, bit for bit."""
+    silently different gradients; a second review: a layer written back early that computed again before the step's
+    restore, after another backward or a failed one, computed at W). The gradients are exact restore's, bit for bit."""
     results = {}
     for restore in ("exact", "host"):
         model = make_mlp(seed=1)

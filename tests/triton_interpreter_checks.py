@@ -570,6 +570,42 @@ def check_host_copies_follow_the_weights() -> None:
     assert copies.taken == 5, copies.taken
 
 
+def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None:
+    """The fused pass, host restore: layer 0, written back by the first backward while another graph keeps the step's
+    noise in, computes again in a new forward: its noise is put back first (the group's one-layer pass), so every
+    gradient is exact restore's, bit for bit, and the weights come back bitwise."""
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    results = {}
+    for restore in ("exact", "host"):
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24), r=2, alpha=4), torch.nn.Tanh(),
+                                    LoRALinear(torch.nn.Linear(24, 8), r=2, alpha=4)).to(torch.bfloat16)
+        for layer in (model[0], model[2]):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        frozen = [bits(model[i].weight).clone() for i in (0, 2)]
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.2,
+                       schedule="constant", seed=1, restore=restore)
+        gen = torch.Generator().manual_seed(0)
+        xa, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(2))
+        hidden = torch.randn(4, 24, generator=gen).to(torch.bfloat16).requires_grad_(True)
+        with opt.perturbed():
+            assert all(p.blocks[0][0] == perturbation._GROUPED for p in opt._perturbations), "not the fused pass"
+            partial = model[2](hidden).float().square().mean()
+            whole = model(xa).float().square().mean()
+        whole.backward()
+        again = model(xc).float().square().mean()
+        partial.backward()
+        again.backward()
+        results[restore] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        assert all(torch.equal(bits(model[i].weight), f) for i, f in zip((0, 2), frozen)), f"{restore}: not restored bitwise"
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
+
+
 def check_shard_kernel_forms_the_fused_kernels_values() -> None:
     """FSDP2 shards on CUDA add the fused kernel's noise with torch ops: the same ``fl(W + e)`` bits as
     the fused kernel forms for the whole block (16-bit and float32 rows), and a shard's part of a
@@ -751,6 +787,7 @@ if __name__ == "__main__":
     check_interrupted_perturb_leaves_nothing_perturbed()
     check_passes_that_read_their_counts_later()
     check_host_copies_follow_the_weights()
+    check_host_restore_puts_the_noise_back_when_a_layer_computes_again()
     check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()

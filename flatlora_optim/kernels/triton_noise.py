@@ -1029,12 +1029,22 @@ class TritonNoiseKernel:
                 table.layers, record.exc_layer, record.exc_index, record.exc_bits, record.n_exceptions, only_layer, BLOCK=256,
             )
 
+    @staticmethod
+    def _one_layer(table: LayerTable, layer: int, dest: torch.Tensor) -> LayerTable:
+        """Layer ``layer`` of ``table`` alone, at ``dest``: its rows draw the stds and seeds they draw in the group."""
+        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]], row_ranges=[table.row_ranges[layer]])
+        if one.shapes[0] != table.shapes[layer]:
+            raise ValueError(f"destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
+        return one
+
+    def add_noise_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor) -> None:
+        """Write layer ``layer``'s ``fl(W + e)`` into ``dest`` (holding its ``W``): the bits the group's pass writes."""
+        self.add_noise_layers(self._one_layer(table, layer, dest), std, seeds)
+
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
                           record: ExactGroupRecord) -> None:
         """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
-        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]], row_ranges=[table.row_ranges[layer]])
-        if one.shapes[0] != table.shapes[layer]:
-            raise ValueError(f"restore destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
+        one = self._one_layer(table, layer, dest)
         first = table.tile_bases[layer]
         self.exact_restore_layers(one, std, seeds, record.slice(first, first + table.tiles[layer]), only_layer=layer)
 
