@@ -199,8 +199,12 @@ class StepGroup:
             return
         if self._copy_stream is not None:
             torch.cuda.current_stream(self.table.device).wait_stream(self._copy_stream)
-        self.kernel.add_noise_one(self.codec_table, k, self._codec_rows[k], self.std, self.seeds)
         self.restored[k] = False
+        try:
+            self.kernel.add_noise_one(self.codec_table, k, self._codec_rows[k], self.std, self.seeds)
+        except BaseException:  # part of the noise may be in: write the copy back, so that a retry adds it anew
+            self.restore_one(k, None)
+            raise
 
     def slot_nbytes(self, k: int) -> int:
         """Bytes held for codec layer ``k`` until restore: its backup, or its share of the record."""

@@ -370,8 +370,9 @@ class Perturber:
             return
         if any(block == _BATCHED for block, *_ in p.blocks):
             raise ValueError("restore_early: a layer in a batch of blocks is restored with its batch")
-        self.restore(p)
-        p.blocks = [entry for entry in p.blocks if entry[0] == _GROUPED]
+        with interrupts_deferred():  # a Ctrl-C during the restore lands after the records are dropped: p.blocks says clean
+            self.restore(p)
+            p.blocks = [entry for entry in p.blocks if entry[0] == _GROUPED]
 
     @torch.no_grad()
     def perturb_again(self, p: TargetPerturbation) -> None:
@@ -381,7 +382,11 @@ class Perturber:
             if p.blocks and p.blocks[0][0] == _GROUPED:
                 p.blocks[0][-1].perturb_again()
             elif not p.blocks:
-                self._perturb_blocks(p)
+                try:
+                    self._perturb_blocks(p)
+                except BaseException:  # it restored what it wrote: the layer is clean, and a retry must perturb it anew
+                    p.blocks = []
+                    raise
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation], failed: Optional[List[TargetPerturbation]] = None) -> None:

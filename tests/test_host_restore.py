@@ -236,6 +236,21 @@ def test_peft_dora_layers_give_exact_restores_gradients():
     _assert_host_matches_exact(make_model, lambda model, step: nn.functional.cross_entropy(model(batch(step)[0]), batch(step)[1]))
 
 
+def _run_with_exact_and_host(scenario, ckpt) -> None:
+    """``scenario(model, opt, ckpt)`` with exact and with host restore on the same model: the weights come back bitwise
+    and nothing stays perturbed, and the LoRA gradients are the same bits."""
+    results = {}
+    for restore in ("exact", "host"):
+        model = make_mlp(seed=1)
+        before = frozen_weights(model)
+        opt = _opt(model, restore)
+        scenario(model, opt, ckpt)
+        results[restore] = _grads(model)
+        assert not opt.is_perturbed
+        assert_frozen_unchanged(model, before)
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"]))
+
+
 def _two_forwards_same_input(model, opt, ckpt):
     x, y = batch(0)
     x.requires_grad_(True)
@@ -321,16 +336,7 @@ def test_a_use_ends_only_with_a_backward_of_its_own_graph(scenario, ckpt):
     run twice each wrote a layer back that a pending graph still needed: an error, or under non-reentrant checkpointing
     silently different gradients; a second review: a layer written back early that computed again before the step's
     restore, after another backward or a failed one, computed at W). The gradients are exact restore's, bit for bit."""
-    results = {}
-    for restore in ("exact", "host"):
-        model = make_mlp(seed=1)
-        before = frozen_weights(model)
-        opt = _opt(model, restore)
-        scenario(model, opt, ckpt)
-        results[restore] = _grads(model)
-        assert not opt.is_perturbed
-        assert_frozen_unchanged(model, before)
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"]))
+    _run_with_exact_and_host(scenario, ckpt)
 
 
 def test_no_hook_stays_on_an_input_that_outlives_the_step():
@@ -368,3 +374,84 @@ def test_peft_llama_gradients_are_exact_restores_to_the_bit():
         return model(input_ids=ids, labels=ids).loss
 
     _assert_host_matches_exact(make_model, loss_of)
+
+
+def _forward_again_with_a_failing_put_back(model, opt, ckpt):
+    """As in _forward_again_after_an_early_write_back, but the put-back of layer 2 (four row blocks) fails after its
+    first block; the forward is retried and must compute at W + e."""
+    from flatlora_optim.restore import HostRestore
+
+    (xa, ya), (xc, yc) = batch(0), batch(2)
+    xa.requires_grad_(True)
+    xc.requires_grad_(True)
+    xb = batch(1)[0].requires_grad_(True)
+    with opt.perturbed():
+        partial = model[0](xb).square().mean()  # layer 0 only: layers 2 and 4 are written back by the next backward
+        whole = nn.functional.cross_entropy(model(xa), ya)
+    whole.backward()
+    real, calls = HostRestore.perturb, []
+
+    def second_block_fails(self, block, perturbed, noise):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory (simulated)")
+        return real(self, block, perturbed, noise)
+
+    if opt.restore_strategy == "host":
+        HostRestore.perturb = second_block_fails
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                model(xc)
+        finally:
+            HostRestore.perturb = real
+    again = nn.functional.cross_entropy(model(xc), yc)  # the retry
+    partial.backward()
+    again.backward()
+
+
+def _interrupt_during_an_early_write_back(model, opt, ckpt):
+    """Ctrl-C while layer 4 is written back during the backward (delivered once it is written back): the backward ends
+    with KeyboardInterrupt, another graph keeps the step's noise in, and the micro-batch is redone."""
+    import os
+    import signal
+
+    from flatlora_optim.restore import HostRestore
+
+    real = HostRestore.restore
+
+    def interrupted(self, dest, noise, record):
+        real(self, dest, noise, record)
+        HostRestore.restore = real
+        os.kill(os.getpid(), signal.SIGINT)
+
+    (xa, ya), (xc, yc) = batch(0), batch(2)
+    xa.requires_grad_(True)
+    xc.requires_grad_(True)
+    xb = batch(1)[0].requires_grad_(True)
+    with opt.perturbed():
+        partial = model[0](xb).square().mean()
+        whole = nn.functional.cross_entropy(model(xa), ya)
+    if opt.restore_strategy == "host":
+        HostRestore.restore = interrupted
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                whole.backward()
+        finally:
+            HostRestore.restore = real
+    else:
+        whole.backward()
+    opt.zero_grad()
+    again = nn.functional.cross_entropy(model(xc), yc)
+    partial.backward()
+    again.backward()
+
+
+@pytest.mark.parametrize("scenario", [_forward_again_with_a_failing_put_back, _interrupt_during_an_early_write_back])
+def test_a_failure_around_an_early_write_back_leaves_no_layer_clean_that_should_be_noisy(monkeypatch, scenario):
+    """Found in a third review: on the per-block path a put-back that failed part-way, or a Ctrl-C landing as a layer
+    was written back, left the layer marked as perturbed while clean; the redone forward then computed at W. The
+    gradients are exact restore's, bit for bit."""
+    import flatlora_optim.noise as noise
+
+    monkeypatch.setattr(noise, "CHUNK_BYTES", 48 * 32 * 8)  # row blocks of 8 rows: layer 2 has four
+    _run_with_exact_and_host(scenario, False)
