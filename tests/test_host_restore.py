@@ -93,9 +93,33 @@ def test_layers_are_restored_as_soon_as_their_backward_is_done():
     assert _weights_during_backward("exact") == {"0": False, "2": False, "4": False}
 
 
-def test_no_layer_comes_out_early_when_the_backward_runs_inside_the_block():
-    """Inside the block the weights may serve another forward (gradient accumulation): nothing comes out early."""
-    assert _weights_during_backward("host", inside=True) == {"0": False, "2": False, "4": False}
+def test_layers_come_out_during_a_backward_inside_the_block_too():
+    """A backward inside the block writes layers back as well: should the block compute with them again (the next
+    micro-batch), their noise is put back first (see the accumulation test below)."""
+    assert _weights_during_backward("host", inside=True) == {"0": False, "2": True, "4": True}
+    assert _weights_during_backward("exact", inside=True) == {"0": False, "2": False, "4": False}
+
+
+def test_micro_batches_inside_one_block_give_exact_restores_gradients():
+    """Gradient accumulation inside one block, each micro-batch's backward inside it: the layers written back by one
+    micro-batch's backward compute the next one at W + e again."""
+    def steps(restore):
+        model = make_mlp(seed=9)
+        before = frozen_weights(model)
+        opt = _opt(model, restore)
+        grads = []
+        for step in range(2):
+            with opt.perturbed():
+                for micro in range(3):
+                    _loss(model, 3 * step + micro).backward()
+            grads.append(_grads(model))
+            opt.step()
+            opt.zero_grad()
+        assert_frozen_unchanged(model, before)
+        return grads
+
+    exact, host = steps("exact"), steps("host")
+    assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
 
 
 def test_a_layer_waits_for_every_forward_of_the_block():
@@ -191,8 +215,8 @@ def _held_steps(restore: str):
 
 
 def test_noise_held_across_micro_batches_stays_until_restore():
-    """With perturb() held, every micro-batch's backward must still see the noise: nothing is written back early, and
-    the accumulated gradients are exact restore's."""
+    """With perturb() held (the Trainer and Lightning callbacks), each micro-batch's backward writes layers back and the
+    next micro-batch's forward puts their noise back first: the accumulated gradients are exact restore's."""
     exact, host = _held_steps("exact"), _held_steps("host")
     assert all(torch.equal(bits(g), bits(h)) for a, b in zip(exact, host) for g, h in zip(a, b))
 

@@ -326,3 +326,24 @@ def test_importing_the_package_and_integrations_index_pulls_in_no_framework():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_trainer_with_host_restore_trains_as_with_exact_restore(tmp_path):
+    """restore='host' under the Trainer (noise held by perturb() over two micro-batches, non-reentrant gradient
+    checkpointing, bf16): layers written back during one micro-batch's backward get their noise back before the next
+    micro-batch computes with them, so the trained adapters are exact restore's, bit for bit, and the frozen weights
+    come back bitwise."""
+    trained = {}
+    for restore in ("exact", "host"):
+        model = tiny_peft_gpt2()
+        initial = frozen_bits(model)
+        args = training_args(tmp_path / restore, max_steps=3, bf16=True, gradient_checkpointing=True,
+                             gradient_checkpointing_kwargs={"use_reentrant": False})
+        trainer = CustomLossTrainer(model=model, args=args, train_dataset=lm_data(12, seed=2))
+        callback = add_flatlora(trainer, rho=0.1, seed=0, restore=restore)
+        trainer.train()
+        assert callback.flat.restore_strategy == restore and callback.flat.step_count == 3
+        assert_same_bits(initial, frozen_bits(model))
+        trained[restore] = {n: bits(p) for n, p in model.named_parameters() if p.requires_grad}
+    for name, value in trained["exact"].items():
+        assert torch.equal(value, trained["host"][name]), f"{name}: host restore trained other adapters"
