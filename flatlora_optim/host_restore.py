@@ -167,12 +167,11 @@ class EarlyRestore:
     every product with the weight that that pass computes. The use is done when the second runs in the pass
     the first noted: an input shared with another forward, or reached by another loss, does not end a use
     whose output that pass did not reach, and a second backward through a retained graph does not count again.
-    When every use of a layer is done, the layer is restored at once (on CUDA, a copy queued on the side
-    stream), also inside the ``perturbed()`` block and while ``perturb()`` holds the noise. Should the layer
-    compute again before the step's restore (the next micro-batch of the block or of the held noise, a forward
-    after that backward while another graph is pending, a micro-batch redone after a backward that raised, a
-    checkpoint's rerun for another graph), its noise is put back first: it computes at ``W + e``, as with the
-    other restores. A layer
+    When every use of a layer is done and the noise may come out (``may_restore()``: the ``perturbed()`` block
+    has ended and no ``perturb()`` holds it), the layer is restored at once (on CUDA, a copy queued on the side
+    stream). Should the layer compute again before the step's restore (a forward after that backward while
+    another graph is pending, a micro-batch redone after a backward that raised, a checkpoint's rerun for
+    another graph), its noise is put back first: it computes at ``W + e``, as with the other restores. A layer
     with a use that gets no hooks -- its input needs no gradient (the first layer), grad was off (reentrant
     gradient checkpointing reruns that forward in the backward), its input came as a keyword -- waits for the
     restore of the whole step, at the end of the backward. A forward run by a backward (a
@@ -182,13 +181,14 @@ class EarlyRestore:
     convolution of ``x``): true of the LoRA layers discovered (peft, DoRA included; loralib; torchtune).
     """
 
-    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None], Callable[[], None]]]):
+    def __init__(self, layers: Sequence[Tuple[Sequence[nn.Module], Callable[[], None], Callable[[], None]]], may_restore: Callable[[], bool]):
         """``layers``: per layer, the modules that compute with its weight, what restores it and what puts its noise back."""
         self._restore = [restore for _, restore, _ in layers]
         self._again = [again for _, _, again in layers]
         self._pending = [0] * len(layers)  # uses not done yet
         self._blind = [False] * len(layers)  # a use without hooks: this layer waits for the step's restore
         self._done = [False] * len(layers)
+        self._may_restore = may_restore
         self._use_layer: List[int] = []  # per use: its layer
         self._use_pass: List[Optional[int]] = []  # per use: the backward pass that reached its output (None: none yet; -1: done)
         self._me = weakref.ref(self)
@@ -233,7 +233,7 @@ class EarlyRestore:
         self._use_pass[use] = -1
         k = self._use_layer[use]
         self._pending[k] -= 1
-        if self._pending[k] or self._blind[k] or self._done[k]:
+        if self._pending[k] or self._blind[k] or self._done[k] or not self._may_restore():
             return
         self._done[k] = True
         self._restore[k]()

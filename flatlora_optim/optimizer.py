@@ -447,7 +447,7 @@ class FlatLoRA(torch.optim.Optimizer):
                   for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
         if not layers:
             return None
-        return EarlyRestore(layers)
+        return EarlyRestore(layers, may_restore=lambda: not self._armed())
 
     @torch.no_grad()
     def _restore_now(self) -> None:

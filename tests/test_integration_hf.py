@@ -330,9 +330,8 @@ def test_importing_the_package_and_integrations_index_pulls_in_no_framework():
 
 def test_trainer_with_host_restore_trains_as_with_exact_restore(tmp_path):
     """restore='host' under the Trainer (noise held by perturb() over two micro-batches, non-reentrant gradient
-    checkpointing, bf16): layers written back during one micro-batch's backward get their noise back before the next
-    micro-batch computes with them, so the trained adapters are exact restore's, bit for bit, and the frozen weights
-    come back bitwise."""
+    checkpointing, bf16): the trained adapters are exact restore's, bit for bit, and the frozen weights come back
+    bitwise."""
     trained = {}
     for restore in ("exact", "host"):
         model = tiny_peft_gpt2()
