@@ -194,17 +194,23 @@ class StepGroup:
 
     def perturb_again(self, k: int) -> None:
         """Host restore: put codec layer ``k``'s noise back into its live weight after it was written back early (the
-        same ``fl(W + e)``; on CUDA after its copy back has landed). The step's restore writes it back again."""
-        if not self.restored[k]:
-            return
+        same ``fl(W + e)``). The copy is written back first, on the compute stream after the copies back queued so
+        far, whatever an interrupted write-back left (the flags may lag the weight); the step's restore writes it
+        back again."""
+        rows = self._codec_rows[k]
         if self._copy_stream is not None:
             torch.cuda.current_stream(self.table.device).wait_stream(self._copy_stream)
-        self.restored[k] = False
+        self.restored[k] = True
         try:
-            self.kernel.add_noise_one(self.codec_table, k, self._codec_rows[k], self.std, self.seeds)
+            rows.copy_(self.backups[k], non_blocking=True)
+            self.restored[k] = False
+            self.kernel.add_noise_one(self.codec_table, k, rows, self.std, self.seeds)
         except BaseException:  # part of the noise may be in: write the copy back, so that a retry adds it anew
+            self.restored[k] = False
             self.restore_one(k, None)
             raise
+        finally:
+            self.host[k].version = rows._version
 
     def slot_nbytes(self, k: int) -> int:
         """Bytes held for codec layer ``k`` until restore: its backup, or its share of the record."""

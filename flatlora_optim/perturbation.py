@@ -377,16 +377,20 @@ class Perturber:
     @torch.no_grad()
     def perturb_again(self, p: TargetPerturbation) -> None:
         """Put ``p``'s noise back after :meth:`restore_early` (a forward of the layer before the step's restore): the same
-        ``fl(W + e)`` as before."""
-        with autocast_off():
+        ``fl(W + e)`` as before. Host restore only: the layer is written back from its copy first, whatever state a
+        write-back that was interrupted or failed part-way left it in (the copy makes that repeatable), then perturbed."""
+        with interrupts_deferred(), autocast_off():
             if p.blocks and p.blocks[0][0] == _GROUPED:
                 p.blocks[0][-1].perturb_again()
-            elif not p.blocks:
-                try:
-                    self._perturb_blocks(p)
-                except BaseException:  # it restored what it wrote: the layer is clean, and a retry must perturb it anew
-                    p.blocks = []
-                    raise
+                return
+            if p.blocks:  # a write-back that stopped part-way: finish it from the records
+                self.restore(p)
+                p.blocks = []
+            try:
+                self._perturb_blocks(p)
+            except BaseException:  # it restored what it wrote: the layer is clean, and a retry must perturb it anew
+                p.blocks = []
+                raise
 
     @torch.no_grad()
     def restore_all(self, perturbations: List[TargetPerturbation], failed: Optional[List[TargetPerturbation]] = None) -> None:

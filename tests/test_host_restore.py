@@ -472,11 +472,48 @@ def _interrupt_during_an_early_write_back(model, opt, ckpt):
     again.backward()
 
 
-@pytest.mark.parametrize("scenario", [_forward_again_with_a_failing_put_back, _interrupt_during_an_early_write_back])
+def _early_write_back_failing_part_way(model, opt, ckpt):
+    """Layer 2's write-back during the backward fails after one of its four row blocks (the backward raises); the
+    micro-batch is redone while another graph keeps the noise in: the half-restored layer must compute at W + e."""
+    from flatlora_optim.restore import HostRestore
+
+    real, calls = HostRestore.restore, []
+
+    def third_block_fails(self, dest, noise, record):
+        calls.append(1)
+        if len(calls) == 3:  # layer 4's one block, then layer 2's first: its second fails
+            raise RuntimeError("copy failed (simulated)")
+        return real(self, dest, noise, record)
+
+    (xa, ya), (xc, yc) = batch(0), batch(2)
+    xa.requires_grad_(True)
+    xc.requires_grad_(True)
+    xb = batch(1)[0].requires_grad_(True)
+    with opt.perturbed():
+        partial = model[0](xb).square().mean()
+        whole = nn.functional.cross_entropy(model(xa), ya)
+    if opt.restore_strategy == "host":
+        HostRestore.restore = third_block_fails
+        try:
+            with pytest.raises(RuntimeError, match="simulated"):
+                whole.backward()
+        finally:
+            HostRestore.restore = real
+    else:
+        whole.backward()
+    opt.zero_grad()
+    again = nn.functional.cross_entropy(model(xc), yc)
+    partial.backward()
+    again.backward()
+
+
+@pytest.mark.parametrize("scenario", [_forward_again_with_a_failing_put_back, _interrupt_during_an_early_write_back,
+                                      _early_write_back_failing_part_way])
 def test_a_failure_around_an_early_write_back_leaves_no_layer_clean_that_should_be_noisy(monkeypatch, scenario):
-    """Found in a third review: on the per-block path a put-back that failed part-way, or a Ctrl-C landing as a layer
-    was written back, left the layer marked as perturbed while clean; the redone forward then computed at W. The
-    gradients are exact restore's, bit for bit."""
+    """Found in the third and fifth reviews: on the per-block path a put-back that failed part-way, a Ctrl-C landing as
+    a layer was written back, or a write-back that failed part-way left the layer's records out of step with its
+    weight; the redone forward then computed at W (or at a mix of W and W + e). The gradients are exact restore's, bit
+    for bit."""
     import flatlora_optim.noise as noise
 
     monkeypatch.setattr(noise, "CHUNK_BYTES", 48 * 32 * 8)  # row blocks of 8 rows: layer 2 has four

@@ -606,6 +606,61 @@ def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
 
 
+def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> None:
+    """The fused pass, host restore: a Ctrl-C lands right after layer 2's copy back during the backward (before its
+    flag says so); the micro-batch is redone while another graph keeps the noise in. The put-back writes the copy back
+    and adds the noise whatever the flags say, so the gradients are exact restore's, bit for bit (found in review)."""
+    import signal
+
+    import flatlora_optim.grouped as grouped
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
+    results = {}
+    for restore in ("exact", "host"):
+        torch.manual_seed(4)
+        model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24), r=2, alpha=4), torch.nn.Tanh(),
+                                    LoRALinear(torch.nn.Linear(24, 8), r=2, alpha=4)).to(torch.bfloat16)
+        for layer in (model[0], model[2]):
+            torch.nn.init.normal_(layer.lora_B, std=0.1)
+        frozen = [bits(model[i].weight).clone() for i in (0, 2)]
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.2,
+                       schedule="constant", seed=1, restore=restore)
+        gen = torch.Generator().manual_seed(0)
+        xa, xb, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
+        with opt.perturbed():
+            partial = model[0](xb).float().square().mean()  # layer 0 only: layer 2 is written back by the next backward
+            whole = model(xa).float().square().mean()
+        real = grouped.write_back
+
+        def interrupted(rows, host, stream, real=real):
+            real(rows, host, stream)
+            grouped.write_back = real
+            os.kill(os.getpid(), signal.SIGINT)
+
+        if restore == "host":
+            grouped.write_back = interrupted
+            try:
+                whole.backward()
+                raise AssertionError("the Ctrl-C did not reach the backward")
+            except KeyboardInterrupt:
+                pass
+            finally:
+                grouped.write_back = real
+        else:
+            whole.backward()
+        opt.zero_grad()
+        again = model(xc).float().square().mean()
+        partial.backward()
+        again.backward()
+        results[restore] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        assert all(torch.equal(bits(model[i].weight), f) for i, f in zip((0, 2), frozen)), f"{restore}: not restored bitwise"
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
+
+
 def check_shard_kernel_forms_the_fused_kernels_values() -> None:
     """FSDP2 shards on CUDA add the fused kernel's noise with torch ops: the same ``fl(W + e)`` bits as
     the fused kernel forms for the whole block (16-bit and float32 rows), and a shard's part of a
@@ -788,6 +843,7 @@ if __name__ == "__main__":
     check_passes_that_read_their_counts_later()
     check_host_copies_follow_the_weights()
     check_host_restore_puts_the_noise_back_when_a_layer_computes_again()
+    check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back()
     check_a_report_turned_into_an_error_at_restore_leaves_the_optimizer_in_order()
     check_training_steps_through_the_grouped_path()
     check_restore_is_bitwise()
