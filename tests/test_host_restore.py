@@ -402,18 +402,25 @@ def test_peft_llama_gradients_are_exact_restores_to_the_bit():
     _assert_host_matches_exact(make_model, loss_of)
 
 
-def _forward_again_with_a_failing_put_back(model, opt, ckpt):
-    """As in _forward_again_after_an_early_write_back, but the put-back of layer 2 (four row blocks) fails after its
-    first block; the forward is retried and must compute at W + e."""
-    from flatlora_optim.restore import HostRestore
-
+def _a_partial_and_a_whole_graph(model, opt):
+    """In one block: a graph through layer 0 only, then one through every layer (whose backward writes layers 2 and 4
+    back early under host restore); returns both losses and a third batch (inputs that need a gradient)."""
     (xa, ya), (xc, yc) = batch(0), batch(2)
     xa.requires_grad_(True)
     xc.requires_grad_(True)
     xb = batch(1)[0].requires_grad_(True)
     with opt.perturbed():
-        partial = model[0](xb).square().mean()  # layer 0 only: layers 2 and 4 are written back by the next backward
+        partial = model[0](xb).square().mean()
         whole = nn.functional.cross_entropy(model(xa), ya)
+    return partial, whole, xc, yc
+
+
+def _forward_again_with_a_failing_put_back(model, opt, ckpt):
+    """As in _forward_again_after_an_early_write_back, but the put-back of layer 2 (four row blocks) fails after its
+    first block; the forward is retried and must compute at W + e."""
+    from flatlora_optim.restore import HostRestore
+
+    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
     whole.backward()
     real, calls = HostRestore.perturb, []
 
@@ -450,13 +457,7 @@ def _interrupt_during_an_early_write_back(model, opt, ckpt):
         HostRestore.restore = real
         os.kill(os.getpid(), signal.SIGINT)
 
-    (xa, ya), (xc, yc) = batch(0), batch(2)
-    xa.requires_grad_(True)
-    xc.requires_grad_(True)
-    xb = batch(1)[0].requires_grad_(True)
-    with opt.perturbed():
-        partial = model[0](xb).square().mean()
-        whole = nn.functional.cross_entropy(model(xa), ya)
+    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
     if opt.restore_strategy == "host":
         HostRestore.restore = interrupted
         try:
@@ -485,13 +486,7 @@ def _early_write_back_failing_part_way(model, opt, ckpt):
             raise RuntimeError("copy failed (simulated)")
         return real(self, dest, noise, record)
 
-    (xa, ya), (xc, yc) = batch(0), batch(2)
-    xa.requires_grad_(True)
-    xc.requires_grad_(True)
-    xb = batch(1)[0].requires_grad_(True)
-    with opt.perturbed():
-        partial = model[0](xb).square().mean()
-        whole = nn.functional.cross_entropy(model(xa), ya)
+    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
     if opt.restore_strategy == "host":
         HostRestore.restore = third_block_fails
         try:

@@ -570,26 +570,33 @@ def check_host_copies_follow_the_weights() -> None:
     assert copies.taken == 5, copies.taken
 
 
+def _two_bf16_layers(restore: str):
+    """Two bf16 LoRALinear layers (a Tanh between), their frozen weights' bits and a FlatLoRA with ``restore``."""
+    from flatlora_optim import FlatLoRA
+    from flatlora_optim.lora import LoRALinear
+
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24), r=2, alpha=4), torch.nn.Tanh(),
+                                LoRALinear(torch.nn.Linear(24, 8), r=2, alpha=4)).to(torch.bfloat16)
+    for layer in (model[0], model[2]):
+        torch.nn.init.normal_(layer.lora_B, std=0.1)
+    frozen = [bits(model[i].weight).clone() for i in (0, 2)]
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.2,
+                   schedule="constant", seed=1, restore=restore)
+    return model, frozen, opt
+
+
 def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None:
     """The fused pass, host restore: layer 0, written back by the first backward while another graph keeps the step's
     noise in, computes again in a new forward: its noise is put back first (the group's one-layer pass), so every
     gradient is exact restore's, bit for bit, and the weights come back bitwise."""
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
-    from flatlora_optim import FlatLoRA
-    from flatlora_optim.lora import LoRALinear
 
     noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
     results = {}
     for restore in ("exact", "host"):
-        torch.manual_seed(4)
-        model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24), r=2, alpha=4), torch.nn.Tanh(),
-                                    LoRALinear(torch.nn.Linear(24, 8), r=2, alpha=4)).to(torch.bfloat16)
-        for layer in (model[0], model[2]):
-            torch.nn.init.normal_(layer.lora_B, std=0.1)
-        frozen = [bits(model[i].weight).clone() for i in (0, 2)]
-        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.2,
-                       schedule="constant", seed=1, restore=restore)
+        model, frozen, opt = _two_bf16_layers(restore)
         gen = torch.Generator().manual_seed(0)
         xa, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(2))
         hidden = torch.randn(4, 24, generator=gen).to(torch.bfloat16).requires_grad_(True)
@@ -615,20 +622,11 @@ def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> No
     import flatlora_optim.grouped as grouped
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
-    from flatlora_optim import FlatLoRA
-    from flatlora_optim.lora import LoRALinear
 
     noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
     results = {}
     for restore in ("exact", "host"):
-        torch.manual_seed(4)
-        model = torch.nn.Sequential(LoRALinear(torch.nn.Linear(16, 24), r=2, alpha=4), torch.nn.Tanh(),
-                                    LoRALinear(torch.nn.Linear(24, 8), r=2, alpha=4)).to(torch.bfloat16)
-        for layer in (model[0], model[2]):
-            torch.nn.init.normal_(layer.lora_B, std=0.1)
-        frozen = [bits(model[i].weight).clone() for i in (0, 2)]
-        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0), model, rho=0.2,
-                       schedule="constant", seed=1, restore=restore)
+        model, frozen, opt = _two_bf16_layers(restore)
         gen = torch.Generator().manual_seed(0)
         xa, xb, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
         with opt.perturbed():
