@@ -119,33 +119,26 @@ class StepGroup:
         rows = self._codec_rows = [self.rows[i] for i in indices]
         self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
                                      [self.row_ranges[i] for i in indices])
+        self.restored = [False] * len(indices)
+        if host is None and not backup:
+            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting, step=self.step, sigma=self.sigma)
+            return [GroupSlot(self, k) for k in range(len(indices))]
         if host is not None:
             self.host = host.copies_for(rows)
             self.backups = [entry.tensor for entry in self.host]
             if self.table.device.type == "cuda":
                 self._copy_stream = copy_stream(self.table.device)
                 self._compute_stream = torch.cuda.current_stream(self.table.device)
-            self.restored = [False] * len(indices)  # before the pass: an interrupted one is put back layer by layer
-            try:
-                self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
-                if while_waiting is not None:
-                    while_waiting()
-            except BaseException:
-                self.restore_all()
-                raise
-        elif backup:
+        else:
             self.backups = [torch.empty_like(r) for r in rows]
             torch._foreach_copy_(self.backups, rows)
-            try:
-                self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
-                if while_waiting is not None:
-                    while_waiting()
-            except BaseException:  # a later launch or while_waiting failed or was interrupted: put back what was written
-                torch._foreach_copy_(rows, self.backups)
-                raise
-        else:
-            self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting, step=self.step, sigma=self.sigma)
-        self.restored = [False] * len(indices)
+        try:
+            self.kernel.add_noise_layers(self.codec_table, self.std, self.seeds)
+            if while_waiting is not None:
+                while_waiting()
+        except BaseException:  # a later launch or while_waiting failed or was interrupted: put back what was written
+            self.restore_all()
+            raise
         return [GroupSlot(self, k) for k in range(len(indices))]
 
     def restore_all(self) -> None:

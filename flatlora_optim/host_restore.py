@@ -44,10 +44,10 @@ def copy_stream(device: torch.device) -> Any:
 
 
 class _HostCopy:
-    __slots__ = ("tensor", "version", "key")
+    __slots__ = ("tensor", "version")
 
-    def __init__(self, tensor: torch.Tensor, version: int, key: tuple):
-        self.tensor, self.version, self.key = tensor, version, key
+    def __init__(self, tensor: torch.Tensor, version: int):
+        self.tensor, self.version = tensor, version
 
 
 def _view_key(rows: torch.Tensor) -> tuple:
@@ -74,7 +74,7 @@ class HostCopies:
             entry = kept.get(key)
             if entry is None or entry.version != view._version:
                 if entry is None:
-                    entry = kept[key] = _HostCopy(_host_like(view), -1, key)
+                    entry = kept[key] = _HostCopy(_host_like(view), -1)
                 entry.tensor.copy_(view)  # blocking: the noise goes in only after the copy is taken
                 entry.version = view._version
                 self.taken += 1
@@ -84,9 +84,6 @@ class HostCopies:
     def forget(self) -> None:
         """Drop every copy: the next perturb takes them anew (after a write the version counter does not see)."""
         self._copies = {}
-
-    def nbytes(self) -> int:
-        return sum(c.tensor.numel() * c.tensor.element_size() for c in self._copies.values())
 
 
 def write_back(rows: torch.Tensor, host: torch.Tensor, stream: Optional[Any]) -> None:

@@ -242,9 +242,14 @@ class BackupRestore(RestoreStrategy):
 
     @torch.no_grad()
     def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        backup = block.clone()
+        backup = self._copy_of(block)
         block.copy_(perturbed)
         return backup
+
+    @staticmethod
+    def _copy_of(block: torch.Tensor) -> torch.Tensor:
+        """The copy kept until restore: on the block's own device."""
+        return block.clone()
 
     @torch.no_grad()
     def restore(self, dest: torch.Tensor, noise: Optional[torch.Tensor], record: torch.Tensor) -> None:
@@ -265,14 +270,13 @@ class HostRestore(BackupRestore):
 
     name = "host"
 
-    @torch.no_grad()
-    def perturb(self, block: torch.Tensor, perturbed: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _copy_of(block: torch.Tensor) -> torch.Tensor:
         from .host_restore import _host_like
 
-        backup = _host_like(block)
-        backup.copy_(block)
-        block.copy_(perturbed)
-        return backup
+        copy = _host_like(block)
+        copy.copy_(block)
+        return copy
 
 
 class SubtractRestore(RestoreStrategy):
