@@ -442,6 +442,29 @@ def _forward_again_with_a_failing_put_back(model, opt, ckpt):
     again.backward()
 
 
+def _backward_failing_under_host_then_redone(model, opt, failing_restore, error, match=None):
+    """The two graphs of :func:`_a_partial_and_a_whole_graph`; under host restore the whole graph's backward runs with
+    ``HostRestore.restore`` replaced by ``failing_restore`` and must raise ``error``; then a new micro-batch is run
+    while the partial graph keeps the noise in, and both pending backwards run."""
+    from flatlora_optim.restore import HostRestore
+
+    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
+    if opt.restore_strategy == "host":
+        real = HostRestore.restore
+        HostRestore.restore = failing_restore
+        try:
+            with pytest.raises(error, match=match):
+                whole.backward()
+        finally:
+            HostRestore.restore = real
+    else:
+        whole.backward()
+    opt.zero_grad()
+    again = nn.functional.cross_entropy(model(xc), yc)
+    partial.backward()
+    again.backward()
+
+
 def _interrupt_during_an_early_write_back(model, opt, ckpt):
     """Ctrl-C while layer 4 is written back during the backward (delivered once it is written back): the backward ends
     with KeyboardInterrupt, another graph keeps the step's noise in, and the micro-batch is redone."""
@@ -457,20 +480,7 @@ def _interrupt_during_an_early_write_back(model, opt, ckpt):
         HostRestore.restore = real
         os.kill(os.getpid(), signal.SIGINT)
 
-    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
-    if opt.restore_strategy == "host":
-        HostRestore.restore = interrupted
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                whole.backward()
-        finally:
-            HostRestore.restore = real
-    else:
-        whole.backward()
-    opt.zero_grad()
-    again = nn.functional.cross_entropy(model(xc), yc)
-    partial.backward()
-    again.backward()
+    _backward_failing_under_host_then_redone(model, opt, interrupted, KeyboardInterrupt)
 
 
 def _early_write_back_failing_part_way(model, opt, ckpt):
@@ -486,20 +496,7 @@ def _early_write_back_failing_part_way(model, opt, ckpt):
             raise RuntimeError("copy failed (simulated)")
         return real(self, dest, noise, record)
 
-    partial, whole, xc, yc = _a_partial_and_a_whole_graph(model, opt)
-    if opt.restore_strategy == "host":
-        HostRestore.restore = third_block_fails
-        try:
-            with pytest.raises(RuntimeError, match="simulated"):
-                whole.backward()
-        finally:
-            HostRestore.restore = real
-    else:
-        whole.backward()
-    opt.zero_grad()
-    again = nn.functional.cross_entropy(model(xc), yc)
-    partial.backward()
-    again.backward()
+    _backward_failing_under_host_then_redone(model, opt, third_block_fails, RuntimeError, match="simulated")
 
 
 @pytest.mark.parametrize("scenario", [_forward_again_with_a_failing_put_back, _interrupt_during_an_early_write_back,

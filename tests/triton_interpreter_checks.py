@@ -586,10 +586,9 @@ def _two_bf16_layers(restore: str):
     return model, frozen, opt
 
 
-def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None:
-    """The fused pass, host restore: layer 0, written back by the first backward while another graph keeps the step's
-    noise in, computes again in a new forward: its noise is put back first (the group's one-layer pass), so every
-    gradient is exact restore's, bit for bit, and the weights come back bitwise."""
+def _host_restore_matches_exact(scenario) -> None:
+    """``scenario(model, opt, restore)`` on :func:`_two_bf16_layers` with exact and with host restore through the fused
+    pass: the frozen weights come back bitwise and every LoRA gradient is the same bits."""
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
 
@@ -597,6 +596,19 @@ def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None
     results = {}
     for restore in ("exact", "host"):
         model, frozen, opt = _two_bf16_layers(restore)
+        scenario(model, opt, restore)
+        results[restore] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+        assert all(torch.equal(bits(model[i].weight), f) for i, f in zip((0, 2), frozen)), f"{restore}: not restored bitwise"
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
+
+
+def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None:
+    """The fused pass, host restore: layer 0, written back by the first backward while another graph keeps the step's
+    noise in, computes again in a new forward: its noise is put back first (the group's one-layer pass), so every
+    gradient is exact restore's, bit for bit, and the weights come back bitwise."""
+    import flatlora_optim.perturbation as perturbation
+
+    def scenario(model, opt, restore):
         gen = torch.Generator().manual_seed(0)
         xa, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(2))
         hidden = torch.randn(4, 24, generator=gen).to(torch.bfloat16).requires_grad_(True)
@@ -608,9 +620,8 @@ def check_host_restore_puts_the_noise_back_when_a_layer_computes_again() -> None
         again = model(xc).float().square().mean()
         partial.backward()
         again.backward()
-        results[restore] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        assert all(torch.equal(bits(model[i].weight), f) for i, f in zip((0, 2), frozen)), f"{restore}: not restored bitwise"
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
+
+    _host_restore_matches_exact(scenario)
 
 
 def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> None:
@@ -620,13 +631,8 @@ def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> No
     import signal
 
     import flatlora_optim.grouped as grouped
-    import flatlora_optim.noise as noise
-    import flatlora_optim.perturbation as perturbation
 
-    noise.kernel_for = perturbation.kernel_for = lambda device: KERNEL
-    results = {}
-    for restore in ("exact", "host"):
-        model, frozen, opt = _two_bf16_layers(restore)
+    def scenario(model, opt, restore):
         gen = torch.Generator().manual_seed(0)
         xa, xb, xc = (torch.randn(4, 16, generator=gen).to(torch.bfloat16).requires_grad_(True) for _ in range(3))
         with opt.perturbed():
@@ -634,7 +640,7 @@ def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> No
             whole = model(xa).float().square().mean()
         real = grouped.write_back
 
-        def interrupted(rows, host, stream, real=real):
+        def interrupted(rows, host, stream):
             real(rows, host, stream)
             grouped.write_back = real
             os.kill(os.getpid(), signal.SIGINT)
@@ -654,9 +660,8 @@ def check_host_restore_after_a_ctrl_c_landing_as_a_layer_is_written_back() -> No
         again = model(xc).float().square().mean()
         partial.backward()
         again.backward()
-        results[restore] = [p.grad.clone() for p in model.parameters() if p.requires_grad]
-        assert all(torch.equal(bits(model[i].weight), f) for i, f in zip((0, 2), frozen)), f"{restore}: not restored bitwise"
-    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"])), "host gradients differ from exact's"
+
+    _host_restore_matches_exact(scenario)
 
 
 def check_shard_kernel_forms_the_fused_kernels_values() -> None:
