@@ -65,10 +65,6 @@ and 16 on an H200 (noise_time.py: 7.05, 8.67, 15.4 ms); with groups of 32, 8 had
 _RESTORE_WARPS = 8  # restore pass: 4.86 ms with 8 warps, 5.02 with 4, 6.03 with 2 (noise_time.py, H200)
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
 _PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
-_PERTURB_GROUP = 8
-"""Neighbours per group in the perturb pass's slot ranks and stream writes (8, 16 or 32). Eight are the
-16 bytes one thread loads: masks and ranks stay in its registers and a group writes its escape bytes with
-one or two atomics (noise_time.py on an H200: perturb pass 8.98 ms with 32, 8.83 with 16, 8.39 with 8)."""
 
 
 @triton.jit
@@ -371,34 +367,81 @@ def _ranks_in_group(masks, TR: tl.constexpr, G: tl.constexpr, ASM: tl.constexpr,
 
 
 @triton.jit
-def _bits_window(words_ptr, first_bit, n_bits):
+def _load_u64(ptr, mask, ASM: tl.constexpr):
+    """A 64-bit load, 0 where ``mask`` is false. On the GPU as inline PTX, which keeps the layout of ``ptr``:
+    the compiler would give a gathered ``tl.load`` a coalesced layout of its own and move the values there and
+    back through shared memory (most of the restore pass's barriers; see the codec docstring)."""
+    if ASM:
+        return tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $2, 0; mov.u64 $0, 0; @p ld.global.nc.u64 $0, [$1]; }", "=l,l,r",
+            [ptr.to(tl.uint64, bitcast=True), mask.to(tl.int32)], dtype=tl.uint64, is_pure=True, pack=1)
+    else:
+        return tl.load(ptr, mask=mask, other=0).to(tl.uint64, bitcast=True)
+
+
+@triton.jit
+def _bits_window(words_ptr, first_bit, n_bits, ASM: tl.constexpr):
     """The ``n_bits`` (<= 64) bits of a word stream from bit ``first_bit`` on, in the low bits of a uint64
     (bits above ``n_bits`` are the stream's next ones): one load, two where they cross a word, none for 0 bits."""
     shift = (first_bit & 63).to(tl.uint64)
     words = words_ptr + (first_bit >> 6)
-    low = tl.load(words, mask=n_bits > 0, other=0).to(tl.uint64, bitcast=True)
-    high = tl.load(words + 1, mask=(first_bit & 63) + n_bits > 64, other=0).to(tl.uint64, bitcast=True)
+    low = _load_u64(words, n_bits > 0, ASM)
+    high = _load_u64(words + 1, (first_bit & 63) + n_bits > 64, ASM)
     return (low >> shift) | ((high << 1) << (63 - shift))  # (two shifts: a shift by 64 is not defined)
 
 
 @triton.jit
-def _group_starts(counts, TR: tl.constexpr):
-    """Exclusive running total of ``counts`` (``TR x G``) in row-major order."""
-    within = tl.cumsum(counts, axis=1)
-    totals = tl.sum(counts, axis=1)
-    return within - counts + (tl.cumsum(totals, axis=0) - totals)[:, None]
+def _field_widths(new_bits, cand_bits, mask, MANT: tl.constexpr):
+    """Which elements the exact-restore record keeps a field for (the *ambiguous* ones), and its width in bits.
+
+    ``cand = fl(fl(W + e) - e)`` is ``W`` unless ``fl(W + e)`` lies in a coarser binade than ``cand`` (its
+    rounding step is then at least twice ``W``'s, so several ``W`` round to it) or ``cand`` is a power of two
+    (``W`` may sit just below, where the steps are half as large). The key offset ``W - cand`` then needs
+    2 bits when the binades differ by at most one, 4 when by two, 8 beyond that or when ``cand`` has the
+    smallest exponent (zero or subnormal). Both passes see ``fl(W + e)`` and ``e``, so both compute the same
+    widths from them: the restore pass knows where every field lies before reading any.
+    """
+    new_exp = (new_bits & 0x7FFF) >> MANT
+    cand_exp = (cand_bits & 0x7FFF) >> MANT
+    gap = new_exp - cand_exp
+    ambiguous = ((gap > 0) | ((cand_bits & ((1 << MANT) - 1)) == 0)) & mask
+    tiny = cand_exp == 0
+    width = tl.where(ambiguous, 2, 0) + tl.where(ambiguous & ((gap > 1) | tiny), 2, 0) + tl.where(ambiguous & ((gap > 2) | tiny), 4, 0)
+    return ambiguous, width
 
 
 @triton.jit
-def _or_bits_at(ptr, first_bit, value):
+def _tile_starts(group_bits, TR: tl.constexpr, G: tl.constexpr):
+    """Each group's first bit in its tile's record: the exclusive running total of ``group_bits`` (``TR x G``) in
+    row-major order, as one scan of the flattened groups (a scan per row plus one over the row totals took
+    twice the barriers)."""
+    flat = tl.reshape(group_bits, (TR * G,))
+    return tl.reshape(tl.cumsum(flat, axis=0) - flat, (TR, G))
+
+
+@triton.jit
+def _or_u64(ptr, value, mask, ASM: tl.constexpr):
+    """Atomic OR of ``value`` into the int64 words at ``ptr`` where ``mask`` holds. On the GPU as inline PTX
+    (a fire-and-forget ``red``), which keeps the layout of its operands (the compiler moves a ``tl.atomic_or``'s
+    operands to a layout of its own through shared memory: three round trips per call in the perturb pass)."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "{ .reg .pred p; setp.ne.b32 p, $3, 0; @p red.relaxed.gpu.global.or.b64 [$1], $2; mov.u32 $0, 0; }", "=r,l,l,r",
+            [ptr.to(tl.uint64, bitcast=True), value, mask.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    else:
+        tl.atomic_or(ptr, value, mask=mask, sem="relaxed")
+
+
+@triton.jit
+def _or_bits_at(ptr, first_bit, value, ASM: tl.constexpr):
     """OR the 64-bit ``value`` (per group) into the int64 words at ``ptr`` from bit ``first_bit`` on:
     one or two atomics, none for the words it leaves unchanged."""
     shift = (first_bit & 63).to(tl.uint64)
     low = (value << shift).to(tl.int64, bitcast=True)
     high = ((value >> 1) >> (63 - shift)).to(tl.int64, bitcast=True)
     word = ptr + (first_bit >> 6)
-    tl.atomic_or(word, low, mask=low != 0, sem="relaxed")
-    tl.atomic_or(word + 1, high, mask=high != 0, sem="relaxed")
+    _or_u64(word, low, low != 0, ASM)
+    _or_u64(word + 1, high, high != 0, ASM)
 
 
 # Triton compiles a kernel again for every new pattern of its integer arguments (== 1, multiple of
@@ -412,23 +455,25 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
                   bounds_ptr, stream_ptr, exc_layer_ptr, exc_index_ptr, exc_bits_ptr,
                   RESTORE: tl.constexpr, W_CODE: tl.constexpr, VARIANT: tl.constexpr, MANT: tl.constexpr,
                   TR: tl.constexpr, TC: tl.constexpr, ASM: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr,
-                  PLAIN: tl.constexpr = False, PG: tl.constexpr = 8):
+                  PLAIN: tl.constexpr = False):
     """The exact-restore codec, fused, for 16-bit weights, many layers per launch, one tile per program.
 
     Perturb (``RESTORE`` false) writes ``fl(W + e)`` and what is needed to undo it. The restore
-    pass computes ``cand = fl(fl(W + e) - e)``, which is ``W`` for most elements. It cannot be
-    trusted where ``fl(W + e)`` lies in a coarser binade than ``cand`` (the rounding step there is
-    at least twice ``W``'s, so several ``W`` give the same result) or where ``cand`` is a power of
-    two (``W`` may sit just below it): those *ambiguous* elements, about 9% at rho = 0.05, get a
-    2-bit code -- the key offset ``W - cand`` of 0, +1 or -1, or 3 for an *escape* whose offset
-    (-128..127) takes a byte. Anything else that restores wrongly is an *exception* (layer, index,
-    original bits). A tile's codes (in row-major order) and then its escape bytes fill whole
-    64-bit words of one stream, which the tile reserves with one atomic add (no word is shared
-    between programs); ``bounds[t]`` keeps the first. A tile whose words or exceptions would pass
-    a buffer's capacity writes nothing (its weights stay clean), voids the exception slots it
-    took and marks itself -1; a pass the host waits for is then redone with bigger buffers, one it
-    does not wait for leaves those tiles clean for that step (see ``exact_perturb_layers``). A tile without rows
-    (past the end of a short last block, or rows another rank holds) marks itself -2.
+    pass computes ``cand = fl(fl(W + e) - e)``, which is ``W`` for most elements. For the others, the
+    *ambiguous* ones (about 9% at rho = 0.05; see :func:`_field_widths`), the record keeps a field of 2, 4
+    or 8 bits holding the key offset ``W - cand``, biased to the field's range; both passes compute
+    which elements have a field and how wide it is from ``fl(W + e)`` and ``e``. A group of 8
+    neighbours (the 16 bytes one thread loads) keeps its fields side by side, at most 64 bits, and a
+    tile's groups follow each other in row-major order in whole 64-bit words of one stream, which the
+    tile reserves with one atomic add (no word is shared between programs); ``bounds[t]`` keeps the
+    first. The restore pass finds every group's bits with one running total over the tile's field
+    widths and reads them with one or two loads. Anything else that restores wrongly (an offset past
+    its field, a non-finite value) is an *exception* (layer, index, original bits). A tile whose
+    words or exceptions would pass a buffer's capacity writes nothing (its weights stay clean), voids
+    the exception slots it took and marks itself -1; a pass the host waits for is then redone with
+    bigger buffers, one it does not wait for leaves those tiles clean for that step (see
+    ``exact_perturb_layers``). A tile without rows (past the end of a short last block, or rows
+    another rank holds) marks itself -2.
 
     ``PLAIN`` writes ``fl(W + e)`` and nothing else (backup restore keeps ``W`` itself): the same
     tiles, seeds and arithmetic, so the same bits as the codec's perturb pass.
@@ -491,92 +536,48 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         candidate = (new.to(tl.float32) - e).to(w_ptr.dtype.element_ty)
         new_bits = new.to(tl.int16, bitcast=True).to(tl.int32)
         cand_bits = candidate.to(tl.int16, bitcast=True).to(tl.int32)
-        coarser = ((new_bits & 0x7FFF) >> MANT) > ((cand_bits & 0x7FFF) >> MANT)
-        power_of_two = (cand_bits & ((1 << MANT) - 1)) == 0
-        ambiguous = (coarser | power_of_two) & mask
+        ambiguous, width = _field_widths(new_bits, cand_bits, mask, MANT)
         cand_key = _key(cand_bits)
-        # slots in row-major order: a bit mask per group of neighbours, running totals over the groups
-        # and a popcount inside the group (much cheaper than a running count over the whole tile)
+        # a group is the 8 neighbours one thread loads (16 bytes): its fields side by side, in element order
+        G: tl.constexpr = TC // 8
+        widths = tl.reshape(width, (TR, G, 8))
+        at = tl.cumsum(widths, axis=2) - widths  # each field's first bit in its group's record (inside one thread)
+        group_bits = tl.sum(widths, axis=2)  # at most 64: 8 fields of at most 8 bits
+        starts = _tile_starts(group_bits, TR, G)
         if RESTORE:
-            # groups of 8: the 16 bytes one thread loads, so a group's mask, its window of the stream and
-            # the window's split among its elements stay in one thread's registers; a group reads its
-            # codes and its escape bytes with one or two loads each, not one load per element
-            G8: tl.constexpr = TC // 8
-            amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G8, 8)
-            amb_counts = _popcount(amb_masks, ASM).to(tl.int32)
-            codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)
-            amb_ranks = _ranks_in_group(amb_masks, TR, G8, ASM, 8)
-            # a group's codes are its window's low 16 bits: split among its elements in 32-bit lanes
-            code = tl.reshape(((codes.to(tl.uint32)[:, :, None] >> (2 * amb_ranks).to(tl.uint32)) & 3).to(tl.int32), (TR, TC))
-            escape = ambiguous & (code == 3)
-            esc_masks = _group_masks(escape.to(tl.int32), TR, G8, 8)
-            esc_counts = _popcount(esc_masks, ASM).to(tl.int32)
-            first_byte = (2 * tl.sum(tl.sum(amb_counts, axis=1), axis=0) + 7) // 8  # of the escapes
-            escapes = _bits_window(stream_ptr + word_base, 8 * (first_byte + _group_starts(esc_counts, TR)).to(tl.int64), 8 * esc_counts)
-            esc_ranks = _ranks_in_group(esc_masks, TR, G8, ASM, 8)
-            # escape bytes 0-3 of a group in its window's low half, 4-7 in the high half: 32-bit shifts per element
-            halves = tl.where(esc_ranks < 4, escapes.to(tl.uint32)[:, :, None], (escapes >> 32).to(tl.uint32)[:, :, None])
-            escape_byte = tl.reshape(((halves >> (8 * (esc_ranks & 3)).to(tl.uint32)) & 0xFF).to(tl.int32), (TR, TC))
-            offset = tl.where(escape, escape_byte - 128, tl.where(code == 2, -1, code))
+            record = _bits_window(stream_ptr + word_base, starts.to(tl.int64), group_bits, ASM)
+            field = tl.reshape(((record[:, :, None] >> at.to(tl.uint64)) & ((tl.full((1,), 1, tl.uint64) << widths.to(tl.uint64)) - 1)).to(tl.int32), (TR, TC))
+            offset = field - ((1 << width) >> 1)
             key = cand_key + tl.where(ambiguous, offset, 0)
             tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
         else:
-            G: tl.constexpr = TC // PG
-            amb_masks = _group_masks(ambiguous.to(tl.int32), TR, G, PG)
-            amb_in_group = _ranks_in_group(amb_masks, TR, G, ASM, PG)
             w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)
-            offset = _key(w_bits) - cand_key
-            small = (offset >= -1) & (offset <= 1)
-            escape = ambiguous & ~small
-            exception = (escape & ((offset < -128) | (offset > 127))) | (~ambiguous & mask & (w_bits != cand_bits))
-            esc_masks = _group_masks(escape.to(tl.int32), TR, G, PG)
-            counts = _popcount(amb_masks, ASM) | (_popcount(esc_masks, ASM) << 16)  # two 16-bit running totals in one
-            starts = _group_starts(counts, TR)
-            totals = tl.sum(tl.sum(counts, axis=1), axis=0)
-            n_amb = (totals & 0xFFFF).to(tl.int32)
-            first_byte = (2 * n_amb + 7) // 8  # of the escapes
-            n_words = (first_byte + (totals >> 16).to(tl.int32) + 7) // 8
+            field = _key(w_bits) - cand_key + ((1 << width) >> 1)  # the key offset, biased to fit the field's range
+            exception = tl.where(ambiguous, field.to(tl.uint32, bitcast=True) >= (1 << width).to(tl.uint32), mask & (w_bits != cand_bits))
+            # the record's bits and the exceptions, in one reduction over the groups (at most 2048 * 8 and 2048: 16 bits each)
+            group_exceptions = tl.sum(tl.reshape(exception.to(tl.int32), (TR, G, 8)), axis=2)
+            totals = tl.sum(tl.reshape(group_bits + (group_exceptions << 16), (TR * G,)), axis=0)
+            n_words = ((totals & 0xFFFF) + 63) // 64
             word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")
-            # exceptions are rare (offsets past a byte, non-finite values): a tile without any skips
-            # their slot bookkeeping and its atomic altogether
-            n_exc = tl.sum(tl.sum(exception.to(tl.int32), axis=1), axis=0)
+            # exceptions are rare (offsets past their field, non-finite values): a tile without any skips their
+            # slot bookkeeping and its atomic altogether
+            n_exc = totals >> 16
             exc_base = n_exc.to(tl.int64) * 0
             if n_exc > 0:
                 exc_base = tl.atomic_add(counters_ptr + 1, n_exc.to(tl.int64), sem="relaxed")
             fits = (word_base + n_words <= word_capacity) & (exc_base + n_exc <= exc_capacity)
             if fits:
-                # a group's codes (at most 32 x 2 bits) side by side in one 64-bit value, OR-ed into
-                # the tile's bit stream at twice the group's first slot; escape bytes likewise for
-                # groups of 8 (at most 64 bits), else one by one
-                code = tl.where(small, tl.where(offset == -1, 2, offset), 3)
-                # per element in 32-bit lanes (a 64-bit shift or add is several instructions): a group's codes take
-                # at most 2 * PG bits, so only groups of 32 need the 64-bit sum (noise_time.py on an H200, side by side:
-                # perturb pass 6.48 -> 6.19 ms). The escape bytes stay 64-bit: split into two 32-bit halves they took the
-                # pass from 164 to 184 registers, 3 to 2 programs per multiprocessor, and 8.10 ms
-                if PG <= 16:
-                    codes = tl.where(tl.reshape(ambiguous, (TR, G, PG)), tl.reshape(code, (TR, G, PG)).to(tl.uint32) << (2 * amb_in_group).to(tl.uint32), 0)
-                    group_codes = tl.sum(codes, axis=2).to(tl.uint64)
-                else:
-                    codes = tl.where(tl.reshape(ambiguous, (TR, G, PG)), tl.reshape(code, (TR, G, PG)).to(tl.uint64) << (2 * amb_in_group).to(tl.uint64), 0)
-                    group_codes = tl.sum(codes, axis=2)
-                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), group_codes)
-                esc_ranks = _ranks_in_group(esc_masks, TR, G, ASM, PG)
-                if PG == 8:
-                    escape_bytes = tl.where(tl.reshape(escape, (TR, G, 8)),
-                                            tl.reshape((offset + 128) & 0xFF, (TR, G, 8)).to(tl.uint64) << (8 * esc_ranks).to(tl.uint64), 0)
-                    _or_bits_at(stream_ptr + word_base, 8 * (first_byte + (starts >> 16)).to(tl.int64), tl.sum(escape_bytes, axis=2))
-                else:
-                    byte = first_byte + tl.reshape((starts >> 16)[:, :, None] + esc_ranks, (TR, TC)).to(tl.int32)
-                    escape_value = ((offset + 128) & 0xFF).to(tl.int64) << ((byte & 7) * 8).to(tl.int64)
-                    tl.atomic_or(stream_ptr + word_base + (byte >> 3), escape_value, mask=escape, sem="relaxed")
+                value = tl.where(ambiguous & ~exception, field, 0)  # an exception's field is left 0: its bits come from the exception slot
+                record = tl.sum(tl.reshape(value, (TR, G, 8)).to(tl.uint64) << at.to(tl.uint64), axis=2)  # disjoint fields: the sum is the OR
+                _or_bits_at(stream_ptr + word_base, starts.to(tl.int64), record, ASM)
                 tl.store(pointers, new, mask=mask)
                 tl.store(bounds_ptr + t, word_base.to(tl.int32))
             else:
                 tl.store(bounds_ptr + t, -1)
             if n_exc > 0:
-                exc_masks = _group_masks(exception.to(tl.int32), TR, G, PG)
+                exc_masks = _group_masks(exception.to(tl.int32), TR, G, 8)
                 exc_slot = exc_base.to(tl.int32) + tl.reshape(
-                    _group_starts(_popcount(exc_masks, ASM).to(tl.int32), TR)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM, PG), (TR, TC))
+                    _tile_starts(group_exceptions, TR, G)[:, :, None] + _ranks_in_group(exc_masks, TR, G, ASM, 8), (TR, TC))
                 if fits:
                     flat = ((first_row + rows)[:, None] * n_cols + cols[None, :]).to(exc_index_ptr.dtype.element_ty)
                     tl.store(exc_index_ptr + exc_slot, flat, mask=exception)
@@ -880,7 +881,7 @@ class TritonNoiseKernel:
                 args = (table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers)
                 options = dict(
                     RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, FAST=_FAST_NORMALS,
-                    ROUNDS=_PHILOX_ROUNDS, PLAIN=plain, PG=_PERTURB_GROUP,
+                    ROUNDS=_PHILOX_ROUNDS, PLAIN=plain,
                     enable_fp_fusion=False, num_warps=_PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
                 )
                 if compile_only:
@@ -1068,10 +1069,10 @@ would reserve far more memory than the pass can need."""
 
 
 def _largest_need(table: LayerTable) -> Tuple[int, int]:
-    """The most stream words and exceptions any pass over ``table`` can need: every element ambiguous with an
-    escape byte (2 + 8 bits, in whole words per tile), and every element an exception."""
+    """The most stream words and exceptions any pass over ``table`` can need: every element with an 8-bit
+    field (in whole words per tile), and every element an exception."""
     per_tile = TILE_ROWS * TILE_COLS
-    words_per_tile = ((2 * per_tile + 7) // 8 + per_tile + 7) // 8
+    words_per_tile = (8 * per_tile + 63) // 64
     return table.n_tiles * words_per_tile, sum(m * n for m, n in table.shapes)
 
 
@@ -1110,7 +1111,7 @@ class ExactGroupRecord:
     """What the fused codec keeps between perturb and restore for a group of layers.
 
     ``bounds[t]`` is tile ``t``'s first word in ``stream`` (-1 for a tile left unperturbed, -2 for a
-    tile without rows); a tile's words hold its 2-bit codes, 32 per int64 word, then its escape bytes; the exception
+    tile without rows); a tile's words hold its groups' fields (2, 4 or 8 bits per ambiguous element); the exception
     buffers hold ``n_exceptions`` used slots (layer, layer-local flat index, original bits; layer
     -1 for void slots).
     """
@@ -1132,7 +1133,7 @@ class ExactGroupRecord:
         device = table.device
         return cls(
             torch.full((table.n_tiles,), -1, dtype=torch.int32, device=device),  # -1: not perturbed (yet)
-            torch.zeros(words + 1, dtype=torch.int64, device=device),  # codes are OR-ed in: start from 0
+            torch.zeros(words + 1, dtype=torch.int64, device=device),  # fields are OR-ed in: start from 0
             # layer -1 marks a slot unused: a pass whose counts are read later has its exceptions pass look at every slot
             torch.full((exceptions,), -1, dtype=torch.int16 if len(table) < 2**15 else torch.int32, device=device),
             torch.empty(exceptions, dtype=torch.int32, device=device),
