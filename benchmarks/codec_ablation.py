@@ -29,9 +29,9 @@ from flatlora_optim.kernels.layer_table import LayerTable
 SOURCE = Path(__file__).resolve().parents[1] / "flatlora_optim" / "kernels" / "triton_noise.py"
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
-CODE_WRITE = "                _or_bits_at(stream_ptr + word_base, 2 * (starts & 0xFFFF).to(tl.int64), group_codes)\n"
-ESCAPE_WRITE = "                    _or_bits_at(stream_ptr + word_base, 8 * (first_byte + (starts >> 16)).to(tl.int64), tl.sum(escape_bytes, axis=2))\n"
-CODE_READ = "codes = _bits_window(stream_ptr + word_base, 2 * _group_starts(amb_counts, TR).to(tl.int64), 2 * amb_counts)"
+FIELDS_WRITE = "                _or_bits_at(stream_ptr + word_base, starts.to(tl.int64), record, ASM)\n"
+FIELDS_READ = "record = _bits_window(stream_ptr + word_base, starts.to(tl.int64), group_bits, ASM)"
+WIDTHS = "    width = tl.where(ambiguous, 2, 0) + tl.where(ambiguous & ((gap > 1) | tiny), 2, 0) + tl.where(ambiguous & ((gap > 2) | tiny), 4, 0)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
 Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
@@ -40,17 +40,15 @@ VARIANTS: Dict[str, Variant] = {
     "acquire-release atomics": ([('sem="relaxed"', "sem=None")], None, True),
     "Philox 7 rounds": ([("_PHILOX_ROUNDS = 10", "_PHILOX_ROUNDS = 7")], None, True),
     "perturb with 8 warps": ([("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n")], None, True),
-    "restore with 4 warps": ([("_RESTORE_WARPS = 8", "_RESTORE_WARPS = 4")], None, True),
-    "8 x 512 tiles, 8/16 warps": ([("TR=TILE_ROWS", "TR=8"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n"),
-                                   ("_RESTORE_WARPS = 8", "_RESTORE_WARPS = 16")], 8, True),
-    "2 x 512 tiles, 2/4 warps": ([("TR=TILE_ROWS", "TR=2"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 2\n"),
-                                  ("_RESTORE_WARPS = 8", "_RESTORE_WARPS = 4")], 2, True),
+    "restore with 8 warps": ([("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 8\n")], None, True),
+    "8 x 512 tiles, 8/8 warps": ([("TR=TILE_ROWS", "TR=8"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n"),
+                                  ("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 8\n")], 8, True),
+    "2 x 512 tiles, 2/2 warps": ([("TR=TILE_ROWS", "TR=2"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 2\n"),
+                                  ("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 2\n")], 2, True),
     "precise Box-Muller (libdevice)": ([("_FAST_NORMALS = _ASM and libdevice is not None", "_FAST_NORMALS = False")], None, True),
-    "perturb: code words not written": ([(CODE_WRITE, "")], None, False),
-    "perturb: escapes not written": ([(ESCAPE_WRITE, "")], None, False),
-    "restore: escapes left out": ([("escape = ambiguous & (code == 3)\n", "escape = ambiguous & (code == 7)\n")], None, False),
-    "restore: code words not read": ([(CODE_READ, "codes = amb_counts.to(tl.uint64) * 0")], None, False),
-    "restore: no slot ranks": ([("amb_ranks = _ranks_in_group(amb_masks, TR, G8, ASM, 8)", "amb_ranks = tl.zeros((TR, G8, 8), tl.int32)")], None, False),
+    "perturb: fields not written": ([(FIELDS_WRITE, "")], None, False),
+    "restore: fields not read": ([(FIELDS_READ, "record = group_bits.to(tl.uint64) * 0")], None, False),
+    "both: 2-bit fields only": ([(WIDTHS, "    width = tl.where(ambiguous, 2, 0)")], None, False),
     "restore: no codec (noise floor)": ([("key = cand_key + tl.where(ambiguous, offset, 0)", "key = cand_key")], None, False),
 }
 

@@ -14,7 +14,7 @@ issues them while the GPU is busy with the model's matrix products):
 
 Rows: the kernels as shipped; the same with libdevice's precise Box--Muller; with 7 Philox rounds;
 row-std kernel variants (among them the element-wise form, without tensor cores); the noise kernel's
-warps; the codec's perturb pass in groups of 16 or 32 (8 as shipped); and any other
+warps and the codec's; and any other
 version of ``triton_noise.py`` given with ``--against`` (e.g. the last release's).
 
     python benchmarks/noise_time.py --against old_triton_noise.py
@@ -150,11 +150,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
                 ("row stds: 2 warps", SOURCE, {"_STD_WARPS": 2}, []),
                 ("virtual: noise kernel 1 warp", SOURCE, {"_NOISE_WARPS": 1}, []),
                 ("virtual: noise kernel 4 warps", SOURCE, {"_NOISE_WARPS": 4}, []),
-                ("perturb: groups of 16", SOURCE, {"_PERTURB_GROUP": 16}, []),
-                ("perturb: groups of 32", SOURCE, {"_PERTURB_GROUP": 32}, []),
                 ("codec warps: perturb 8", SOURCE, {"_PERTURB_WARPS": 8}, []),
                 ("codec warps: perturb 2", SOURCE, {"_PERTURB_WARPS": 2}, []),
-                ("codec warps: restore 4", SOURCE, {"_RESTORE_WARPS": 4}, []),
+                ("codec warps: restore 8", SOURCE, {"_RESTORE_WARPS": 8}, []),
                 ("codec warps: plain 4", SOURCE, {"_PLAIN_WARPS": 4}, [])]
     variants += [(f"source {path.name}", path, {}, []) for path in args.against]
     if args.only is not None:

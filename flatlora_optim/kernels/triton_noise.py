@@ -60,9 +60,11 @@ The stds are then not the interpreter's bits (which has no fused multiply-add) b
 from this one kernel, so all modes and an FSDP2 shard still see the same stds (noise_time.py: 1.44 -> 1.20 ms
 per step for the 1 B Llama, with the pipelined column loop)."""
 _PERTURB_WARPS = 4
-"""Warps per program of the codec's perturb pass (a 2048-element tile). With groups of 8, 4 warps beat 8
-and 16 on an H200 (noise_time.py: 7.05, 8.67, 15.4 ms); with groups of 32, 8 had been fastest."""
-_RESTORE_WARPS = 8  # restore pass: 4.86 ms with 8 warps, 5.02 with 4, 6.03 with 2 (noise_time.py, H200)
+"""Warps per program of the codec's perturb pass (a 2048-element tile: two groups of 8 per thread). 4 beat 8 and
+2 on an H200 with the field layout (noise_time.py, 6782fad: 4.71, 5.41, 7.29 ms)."""
+_RESTORE_WARPS = 4
+"""Warps per program of the codec's restore pass: 4 beat 8 once the pass lost its barriers (noise_time.py on an
+H200, 6782fad: 3.04 against 3.31 ms; with the layout before it, 8 had beaten 4, 4.86 against 5.02 ms)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
 _PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
 
