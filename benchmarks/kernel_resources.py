@@ -1,8 +1,11 @@
-"""Registers and spills of every CUDA kernel form, compiled for sm_90 (H100/H200) on any machine, no GPU needed.
+"""Registers, spills and machine code of every CUDA kernel form, compiled for sm_90 (H100/H200) on any machine, no GPU needed.
 
 Triton's real pipeline (TTIR, TTGIR, LLVM, PTX, ``ptxas`` from the Triton wheel) for an sm_90 target;
 the counts are ``ptxas -v``'s for that PTX with Triton's flags. Registers per thread bound how many programs share a
-multiprocessor (65,536 registers each), hence the occupancy that hides the codec's dependent loads.
+multiprocessor (65,536 registers each), hence the occupancy that hides the codec's dependent loads. The SASS
+(``nvdisasm`` of the cubin, from the same wheel) gives the static instruction count and the block-wide barriers
+(``BAR``): layout conversions and reductions through shared memory show up as barriers, and the codec's passes are
+bound by their instructions (docs/benchmarks.md).
 
     python benchmarks/kernel_resources.py
 
@@ -87,6 +90,17 @@ def resource_usage(compiled) -> Dict[str, int]:
     return {key: int(re.search(pattern, log).group(1)) for key, pattern in numbers.items()}
 
 
+def sass_counts(compiled) -> Dict[str, int]:
+    """Static SASS instructions and block-wide barriers (``BAR``) of ``compiled`` (every branch counted once)."""
+    with tempfile.TemporaryDirectory() as folder:
+        cubin = os.path.join(folder, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        sass = subprocess.run([os.path.join(BIN, "nvdisasm"), "-c", cubin], capture_output=True, text=True, check=True).stdout
+    instructions = [line.split("*/", 1)[1].strip() for line in sass.splitlines() if re.match(r"\s*/\*[0-9a-f]{4,}\*/", line)]
+    return {"instructions": len(instructions), "barriers": sum(i.lstrip("@!P0123456789T ").startswith("BAR") for i in instructions)}
+
+
 def codec_launches(form: str, dtype: torch.dtype = torch.bfloat16) -> List[Tuple[tuple, dict]]:
     """The codec launches of one ``form`` (perturb, restore, plain) for rows of ``dtype`` in the three
     layouts 16-bit rows can have (``codec_variant`` 0, 1, 3): CPU tensors, recorded, not run."""
@@ -107,14 +121,17 @@ def codec_launches(form: str, dtype: torch.dtype = torch.bfloat16) -> List[Tuple
 
 def main() -> None:
     print(f"sm_90, Triton {triton.__version__}; the codec as launched on bf16 rows of each layout, tiles {TILE_ROWS} x {TILE_COLS}")
-    print(f"{'kernel form':28s} {'warps':>5s} {'registers':>9s} {'spill stores B':>14s} {'programs/SM (by registers)':>26s}")
+    print(f"{'kernel form':28s} {'warps':>5s} {'registers':>9s} {'spill stores B':>14s} {'programs/SM (by registers)':>26s}"
+          f" {'SASS instructions':>17s} {'barriers':>8s}")
     for form in ("perturb", "restore", "plain"):
         for args, kwargs in codec_launches(form):
-            usage = resource_usage(compile_launch(tn._codec_kernel, args, kwargs))
+            compiled = compile_launch(tn._codec_kernel, args, kwargs)
+            usage, code = resource_usage(compiled), sass_counts(compiled)
             warps = kwargs["num_warps"]
             per_sm = min(65536 // (usage["registers"] * 32 * warps), 64 // warps)
             name = f"codec, {form}, layout {kwargs['VARIANT']}"
-            print(f"{name:28s} {warps:5d} {usage['registers']:9d} {usage['spill_stores']:14d} {per_sm:26d}")
+            print(f"{name:28s} {warps:5d} {usage['registers']:9d} {usage['spill_stores']:14d} {per_sm:26d}"
+                  f" {code['instructions']:17d} {code['barriers']:8d}")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from kernel_resources import Launches, codec_launches, compile_launch, resource_usage  # noqa: E402
+from kernel_resources import Launches, codec_launches, compile_launch, resource_usage, sass_counts  # noqa: E402
 
 from flatlora_optim.kernels import triton_noise as tn  # noqa: E402
 from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
@@ -54,6 +54,17 @@ def test_codec_compiles_in_every_form(form, dtype):
     launches = codec_launches(form, dtype)
     assert sorted(kwargs["VARIANT"] for _, kwargs in launches) == [0, 1, 3]
     assert_compiles_without_spills(tn._codec_kernel, launches)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+def test_restore_pass_on_aligned_rows_crosses_one_barrier(dtype):
+    """The restore pass on aligned rows (every layer of the benchmark model) crosses one block-wide barrier, for its
+    one running total over the tile: a gathered ``tl.load`` of the record, or the two running totals of the layout
+    before the fields, brought back round trips through shared memory (42 barriers at 64d1229)."""
+    aligned = [(args, kwargs) for args, kwargs in codec_launches("restore", dtype) if kwargs["VARIANT"] == 3]
+    assert len(aligned) == 1
+    code = sass_counts(compile_launch(tn._codec_kernel, *aligned[0]))
+    assert code["instructions"] > 0 and code["barriers"] <= 1, code
 
 
 def test_exceptions_pass_compiles():
