@@ -55,9 +55,7 @@ class StubKernel:
     takes_device_seeds = True
 
     def row_stds(self, table, adapters, std_scales, out) -> None:
-        from flatlora_optim.kernels.layer_table import adapter_table
-
-        adapter_table(adapters, std_scales, table.device, table.first_rows)
+        table.adapter_tables(adapters, std_scales)
         out.fill_(1e-3)
 
     def fused_exact_supported(self, dtype: torch.dtype) -> bool:

@@ -103,6 +103,10 @@ class StepGroup:
         base = self.table.std_bases[index]
         return self.std[base : base + self.table.shapes[index][0]]
 
+    def std_nbytes(self, index: int) -> int:
+        """Bytes of layer ``index``'s row stds in the step's buffer (float32)."""
+        return self.table.shapes[index][0] * self.std.element_size()
+
     def seeds_of(self, index: int) -> torch.Tensor:
         base = self.table.seed_bases[index]
         return self.seeds[base : base + self.table.blocks[index]]
@@ -117,8 +121,11 @@ class StepGroup:
         ``while_waiting`` runs after the pass is queued (for exact restore: before any host wait).
         """
         rows = self._codec_rows = [self.rows[i] for i in indices]
-        self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
-                                     [self.row_ranges[i] for i in indices])
+        if len(indices) == len(self.rows) and all(i == k for k, i in enumerate(indices)):
+            self.codec_table = self.table  # every layer, in order: the same layout (and its codec sizes), no second lookup
+        else:
+            self.codec_table = cache.get(rows, [self.table.std_bases[i] for i in indices], [self.table.seed_bases[i] for i in indices],
+                                         [self.row_ranges[i] for i in indices])
         self.restored = [False] * len(indices)
         if host is None and not backup:
             self.record = self.kernel.exact_perturb_layers(self.codec_table, self.std, self.seeds, while_waiting, step=self.step, sigma=self.sigma)

@@ -49,10 +49,16 @@ class TargetPerturbation:
     seeds: Optional[List[int]] = None  # every global row block's seed, computed once per step
     kernel: Any = None  # the noise kernel, chosen once per step (see Perturber._kernel)
     former: Optional[Callable[[], torch.Tensor]] = None  # forms fl(W + e) anew on each call (virtual mode; see Perturber.perturbed_rows)
+    slot: Optional[Tuple[StepGroup, int]] = None
+    """Its place in the step's :class:`StepGroup`, whose buffers hold its stds and seeds (``std`` and ``block_seeds``
+    are views of them, taken on first use: most steps never need them per layer)."""
 
     def nbytes(self, strategy: RestoreStrategy) -> int:
         """Bytes held for this layer between perturb and restore (row stds + records)."""
-        std_bytes = 0 if self.std is None else self.std.numel() * self.std.element_size()
+        if self.std is not None:
+            std_bytes = self.std.numel() * self.std.element_size()
+        else:
+            std_bytes = 0 if self.slot is None else self.slot[0].std_nbytes(self.slot[1])
         return std_bytes + sum(r.nbytes() if callable(getattr(r, "nbytes", None)) else strategy.nbytes(r) for *_, r in self.blocks)
 
     def scales(self) -> torch.Tensor:
@@ -61,6 +67,8 @@ class TargetPerturbation:
         Virtual mode defers them to the layer's first forward, where their kernel launches overlap
         the GPU work of the layers before it instead of stalling the start of the step.
         """
+        if self.std is None and self.slot is not None:
+            self.std = self.slot[0].std_of(self.slot[1])
         if self.std is None:
             with autocast_off():  # virtual mode's first forward may run under the caller's autocast
                 self.std = row_std(self.target.rows(), self.target.adapters(), self.sigma)
@@ -135,6 +143,8 @@ class Perturber:
 
     def _device_seeds(self, p: TargetPerturbation) -> torch.Tensor:
         """Every block's seed in one device tensor, uploaded once per layer and step (GPU kernel)."""
+        if p.block_seeds is None and p.slot is not None:
+            p.block_seeds = p.slot[0].seeds_of(p.slot[1])
         if p.block_seeds is None:
             self.assign_seeds([p])  # usually done already, for the whole step, by describe_all
             p.block_seeds = to_device(torch.tensor(p.seeds, dtype=torch.int64), p.target.weight.device)
@@ -227,27 +237,40 @@ class Perturber:
         """Write ``W + e`` into ``target``'s weight; return what restores it."""
         return self.perturb_all([target], sigma, step)[0]
 
-    def _groupable(self, target: LoRATarget) -> bool:
-        """Whether ``target``'s stds and seeds can come from a :class:`StepGroup` (CUDA with Triton).
-        An FSDP2 shard only when it goes through the fused pass (the per-block path indexes its
-        seeds by global block)."""
-        if target.sharded:
-            return self._fusable(target)
-        return hasattr(kernel_for(target.weight.device), "row_stds")
-
     def describe_all(self, targets: List[LoRATarget], sigma: float, step: int) -> Tuple[List[TargetPerturbation], Optional[StepGroup]]:
         """This step's noise for every target (nothing written): on CUDA all row stds in one launch."""
-        grouped = [t for t in targets if self._groupable(t)]
-        group = StepGroup(kernel_for(grouped[0].weight.device), self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
+        described, group, _ = self._describe_all(targets, sigma, step, writes=False)
+        return described, group
+
+    def _describe_all(self, targets: List[LoRATarget], sigma: float, step: int,
+                      writes: bool = True) -> Tuple[List[TargetPerturbation], Optional[StepGroup], List[bool]]:
+        """:meth:`describe_all`, and for every target whether it goes through the step-wide pass (:meth:`_fusable`;
+        with ``writes`` false, for FSDP2 shards only, the others' being left False).
+
+        A target's stds and seeds come from the :class:`StepGroup` when its device's kernel has grouped launches
+        (CUDA with Triton); an FSDP2 shard only when it goes through the fused pass (the per-block path indexes
+        its seeds by global block). Each device's kernel is looked up once (the targets share one device)."""
+        kernels: Dict[torch.device, Any] = {}
+        fusable, grouped = [], []
+        for target in targets:
+            device = target.weight.device
+            kernel = kernels.get(device)
+            if kernel is None:
+                kernel = kernels[device] = kernel_for(device)
+            fused = (writes or target.sharded) and self._fusable(target, kernel)
+            fusable.append(fused)
+            if (fused if target.sharded else hasattr(kernel, "row_stds")):
+                grouped.append(target)
+        group = StepGroup(kernels[grouped[0].weight.device], self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
         described = []
         for target in targets:
             k = group.index_of(target) if group is not None else None
             if k is None:
                 described.append(self.describe(target, sigma, step, lazy=True))
             else:
-                described.append(TargetPerturbation(target, step, sigma, group.std_of(k), block_seeds=group.seeds_of(k)))
-        self.assign_seeds([p for p in described if p.block_seeds is None])
-        return described, group
+                described.append(TargetPerturbation(target, step, sigma, None, slot=(group, k)))
+        self.assign_seeds([p for p in described if p.slot is None])
+        return described, group, fusable
 
     @torch.no_grad()
     def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int,
@@ -272,14 +295,14 @@ class Perturber:
         return described
 
     def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int, while_waiting: Callable[[], None]) -> List[TargetPerturbation]:
-        described, group = self.describe_all(targets, sigma, step)
-        fused = [k for k, p in enumerate(described) if group is not None and p.block_seeds is not None and self._fusable(p.target)]
+        described, group, fusable = self._describe_all(targets, sigma, step)
+        fused = [k for k, p in enumerate(described) if p.slot is not None and fusable[k]]
         in_group = set(fused)
         rest = [p for k, p in enumerate(described) if k not in in_group]
         done: List[TargetPerturbation] = []
         try:
             if fused:
-                slots = group.perturb(self._tables, [group.index_of(described[k].target) for k in fused], backup=self.strategy.name == "backup",
+                slots = group.perturb(self._tables, [described[k].slot[1] for k in fused], backup=self.strategy.name == "backup",
                                       while_waiting=while_waiting, host=self.host_copies)
                 for k, slot in zip(fused, slots):
                     rows = described[k].target.rows()
@@ -301,7 +324,7 @@ class Perturber:
     def _batchable(self, p: TargetPerturbation) -> bool:
         """Whether ``p``'s blocks can go through a :class:`BlockBatch`: the torch kernel, whole blocks; not with host
         restore, whose layers are written back (and their noise put back) one by one during the step."""
-        return (p.block_seeds is None and not p.target.sharded and isinstance(self._kernel(p), TorchNoiseKernel)
+        return (p.slot is None and not p.target.sharded and isinstance(self._kernel(p), TorchNoiseKernel)
                 and self.strategy.name != "host")
 
     def _parts(self, p: TargetPerturbation) -> Iterator[BatchPart]:
@@ -324,15 +347,17 @@ class Perturber:
             if not any(q is p for q in done):
                 done.append(p)
 
-    def _fusable(self, target: LoRATarget) -> bool:
-        """Whether ``target`` goes through the step-wide one-pass path: exact or backup restore, 16-bit
-        weights, the CUDA kernel (subtract and other weight types go block by block). FSDP2 shards
-        too: the kernels see a shard from the start of its first global row block."""
-        kernel = kernel_for(target.weight.device)
-        fused_kernel = hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(target.weight.dtype)
+    def _fusable(self, target: LoRATarget, kernel: Any) -> bool:
+        """Whether ``target`` goes through the step-wide one-pass path: exact, backup or host restore, 16-bit
+        weights, the CUDA kernel (``kernel``: its device's; subtract and other weight types go block by block).
+        FSDP2 shards too: the kernels see a shard from the start of its first global row block."""
+        if self.strategy.name not in ("exact", "backup", "host"):
+            return False
+        if not (hasattr(kernel, "exact_perturb_layers") and kernel.fused_exact_supported(target.weight.dtype)):
+            return False
         rows = target.rows()
         seen_rows = rows.shape[0] + target.row_range()[0] % rows_per_chunk(rows.shape[1])  # a shard is seen from its block's start
-        return self.strategy.name in ("exact", "backup", "host") and fused_kernel and seen_rows * rows.shape[1] < 2**31
+        return seen_rows * rows.shape[1] < 2**31
 
     def _perturb_blocks(self, p: TargetPerturbation) -> None:
         rows = p.target.rows()

@@ -19,7 +19,7 @@ import torch
 
 from ..noise import rows_per_chunk
 
-__all__ = ["TILE_ROWS", "TILE_COLS", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "adapter_table", "FIELDS"]
+__all__ = ["TILE_ROWS", "TILE_COLS", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "adapter_table", "FIELDS"]
 
 TILE_ROWS = 4
 TILE_COLS = 512
@@ -111,6 +111,7 @@ class LayerTable:
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
         self.codec_sigma: Optional[float] = None  # the noise level those sizes were counted at
         self.codec_pending: Any = None  # the counts of a pass the host did not wait for (triton_noise.PendingCounts)
+        self.adapter_tables = AdapterTables(self)  # the row-std kernels' adapter tables, kept while unchanged
 
     @property
     def tile_layer(self) -> torch.Tensor:
@@ -158,17 +159,9 @@ def table_key(rows: Sequence[torch.Tensor]) -> Tuple:
     return tuple((r.data_ptr(), tuple(r.shape), r.stride(), r.dtype) for r in rows)
 
 
-def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
-                  device: torch.device, first_rows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """This step's adapters, one ``(A, B, scaling)`` or None per layer, as device tables.
-
-    Returns ``(table, factors, codes)``: ``table`` is ``L x 8`` int64 (A's address and strides,
-    B's address and strides, rank, dtype code); ``factors`` is ``L x 2`` float64 (the adapter
-    scaling, and the factor ``sigma / sqrt(n)`` that turns a row norm into a noise std); ``codes``
-    the adapter dtype codes present. ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type.
-    The tensors must stay alive until the kernels that read the table have run. ``first_rows`` are the
-    layer table's (a shard's ``B`` holds its own rows only: its address is moved back the same way).
-    """
+def adapter_rows(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
+                 first_rows: Optional[Sequence[int]] = None) -> Tuple[List[List[int]], List[List[float]], List[int]]:
+    """The host side of :func:`adapter_table`: its two tables as lists, and the adapter dtype codes present."""
     rows, factors, codes = [], [], set()
     for index, (adapter, std_scale) in enumerate(zip(adapters, std_scales)):
         if adapter is None:
@@ -187,5 +180,47 @@ def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, 
     for row in rows:  # a layer without adapters is done by the first launch
         if row[7] < 0:
             row[7] = present[0]
-    table = to_device(torch.tensor(rows, dtype=torch.int64), device)
-    return table, to_device(torch.tensor(factors, dtype=torch.float64), device), present
+    return rows, factors, present
+
+
+def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
+                  device: torch.device, first_rows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """This step's adapters, one ``(A, B, scaling)`` or None per layer, as device tables.
+
+    Returns ``(table, factors, codes)``: ``table`` is ``L x 8`` int64 (A's address and strides,
+    B's address and strides, rank, dtype code); ``factors`` is ``L x 2`` float64 (the adapter
+    scaling, and the factor ``sigma / sqrt(n)`` that turns a row norm into a noise std); ``codes``
+    the adapter dtype codes present. ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type.
+    The tensors must stay alive until the kernels that read the table have run. ``first_rows`` are the
+    layer table's (a shard's ``B`` holds its own rows only: its address is moved back the same way).
+    """
+    rows, factors, present = adapter_rows(adapters, std_scales, first_rows)
+    return _upload(rows, torch.int64, device), _upload(factors, torch.float64, device), present
+
+
+def _upload(values: List[List[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return to_device(torch.tensor(values, dtype=dtype), device)
+
+
+class AdapterTables:
+    """:func:`adapter_table` for one :class:`LayerTable`, each device table kept while its values stay the same.
+
+    The adapters of a training run keep their storage from step to step, so the address table is usually the
+    last step's, and the factors too under a constant noise level: comparing the host lists costs a fraction of
+    building a tensor from them and uploading it (two uploads per step otherwise). The tables hold values, not
+    references, so a kept table is right whenever its values are equal, whatever tensors they came from.
+    """
+
+    def __init__(self, table: LayerTable):
+        self.device, self.first_rows = table.device, table.first_rows
+        self._rows: Optional[Tuple[List[List[int]], torch.Tensor]] = None
+        self._factors: Optional[Tuple[List[List[float]], torch.Tensor]] = None
+
+    def __call__(self, adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]],
+                 std_scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        rows, factors, present = adapter_rows(adapters, std_scales, self.first_rows)
+        if self._rows is None or self._rows[0] != rows:
+            self._rows = (rows, _upload(rows, torch.int64, self.device))
+        if self._factors is None or self._factors[0] != factors:
+            self._factors = (factors, _upload(factors, torch.float64, self.device))
+        return self._rows[1], self._factors[1], present

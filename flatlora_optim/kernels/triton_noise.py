@@ -35,7 +35,7 @@ except ImportError:  # a Triton without the CUDA backend's libdevice module: pre
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, _cdiv, adapter_table
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, _cdiv
 
 # _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
 # mode launches per layer in forward and backward
@@ -840,7 +840,7 @@ class TritonNoiseKernel:
                  out: torch.Tensor) -> None:
         """Write ``std_scales[l] * ||W_i + s (B A)_i||`` for every row of every layer into ``out``
         (float32, at the table's ``std_bases``); ``std_scales[l]`` is ``sigma / sqrt(n)``."""
-        adapter_rows, factors, ab_codes = adapter_table(adapters, std_scales, table.device, table.first_rows)
+        adapter_rows, factors, ab_codes = table.adapter_tables(adapters, std_scales)
         ranks = [0 if a is None else a[0].shape[0] for a in adapters]
         for w_code in table.dtype_codes:
             wide = w_code in (0, 3)  # float32/float64 weights: sums in float64, no tensor cores
