@@ -9,33 +9,51 @@ Entries hold weak references only, so a dropped wrapper or model frees its claim
 from __future__ import annotations
 
 import weakref
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List
 
 from .targets import LoRATarget
 
 __all__ = ["claim", "release"]
 
-_HOLDERS: Dict[int, Tuple[weakref.ref, weakref.ref]] = {}  # id(weight) -> (weight, the wrapper whose noise is in it)
+_HOLDERS: Dict[int, List[Any]] = {}
+"""``id(weight) -> [weight, wrapper, holding]`` (weak references, and whether the wrapper's noise is in the weight now).
+An entry stays after its release, so that the next step's claim by the same wrapper only sets the flag again instead of
+making two weak references per layer and step."""
+
+
+def _entry(weight: Any) -> Any:
+    """The live entry of ``weight``, or None (an entry whose weight or wrapper was dropped is removed: its id may be reused)."""
+    entry = _HOLDERS.get(id(weight))
+    if entry is None:
+        return None
+    if entry[0]() is not weight or entry[1]() is None:
+        del _HOLDERS[id(weight)]
+        return None
+    return entry
 
 
 def claim(holder: Any, targets: List[LoRATarget]) -> None:
     """Record ``holder`` as the wrapper whose noise goes into ``targets``' weights, or raise ``RuntimeError`` (nothing
     recorded) when another live wrapper's noise is in one of them."""
-    for target in targets:
-        entry = _HOLDERS.get(id(target.weight))
-        if entry is None:
-            continue
-        weight, other = entry[0](), entry[1]()
-        if weight is None or other is None:
-            del _HOLDERS[id(target.weight)]  # a dropped weight (its id reused) or wrapper
-        elif weight is target.weight and other is not holder:
+    weights = [target.weight for target in targets]
+    entries = [_entry(weight) for weight in weights]
+    for target, entry in zip(targets, entries):
+        if entry is not None and entry[2] and entry[1]() is not holder:
             raise RuntimeError(
-                f"The weight of {target.name} holds the noise of another FlatLoRA wrapper ({other!r}). Two wrappers on one "
+                f"The weight of {target.name} holds the noise of another FlatLoRA wrapper ({entry[1]()!r}). Two wrappers on one "
                 "model must not perturb at the same time: each restores against what it wrote. Use one wrapper, or let the "
                 "other restore (its block ends, its backward runs or its step() is called) first."
             )
-    for target in targets:
-        _HOLDERS[id(target.weight)] = (weakref.ref(target.weight), weakref.ref(holder))
+    for weight, entry in zip(weights, entries):
+        if entry is not None and entry[1]() is holder:
+            entry[2] = True
+        else:
+            _HOLDERS[id(weight)] = [weakref.ref(weight, _forget(id(weight))), weakref.ref(holder), True]
+
+
+def _forget(key: int) -> Any:
+    """The callback that drops a weight's entry once the weight is freed (before its id can be reused)."""
+    return lambda _: _HOLDERS.pop(key, None)
 
 
 def release(holder: Any, targets: List[LoRATarget]) -> None:
@@ -43,4 +61,4 @@ def release(holder: Any, targets: List[LoRATarget]) -> None:
     for target in targets:
         entry = _HOLDERS.get(id(target.weight))
         if entry is not None and entry[1]() in (holder, None):
-            del _HOLDERS[id(target.weight)]
+            entry[2] = False

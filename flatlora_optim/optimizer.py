@@ -750,8 +750,8 @@ def _check_sharding(targets: List[LoRATarget], mode: str) -> None:
 
 
 def _check_one_device(targets: List[LoRATarget]) -> None:
-    devices = sorted({str(t.weight.device) for t in targets})
-    if len(devices) > 1:
+    if len({t.weight.device for t in targets}) > 1:
+        devices = sorted({str(t.weight.device) for t in targets})
         raise ValueError(
             f"The LoRA target weights are spread over several devices ({devices}); FlatLoRA expects the model on one device "
             "(for model parallelism use DDP/FSDP with one device per process)."
