@@ -122,3 +122,22 @@ def test_gpu_idle_splits_a_steps_idle_time_into_start_our_kernels_and_the_rest()
     assert abs(first["busy_ms"] - 0.335) < 1e-9 and abs(first["span_ms"] - 0.49) < 1e-9  # 90 + 50 + 95 + 100: the overlap counted once
     assert abs(first["idle_ms"] - sum(first["idle_parts_ms"].values())) < 1e-9
     assert second["idle_parts_ms"] == {"start": 0.01, "next to _row_std_kernel": round((GAP_US + 1) / 1e3, 3)}
+
+
+def test_perturb_host_sections_times_the_step_wide_path_with_the_stub_kernel():
+    """The sections benchmark must see the CUDA path's entry points in the order a step reaches them (the launch of
+    the noise pass after the row stds), and leave the library's functions unwrapped afterwards."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import perturb_host_sections
+
+    import flatlora_optim.perturbation as perturbation
+
+    describe = perturbation.Perturber.__dict__["_describe_all"]
+    result = perturb_host_sections.run("flat-exact", reps=3, stub=True)
+    first = {s["entry"]: s["first_at_ms"] for s in result["sections"]}
+    calls = {s["entry"]: s["calls"] for s in result["sections"]}
+    assert calls["Target.check"] == calls["Perturber._fusable"] == 112 and calls["StepGroup.__init__"] == 1
+    assert first["Target.check"] < first["Kernel.row_stds"] < first["Kernel.exact_perturb_layers"] < first["FlatLoRA._restore_now"]
+    assert 0 < result["host_ms"] <= result["synced_ms"]
+    assert perturbation.Perturber.__dict__["_describe_all"] is describe

@@ -1,0 +1,176 @@
+"""Where the host time of one in-place ``perturb()`` + ``restore()`` goes, section by section, and when each starts.
+
+In a loop that synchronises every step (``loss.item()`` for a log line), the GPU is idle from the step's start until
+the host issues its first launch, and in-place exact restore's noise pass can only start once the host has read every
+layer's weight and adapters, built the step's tables and launched the row stds. This script wraps the library's entry
+points on that path with ``time.perf_counter`` (no profiler: real times, a few microseconds of wrapper cost per call),
+runs ``perturb()`` + ``restore()`` between two synchronisations, and prints for each entry point its inclusive host
+time, its number of calls, and how long after ``perturb()`` began it was first entered (medians over ``--reps``).
+``Kernel._exact``'s start is the noise pass's launch.
+
+    PYTHONPATH=. python benchmarks/perturb_host_sections.py [--method flat-exact] [--reps 10]    # CUDA: step_time's 1 B Llama
+    PYTHONPATH=. python benchmarks/perturb_host_sections.py --stub [--reps 200]                   # any machine: host_time's stub
+
+``--stub`` runs the CUDA step-wide path's host work on the CPU with ``host_time.py``'s stub kernel (no launches, its
+tiny-width Llama of 112 layers), so entries of the real kernel (``Kernel._exact``, the record) are missing there and
+``Kernel.exact_perturb_layers`` stands for the launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import functools
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class SectionClock:
+    """Inclusive host time, calls and first entry (after :meth:`start`) of each wrapped function, per run."""
+
+    def __init__(self) -> None:
+        self.spent: Dict[str, float] = collections.defaultdict(float)
+        self.calls: collections.Counter = collections.Counter()
+        self.first: Dict[str, float] = {}
+        self.zero = 0.0
+        self._undo: List[Callable[[], None]] = []
+
+    def wrap(self, owner: Any, name: str, label: str) -> None:
+        """Time ``owner.name`` (a function or method) under ``label``; absent names are skipped (older code)."""
+        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if original is None:
+            return
+        function = original.__func__ if isinstance(original, staticmethod) else original
+
+        @functools.wraps(function)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            self.first.setdefault(label, (began - self.zero) * 1e3)
+            try:
+                return function(*args, **kwargs)
+            finally:
+                self.spent[label] += time.perf_counter() - began
+                self.calls[label] += 1
+
+        setattr(owner, name, staticmethod(timed) if isinstance(original, staticmethod) else timed)
+        self._undo.append(lambda: setattr(owner, name, original))
+
+    def start(self) -> None:
+        self.spent.clear()
+        self.calls.clear()
+        self.first.clear()
+        self.zero = time.perf_counter()
+
+    def restore(self) -> None:
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
+
+
+def wrap_entry_points(clock: SectionClock, flat: Any, kernel_class: type) -> None:
+    """The entry points of the in-place path, in the order a step reaches them."""
+    import flatlora_optim.grouped as grouped
+    import flatlora_optim.guards as guards
+    import flatlora_optim.optimizer as optimizer
+    import flatlora_optim.perturbation as perturbation
+    import flatlora_optim.targets as targets
+
+    for name in ("_apply_noise", "_add_noise", "_restore_now"):
+        clock.wrap(type(flat), name, f"FlatLoRA.{name}")
+    for name in ("claim", "release", "_check_one_device"):
+        clock.wrap(optimizer, name, name)
+    clock.wrap(targets.LoRATarget, "check", "Target.check")
+    clock.wrap(targets.LoRATarget, "adapters", "Target.adapters")
+    for name in ("_perturb_all", "_describe_all", "describe_all", "_fusable", "_groupable", "_restore_all"):
+        clock.wrap(perturbation.Perturber, name, f"Perturber.{name}")
+    for name in ("__init__", "perturb", "restore_all"):
+        clock.wrap(grouped.StepGroup, name, f"StepGroup.{name}")
+    clock.wrap(grouped.TableCache, "get", "TableCache.get")
+    for name in ("_adapter_args", "noise_seeds", "to_device"):
+        clock.wrap(grouped, name, name)
+    clock.wrap(guards.PerturbationGuards, "__init__", "Guards.__init__")
+    clock.wrap(guards.PerturbationGuards, "remove", "Guards.remove")
+    for name in ("row_stds", "exact_perturb_layers", "_perturb_without_waiting", "settle_counts", "_exact", "exact_restore_layers"):
+        clock.wrap(kernel_class, name, f"Kernel.{name}")
+
+
+@contextlib.contextmanager
+def subject(method: str, stub: bool) -> Iterator[Tuple[Any, type, Callable[[], None]]]:
+    """``(FlatLoRA, its kernel's class, sync)`` on step_time's 1 B Llama (CUDA) or host_time's stub set-up (``stub``)."""
+    from step_time import CONFIGS, build_model, make_ids, make_method, make_step
+
+    if stub:
+        import host_time
+
+        model = host_time.build_model()
+        with host_time.stub_kernel():
+            _, flat, _ = make_method(method, model, [p for p in model.parameters() if p.requires_grad])
+            yield flat, host_time.StubKernel, lambda: None
+        return
+    from flatlora_optim.kernels.triton_noise import TritonNoiseKernel
+
+    device = torch.device("cuda")
+    cfg = CONFIGS["gpu"]
+    model = build_model(cfg, device)
+    base, flat, reference = make_method(method, model, [p for p in model.parameters() if p.requires_grad])
+    step = make_step(model, make_ids(cfg, device), base, flat, reference)
+    for _ in range(3):  # compiled kernels, the record's sizes, the caching allocator's blocks
+        step()
+    yield flat, TritonNoiseKernel, torch.cuda.synchronize
+
+
+def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[str, Any]:
+    with subject(method, stub) as (flat, kernel_class, sync):
+        for _ in range(3):
+            flat.perturb()
+            flat.restore()
+        clock = SectionClock()
+        wrap_entry_points(clock, flat, kernel_class)
+        spent: Dict[str, List[float]] = collections.defaultdict(list)
+        first: Dict[str, List[float]] = collections.defaultdict(list)
+        calls: Dict[str, int] = {}
+        host, synced = [], []
+        try:
+            for _ in range(reps):
+                sync()
+                clock.start()
+                flat.perturb()
+                flat.restore()
+                host.append((time.perf_counter() - clock.zero) * 1e3)
+                sync()
+                synced.append((time.perf_counter() - clock.zero) * 1e3)
+                for label, seconds in clock.spent.items():
+                    spent[label].append(seconds * 1e3)
+                    first[label].append(clock.first[label])
+                    calls[label] = clock.calls[label]
+        finally:
+            clock.restore()
+    sections = sorted(({"entry": label, "host_ms": statistics.median(spent[label]), "calls": calls[label],
+                        "first_at_ms": statistics.median(first[label])} for label in spent), key=lambda s: s["first_at_ms"])
+    return {"method": method, "stub": stub, "reps": reps, "host_ms": statistics.median(host), "synced_ms": statistics.median(synced),
+            "sections": sections}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--method", default="flat-exact", choices=("flat-exact", "flat-backup", "flat-host"))
+    parser.add_argument("--reps", type=int, default=None, help="perturb()+restore() pairs timed (default 10 on CUDA, 200 with --stub)")
+    parser.add_argument("--stub", action="store_true", help="the host work only, on any machine (host_time.py's stub kernel)")
+    args = parser.parse_args()
+    result = run(args.method, args.reps or (200 if args.stub else 10), args.stub)
+    print(f"{result['method']}{' (stub kernel)' if result['stub'] else ''}: perturb()+restore() {result['host_ms']:.2f} ms of host time, "
+          f"{result['synced_ms']:.2f} ms to the end of the GPU work (medians of {result['reps']})")
+    for s in result["sections"]:
+        print(f"{s['entry']:<34} {s['host_ms']:8.3f} ms  x{s['calls']:<5d} first entered at {s['first_at_ms']:7.3f} ms")
+
+
+if __name__ == "__main__":
+    main()
