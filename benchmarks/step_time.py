@@ -7,7 +7,10 @@ Everything is measured side by side in one process on one model, with warm-up an
 * ``flat-backup``     Flat-LoRA, in-place, full-copy restore
 * ``flat-host``       Flat-LoRA, in-place, restore from a copy in host memory (written back during the backward)
 * ``flat-<kind>-held`` the same with the noise held by ``perturb()`` / ``restore()`` around the forward and backward
-                      (the transformers Trainer and Lightning callbacks' pattern); ``flat-host-held`` writes back at the end
+                      (the Lightning callback's pattern); ``flat-host-held`` writes back at the end
+* ``flat-<kind>-released`` ``perturb()``, the forward, ``restore()`` (which waits for the backward), the backward: the
+                      transformers Trainer integration's pattern (it releases the noise before the last micro-batch's
+                      backward); ``flat-host-released`` writes layers back during the backward
 * ``flat-subtract``   Flat-LoRA, in-place, the paper's subtraction restore (drifts)
 * ``flat-virtual``    Flat-LoRA, virtual mode (weights never written)
 * ``reference``       a loop written from the paper's description: W' = W + sBA materialised, a full
@@ -163,14 +166,19 @@ class PaperStyleReference:
             W.sub_(torch.normal(0.0, std))
 
 
-def make_step(model, ids, base, flat, reference, held: bool = False) -> Callable[[], None]:
+def make_step(model, ids, base, flat, reference, held: bool = False, released: bool = False) -> Callable[[], None]:
     """One training step of the method: Flat-LoRA wrapper, paper-style reference, or plain LoRA. ``held``: the noise
-    held across the forward and backward with ``perturb()`` / ``restore()``, as the Trainer and Lightning callbacks do."""
+    held across the forward and backward with ``perturb()`` / ``restore()``, as the Lightning callback does;
+    ``released``: ``restore()`` called between the forward and the backward (it waits for the backward), as the
+    transformers Trainer integration does before the last micro-batch's backward."""
 
     def step() -> None:
-        if flat is not None and held:
+        if flat is not None and (held or released):
             flat.perturb()
-            model(input_ids=ids, labels=ids).loss.backward()
+            loss = model(input_ids=ids, labels=ids).loss
+            if released:
+                flat.restore()
+            loss.backward()
             flat.restore()
             flat.step()
             flat.zero_grad()
@@ -200,7 +208,7 @@ def make_method(method: str, model, lora_params) -> Tuple[torch.optim.Optimizer,
 
     base = torch.optim.AdamW(lora_params, lr=1e-5)
     if method.startswith("flat-"):
-        kind = method.split("-", 1)[1].removesuffix("-held")
+        kind = method.split("-", 1)[1].removesuffix("-held").removesuffix("-released")
         mode = "virtual" if kind == "virtual" else "inplace"
         restore = "exact" if kind == "virtual" else kind
         return base, FlatLoRA(base, model, rho=0.05, schedule="constant", seed=0, mode=mode, restore=restore), None
@@ -320,7 +328,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = Fa
 
     for method in methods:
         base, flat, reference = make_method(method, model, lora_params)
-        step = make_step(model, ids, base, flat, reference, held=method.endswith("-held"))
+        step = make_step(model, ids, base, flat, reference, held=method.endswith("-held"), released=method.endswith("-released"))
         if device.type == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()

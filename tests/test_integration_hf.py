@@ -104,19 +104,27 @@ def assert_same_bits(before: dict, after: dict) -> None:
 class Probe(TrainerCallback):
     """Records, inside the Trainer loop, what the weights look like at each event.
 
-    Placed before the Flat-LoRA callback (constructor callbacks come before add_callback's), so at
-    ``on_pre_optimizer_step`` it sees the weights the last backward used, before the restore.
+    Each training micro-batch's weights are read in the probed module's forward (a forward hook: the weights that
+    micro-batch's forward and backward compute with); a checkpoint's rerun of the forward inside the backward, and
+    forwards without grad (evaluation), are not recorded. Placed before the Flat-LoRA callback (constructor callbacks
+    come before add_callback's), so at ``on_pre_optimizer_step`` it sees the weights before that callback's restore.
     """
 
     def __init__(self, module_name: str, clean: torch.Tensor):
         self.module_name = module_name
         self.clean = clean  # bits of the clean weight
         self.flat = None
-        self.micro = []  # (global_step, bits) after each non-final micro-batch and before each update
+        self.state = None
+        self.micro = []  # (global_step, bits, sigma, relative noise) in each training micro-batch's forward
         self.clean_events = []  # (event, is_perturbed, weight bits equal to clean)
 
     def _weight(self, model):
         return dict(model.named_modules())[self.module_name].weight
+
+    def _forward(self, module, args, output):
+        if not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
+            return
+        self._record(self.state, self._model)
 
     def _record(self, state, model):
         module = dict(model.named_modules())[self.module_name]
@@ -130,13 +138,12 @@ class Probe(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         from flatlora_optim.integrations import find_flatlora
 
-        self.flat = find_flatlora(optimizer)
-
-    def on_substep_end(self, args, state, control, model=None, **kwargs):
-        self._record(state, model)
+        self.flat, self.state, self._model = find_flatlora(optimizer), state, model
+        dict(model.named_modules())[self.module_name].register_forward_hook(self._forward)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-        self._record(state, model)
+        # the last micro-batch's backward has ended: add_flatlora released the noise before it, so it is out already
+        self._clean_event("pre_optimizer_step", model)
 
     def _clean_event(self, event, model):
         self.clean_events.append((event, self.flat.is_perturbed, torch.equal(bits(self._weight(model)), self.clean)))
@@ -193,7 +200,7 @@ def test_trainer_accumulation_eval_checkpoints_and_resume(tmp_path):
     assert len(noise_a) == total
     # evaluation, saving and step ends only ever saw clean weights
     events = {e for e, _, _ in probe.clean_events}
-    assert events == {"evaluate", "save", "step_end"}
+    assert events == {"evaluate", "save", "step_end", "pre_optimizer_step"}
     assert all(not perturbed and is_clean for _, perturbed, is_clean in probe.clean_events)
     # the base weights are bitwise unchanged; the adapters trained
     assert_same_bits(initial, frozen_bits(model))
@@ -346,3 +353,38 @@ def test_trainer_with_host_restore_trains_as_with_exact_restore(tmp_path):
         trained[restore] = {n: bits(p) for n, p in model.named_parameters() if p.requires_grad}
     for name, value in trained["exact"].items():
         assert torch.equal(value, trained["host"][name]), f"{name}: host restore trained other adapters"
+
+
+def test_trainer_with_host_restore_writes_layers_back_during_the_last_backward(tmp_path, monkeypatch):
+    """add_flatlora releases the noise before the last micro-batch's backward, so host restore writes each layer back
+    as soon as that backward is done with it (inside the backward), not all at once after it; the earlier micro-batch's
+    backward writes nothing back (its step's noise is still needed)."""
+    from flatlora_optim.perturbation import Perturber
+
+    early = []  # (global step, micro-batch of the step, inside a backward)
+    restore_early = Perturber.restore_early
+
+    def recording(self, p):
+        early.append((trainer.state.global_step, seen[0], torch._C._current_graph_task_id() != -1))
+        return restore_early(self, p)
+
+    monkeypatch.setattr(Perturber, "restore_early", recording)
+    seen = [0]
+
+    class MicroBatches(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            seen[0] = 0
+
+        def on_substep_end(self, args, state, control, **kwargs):
+            seen[0] += 1
+
+    model = tiny_peft_gpt2()  # its c_fc computes on an input that needs a gradient: written back early (c_attn's input does not)
+    initial = frozen_bits(model)
+    trainer = CustomLossTrainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=lm_data(12, seed=2),
+                                callbacks=[MicroBatches()])
+    callback = add_flatlora(trainer, rho=0.1, seed=0, restore="host", schedule="constant")
+    trainer.train()
+    assert callback.flat.step_count == 3
+    assert {step for step, _, _ in early} == {0, 1, 2}  # every step wrote layers back early
+    assert all(micro == 1 and in_backward for _, micro, in_backward in early)  # in the second (last) micro-batch's backward
+    assert_same_bits(initial, frozen_bits(model))

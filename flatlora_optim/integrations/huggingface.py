@@ -14,10 +14,18 @@ What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
   would do so in ``training_step`` a moment later; doing it first keeps a mode change from
   hitting perturbed layers after a mid-training evaluation), then ``perturb()`` writes this
   step's noise. Every micro-batch of the accumulation window sees the same draw.
+* before the last micro-batch's backward (:func:`add_flatlora` wraps the Trainer's
+  ``accelerator.backward``; the last micro-batch is the one where ``accelerator.sync_gradients``
+  is true): ``restore()``, which lets the noise out as soon as that backward no longer needs it
+  -- at its end, and with ``restore="host"`` layer by layer during it, each copy back to the
+  device running beside the rest of the backward (otherwise all layers would be written back
+  at once after it). The gradients are the same: every forward and backward of the step still
+  computes at ``W + e``.
 * ``on_pre_optimizer_step`` (after the last backward and gradient clipping, before
-  ``optimizer.step()``): ``restore()`` puts the original bits back. ``FlatLoRA.step`` would
-  restore too; restoring here makes the optimizer update start from clean weights whatever
-  wraps the step (a ``GradScaler`` that skips it, for instance).
+  ``optimizer.step()``): ``restore()`` again (a no-op when the backward has restored; with a
+  :class:`FlatLoRACallback` given directly, without :func:`add_flatlora`, this is where the noise
+  comes out). ``FlatLoRA.step`` would restore too; restoring here makes the optimizer update
+  start from clean weights whatever wraps the step (a ``GradScaler`` that skips it, for instance).
 * ``on_step_end`` / ``on_epoch_end`` / ``on_train_end``: restore again if still perturbed (a
   skipped step), so evaluation, logging and checkpoint saving always see clean weights. If
   ``train()`` is left by an exception (the Trainer has no callback event for it), the wrapper
@@ -107,6 +115,13 @@ class FlatLoRACallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._require().restore()
 
+    def before_backward(self, accelerator: Any) -> None:
+        """Called by the Trainer's ``accelerator.backward`` (wrapped by :func:`add_flatlora`) before each backward: before
+        the last micro-batch's, release the noise, so that it comes out once that backward is done with it (the restore
+        waits for the backward; it does not happen before it)."""
+        if self.flat is not None and self.flat.is_perturbed and getattr(accelerator, "sync_gradients", True):
+            self.flat.restore()
+
     def _restore(self) -> None:
         # Called after the optimizer step (or where it would have been): every backward of the step
         # is done, so nothing can still need the noisy weights -- restore now, even if a graph built
@@ -141,7 +156,9 @@ def add_flatlora(
     and before a checkpoint's optimizer state is loaded, so that the ``"flatlora"`` state is saved
     and resumed with it. Works for subclasses that override ``create_optimizer`` (TRL trainers),
     since the wrapping runs after whatever that method builds. The schedule length is the
-    Trainer's ``state.max_steps`` (set at ``on_train_begin``).
+    Trainer's ``state.max_steps`` (set at ``on_train_begin``). The Trainer's ``accelerator.backward``
+    is wrapped too: before the last micro-batch's backward the noise is released, to come out as
+    soon as that backward is done with it (see the module docstring).
 
     Args:
         trainer: a ``transformers.Trainer`` (or subclass) whose model holds the LoRA layers.
@@ -194,5 +211,14 @@ def add_flatlora(
 
     trainer.create_optimizer = create_flatlora_optimizer
     trainer.train = train_and_restore
+    accelerator = getattr(trainer, "accelerator", None)
+    if accelerator is not None and callable(getattr(accelerator, "backward", None)):
+        backward = accelerator.backward  # bound method of the Trainer's Accelerator
+
+        def backward_releasing_the_noise(loss: Any, **kwargs: Any) -> Any:
+            callback.before_backward(accelerator)
+            return backward(loss, **kwargs)
+
+        accelerator.backward = backward_releasing_the_noise
     trainer.add_callback(callback)
     return callback
