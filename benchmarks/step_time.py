@@ -8,9 +8,9 @@ Everything is measured side by side in one process on one model, with warm-up an
 * ``flat-host``       Flat-LoRA, in-place, restore from a copy in host memory (written back during the backward)
 * ``flat-<kind>-held`` the same with the noise held by ``perturb()`` / ``restore()`` around the forward and backward
                       (the Lightning callback's pattern); ``flat-host-held`` writes back at the end
-* ``flat-<kind>-released`` ``perturb()``, the forward, ``restore()`` (which waits for the backward), the backward: the
-                      transformers Trainer integration's pattern (it releases the noise before the last micro-batch's
-                      backward); ``flat-host-released`` writes layers back during the backward
+* ``flat-<kind>-released`` the noise held by ``perturb()``, the backward in ``final_backward()``: the transformers
+                      Trainer integration's pattern (its last micro-batch's backward); ``flat-host-released`` writes
+                      layers back during the backward
 * ``flat-subtract``   Flat-LoRA, in-place, the paper's subtraction restore (drifts)
 * ``flat-virtual``    Flat-LoRA, virtual mode (weights never written)
 * ``reference``       a loop written from the paper's description: W' = W + sBA materialised, a full
@@ -49,6 +49,7 @@ sync still counts: the host waits there, then launches the rest).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import math
@@ -169,16 +170,15 @@ class PaperStyleReference:
 def make_step(model, ids, base, flat, reference, held: bool = False, released: bool = False) -> Callable[[], None]:
     """One training step of the method: Flat-LoRA wrapper, paper-style reference, or plain LoRA. ``held``: the noise
     held across the forward and backward with ``perturb()`` / ``restore()``, as the Lightning callback does;
-    ``released``: ``restore()`` called between the forward and the backward (it waits for the backward), as the
-    transformers Trainer integration does before the last micro-batch's backward."""
+    ``released``: the backward in ``final_backward()``, as the transformers Trainer integration runs the last
+    micro-batch's backward."""
 
     def step() -> None:
         if flat is not None and (held or released):
             flat.perturb()
             loss = model(input_ids=ids, labels=ids).loss
-            if released:
-                flat.restore()
-            loss.backward()
+            with flat.final_backward() if released else contextlib.nullcontext():
+                loss.backward()
             flat.restore()
             flat.step()
             flat.zero_grad()

@@ -189,6 +189,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._early: Optional[EarlyRestore] = None  # host restore: the layers restored during the backward
         # torch.compile traces the layers' forward pre-hooks into its graph: there, host restore restores at the end only
         self._early_restore_allowed = not _is_compiled(model)
+        self._in_final_backward = False  # inside final_backward(): host restore may write layers back while the noise is held
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
         self.peak_restore_bytes = 0
@@ -359,6 +360,27 @@ class FlatLoRA(torch.optim.Optimizer):
                 self._restore_now()  # nothing to do unless the noise was in place when the error came
             raise
 
+    @contextlib.contextmanager
+    def final_backward(self) -> Iterator[None]:
+        """Run the step's last backward in this block when the noise is held by :meth:`perturb` (gradient accumulation:
+        every micro-batch computes at the same ``W + e``, and the noise stays in until the last one's backward).
+
+        With ``restore="host"`` each layer is then written back as soon as that backward is done with it, its copy
+        back to the device running beside the rest of the backward, instead of all layers at once after it. When
+        the block ends the noise is released (:meth:`restore`). The gradients are the same: the backward computes
+        at ``W + e`` (a layer written back early is done with); a layer that computes again before the step's restore
+        gets its noise back first. Nothing after this backward in the step should read the weights at ``W + e`` (a
+        second backward through its graph, a weight read outside its layer's forward): give that backward
+        ``retain_graph=True`` outside this block instead. With the other restores the block only releases the noise
+        at its end. If the backward raises, the noise stays held (restore as after any failed step).
+        """
+        self._in_final_backward = True
+        try:
+            yield
+        finally:
+            self._in_final_backward = False
+        self.restore()
+
     def restore(self, force: bool = False) -> None:
         """Take the noise out of the weights, bitwise exactly.
 
@@ -447,7 +469,7 @@ class FlatLoRA(torch.optim.Optimizer):
                   for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
         if not layers:
             return None
-        return EarlyRestore(layers, may_restore=lambda: not self._armed())
+        return EarlyRestore(layers, may_restore=lambda: self._in_final_backward or not self._armed())
 
     @torch.no_grad()
     def _restore_now(self) -> None:

@@ -554,3 +554,38 @@ def test_a_retained_graph_and_a_direct_read_inside_the_noise_window_see_the_nois
         assert not opt.is_perturbed
         assert_frozen_unchanged(model, before)
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(results["exact"], results["host"]))
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_final_backward_writes_layers_back_during_the_last_backward_of_held_noise(restore, monkeypatch):
+    """Gradient accumulation with the noise held by perturb(): the last micro-batch's backward in final_backward()
+    writes each layer back (host restore) as soon as it is done with it, not in the earlier micro-batch's backward;
+    the gradients are exact restore's to the bit, and the weights clean after the block."""
+    from flatlora_optim.perturbation import Perturber
+
+    early = []  # (micro-batch, inside a backward) of each early write-back
+    restore_early = Perturber.restore_early
+    monkeypatch.setattr(Perturber, "restore_early", lambda self, p: (early.append((micro, torch._C._current_graph_task_id() != -1)),
+                                                                     restore_early(self, p))[1])
+    grads = {}
+    for strategy in ("exact", restore):
+        early.clear()
+        model = make_mlp(seed=3)
+        before = frozen_weights(model)
+        opt = _opt(model, strategy)
+        opt.perturb()
+        for micro in range(2):
+            x, y = batch(micro)
+            loss = nn.functional.cross_entropy(model(x.requires_grad_(True)), y)
+            with opt.final_backward() if micro == 1 else contextlib.nullcontext():
+                loss.backward()
+        assert not opt.is_perturbed  # released at the block's end (its backward is done)
+        assert_frozen_unchanged(model, before)
+        grads[strategy] = _grads(model)
+        opt.step()
+        assert_frozen_unchanged(model, before)
+        if strategy == "host":
+            assert early and all(m == 1 and in_backward for m, in_backward in early)
+        else:
+            assert not early
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(grads["exact"], grads[restore]))

@@ -388,3 +388,27 @@ def test_trainer_with_host_restore_writes_layers_back_during_the_last_backward(t
     assert {step for step, _, _ in early} == {0, 1, 2}  # every step wrote layers back early
     assert all(micro == 1 and in_backward for _, micro, in_backward in early)  # in the second (last) micro-batch's backward
     assert_same_bits(initial, frozen_bits(model))
+
+
+class RetainedGraphTrainer(CustomLossTrainer):
+    """A training step with two backward passes through one graph (the first keeps it)."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        loss = self.compute_loss(model, inputs)
+        self.accelerator.backward(loss, retain_graph=True)
+        self.accelerator.backward(0.5 * loss)  # the same graph again: still at W + e
+        return loss.detach()
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_a_backward_that_keeps_its_graph_does_not_release_the_noise(tmp_path, restore):
+    """Releasing before a retain_graph backward would restore at its end, and the second backward through the graph
+    would then raise (the weights it needs were written back); the release waits for the backward that frees it."""
+    model = tiny_peft_gpt2()
+    initial = frozen_bits(model)
+    trainer = RetainedGraphTrainer(model=model, args=training_args(tmp_path, max_steps=2), train_dataset=lm_data(8, seed=3))
+    callback = add_flatlora(trainer, rho=0.1, seed=0, restore=restore, schedule="constant")
+    trainer.train()
+    assert callback.flat.step_count == 2 and not callback.flat.is_perturbed
+    assert_same_bits(initial, frozen_bits(model))

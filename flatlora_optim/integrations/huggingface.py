@@ -14,13 +14,14 @@ What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
   would do so in ``training_step`` a moment later; doing it first keeps a mode change from
   hitting perturbed layers after a mid-training evaluation), then ``perturb()`` writes this
   step's noise. Every micro-batch of the accumulation window sees the same draw.
-* before the last micro-batch's backward (:func:`add_flatlora` wraps the Trainer's
-  ``accelerator.backward``; the last micro-batch is the one where ``accelerator.sync_gradients``
-  is true): ``restore()``, which lets the noise out as soon as that backward no longer needs it
-  -- at its end, and with ``restore="host"`` layer by layer during it, each copy back to the
-  device running beside the rest of the backward (otherwise all layers would be written back
-  at once after it). The gradients are the same: every forward and backward of the step still
-  computes at ``W + e``.
+* the last micro-batch's backward (:func:`add_flatlora` wraps the Trainer's ``accelerator.backward``;
+  the last micro-batch is the one where ``accelerator.sync_gradients`` is true) runs in
+  :meth:`FlatLoRA.final_backward`: with ``restore="host"`` each layer is written back as soon as
+  that backward is done with it, its copy to the device running beside the rest of the backward
+  (otherwise all layers would be written back at once after it), and the noise is released at
+  its end. The gradients are the same: every forward and backward of the step computes at
+  ``W + e``. A backward that keeps its graph (``retain_graph=True`` or ``create_graph=True`` passed
+  to ``accelerator.backward``) is left alone: a later backward through that graph needs the noise.
 * ``on_pre_optimizer_step`` (after the last backward and gradient clipping, before
   ``optimizer.step()``): ``restore()`` again (a no-op when the backward has restored; with a
   :class:`FlatLoRACallback` given directly, without :func:`add_flatlora`, this is where the noise
@@ -115,12 +116,11 @@ class FlatLoRACallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._require().restore()
 
-    def before_backward(self, accelerator: Any) -> None:
-        """Called by the Trainer's ``accelerator.backward`` (wrapped by :func:`add_flatlora`) before each backward: before
-        the last micro-batch's, release the noise, so that it comes out once that backward is done with it (the restore
-        waits for the backward; it does not happen before it)."""
-        if self.flat is not None and self.flat.is_perturbed and getattr(accelerator, "sync_gradients", True):
-            self.flat.restore()
+    def is_final_backward(self, accelerator: Any, keeps_graph: bool = False) -> bool:
+        """Whether the backward about to run is the step's last one (its last micro-batch: ``accelerator.sync_gradients``)
+        with the noise in; not a backward that keeps its graph (``retain_graph=True``, ``create_graph=True``), which
+        another backward may go through again."""
+        return self.flat is not None and self.flat.is_perturbed and not keeps_graph and bool(getattr(accelerator, "sync_gradients", True))
 
     def _restore(self) -> None:
         # Called after the optimizer step (or where it would have been): every backward of the step
@@ -157,8 +157,8 @@ def add_flatlora(
     and resumed with it. Works for subclasses that override ``create_optimizer`` (TRL trainers),
     since the wrapping runs after whatever that method builds. The schedule length is the
     Trainer's ``state.max_steps`` (set at ``on_train_begin``). The Trainer's ``accelerator.backward``
-    is wrapped too: before the last micro-batch's backward the noise is released, to come out as
-    soon as that backward is done with it (see the module docstring).
+    is wrapped too: the last micro-batch's backward runs in :meth:`FlatLoRA.final_backward` (see the
+    module docstring).
 
     Args:
         trainer: a ``transformers.Trainer`` (or subclass) whose model holds the LoRA layers.
@@ -216,8 +216,10 @@ def add_flatlora(
         backward = accelerator.backward  # bound method of the Trainer's Accelerator
 
         def backward_releasing_the_noise(loss: Any, **kwargs: Any) -> Any:
-            callback.before_backward(accelerator)
-            return backward(loss, **kwargs)
+            if not callback.is_final_backward(accelerator, keeps_graph=bool(kwargs.get("retain_graph") or kwargs.get("create_graph"))):
+                return backward(loss, **kwargs)
+            with callback.flat.final_backward():  # type: ignore[union-attr]
+                return backward(loss, **kwargs)
 
         accelerator.backward = backward_releasing_the_noise
     trainer.add_callback(callback)
