@@ -371,8 +371,10 @@ class FlatLoRA(torch.optim.Optimizer):
         at ``W + e`` (a layer written back early is done with); a layer that computes again before the step's restore
         gets its noise back first. Nothing after this backward in the step should read the weights at ``W + e`` (a
         second backward through its graph, a weight read outside its layer's forward): give that backward
-        ``retain_graph=True`` outside this block instead. With the other restores the block only releases the noise
-        at its end. If the backward raises, the noise stays held (restore as after any failed step).
+        ``retain_graph=True`` outside this block instead; a later forward needs the noise put back with :meth:`perturb`,
+        the same draw). With the other restores the block only releases the noise at its end. Inside a
+        :meth:`perturbed` block, which keeps the noise to its end, it does nothing. If the backward raises, the noise
+        stays held (restore as after any failed step).
         """
         self._in_final_backward = True
         try:
@@ -469,7 +471,8 @@ class FlatLoRA(torch.optim.Optimizer):
                   for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
         if not layers:
             return None
-        return EarlyRestore(layers, may_restore=lambda: self._in_final_backward or not self._armed())
+        # in final_backward() while perturb() holds the noise, not inside a perturbed() block (which keeps it to its end)
+        return EarlyRestore(layers, may_restore=lambda: (self._in_final_backward and self._depth == 0) or not self._armed())
 
     @torch.no_grad()
     def _restore_now(self) -> None:

@@ -589,3 +589,26 @@ def test_final_backward_writes_layers_back_during_the_last_backward_of_held_nois
         else:
             assert not early
     assert all(torch.equal(bits(a), bits(b)) for a, b in zip(grads["exact"], grads[restore]))
+
+
+def test_final_backward_inside_a_perturbed_block_keeps_the_noise_to_the_blocks_end():
+    """Found by review: inside a perturbed() block, which keeps the noise to its end, final_backward() let host restore
+    write layers back, so a later read of a base weight in the block saw W (exact restore: W + e)."""
+    results = {}
+    for restore in ("exact", "host"):
+        model = make_mlp(seed=1)
+        before = frozen_weights(model)
+        opt = _opt(model, restore)
+        with opt.perturbed():
+            x, y = batch(0)
+            loss = nn.functional.cross_entropy(model(x.requires_grad_(True)), y)
+            with opt.final_backward():
+                loss.backward()
+            noisy = [bits(t.weight) for t in opt.targets]
+            clean = [before[name] for name in (n for n, p in model.named_parameters() if any(p is t.weight for t in opt.targets))]
+            assert opt.is_perturbed and len(noisy) == len(clean) == 3
+            assert all(not torch.equal(a, b) for a, b in zip(noisy, clean))  # every layer still holds its noise
+        results[restore] = noisy
+        assert not opt.is_perturbed
+        assert_frozen_unchanged(model, before)
+    assert all(torch.equal(a, b) for a, b in zip(results["exact"], results["host"]))

@@ -412,3 +412,38 @@ def test_a_backward_that_keeps_its_graph_does_not_release_the_noise(tmp_path, re
     trainer.train()
     assert callback.flat.step_count == 2 and not callback.flat.is_perturbed
     assert_same_bits(initial, frozen_bits(model))
+
+
+class ChunkedTrainer(CustomLossTrainer):
+    """A training step with two forward and backward passes (the micro-batch in two chunks), each through
+    accelerator.backward: the first one of the last micro-batch already looks like the step's last backward."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        model.train()
+        total = 0.0
+        for half in (slice(0, 1), slice(1, 2)):
+            loss = self.compute_loss(model, {k: v[half] for k, v in inputs.items()}) / 2
+            self.accelerator.backward(loss)
+            total += loss.detach()
+        return total
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_every_forward_of_a_step_with_several_backward_passes_computes_at_the_noise(tmp_path, restore, accumulation):
+    """Found by review: the first backward of the last micro-batch released the noise, and the second chunk's forward
+    computed at W (every restore). The step's draw now comes back before that forward."""
+    model = tiny_peft_gpt2()
+    initial = frozen_bits(model)
+    layer = dict(model.named_modules())["base_model.model.transformer.h.0.mlp.c_fc.base_layer"]
+    clean = bits(layer.weight)
+    at_clean = []
+    layer.register_forward_hook(lambda m, a, o: at_clean.append(torch.equal(bits(m.weight), clean))
+                                if torch.is_grad_enabled() and torch._C._current_graph_task_id() == -1 else None)
+    args = training_args(tmp_path, max_steps=3, gradient_accumulation_steps=accumulation)
+    trainer = ChunkedTrainer(model=model, args=args, train_dataset=lm_data(12, seed=2))
+    callback = add_flatlora(trainer, rho=0.1, seed=0, restore=restore, schedule="constant")
+    trainer.train()
+    assert len(at_clean) == 3 * 2 * accumulation and not any(at_clean)
+    assert callback.flat.step_count == 3 and not callback.flat.is_perturbed
+    assert_same_bits(initial, frozen_bits(model))

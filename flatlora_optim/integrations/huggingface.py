@@ -22,6 +22,10 @@ What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
   its end. The gradients are the same: every forward and backward of the step computes at
   ``W + e``. A backward that keeps its graph (``retain_graph=True`` or ``create_graph=True`` passed
   to ``accelerator.backward``) is left alone: a later backward through that graph needs the noise.
+  A ``training_step`` that runs more than one forward and backward (chunks of the micro-batch,
+  several losses) gets the same draw back before its next forward (``perturb()``, through a
+  forward pre-hook on the model while ``train()`` runs): every forward of the step computes at
+  ``W + e``, at the cost of a perturb per extra backward.
 * ``on_pre_optimizer_step`` (after the last backward and gradient clipping, before
   ``optimizer.step()``): ``restore()`` again (a no-op when the backward has restored; with a
   :class:`FlatLoRACallback` given directly, without :func:`add_flatlora`, this is where the noise
@@ -81,6 +85,7 @@ class FlatLoRACallback(TrainerCallback):
     def __init__(self, optimizer: Optional[FlatLoRA] = None, *, sync_total_steps: bool = True):
         self.flat = optimizer
         self.sync_total_steps = sync_total_steps
+        self.released = False  # final_backward() took this step's noise out before the optimizer step (add_flatlora)
 
     def _require(self) -> FlatLoRA:
         if self.flat is None:
@@ -107,6 +112,7 @@ class FlatLoRACallback(TrainerCallback):
             )
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.released = False
         flat = self._require()
         model = kwargs.get("model")
         if model is not None and not model.training:
@@ -114,7 +120,15 @@ class FlatLoRACallback(TrainerCallback):
         flat.perturb()
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.released = False
         self._require().restore()
+
+    def before_forward(self, module: Any, args: Any) -> None:
+        """Forward pre-hook on the model while ``train()`` runs: a forward after the noise was released by a backward of
+        the same step (a ``training_step`` with several backward passes) gets the step's draw back first."""
+        if self.released:
+            self.released = False
+            self._require().perturb()
 
     def is_final_backward(self, accelerator: Any, keeps_graph: bool = False) -> bool:
         """Whether the backward about to run is the step's last one (its last micro-batch: ``accelerator.sync_gradients``)
@@ -123,6 +137,7 @@ class FlatLoRACallback(TrainerCallback):
         return self.flat is not None and self.flat.is_perturbed and not keeps_graph and bool(getattr(accelerator, "sync_gradients", True))
 
     def _restore(self) -> None:
+        self.released = False
         # Called after the optimizer step (or where it would have been): every backward of the step
         # is done, so nothing can still need the noisy weights -- restore now, even if a graph built
         # at W + e is kept alive somewhere (restore() alone would wait for it to be collected).
@@ -204,9 +219,11 @@ def add_flatlora(
     def train_and_restore(*args: Any, **kwargs: Any) -> Any:
         # The Trainer has no callback event for an exception in the loop: take the noise out here,
         # so that an interrupted train() (error, KeyboardInterrupt) leaves the live weights clean.
+        handle = trainer.model.register_forward_pre_hook(callback.before_forward)
         try:
             return train(*args, **kwargs)
         finally:
+            handle.remove()
             callback._restore()
 
     trainer.create_optimizer = create_flatlora_optimizer
@@ -219,7 +236,9 @@ def add_flatlora(
             if not callback.is_final_backward(accelerator, keeps_graph=bool(kwargs.get("retain_graph") or kwargs.get("create_graph"))):
                 return backward(loss, **kwargs)
             with callback.flat.final_backward():  # type: ignore[union-attr]
-                return backward(loss, **kwargs)
+                result = backward(loss, **kwargs)
+            callback.released = True  # a later forward of this step gets the noise back (see before_forward)
+            return result
 
         accelerator.backward = backward_releasing_the_noise
     trainer.add_callback(callback)
