@@ -5,6 +5,7 @@ Run on the device with: python -m pytest -q tests/test_gpu.py
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -653,6 +654,42 @@ def test_host_restore_gives_exact_restores_gradients_and_writes_layers_back_duri
             results[restore].append([p.grad.float().clone() for p in model.parameters() if p.requires_grad])
             if restore == "host":
                 assert len(written_early) == early, (step, written_early)
+            opt.step()
+            opt.zero_grad()
+    for step, (a, b) in enumerate(zip(results["exact"], results["host"])):
+        for g, h in zip(a, b):
+            torch.testing.assert_close(h, g, rtol=1e-3, atol=1e-6, msg=f"step {step}")
+
+
+def test_final_backward_writes_held_noise_back_during_the_last_backward_on_cuda(monkeypatch):
+    """Gradient accumulation with the noise held by perturb(), the last micro-batch's backward in final_backward(): on
+    CUDA (fused pass, copies back on the side stream) host restore writes the 11 layers whose input needs a gradient
+    back during that backward and none during the first; gradients as exact restore's (tolerance as above) and the
+    weights bitwise after each step."""
+    pytest.importorskip("triton")
+    ids = [torch.randint(0, 64, (2, 32), generator=torch.Generator().manual_seed(k)).cuda() for k in range(2)]
+    results = {}
+    for restore in ("exact", "host"):
+        model = _tiny_llama("none")
+        frozen = {n: bits(p).clone() for n, p in model.named_parameters() if not p.requires_grad}
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01), model, rho=0.2, schedule="constant",
+                       seed=5, restore=restore)
+        written_early, micro = [], [0]  # the micro-batch of each early write-back
+        real = opt._perturber.restore_early
+        monkeypatch.setattr(opt._perturber, "restore_early", lambda p, seen=written_early, now=micro, real=real: (seen.append(now[0]), real(p)))
+        results[restore] = []
+        for step in range(2):
+            written_early.clear()
+            opt.perturb()
+            for micro[0] in range(2):
+                loss = model(input_ids=ids[micro[0]], labels=ids[micro[0]]).loss
+                with opt.final_backward() if micro[0] == 1 else contextlib.nullcontext():
+                    loss.backward()
+            assert not opt.is_perturbed
+            assert all(torch.equal(bits(p), frozen[n]) for n, p in model.named_parameters() if not p.requires_grad), (restore, step)
+            results[restore].append([p.grad.float().clone() for p in model.parameters() if p.requires_grad])
+            if restore == "host":
+                assert written_early == [1] * 11, (step, written_early)
             opt.step()
             opt.zero_grad()
     for step, (a, b) in enumerate(zip(results["exact"], results["host"])):
