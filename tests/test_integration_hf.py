@@ -446,4 +446,5 @@ def test_every_forward_of_a_step_with_several_backward_passes_computes_at_the_no
     trainer.train()
     assert len(at_clean) == 3 * 2 * accumulation and not any(at_clean)
     assert callback.flat.step_count == 3 and not callback.flat.is_perturbed
+    assert not any(getattr(hook, "__self__", None) is callback for hook in model._forward_pre_hooks.values())  # gone after train()
     assert_same_bits(initial, frozen_bits(model))

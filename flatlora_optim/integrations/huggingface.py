@@ -24,7 +24,7 @@ What happens, per optimizer step of the Trainer's loop (``_run_epoch``):
   to ``accelerator.backward``) is left alone: a later backward through that graph needs the noise.
   A ``training_step`` that runs more than one forward and backward (chunks of the micro-batch,
   several losses) gets the same draw back before its next forward (``perturb()``, through a
-  forward pre-hook on the model while ``train()`` runs): every forward of the step computes at
+  forward pre-hook on the trained model from ``on_train_begin`` to the end of ``train()``): every forward of the step computes at
   ``W + e``, at the cost of a perturb per extra backward.
 * ``on_pre_optimizer_step`` (after the last backward and gradient clipping, before
   ``optimizer.step()``): ``restore()`` again (a no-op when the backward has restored; with a
@@ -86,6 +86,7 @@ class FlatLoRACallback(TrainerCallback):
         self.flat = optimizer
         self.sync_total_steps = sync_total_steps
         self.released = False  # final_backward() took this step's noise out before the optimizer step (add_flatlora)
+        self._forward_hook: Any = None  # before_forward on the model being trained, from on_train_begin to the end of train()
 
     def _require(self) -> FlatLoRA:
         if self.flat is None:
@@ -102,6 +103,10 @@ class FlatLoRACallback(TrainerCallback):
         if found is not None:
             self.flat = found
         flat = self._require()
+        model = kwargs.get("model")  # the model train() runs (a model_init may have replaced the one add_flatlora saw)
+        self.remove_forward_hook()
+        if model is not None:
+            self._forward_hook = model.register_forward_pre_hook(self.before_forward)
         if self.sync_total_steps and state.max_steps > 0:
             set_total_steps(flat, int(state.max_steps))
         if state.global_step > 0 and flat.step_count == 0:
@@ -122,6 +127,11 @@ class FlatLoRACallback(TrainerCallback):
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.released = False
         self._require().restore()
+
+    def remove_forward_hook(self) -> None:
+        if self._forward_hook is not None:
+            self._forward_hook.remove()
+            self._forward_hook = None
 
     def before_forward(self, module: Any, args: Any) -> None:
         """Forward pre-hook on the model while ``train()`` runs: a forward after the noise was released by a backward of
@@ -151,6 +161,7 @@ class FlatLoRACallback(TrainerCallback):
         self._restore()
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self.remove_forward_hook()
         self._restore()
 
 
@@ -219,11 +230,10 @@ def add_flatlora(
     def train_and_restore(*args: Any, **kwargs: Any) -> Any:
         # The Trainer has no callback event for an exception in the loop: take the noise out here,
         # so that an interrupted train() (error, KeyboardInterrupt) leaves the live weights clean.
-        handle = trainer.model.register_forward_pre_hook(callback.before_forward)
         try:
             return train(*args, **kwargs)
         finally:
-            handle.remove()
+            callback.remove_forward_hook()
             callback._restore()
 
     trainer.create_optimizer = create_flatlora_optimizer
