@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import functools
 import statistics
 import sys
 import time
@@ -32,74 +31,29 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-
-class SectionClock:
-    """Inclusive host time, calls and first entry (after :meth:`start`) of each wrapped function, per run."""
-
-    def __init__(self) -> None:
-        self.spent: Dict[str, float] = collections.defaultdict(float)
-        self.calls: collections.Counter = collections.Counter()
-        self.first: Dict[str, float] = {}
-        self.zero = 0.0
-        self._undo: List[Callable[[], None]] = []
-
-    def wrap(self, owner: Any, name: str, label: str) -> None:
-        """Time ``owner.name`` (a function or method) under ``label``; absent names are skipped (older code)."""
-        original = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
-        if original is None:
-            return
-        function = original.__func__ if isinstance(original, staticmethod) else original
-
-        @functools.wraps(function)
-        def timed(*args: Any, **kwargs: Any) -> Any:
-            began = time.perf_counter()
-            self.first.setdefault(label, (began - self.zero) * 1e3)
-            try:
-                return function(*args, **kwargs)
-            finally:
-                self.spent[label] += time.perf_counter() - began
-                self.calls[label] += 1
-
-        setattr(owner, name, staticmethod(timed) if isinstance(original, staticmethod) else timed)
-        self._undo.append(lambda: setattr(owner, name, original))
-
-    def start(self) -> None:
-        self.spent.clear()
-        self.calls.clear()
-        self.first.clear()
-        self.zero = time.perf_counter()
-
-    def restore(self) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo.clear()
+from step_host_profile import PhaseTimer  # noqa: E402
 
 
-def wrap_entry_points(clock: SectionClock, flat: Any, kernel_class: type) -> None:
-    """The entry points of the in-place path, in the order a step reaches them."""
+def entry_points(flat: Any, kernel_class: type) -> List[Tuple[Any, str, str]]:
+    """The entry points of the in-place path, in the order a step reaches them, as ``PhaseTimer`` entries."""
     import flatlora_optim.grouped as grouped
     import flatlora_optim.guards as guards
     import flatlora_optim.optimizer as optimizer
     import flatlora_optim.perturbation as perturbation
     import flatlora_optim.targets as targets
 
-    for name in ("_apply_noise", "_add_noise", "_restore_now"):
-        clock.wrap(type(flat), name, f"FlatLoRA.{name}")
-    for name in ("claim", "release", "_check_one_device"):
-        clock.wrap(optimizer, name, name)
-    clock.wrap(targets.LoRATarget, "check", "Target.check")
-    clock.wrap(targets.LoRATarget, "adapters", "Target.adapters")
-    for name in ("_perturb_all", "_describe_all", "describe_all", "_fusable", "_groupable", "_restore_all"):
-        clock.wrap(perturbation.Perturber, name, f"Perturber.{name}")
-    for name in ("__init__", "perturb", "restore_all"):
-        clock.wrap(grouped.StepGroup, name, f"StepGroup.{name}")
-    clock.wrap(grouped.TableCache, "get", "TableCache.get")
-    for name in ("_adapter_args", "noise_seeds", "to_device"):
-        clock.wrap(grouped, name, name)
-    clock.wrap(guards.PerturbationGuards, "__init__", "Guards.__init__")
-    clock.wrap(guards.PerturbationGuards, "remove", "Guards.remove")
-    for name in ("row_stds", "exact_perturb_layers", "_perturb_without_waiting", "settle_counts", "_exact", "exact_restore_layers"):
-        clock.wrap(kernel_class, name, f"Kernel.{name}")
+    entries: List[Tuple[Any, str, str]] = [(type(flat), name, f"FlatLoRA.{name}") for name in ("_apply_noise", "_add_noise", "_restore_now")]
+    entries += [(optimizer, name, name) for name in ("claim", "release", "_check_one_device")]
+    entries += [(targets.LoRATarget, "check", "Target.check"), (targets.LoRATarget, "adapters", "Target.adapters")]
+    entries += [(perturbation.Perturber, name, f"Perturber.{name}")
+                for name in ("_perturb_all", "_describe_all", "describe_all", "_fusable", "_groupable", "_restore_all")]
+    entries += [(grouped.StepGroup, name, f"StepGroup.{name}") for name in ("__init__", "perturb", "restore_all")]
+    entries += [(grouped.TableCache, "get", "TableCache.get")]
+    entries += [(grouped, name, name) for name in ("_adapter_args", "noise_seeds", "to_device")]
+    entries += [(guards.PerturbationGuards, "__init__", "Guards.__init__"), (guards.PerturbationGuards, "remove", "Guards.remove")]
+    entries += [(kernel_class, name, f"Kernel.{name}")
+                for name in ("row_stds", "exact_perturb_layers", "_perturb_without_waiting", "settle_counts", "_exact", "exact_restore_layers")]
+    return entries
 
 
 @contextlib.contextmanager
@@ -132,13 +86,11 @@ def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[
         for _ in range(3):
             flat.perturb()
             flat.restore()
-        clock = SectionClock()
-        wrap_entry_points(clock, flat, kernel_class)
         spent: Dict[str, List[float]] = collections.defaultdict(list)
         first: Dict[str, List[float]] = collections.defaultdict(list)
         calls: Dict[str, int] = {}
         host, synced = [], []
-        try:
+        with PhaseTimer(entry_points(flat, kernel_class)) as clock:
             for _ in range(reps):
                 sync()
                 clock.start()
@@ -147,12 +99,10 @@ def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[
                 host.append((time.perf_counter() - clock.zero) * 1e3)
                 sync()
                 synced.append((time.perf_counter() - clock.zero) * 1e3)
-                for label, seconds in clock.spent.items():
+                for label, seconds in clock.totals.items():
                     spent[label].append(seconds * 1e3)
                     first[label].append(clock.first[label])
                     calls[label] = clock.calls[label]
-        finally:
-            clock.restore()
     sections = sorted(({"entry": label, "host_ms": statistics.median(spent[label]), "calls": calls[label],
                         "first_at_ms": statistics.median(first[label])} for label in spent), key=lambda s: s["first_at_ms"])
     return {"method": method, "stub": stub, "reps": reps, "host_ms": statistics.median(host), "synced_ms": statistics.median(synced),

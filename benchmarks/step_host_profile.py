@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
+import importlib
 import io
 import json
 import pstats
 import statistics
 import time
-from typing import Dict, List
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from step_time import CONFIGS, build_model, config_device, make_ids, make_method, make_step, sync
@@ -59,30 +61,46 @@ PHASES = [
 
 
 class PhaseTimer:
-    """Wraps the :data:`PHASES` methods with a ``perf_counter`` total while active."""
+    """Wraps functions and methods with a ``perf_counter`` total, a call count and the time each was first entered
+    (after :meth:`start`) while active; ``perturb_host_sections.py`` uses it for its own entry points.
 
-    def __init__(self) -> None:
+    ``entries`` are ``(owner, attribute, label)``, owner a class or module; an attribute the owner does not define
+    itself is skipped (older code). By default the :data:`PHASES` methods."""
+
+    def __init__(self, entries: Optional[Sequence[Tuple[Any, str, str]]] = None) -> None:
+        self.entries = list(entries) if entries is not None else [
+            (getattr(importlib.import_module(module_name), class_name), attribute, f"{class_name}.{attribute}")
+            for module_name, class_name, attribute in PHASES]
         self.totals: Dict[str, float] = {}
         self.calls: Dict[str, int] = {}
+        self.first: Dict[str, float] = {}  # ms after start() when each was first entered
+        self.zero = time.perf_counter()
         self._saved: List = []
 
-    def __enter__(self) -> PhaseTimer:
-        import importlib
+    def start(self) -> None:
+        """Forget what was timed so far; first entries count from now."""
+        self.totals.clear()
+        self.calls.clear()
+        self.first.clear()
+        self.zero = time.perf_counter()
 
-        for module_name, class_name, attribute in PHASES:
-            owner = getattr(importlib.import_module(module_name), class_name)
-            raw = owner.__dict__[attribute]
+    def __enter__(self) -> PhaseTimer:
+        for owner, attribute, label in self.entries:
+            raw = owner.__dict__.get(attribute)
+            if raw is None:
+                continue
             function = raw.__func__ if isinstance(raw, staticmethod) else raw
-            label = f"{class_name}.{attribute}"
             self._saved.append((owner, attribute, raw))
             setattr(owner, attribute, self._timed(label, function, isinstance(raw, staticmethod)))
         return self
 
     def _timed(self, label: str, function, static: bool):
-        totals, calls = self.totals, self.calls
+        totals, calls, first = self.totals, self.calls, self.first
 
+        @functools.wraps(function)
         def timed(*args, **kwargs):
             start = time.perf_counter()
+            first.setdefault(label, (start - self.zero) * 1e3)
             try:
                 return function(*args, **kwargs)
             finally:
