@@ -16,7 +16,7 @@ import torch
 from conftest import make_mlp
 
 from flatlora_optim import FlatLoRA, claims, lora_parameters
-from flatlora_optim.kernels.layer_table import LayerTable, adapter_table
+from flatlora_optim.kernels.layer_table import LayerTable, adapter_rows
 from flatlora_optim.noise import layer_key, noise_seed
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))  # host_time.py's stub kernel
@@ -29,12 +29,13 @@ def _layers():
     return weights, A, B
 
 
-def test_adapter_tables_hold_adapter_tables_values():
+def test_adapter_tables_hold_adapter_rows_values():
     weights, A, B = _layers()
     table = LayerTable(weights)
     adapters = [(A, B, 0.5), None]  # a layer without adapters gets the first launch's dtype code
     kept = table.adapter_tables(adapters, [0.1, 0.2])
-    built = adapter_table(adapters, [0.1, 0.2], table.device, table.first_rows)
+    rows, factors, codes = adapter_rows(adapters, [0.1, 0.2], table.first_rows)
+    built = torch.tensor(rows, dtype=torch.int64), torch.tensor(factors, dtype=torch.float64), codes
     assert torch.equal(kept[0], built[0]) and torch.equal(kept[1], built[1]) and kept[2] == built[2]
     assert kept[0][0, 0].item() == A.data_ptr() and kept[0][0, 3].item() == B.data_ptr() and kept[0][1, 6].item() == 0
 

@@ -7,7 +7,7 @@ device table and find their layer from a per-program index, so a whole step is a
 
 This module only builds the tables (plain torch, no Triton): :class:`LayerTable` describes a list
 of ``m x n`` row views -- where each layer's row stds and block seeds live in the step's shared
-buffers, and how its rows split into the exact codec's tiles -- and :func:`adapter_table` the
+buffers, and how its rows split into the exact codec's tiles -- and :class:`AdapterTables` the
 adapters acting on each layer at this step.
 """
 
@@ -19,7 +19,7 @@ import torch
 
 from ..noise import rows_per_chunk
 
-__all__ = ["TILE_ROWS", "TILE_COLS", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "adapter_table", "FIELDS"]
+__all__ = ["TILE_ROWS", "TILE_COLS", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "FIELDS"]
 
 TILE_ROWS = 4
 TILE_COLS = 512
@@ -161,7 +161,15 @@ def table_key(rows: Sequence[torch.Tensor]) -> Tuple:
 
 def adapter_rows(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
                  first_rows: Optional[Sequence[int]] = None) -> Tuple[List[List[int]], List[List[float]], List[int]]:
-    """The host side of :func:`adapter_table`: its two tables as lists, and the adapter dtype codes present."""
+    """This step's adapters, one ``(A, B, scaling)`` or None per layer, as the two tables of the row-std kernels (host
+    lists; :class:`AdapterTables` puts them on the device), and the adapter dtype codes present.
+
+    The first table has a row of 8 int64 per layer (A's address and strides, B's address and strides, rank, dtype
+    code); the second a row of 2 float64 (the adapter scaling, and the factor ``sigma / sqrt(n)`` that turns a row
+    norm into a noise std). ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type; the tensors must stay
+    alive until the kernels that read the table have run. ``first_rows`` are the layer table's (a shard's ``B``
+    holds its own rows only: its address is moved back the same way).
+    """
     rows, factors, codes = [], [], set()
     for index, (adapter, std_scale) in enumerate(zip(adapters, std_scales)):
         if adapter is None:
@@ -170,7 +178,7 @@ def adapter_rows(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, f
             continue
         A, B, scaling = adapter
         if B.dtype != A.dtype:
-            raise ValueError(f"adapter_table: A and B must share a dtype, got {A.dtype} and {B.dtype}")
+            raise ValueError(f"adapter_rows: A and B must share a dtype, got {A.dtype} and {B.dtype}")
         code = DTYPE_CODES[A.dtype]
         codes.add(code)
         b_ptr = B.data_ptr() - (first_rows[index] if first_rows else 0) * B.stride(0) * B.element_size()
@@ -183,27 +191,12 @@ def adapter_rows(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, f
     return rows, factors, present
 
 
-def adapter_table(adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]], std_scales: Sequence[float],
-                  device: torch.device, first_rows: Optional[Sequence[int]] = None) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
-    """This step's adapters, one ``(A, B, scaling)`` or None per layer, as device tables.
-
-    Returns ``(table, factors, codes)``: ``table`` is ``L x 8`` int64 (A's address and strides,
-    B's address and strides, rank, dtype code); ``factors`` is ``L x 2`` float64 (the adapter
-    scaling, and the factor ``sigma / sqrt(n)`` that turns a row norm into a noise std); ``codes``
-    the adapter dtype codes present. ``A`` is ``r x n`` and ``B`` ``m x r``, both of one float type.
-    The tensors must stay alive until the kernels that read the table have run. ``first_rows`` are the
-    layer table's (a shard's ``B`` holds its own rows only: its address is moved back the same way).
-    """
-    rows, factors, present = adapter_rows(adapters, std_scales, first_rows)
-    return _upload(rows, torch.int64, device), _upload(factors, torch.float64, device), present
-
-
 def _upload(values: List[List[Any]], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=dtype), device)
 
 
 class AdapterTables:
-    """:func:`adapter_table` for one :class:`LayerTable`, each device table kept while its values stay the same.
+    """:func:`adapter_rows` on the device for one :class:`LayerTable`, each table kept while its values stay the same.
 
     The adapters of a training run keep their storage from step to step, so the address table is usually the
     last step's, and the factors too under a constant noise level: comparing the host lists costs a fraction of
