@@ -370,9 +370,9 @@ class FlatLoRA(torch.optim.Optimizer):
         the block ends the noise is released (:meth:`restore`). The gradients are the same: the backward computes
         at ``W + e`` (a layer written back early is done with); a layer that computes again before the step's restore
         gets its noise back first. Nothing after this backward in the step should read the weights at ``W + e`` (a
-        second backward through its graph, a weight read outside its layer's forward): give that backward
-        ``retain_graph=True`` outside this block instead; a later forward needs the noise put back with :meth:`perturb`,
-        the same draw). With the other restores the block only releases the noise at its end. Inside a
+        second backward through its graph, a weight read outside its layer's forward): run a backward that keeps its
+        graph (``retain_graph=True``) outside this block instead, and before a later forward put the noise back with
+        :meth:`perturb` (the same draw). With the other restores the block only releases the noise at its end. Inside a
         :meth:`perturbed` block, which keeps the noise to its end, it does nothing. If the backward raises, the noise
         stays held (restore as after any failed step).
         """
