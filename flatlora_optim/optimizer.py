@@ -192,6 +192,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._in_final_backward = False  # inside final_backward(): host restore may write layers back while the noise is held
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
+        self._drawn_with: Tuple[Tuple[int, int], ...] = ()  # the trained parameters (identity, version) when the noise in place was drawn
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
 
@@ -381,6 +382,26 @@ class FlatLoRA(torch.optim.Optimizer):
             yield
         finally:
             self._in_final_backward = False
+        if self._depth == 0:
+            self._verify_rerouting()  # as at a perturbed() block's end: the noise is released here, not there
+        self.restore()
+
+    @contextlib.contextmanager
+    def _noise_for_closure(self) -> Iterator[None]:
+        """One call of :meth:`step`'s closure at ``W + e``: the noise held as by :meth:`perturb` rather than by a
+        :meth:`perturbed` block, so that a :meth:`final_backward` around the closure's backward (the Lightning
+        callback's) may release it during that backward -- layer by layer with host restore; otherwise it is
+        released when the closure returns (at the end of a backward still pending), as a block's end would."""
+        self.perturb()
+        try:
+            yield
+        except BaseException:
+            self._held = False
+            if self._depth == 0:
+                self._restore_now()
+            raise
+        if self._depth == 0:
+            self._verify_rerouting()
         self.restore()
 
     def restore(self, force: bool = False) -> None:
@@ -410,6 +431,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._check_restored()
         for target in self.targets:
             target.check()  # e.g. merged since construction: raise before touching anything
+        self._drawn_with = self._trained_versions()
         _check_one_device(self.targets)
         sigma = self.schedule.sigma(self._step_index)
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
@@ -546,18 +568,20 @@ class FlatLoRA(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Restore the weights if needed, step the wrapped optimizer, advance ``t``.
 
-        With a ``closure`` (LBFGS, Lightning), every call of it runs inside ``perturbed()``.
+        With a ``closure`` (LBFGS, Lightning), every call of it runs at ``W + e`` (the same draw each time), the noise
+        released when it returns, or earlier by a :meth:`final_backward` around its backward.
         Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
         """
         if closure is None and self._initialises_state():
             return self.base_optimizer.step(**kwargs)  # not a training step: the noise and the schedule are left alone
         self._held = False
-        self._restore_now()  # the gradient is complete once step() is called
+        if closure is None or not self._noise_fits_closure():
+            self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
         if closure is not None:
 
             def wrapped() -> Any:
-                with torch.enable_grad(), self.perturbed():
+                with torch.enable_grad(), self._noise_for_closure():
                     return closure()
 
         skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it
@@ -565,6 +589,17 @@ class FlatLoRA(torch.optim.Optimizer):
         if not skipped:
             self._step_index += 1
         return loss
+
+    def _noise_fits_closure(self) -> bool:
+        """Whether the noise in place is the one the closure's first call would draw, so that :meth:`step` may leave it in
+        instead of restoring and drawing it again (held by :meth:`perturb` before ``step(closure)``: the Lightning
+        callback's stepping batch): outside any block, no graph waiting for its backward, and no trained parameter
+        changed since it was drawn (its row stds read the adapters)."""
+        return (self._perturbations is not None and self._depth == 0 and not (self._guards is not None and self._guards.pending())
+                and self._drawn_with == self._trained_versions())
+
+    def _trained_versions(self) -> Tuple[Tuple[int, int], ...]:
+        return tuple((id(p), p._version) for group in self.param_groups for p in group["params"])
 
     def _skipped_by_grad_scaler(self) -> bool:
         """Whether GradScaler found inf/NaN gradients and the wrapped (fused) optimizer skips its update: then the

@@ -141,3 +141,20 @@ def test_perturb_host_sections_times_the_step_wide_path_with_the_stub_kernel():
     assert first["Target.check"] < first["Kernel.row_stds"] < first["Kernel.exact_perturb_layers"] < first["FlatLoRA._restore_now"]
     assert 0 < result["host_ms"] <= result["synced_ms"]
     assert perturbation.Perturber.__dict__["_describe_all"] is describe
+
+
+def test_lightning_benchmark_times_every_method_under_a_real_trainer(monkeypatch):
+    """benchmarks/lightning_step_time.py on a tiny CPU model: a block time for every method, round and block; the
+    frozen weights bitwise unchanged after each fit."""
+    pytest.importorskip("lightning")
+    import lightning_step_time
+    import step_time
+
+    tiny = dict(step_time.CONFIGS["cpu"], hidden=32, layers=1, mlp=64, vocab=64, heads=2, batch=2, seq=8)
+    monkeypatch.setitem(step_time.CONFIGS, "cpu", tiny)
+    summary = lightning_step_time.run("cpu", ["lora", "flat-exact", "flat-host", "flat-virtual"], rounds=2, warmup=1, steps=2, blocks=2, threads=1)
+    assert list(summary["results"]) == ["lora", "flat-exact", "flat-host", "flat-virtual"]
+    for method, result in summary["results"].items():
+        assert len(result["ms_blocks"]) == 4 and all(ms > 0 for ms in result["ms_blocks"]), method
+        assert result["weights_bitwise_equal"], method
+    assert summary["ratios"]["lora"] == 1.0

@@ -231,3 +231,116 @@ def test_an_exception_in_training_step_restores_the_weights(tmp_path):
         trainer.fit(module, loader())
     assert flat_cb.flat.step_count == 3 and not flat_cb.flat.is_perturbed
     assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+
+
+def _fit_counting(tmp_path, module, restore, monkeypatch, **kwargs):
+    """Fit ``module`` with FlatLoRACallback(restore=...) and a Probe; returns the probe, the callback, the draws made
+    and, per early write-back of a layer (host restore), the number of backwards started by then and whether it ran
+    inside a backward."""
+    from flatlora_optim.perturbation import Perturber
+
+    probe = Probe()
+    events = {"draws": 0, "early": []}
+    perturb_all, restore_early = Perturber.perturb_all, Perturber.restore_early
+
+    def counting_perturb_all(self, *args, **kw):
+        events["draws"] += 1
+        return perturb_all(self, *args, **kw)
+
+    def recording_restore_early(self, p):
+        events["early"].append((len(probe.backward), torch._C._current_graph_task_id() != -1))
+        return restore_early(self, p)
+
+    monkeypatch.setattr(Perturber, "perturb_all", counting_perturb_all)
+    monkeypatch.setattr(Perturber, "restore_early", recording_restore_early)
+    flat_cb = FlatLoRACallback(rho=0.1, schedule="constant", seed=3, restore=restore)
+    trainer = trainer_for(tmp_path / restore, [probe, flat_cb], limit_val_batches=0, **kwargs)
+    trainer.fit(module, loader())
+    monkeypatch.undo()
+    return probe, flat_cb, events
+
+
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed", "16-mixed"])
+def test_host_restore_writes_layers_back_during_each_backward_with_exact_restores_steps(tmp_path, precision, monkeypatch):
+    """Automatic optimization: every micro-batch's backward runs in final_backward(), so host restore writes each layer
+    back during that backward (not all at once after it), in the stepping batch too, whose closure FlatLoRA.step runs
+    at the noise perturb() put in at the batch's start (one draw per micro-batch, not two). The steps are exact
+    restore's to the bit; the frozen weights end clean."""
+    kwargs = dict(max_steps=3, accumulate_grad_batches=2, gradient_clip_val=1.0)
+    if precision == "16-mixed":  # the GradScaler path: the closure runs before FlatLoRA.step, which gets none
+        kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8))]
+    else:
+        kwargs["precision"] = precision
+    runs = {}
+    for restore in ("exact", "host"):
+        module = LitMLP()
+        initial = frozen_weights(module)
+        probe, flat_cb, events = _fit_counting(tmp_path, module, restore, monkeypatch, **kwargs)
+        assert flat_cb.flat.step_count == 3 and not flat_cb.flat.is_perturbed
+        assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+        backwards = len(probe.backward)
+        assert backwards == 6 and events["draws"] == backwards
+        runs[restore] = (probe.backward, [bits(p) for p in lora_parameters(module)], events["early"])
+    assert not runs["exact"][2]
+    early = runs["host"][2]
+    assert all(in_backward for _, in_backward in early)
+    assert {n for n, _ in early} == set(range(1, 7))  # in every micro-batch's backward
+    for (step_a, weight_a, sigma_a), (step_b, weight_b, sigma_b) in zip(runs["exact"][0], runs["host"][0]):
+        assert step_a == step_b and sigma_a == sigma_b and torch.equal(weight_a, weight_b)
+    assert all(torch.equal(a, b) for a, b in zip(runs["exact"][1], runs["host"][1]))
+
+
+class TwoBackwardsMLP(LitMLP):
+    """Manual optimization: two forward/backward passes per batch, then one step."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers()
+        x, y = batch
+        for half in (slice(0, 2), slice(2, 4)):
+            self.manual_backward(nn.functional.cross_entropy(self(x[half]), y[half]))
+        opt.step()
+        opt.zero_grad()
+
+
+def test_manual_optimization_keeps_the_noise_across_the_batchs_backwards(tmp_path, monkeypatch):
+    """manual_backward does not release the noise (the batch may compute again after it): both halves of each batch
+    are backpropagated at the same W + e, with host restore as with exact, and the steps agree to the bit."""
+    runs = {}
+    for restore in ("exact", "host"):
+        module = TwoBackwardsMLP()
+        clean = bits(dict(module.named_modules())[PROBED].weight)
+        probe, flat_cb, events = _fit_counting(tmp_path, module, restore, monkeypatch, max_steps=3)
+        assert flat_cb.flat.step_count == 3 and not flat_cb.flat.is_perturbed
+        steps = by_step(probe.backward)
+        assert sorted(steps) == [0, 1, 2]
+        for seen in steps.values():
+            assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[0][0], clean)
+        assert events["draws"] == 3 and not events["early"]  # one draw per batch; nothing written back inside it
+        runs[restore] = [bits(p) for p in lora_parameters(module)]
+    assert all(torch.equal(a, b) for a, b in zip(runs["exact"], runs["host"]))
+
+
+class FailingBackwardMLP(LitMLP):
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        if batch_idx == 3:
+            loss.register_hook(lambda grad: (_ for _ in ()).throw(RuntimeError("boom in backward")))
+        return loss
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_a_backward_that_raises_closes_its_final_backward_and_restores(tmp_path, restore):
+    module = FailingBackwardMLP()
+    initial = frozen_weights(module)
+    flat_cb = FlatLoRACallback(rho=1.0, schedule="constant", restore=restore)
+    trainer = trainer_for(tmp_path, [flat_cb], max_steps=5, limit_val_batches=0)
+    with pytest.raises(RuntimeError, match="boom in backward"):
+        trainer.fit(module, loader())
+    flat = flat_cb.flat
+    assert flat.step_count == 3 and not flat.is_perturbed
+    assert flat_cb._final_backward is None and not flat._in_final_backward
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())

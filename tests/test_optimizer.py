@@ -77,6 +77,51 @@ def test_closure_returns_its_loss_and_is_run_perturbed(mlp):
     assert not opt.is_perturbed and opt.step_count == 1
 
 
+def _closure_run(held: bool, change_adapter: bool, monkeypatch):
+    """One step(closure) of a fresh MLP after perturb() (``held``) or with clean weights; returns the draws and
+    restores made, the weight the closure saw and the trained parameters after the step."""
+    from flatlora_optim.perturbation import Perturber
+
+    calls = {"draws": 0, "restores": 0}
+    perturb_all, restore_all = Perturber.perturb_all, Perturber.restore_all
+    monkeypatch.setattr(Perturber, "perturb_all", lambda self, *a, **k: (calls.__setitem__("draws", calls["draws"] + 1), perturb_all(self, *a, **k))[1])
+    monkeypatch.setattr(Perturber, "restore_all", lambda self, *a, **k: (calls.__setitem__("restores", calls["restores"] + 1), restore_all(self, *a, **k))[1])
+    model = make_mlp(seed=2)
+    before = frozen_weights(model)
+    opt = _opt(model, schedule="constant", total_steps=None)
+    seen = []
+
+    def closure():
+        seen.append(bits(model[2].weight))
+        loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+        loss.backward()
+        return loss
+
+    if held:
+        opt.perturb()
+    if change_adapter:
+        with torch.no_grad():
+            next(iter(lora_parameters(model))).add_(0.5)  # after the draw: its row stds read the adapters
+    opt.step(closure)
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    monkeypatch.undo()
+    return calls, seen[0], [bits(p) for p in lora_parameters(model)]
+
+
+@pytest.mark.parametrize("change_adapter", [False, True])
+def test_step_with_a_closure_keeps_held_noise_it_would_draw_again(change_adapter, monkeypatch):
+    """perturb() then step(closure) (Lightning's stepping batch): the closure computes at the noise in place, drawn and
+    restored once, and the step is the same to the bit as step(closure) from clean weights. Once an adapter moved after
+    the draw, the noise is restored and drawn again from the moved adapter, as from clean weights."""
+    calls, weight, params = _closure_run(held=True, change_adapter=change_adapter, monkeypatch=monkeypatch)
+    calls_clean, weight_clean, params_clean = _closure_run(held=False, change_adapter=change_adapter, monkeypatch=monkeypatch)
+    assert calls_clean == {"draws": 1, "restores": 1}
+    assert calls == ({"draws": 2, "restores": 2} if change_adapter else {"draws": 1, "restores": 1})
+    assert torch.equal(weight, weight_clean)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_clean))
+
+
 def test_lbfgs_closure_called_several_times_with_one_draw(mlp):
     """Every closure call sees the same draw z; its row scale follows the adapters as they move."""
     before = frozen_weights(mlp)

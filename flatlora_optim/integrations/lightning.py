@@ -20,9 +20,16 @@ Per training batch (micro-batch):
   gradients are taken at the same ``W + e``.
 * the optimizer step -- ``FlatLoRA.step`` -- restores the weights exactly before the update.
   With 32-bit and bf16 precision Lightning passes the training closure to ``step``, which runs
-  it inside ``perturbed()`` (same draw again); with 16-bit AMP the closure runs before the
-  ``GradScaler`` steps, inside the perturbation of ``on_train_batch_start``.
-* ``on_train_batch_end``: ``restore()`` (a no-op after a step). Between micro-batches the weights
+  it at the noise ``on_train_batch_start`` put in (not drawn a second time); with 16-bit AMP the
+  closure runs before the ``GradScaler`` steps, inside that same perturbation.
+* ``on_before_backward`` / ``on_after_backward`` (automatic optimization): the batch's backward runs in
+  :meth:`FlatLoRA.final_backward`, which releases the noise when that backward is done. With
+  ``restore="host"`` each layer is written back as soon as the backward is done with it, its copy
+  running beside the rest of the backward (otherwise all layers would be written back at once after
+  it: +17% per step on a 1 B Llama). Other callbacks' and the module's ``on_after_backward`` see
+  clean weights once this callback's has run. Manual optimization (``manual_backward`` may run
+  several times in one ``training_step``, with forwards in between) keeps the noise to the batch's end.
+* ``on_train_batch_end``: ``restore()`` (a no-op after a step or a released backward). Between micro-batches the weights
   are clean, so validation, checkpointing or logging that Lightning runs after any batch -- even
   in the middle of an accumulation window -- sees clean weights and can switch the model to eval.
   The price is one extra perturb/restore per micro-batch, small next to a forward/backward.
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, ContextManager, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback
@@ -87,6 +94,7 @@ class FlatLoRACallback(Callback):
         self.flatlora_kwargs = flatlora_kwargs
         self.flat: Optional[FlatLoRA] = None
         self._owns_wrapper = False
+        self._final_backward: Optional[ContextManager[None]] = None  # the batch's backward, between the two hooks
 
     def _schedule_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
@@ -147,6 +155,23 @@ class FlatLoRACallback(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         self._require().perturb()
 
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
+        if not pl_module.automatic_optimization or self.flat is None:
+            return  # manual_backward may be followed by another forward of the batch: keep the noise to its end
+        if self._final_backward is not None:  # left open by a backward that raised and was caught: close it, keeping the noise
+            self._end_final_backward(RuntimeError("the last backward did not reach on_after_backward"))
+        final = self.flat.final_backward()
+        final.__enter__()
+        self._final_backward = final
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_final_backward(None)
+
+    def _end_final_backward(self, error: Optional[BaseException]) -> None:
+        final, self._final_backward = self._final_backward, None
+        if final is not None:
+            final.__exit__(type(error) if error is not None else None, error, error.__traceback__ if error is not None else None)
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         # The batch's backward (automatic or manual optimization) is done; a graph still alive (a
         # training_step that returned None, outputs kept for logging) will not be backpropagated,
@@ -160,5 +185,6 @@ class FlatLoRACallback(Callback):
             self.flat.restore(force=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._end_final_backward(exception)  # a backward that raised: its block closes without releasing
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)  # the failed batch's graph will never be backpropagated
