@@ -31,6 +31,9 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 FIELDS_WRITE = "                _or_bits_at(stream_ptr + word_base, starts.to(tl.int64), record, ASM)\n"
 FIELDS_READ = "record = _bits_window(stream_ptr + word_base, starts.to(tl.int64), group_bits, ASM)"
+STREAM_ATOMIC = 'word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")'
+TILE_TOTALS = "totals = tl.sum(tl.reshape(group_bits + (group_exceptions << 16), (TR * G,)), axis=0)"
+TILE_SCAN = "    return tl.reshape(tl.cumsum(flat, axis=0) - flat, (TR, G))"
 WIDTHS = "    width = tl.where(ambiguous, 2, 0) + tl.where(ambiguous & ((gap > 1) | tiny), 2, 0) + tl.where(ambiguous & ((gap > 2) | tiny), 4, 0)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
@@ -50,6 +53,12 @@ VARIANTS: Dict[str, Variant] = {
     "restore: fields not read": ([(FIELDS_READ, "record = group_bits.to(tl.uint64) * 0")], None, False),
     "both: 2-bit fields only": ([(WIDTHS, "    width = tl.where(ambiguous, 2, 0)")], None, False),
     "restore: no codec (noise floor)": ([("key = cand_key + tl.where(ambiguous, offset, 0)", "key = cand_key")], None, False),
+    # what reserving a tile's words costs: a fixed place per tile instead of the one atomic add on one counter
+    # (tiles needing more than 16 words overwrite their neighbours' bits: timing only)
+    "perturb: no stream atomic": ([(STREAM_ATOMIC, "word_base = (t.to(tl.int64) * 16) % (word_capacity - 512)")], None, False),
+    "perturb: no tile totals, no stream atomic": ([(STREAM_ATOMIC, "word_base = (t.to(tl.int64) * 16) % (word_capacity - 512)"),
+                                                   (TILE_TOTALS, "totals = tl.full((), 640, tl.int32)")], None, False),
+    "both: no running total over the tile": ([(TILE_SCAN, "    return tl.reshape(flat * 0 + tl.arange(0, TR * G) * 8, (TR, G))")], None, False),
 }
 
 

@@ -192,7 +192,9 @@ class FlatLoRA(torch.optim.Optimizer):
         self._in_final_backward = False  # inside final_backward(): host restore may write layers back while the noise is held
         self._depth = 0  # nesting of perturbed() blocks
         self._held = False  # perturb() called without restore()
-        self._drawn_with: Tuple[Tuple[int, int], ...] = ()  # the trained parameters (identity, version) when the noise in place was drawn
+        # step(closure) runs the closure at the noise perturb() holds instead of drawing it again: set by an integration that
+        # knows nothing moves the adapters between its perturb() and the step (the Lightning callback, automatic optimization)
+        self._closure_reuses_held_noise = False
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
 
@@ -431,7 +433,6 @@ class FlatLoRA(torch.optim.Optimizer):
         self._check_restored()
         for target in self.targets:
             target.check()  # e.g. merged since construction: raise before touching anything
-        self._drawn_with = self._trained_versions()
         _check_one_device(self.targets)
         sigma = self.schedule.sigma(self._step_index)
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
@@ -568,14 +569,16 @@ class FlatLoRA(torch.optim.Optimizer):
     def step(self, closure: Optional[Callable[[], Any]] = None, **kwargs: Any) -> Any:  # type: ignore[override]
         """Restore the weights if needed, step the wrapped optimizer, advance ``t``.
 
-        With a ``closure`` (LBFGS, Lightning), every call of it runs at ``W + e`` (the same draw each time), the noise
-        released when it returns, or earlier by a :meth:`final_backward` around its backward.
+        With a ``closure`` (LBFGS, Lightning), every call of it runs at ``W + e`` (the same draw each time, its row stds
+        from the adapters of that moment), the noise released when it returns, or earlier by a :meth:`final_backward`
+        around its backward.
         Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
         """
         if closure is None and self._initialises_state():
             return self.base_optimizer.step(**kwargs)  # not a training step: the noise and the schedule are left alone
+        keep = closure is not None and self._noise_fits_closure()
         self._held = False
-        if closure is None or not self._noise_fits_closure():
+        if not keep:
             self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
         if closure is not None:
@@ -591,15 +594,12 @@ class FlatLoRA(torch.optim.Optimizer):
         return loss
 
     def _noise_fits_closure(self) -> bool:
-        """Whether the noise in place is the one the closure's first call would draw, so that :meth:`step` may leave it in
-        instead of restoring and drawing it again (held by :meth:`perturb` before ``step(closure)``: the Lightning
-        callback's stepping batch): outside any block, no graph waiting for its backward, and no trained parameter
-        changed since it was drawn (its row stds read the adapters)."""
-        return (self._perturbations is not None and self._depth == 0 and not (self._guards is not None and self._guards.pending())
-                and self._drawn_with == self._trained_versions())
-
-    def _trained_versions(self) -> Tuple[Tuple[int, int], ...]:
-        return tuple((id(p), p._version) for group in self.param_groups for p in group["params"])
+        """Whether :meth:`step` may run its closure at the noise :meth:`perturb` holds instead of restoring it and drawing it
+        again: only where an integration said nothing moves the adapters between its ``perturb()`` and the step (the
+        Lightning callback in automatic optimization, whose other batches compute at that draw too: its row stds read
+        the adapters at ``perturb()``), outside any block, with no graph waiting for its backward."""
+        return (self._closure_reuses_held_noise and self._held and self._perturbations is not None and self._depth == 0
+                and not (self._guards is not None and self._guards.pending()))
 
     def _skipped_by_grad_scaler(self) -> bool:
         """Whether GradScaler found inf/NaN gradients and the wrapped (fused) optimizer skips its update: then the

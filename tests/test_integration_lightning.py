@@ -319,7 +319,9 @@ def test_manual_optimization_keeps_the_noise_across_the_batchs_backwards(tmp_pat
         assert sorted(steps) == [0, 1, 2]
         for seen in steps.values():
             assert len(seen) == 2 and torch.equal(seen[0][0], seen[1][0]) and not torch.equal(seen[0][0], clean)
-        assert events["draws"] == 3 and not events["early"]  # one draw per batch; nothing written back inside it
+        # per batch one draw at its start and one for the closure that Lightning hands FlatLoRA.step (its own, empty, in
+        # manual optimization: drawn again, since the module may have moved adapters); nothing written back inside it
+        assert events["draws"] == 6 and not events["early"]
         runs[restore] = [bits(p) for p in lora_parameters(module)]
     assert all(torch.equal(a, b) for a, b in zip(runs["exact"], runs["host"]))
 
@@ -344,3 +346,83 @@ def test_a_backward_that_raises_closes_its_final_backward_and_restores(tmp_path,
     assert flat.step_count == 3 and not flat.is_perturbed
     assert flat_cb._final_backward is None and not flat._in_final_backward
     assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+
+
+class TwoLossesOneGraph(LitMLP):
+    """Overrides ``backward``: two losses through one graph, the first with ``retain_graph=True`` (per-task gradients)."""
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self.net(x)
+        self._parts = (nn.functional.cross_entropy(logits, y), logits.pow(2).mean())
+        return self._parts[0] + self._parts[1]
+
+    def backward(self, loss, *args, **kwargs):
+        first, second = self._parts
+        first.backward(retain_graph=True)
+        second.backward()
+
+
+def test_a_module_overriding_backward_keeps_the_noise_through_it(tmp_path, monkeypatch):
+    """Found by review: the callback ran an overridden backward (two passes through one graph) in final_backward(), so
+    host restore wrote layers back after the first pass and the second raised autograd's in-place error. Such a
+    backward now runs with the noise held to the batch's end: host restore trains as exact restore, to the bit, and
+    writes nothing back inside it."""
+    runs = {}
+    for restore in ("exact", "host"):
+        module = TwoLossesOneGraph()
+        initial = frozen_weights(module)
+        probe, flat_cb, events = _fit_counting(tmp_path, module, restore, monkeypatch, max_steps=3)
+        assert flat_cb.flat.step_count == 3 and not events["early"]
+        assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+        runs[restore] = [bits(p) for p in lora_parameters(module)]
+    assert all(torch.equal(a, b) for a, b in zip(runs["exact"], runs["host"]))
+
+
+class StepsAnotherOptimizerFirst(LitMLP):
+    """Manual optimization: a plain optimizer over the other layers steps (moving adapters) before FlatLoRA's steps
+    with a closure that computes the loss again."""
+
+    def __init__(self):
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        flat, other = self.optimizers()
+        x, y = batch
+        self.manual_backward(nn.functional.cross_entropy(self(x), y))
+        other.step()
+        other.zero_grad()
+
+        def closure():
+            flat.zero_grad()
+            loss = nn.functional.cross_entropy(self(x), y)
+            self.manual_backward(loss)
+            return loss
+
+        flat.step(closure=closure)
+        flat.zero_grad()
+
+    def configure_optimizers(self):
+        mine = [p for n, p in self.named_parameters() if p.requires_grad and n.startswith("net.0.")]
+        rest = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("net.0.")]
+        return FlatLoRA(torch.optim.SGD(mine, lr=0.1), self, rho=0.5, schedule="constant", seed=1), torch.optim.SGD(rest, lr=0.5)
+
+
+@pytest.mark.parametrize("module_class", [LitMLP, StepsAnotherOptimizerFirst])
+def test_the_stepping_closure_computes_at_the_draw_a_fresh_one_would_give(tmp_path, module_class, monkeypatch):
+    """Automatic optimization: the stepping batch's closure computes at the noise on_train_batch_start drew (nothing
+    moves the adapters in between), and the fit is the same to the bit as one where FlatLoRA.step restores it and draws
+    it again. Manual optimization (found by review: another optimizer moved adapters before FlatLoRA's closure step,
+    which kept the stale draw) draws again, as before."""
+    results = []
+    for redraw in (False, True):
+        if redraw:
+            monkeypatch.setattr(FlatLoRA, "_noise_fits_closure", lambda self: False)
+        module = module_class()
+        initial = frozen_weights(module)
+        trainer = trainer_for(tmp_path / str(redraw), [FlatLoRACallback(rho=0.5, schedule="constant", seed=1)], max_steps=4, limit_val_batches=0)
+        trainer.fit(module, loader())
+        assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
+        results.append([bits(p) for p in module.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -77,9 +77,11 @@ def test_closure_returns_its_loss_and_is_run_perturbed(mlp):
     assert not opt.is_perturbed and opt.step_count == 1
 
 
-def _closure_run(held: bool, change_adapter: bool, monkeypatch):
-    """One step(closure) of a fresh MLP after perturb() (``held``) or with clean weights; returns the draws and
-    restores made, the weight the closure saw and the trained parameters after the step."""
+def _closure_run(held: bool, change: str, reuse: bool, monkeypatch):
+    """One step(closure) of a fresh MLP after perturb() (``held``) or with clean weights, an adapter of the first layer
+    moved in between (``change``: "", "inplace", "data": through ``.data``, no version bump; "other": by a second
+    optimizer over the layers FlatLoRA's does not hold); ``reuse``: the flag the Lightning callback sets. Returns the
+    draws and restores made, the weight the closure saw and every LoRA parameter after the step."""
     from flatlora_optim.perturbation import Perturber
 
     calls = {"draws": 0, "restores": 0}
@@ -88,36 +90,56 @@ def _closure_run(held: bool, change_adapter: bool, monkeypatch):
     monkeypatch.setattr(Perturber, "restore_all", lambda self, *a, **k: (calls.__setitem__("restores", calls["restores"] + 1), restore_all(self, *a, **k))[1])
     model = make_mlp(seed=2)
     before = frozen_weights(model)
-    opt = _opt(model, schedule="constant", total_steps=None)
+    names = [n for n, p in model.named_parameters() if p.requires_grad]
+    first = dict(model.named_parameters())[names[0]]  # an adapter factor of the first LoRA layer
+    held_by_flat = list(lora_parameters(model)) if change != "other" else [p for n, p in model.named_parameters() if p.requires_grad and n not in names[:2]]
+    opt = FlatLoRA(torch.optim.AdamW(held_by_flat, lr=1e-2), model, rho=0.1, schedule="constant")
+    opt._closure_reuses_held_noise = reuse
     seen = []
 
     def closure():
-        seen.append(bits(model[2].weight))
+        seen.append(bits(model[0].weight))
         loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
         loss.backward()
         return loss
 
     if held:
         opt.perturb()
-    if change_adapter:
-        with torch.no_grad():
-            next(iter(lora_parameters(model))).add_(0.5)  # after the draw: its row stds read the adapters
+    with torch.no_grad():
+        if change == "inplace":
+            first.add_(0.5)  # after the draw: the row stds read the adapters
+        elif change == "data":
+            first.data.add_(0.5)
+        elif change == "other":
+            second = torch.optim.SGD([first], lr=10.0)
+            first.grad = torch.ones_like(first)
+            second.step()
+            first.grad = None
     opt.step(closure)
     assert not opt.is_perturbed
     assert_frozen_unchanged(model, before)
     monkeypatch.undo()
-    return calls, seen[0], [bits(p) for p in lora_parameters(model)]
+    return calls, seen[0], [bits(p) for p in model.parameters() if p.requires_grad]
 
 
-@pytest.mark.parametrize("change_adapter", [False, True])
-def test_step_with_a_closure_keeps_held_noise_it_would_draw_again(change_adapter, monkeypatch):
-    """perturb() then step(closure) (Lightning's stepping batch): the closure computes at the noise in place, drawn and
-    restored once, and the step is the same to the bit as step(closure) from clean weights. Once an adapter moved after
-    the draw, the noise is restored and drawn again from the moved adapter, as from clean weights."""
-    calls, weight, params = _closure_run(held=True, change_adapter=change_adapter, monkeypatch=monkeypatch)
-    calls_clean, weight_clean, params_clean = _closure_run(held=False, change_adapter=change_adapter, monkeypatch=monkeypatch)
-    assert calls_clean == {"draws": 1, "restores": 1}
-    assert calls == ({"draws": 2, "restores": 2} if change_adapter else {"draws": 1, "restores": 1})
+@pytest.mark.parametrize("change", ["", "inplace", "data", "other"])
+def test_step_with_a_closure_draws_from_the_adapters_of_that_moment(change, monkeypatch):
+    """perturb() then step(closure): by default the step restores the held noise and the closure draws it again, from
+    the adapters as they are then (moved in place, through .data or by another optimizer after perturb()), to the
+    bit as step(closure) from clean weights."""
+    calls, weight, params = _closure_run(held=True, change=change, reuse=False, monkeypatch=monkeypatch)
+    calls_clean, weight_clean, params_clean = _closure_run(held=False, change=change, reuse=False, monkeypatch=monkeypatch)
+    assert calls_clean == {"draws": 1, "restores": 1} and calls == {"draws": 2, "restores": 2}
+    assert torch.equal(weight, weight_clean)
+    assert all(torch.equal(a, b) for a, b in zip(params, params_clean))
+
+
+def test_step_with_a_closure_computes_at_the_held_noise_where_an_integration_says_so(monkeypatch):
+    """With the flag the Lightning callback sets in automatic optimization, perturb() then step(closure) draws and
+    restores once: the closure computes at the held noise, and the step is the same to the bit as from clean weights."""
+    calls, weight, params = _closure_run(held=True, change="", reuse=True, monkeypatch=monkeypatch)
+    calls_clean, weight_clean, params_clean = _closure_run(held=False, change="", reuse=True, monkeypatch=monkeypatch)
+    assert calls == calls_clean == {"draws": 1, "restores": 1}
     assert torch.equal(weight, weight_clean)
     assert all(torch.equal(a, b) for a, b in zip(params, params_clean))
 

@@ -28,7 +28,8 @@ Per training batch (micro-batch):
   running beside the rest of the backward (otherwise all layers would be written back at once after
   it: +17% per step on a 1 B Llama). Other callbacks' and the module's ``on_after_backward`` see
   clean weights once this callback's has run. Manual optimization (``manual_backward`` may run
-  several times in one ``training_step``, with forwards in between) keeps the noise to the batch's end.
+  several times in one ``training_step``, with forwards in between) and a module that overrides
+  ``backward`` (it may backpropagate twice through one graph) keep the noise to the batch's end.
 * ``on_train_batch_end``: ``restore()`` (a no-op after a step or a released backward). Between micro-batches the weights
   are clean, so validation, checkpointing or logging that Lightning runs after any batch -- even
   in the middle of an accumulation window -- sees clean weights and can switch the model to eval.
@@ -58,6 +59,11 @@ from ..targets import TargetsLike
 from ._common import find_flatlora, set_total_steps
 
 __all__ = ["FlatLoRACallback"]
+
+
+def _overrides_backward(pl_module: pl.LightningModule) -> bool:
+    """Whether the module replaces ``LightningModule.backward`` (whose own form is one ``loss.backward()``)."""
+    return getattr(type(pl_module).backward, "__code__", None) is not pl.LightningModule.backward.__code__
 
 
 class FlatLoRACallback(Callback):
@@ -153,11 +159,17 @@ class FlatLoRACallback(Callback):
         return self.flat
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._require().perturb()
+        flat = self._require()
+        # automatic optimization: the stepping batch's closure computes at this draw, as every other batch does (in
+        # manual optimization the module may step other optimizers, moving adapters, before it steps this one)
+        flat._closure_reuses_held_noise = bool(pl_module.automatic_optimization)
+        flat.perturb()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
         if not pl_module.automatic_optimization or self.flat is None:
             return  # manual_backward may be followed by another forward of the batch: keep the noise to its end
+        if _overrides_backward(pl_module):
+            return  # it may backpropagate twice through one graph (retain_graph): the noise stays to the batch's end
         if self._final_backward is not None:  # left open by a backward that raised and was caught: close it, keeping the noise
             self._end_final_backward(RuntimeError("the last backward did not reach on_after_backward"))
         final = self.flat.final_backward()
@@ -177,14 +189,19 @@ class FlatLoRACallback(Callback):
         # training_step that returned None, outputs kept for logging) will not be backpropagated,
         # so restore now instead of waiting for it to be collected.
         flat = self._require()
+        flat._closure_reuses_held_noise = False
         if flat.is_perturbed:
             flat.restore(force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.flat is not None:
+            self.flat._closure_reuses_held_noise = False
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_final_backward(exception)  # a backward that raised: its block closes without releasing
+        if self.flat is not None:
+            self.flat._closure_reuses_held_noise = False
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)  # the failed batch's graph will never be backpropagated
