@@ -99,3 +99,28 @@ def mlp() -> nn.Module:
 
 def clone_model(model: nn.Module) -> nn.Module:
     return copy.deepcopy(model)
+
+
+def free_port() -> int:
+    """A TCP port free right now on 127.0.0.1 (for ``MASTER_PORT``; another process may take it before the ranks do)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def end_worker_process() -> None:
+    """End a spawned ``torch.distributed`` worker: both ranks done before either tears down its process group, then
+    leave at once. Even after the barrier, the interpreter's normal exit raced gloo's threads now and then ("terminate
+    called without an active exception", SIGABRT: once in a CI run of the sixth session); save results before this."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import batch, bits, make_mlp, train_step  # noqa: E402
+from conftest import batch, bits, end_worker_process, make_mlp, train_step  # noqa: E402
 
 from flatlora_optim import FlatLoRA, lora_parameters  # noqa: E402
 
@@ -54,17 +54,6 @@ def _init(backend: str, rank: int, world: int, rendezvous: str) -> torch.device:
     return device
 
 
-def _finish() -> None:
-    """End a worker: both ranks done before either tears down its process group, then leave at once. Even after
-    the barrier, the interpreter's normal exit raced gloo's threads now and then ("terminate called without an
-    active exception", SIGABRT: once in a CI run of the sixth session); the results are saved before this."""
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
 def _noise_of_first_step(opt, model) -> torch.Tensor:
     layer = model[2]
     clean = layer.weight.detach().clone()
@@ -95,7 +84,7 @@ def _worker(rank: int, world: int, rendezvous: str, backend: str, rank_noise: st
     restored = all(torch.equal(bits(p), before[n]) for n, p in model.named_parameters() if not p.requires_grad)
     lora = [p.detach().cpu() for p in lora_parameters(model)]
     torch.save({"noise": noise, "restored": restored, "lora": lora, "names": [t.name for t in opt.targets]}, os.path.join(out_dir, f"rank{rank}.pt"))
-    _finish()
+    end_worker_process()
 
 
 def _run(backend: str, rank_noise: str, tmp_path) -> list:
@@ -157,7 +146,7 @@ def _fsdp_worker(rank: int, world: int, rendezvous: str, backend: str, out_dir: 
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
     result = {"noise": noise.cpu(), "offset": offset, "restored": restored, "refused": refused, "clean_state": clean_state}
     torch.save(result, os.path.join(out_dir, f"fsdp{rank}.pt"))
-    _finish()
+    end_worker_process()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -211,7 +200,7 @@ def _gather_worker(rank: int, world: int, rendezvous: str, backend: str, out_dir
         refused.append("Shard(0) on a 1-D mesh" in str(error))
     ok = ok and all(refused)  # a weight not row-sharded, or a B not sharded like the weight, is refused; Shard(0) B is not
     torch.save({"ok": ok}, os.path.join(out_dir, f"gather{rank}.pt"))
-    _finish()
+    end_worker_process()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -252,7 +241,7 @@ def _empty_shard_worker(rank: int, world: int, rendezvous: str, out_dir: str) ->
     restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
     torch.save({"restored": restored, "rows": opt.targets[2].rows().shape[0], "regenerated": regenerated},
                os.path.join(out_dir, f"empty{rank}.pt"))
-    _finish()
+    end_worker_process()
 
 
 def test_fsdp2_rank_without_rows_takes_part_in_every_collective(tmp_path):
@@ -300,7 +289,7 @@ def _unsharded_worker(rank: int, world: int, rendezvous: str, out_dir: str) -> N
             error = str(exc)
         results[case] = {"noisy_shards": all(noisy), "error": error, "restored": all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))}
     torch.save(results, os.path.join(out_dir, f"unsharded{rank}.pt"))
-    _finish()
+    end_worker_process()
 
 
 def test_fsdp2_unsharded_parameters_are_resharded_before_the_noise_or_refused_after_the_backward(tmp_path):

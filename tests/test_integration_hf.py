@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import bits
+from conftest import bits, end_worker_process, free_port
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -448,3 +448,53 @@ def test_every_forward_of_a_step_with_several_backward_passes_computes_at_the_no
     assert callback.flat.step_count == 3 and not callback.flat.is_perturbed
     assert not any(getattr(hook, "__self__", None) is callback for hook in model._forward_pre_hooks.values())  # gone after train()
     assert_same_bits(initial, frozen_bits(model))
+
+
+def _one_sample_data(n: int) -> list:
+    """``n`` copies of one sample: every batch is the same whatever the sampler, so two DDP ranks of batch b average
+    the gradient one process computes on a batch b."""
+    (row,) = lm_data(1, seed=4)
+    return [{"input_ids": row["input_ids"].clone(), "labels": row["labels"].clone()} for _ in range(n)]
+
+
+def _train_tiny_llama(out_dir: str, restore: str, rank_noise: str, **args) -> dict:
+    torch.set_num_threads(1)
+    model = tiny_llama_with_lora()
+    initial = frozen_bits(model)
+    trainer = Trainer(model=model, args=training_args(out_dir, max_steps=3, **args), train_dataset=_one_sample_data(16))
+    callback = add_flatlora(trainer, rho=0.5, schedule="constant", seed=0, restore=restore, rank_noise=rank_noise)
+    trainer.train()
+    return {"clean": all(torch.equal(initial[k], v) for k, v in frozen_bits(model).items()),
+            "steps": callback.flat.step_count, "lora": [p.detach().clone() for p in lora_parameters(model)]}
+
+
+def _ddp_trainer_worker(rank: int, world: int, port: int, out_dir: str, restore: str, rank_noise: str) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    result = _train_tiny_llama(out_dir, restore, rank_noise, ddp_backend="gloo")
+    torch.save(result, f"{out_dir}/rank{rank}.pt")
+    end_worker_process()
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_ddp_on_two_cpu_processes_matches_one_process(tmp_path, restore):
+    """The Trainer under DDP (2 CPU processes, gloo; accumulation 2, batch 2 per rank, one sample repeated so every
+    batch is the same): every rank restores its frozen weights bitwise, and with shared noise the LoRA weights are one
+    process's on the same batches (tolerance 1e-6: the ranks' gradients are averaged); with the default independent
+    noise they are not (each rank drew its own)."""
+    import torch.multiprocessing as mp
+
+    runs = {}
+    for rank_noise in ("shared", "independent"):
+        out = tmp_path / rank_noise
+        out.mkdir()
+        mp.spawn(_ddp_trainer_worker, args=(2, free_port(), str(out), restore, rank_noise), nprocs=2, join=True)
+        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        assert all(r["clean"] and r["steps"] == 3 for r in ranks)
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]))
+        runs[rank_noise] = ranks[0]["lora"]
+    single = _train_tiny_llama(str(tmp_path / "single"), restore, "independent")
+    assert single["clean"]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(runs["shared"], single["lora"]))
+    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(runs["independent"], single["lora"]))

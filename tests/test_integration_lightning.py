@@ -426,3 +426,57 @@ def test_the_stepping_closure_computes_at_the_draw_a_fresh_one_would_give(tmp_pa
         assert all(torch.equal(initial[k], v) for k, v in frozen_weights(module).items())
         results.append([bits(p) for p in module.parameters() if p.requires_grad])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+class RankReport(Callback):
+    """At the end of fit, on every rank: whether the frozen weights are their first bits, and the LoRA parameters."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir = out_dir
+
+    def on_fit_start(self, trainer, pl_module):
+        self.before = frozen_weights(pl_module)
+
+    def on_train_end(self, trainer, pl_module):
+        clean = all(torch.equal(self.before[k], v) for k, v in frozen_weights(pl_module).items())
+        lora = [p.detach().clone() for p in lora_parameters(pl_module)]
+        torch.save({"clean": clean, "lora": lora}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+
+
+class SGDMLP(LitMLP):
+    """Plain SGD; under DDP each rank takes the samples ``rank, rank + world, ...`` of the ordered data, 4 per batch."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(list(lora_parameters(self)), lr=0.5)
+
+    def train_dataloader(self):
+        data = loader(n=24).dataset
+        rank, world = self.trainer.global_rank, self.trainer.world_size
+        return DataLoader(torch.utils.data.Subset(data, range(rank, len(data), world)), batch_size=8 // world, shuffle=False)
+
+
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_ddp_on_two_cpu_processes_matches_one_process_on_the_whole_batch(tmp_path, restore):
+    """strategy="ddp_spawn", 2 CPU processes (gloo), batch 4 per rank, shared noise: every rank restores its frozen
+    weights bitwise and ends with the LoRA weights of one process trained on the batches of 8 the two ranks split
+    (the same W + e, gradients averaged; tolerance 1e-6, float sums in another order). With independent noise (the
+    default) the ranks' average differs from that run: each rank drew its own noise."""
+    runs = {}
+    for rank_noise in ("shared", "independent"):
+        out = tmp_path / rank_noise
+        out.mkdir()
+        module = SGDMLP()
+        flat_cb = FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore, rank_noise=rank_noise)
+        trainer = trainer_for(out, [flat_cb, RankReport(str(out))], strategy="ddp_spawn", devices=2, max_steps=3, limit_val_batches=0,
+                              use_distributed_sampler=False)
+        trainer.fit(module)
+        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
+        assert all(r["clean"] for r in ranks)
+        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]))  # DDP keeps the replicas equal
+        runs[rank_noise] = ranks[0]["lora"]
+    single = SGDMLP()
+    flat_cb = FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore)
+    trainer_for(tmp_path / "single", [flat_cb], max_steps=3, limit_val_batches=0).fit(single)  # the same 8 samples per step
+    reference = [p.detach() for p in lora_parameters(single)]
+    assert all(torch.allclose(a, b, rtol=0, atol=1e-6) for a, b in zip(runs["shared"], reference))
+    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(runs["independent"], reference))
