@@ -124,3 +124,15 @@ def end_worker_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+DDP_KINDS = [
+    pytest.param("cpu", id="gloo-cpu"),
+    pytest.param("cuda", id="nccl-2gpu", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="NCCL: needs 2 CUDA devices")),
+]
+"""Where the integrations' DDP tests run: two CPU processes with gloo (every CI run), two GPUs with NCCL where a
+machine has them."""
+
+DDP_TOLERANCE = {"cpu": 1e-6, "cuda": 1e-5}
+"""Absolute tolerance between two ranks' averaged gradients and one process's (the sums run in another order; cuBLAS
+picks other kernels for other batch sizes)."""
