@@ -195,6 +195,9 @@ class FlatLoRA(torch.optim.Optimizer):
         # step(closure) runs the closure at the noise perturb() holds instead of drawing it again: set by an integration that
         # knows nothing moves the adapters between its perturb() and the step (the Lightning callback, automatic optimization)
         self._closure_reuses_held_noise = False
+        # whether a closure given to step() computes at all: set by an integration that can tell one that does not (the
+        # Lightning callback: Lightning's own empty closure in manual optimization), which then runs without the noise
+        self._closure_computes: Optional[Callable[[Callable[[], Any]], bool]] = None
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
 
@@ -581,7 +584,13 @@ class FlatLoRA(torch.optim.Optimizer):
         if not keep:
             self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
-        if closure is not None:
+        if closure is not None and self._closure_computes is not None and not self._closure_computes(closure):
+
+            def wrapped() -> Any:  # reads no weight: the noise is neither drawn nor restored for it
+                with torch.enable_grad():
+                    return closure()
+
+        elif closure is not None:
 
             def wrapped() -> Any:
                 with torch.enable_grad(), self._noise_for_closure():

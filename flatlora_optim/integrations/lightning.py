@@ -46,6 +46,7 @@ several optimizers in one LightningModule (wrap the LoRA one yourself and return
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from typing import Any, ContextManager, Optional
@@ -59,6 +60,18 @@ from ..targets import TargetsLike
 from ._common import find_flatlora, set_total_steps
 
 __all__ = ["FlatLoRACallback"]
+
+
+def _closure_computes(closure: Any) -> bool:
+    """False for the closure Lightning hands the optimizer when a module in manual optimization calls ``opt.step()``
+    without one: its ``do_nothing_closure``, which the precision plugin wraps (``partial(_wrap_closure, model,
+    optimizer, closure)``) to run the ``on_before_optimizer_step`` hooks and gradient clipping after it. Nothing there
+    computes at the weights, so :meth:`FlatLoRA.step` need not draw the noise for it."""
+    try:
+        from lightning.pytorch.core.optimizer import do_nothing_closure
+    except ImportError:  # another Lightning: assume the closure computes
+        return True
+    return not (isinstance(closure, functools.partial) and closure.args and closure.args[-1] is do_nothing_closure)
 
 
 def _overrides_backward(pl_module: pl.LightningModule) -> bool:
@@ -163,6 +176,7 @@ class FlatLoRACallback(Callback):
         # automatic optimization: the stepping batch's closure computes at this draw, as every other batch does (in
         # manual optimization the module may step other optimizers, moving adapters, before it steps this one)
         flat._closure_reuses_held_noise = bool(pl_module.automatic_optimization)
+        flat._closure_computes = _closure_computes
         flat.perturb()
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Any) -> None:
@@ -189,19 +203,19 @@ class FlatLoRACallback(Callback):
         # training_step that returned None, outputs kept for logging) will not be backpropagated,
         # so restore now instead of waiting for it to be collected.
         flat = self._require()
-        flat._closure_reuses_held_noise = False
+        flat._closure_reuses_held_noise, flat._closure_computes = False, None
         if flat.is_perturbed:
             flat.restore(force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.flat is not None:
-            self.flat._closure_reuses_held_noise = False
+            self.flat._closure_reuses_held_noise, self.flat._closure_computes = False, None
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_final_backward(exception)  # a backward that raised: its block closes without releasing
         if self.flat is not None:
-            self.flat._closure_reuses_held_noise = False
+            self.flat._closure_reuses_held_noise, self.flat._closure_computes = False, None
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)  # the failed batch's graph will never be backpropagated
