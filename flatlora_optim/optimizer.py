@@ -574,17 +574,18 @@ class FlatLoRA(torch.optim.Optimizer):
 
         With a ``closure`` (LBFGS, Lightning), every call of it runs at ``W + e`` (the same draw each time, its row stds
         from the adapters of that moment), the noise released when it returns, or earlier by a :meth:`final_backward`
-        around its backward.
+        around its backward (a closure an integration knows computes nothing, Lightning's empty one, runs at ``W``).
         Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
         """
         if closure is None and self._initialises_state():
             return self.base_optimizer.step(**kwargs)  # not a training step: the noise and the schedule are left alone
-        keep = closure is not None and self._noise_fits_closure()
+        computes = closure is not None and (self._closure_computes is None or self._closure_computes(closure))
+        keep = computes and self._noise_fits_closure()
         self._held = False
         if not keep:
             self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
-        if closure is not None and self._closure_computes is not None and not self._closure_computes(closure):
+        if closure is not None and not computes:
 
             def wrapped() -> Any:  # reads no weight: the noise is neither drawn nor restored for it
                 with torch.enable_grad():

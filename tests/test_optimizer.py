@@ -144,6 +144,21 @@ def test_step_with_a_closure_computes_at_the_held_noise_where_an_integration_say
     assert all(torch.equal(a, b) for a, b in zip(params, params_clean))
 
 
+def test_a_closure_that_computes_nothing_runs_at_clean_weights_even_where_held_noise_could_be_reused(mlp):
+    """A closure an integration reports as computing nothing (Lightning's empty one) runs at W, with the held noise
+    taken out first, also where the integration's flag would let a computing closure reuse that noise: nothing is
+    left in the weights after the step."""
+    before = frozen_weights(mlp)
+    opt = _opt(mlp, schedule="constant", total_steps=None)
+    opt._closure_reuses_held_noise, opt._closure_computes = True, lambda closure: False
+    seen = []
+    opt.perturb()
+    assert opt.is_perturbed
+    opt.step(lambda: seen.append(opt.is_perturbed))
+    assert seen == [False] and not opt.is_perturbed and opt.step_count == 1
+    assert_frozen_unchanged(mlp, before)
+
+
 def test_lbfgs_closure_called_several_times_with_one_draw(mlp):
     """Every closure call sees the same draw z; its row scale follows the adapters as they move."""
     before = frozen_weights(mlp)
