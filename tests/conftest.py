@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
+from typing import Any, Callable
 
 import pytest
 import torch
@@ -124,6 +126,37 @@ def end_worker_process() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _torchrun_rank(rank: int, world: int, port: int, out_dir: str, train: Callable[[], Any]) -> None:
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    torch.save(train(), f"{out_dir}/rank{rank}.pt")
+    end_worker_process()
+
+
+def run_as_two_ranks(out_dir: Path, train: Callable[[], Any]) -> list:
+    """``train()`` (a module-level function, or a ``functools.partial`` of one) in two spawned processes set up as
+    ``torchrun`` would set them up (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``/``MASTER_PORT``); each
+    rank's result, in rank order."""
+    import torch.multiprocessing as mp
+
+    out_dir.mkdir()
+    mp.spawn(_torchrun_rank, args=(2, free_port(), str(out_dir), train), nprocs=2, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt") for r in range(2)]
+
+
+def assert_ddp_matches_one_process(ranks: dict, single_lora: list, kind: str, steps: int) -> None:
+    """``ranks``: per ``rank_noise`` ("shared", "independent"), each rank's result (``clean``: its frozen weights bitwise
+    as they began; ``steps``: FlatLoRA's step count; ``lora``: its LoRA parameters on the CPU). Every rank is clean
+    after ``steps`` steps with replicas equal; with shared noise the LoRA weights are one process's on the same
+    batches (``single_lora``, within DDP_TOLERANCE), with independent noise they are not (each rank drew its own)."""
+    for results in ranks.values():
+        assert all(r["clean"] and r["steps"] == steps for r in results)
+        assert all(torch.equal(a, b) for a, b in zip(results[0]["lora"], results[1]["lora"]))  # DDP keeps the replicas equal
+    assert all(torch.allclose(a, b, rtol=0, atol=DDP_TOLERANCE[kind]) for a, b in zip(ranks["shared"][0]["lora"], single_lora))
+    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(ranks["independent"][0]["lora"], single_lora))
 
 
 DDP_KINDS = [

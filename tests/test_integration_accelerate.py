@@ -8,13 +8,14 @@ and reuses the draw), and save/load state with clean weights on disk and the noi
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from conftest import DDP_KINDS, DDP_TOLERANCE, bits, end_worker_process, free_port, frozen_weights, make_mlp
+from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, frozen_weights, make_mlp, run_as_two_ranks
 from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -195,14 +196,6 @@ def _accelerate_loop(n_samples: int, restore: str, rank_noise: str, kind: str) -
             "lora": [p.detach().cpu() for p in lora_parameters(net)]}
 
 
-def _ddp_worker(rank: int, world: int, port: int, out_dir: str, restore: str, rank_noise: str, kind: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    torch.save(_accelerate_loop(48, restore, rank_noise, kind), f"{out_dir}/rank{rank}.pt")  # 6 batches of 4 per rank: 3 steps
-    end_worker_process()
-
-
 @pytest.mark.parametrize("kind", DDP_KINDS)
 @pytest.mark.parametrize("restore", ["exact", "host"])
 def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
@@ -210,18 +203,8 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
     from the torchrun variables): every rank restores its frozen weights bitwise, the replicas stay equal, and with
     shared noise the LoRA weights are one process's on the same batches (one sample repeated; tolerance DDP_TOLERANCE:
     the ranks' gradients are averaged); with the default independent noise they are not."""
-    import torch.multiprocessing as mp
-
-    runs = {}
-    for rank_noise in ("shared", "independent"):
-        out = tmp_path / rank_noise
-        out.mkdir()
-        mp.spawn(_ddp_worker, args=(2, free_port(), str(out), restore, rank_noise, kind), nprocs=2, join=True)
-        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-        assert all(r["clean"] and r["steps"] == 3 for r in ranks)
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]))
-        runs[rank_noise] = ranks[0]["lora"]
+    ranks = {noise: run_as_two_ranks(tmp_path / noise, functools.partial(_accelerate_loop, 48, restore, noise, kind))  # 6 batches of 4 per rank
+             for noise in ("shared", "independent")}
     single = _accelerate_loop(24, restore, "independent", kind)  # 6 batches of 4: 3 steps
     assert single["clean"] and single["steps"] == 3
-    assert all(torch.allclose(a, b, rtol=0, atol=DDP_TOLERANCE[kind]) for a, b in zip(runs["shared"], single["lora"]))
-    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(runs["independent"], single["lora"]))
+    assert_ddp_matches_one_process(ranks, single["lora"], kind, steps=3)

@@ -8,6 +8,7 @@ length is the Trainer's real optimizer-step count, and a resumed run continues t
 
 from __future__ import annotations
 
+import functools
 import math
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import DDP_KINDS, DDP_TOLERANCE, bits, end_worker_process, free_port
+from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, run_as_two_ranks
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
@@ -468,15 +469,6 @@ def _train_tiny_llama(out_dir: str, restore: str, rank_noise: str, **args) -> di
             "steps": callback.flat.step_count, "lora": [p.detach().cpu() for p in lora_parameters(model)]}
 
 
-def _ddp_trainer_worker(rank: int, world: int, port: int, out_dir: str, restore: str, rank_noise: str, kind: str) -> None:
-    import os
-
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
-    result = _train_tiny_llama(out_dir, restore, rank_noise, use_cpu=kind == "cpu", ddp_backend="gloo" if kind == "cpu" else "nccl")
-    torch.save(result, f"{out_dir}/rank{rank}.pt")
-    end_worker_process()
-
-
 @pytest.mark.parametrize("kind", DDP_KINDS)
 @pytest.mark.parametrize("restore", ["exact", "host"])
 def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
@@ -484,18 +476,10 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
     rank, one sample repeated so every batch is the same): every rank restores its frozen weights bitwise, and with
     shared noise the LoRA weights are one process's on the same batches (tolerance DDP_TOLERANCE: the ranks' gradients
     are averaged); with the default independent noise they are not (each rank drew its own)."""
-    import torch.multiprocessing as mp
-
-    runs = {}
-    for rank_noise in ("shared", "independent"):
-        out = tmp_path / rank_noise
-        out.mkdir()
-        mp.spawn(_ddp_trainer_worker, args=(2, free_port(), str(out), restore, rank_noise, kind), nprocs=2, join=True)
-        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-        assert all(r["clean"] and r["steps"] == 3 for r in ranks)
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]))
-        runs[rank_noise] = ranks[0]["lora"]
+    backend = "gloo" if kind == "cpu" else "nccl"
+    ranks = {noise: run_as_two_ranks(tmp_path / noise, functools.partial(_train_tiny_llama, str(tmp_path / noise), restore, noise,
+                                                                          use_cpu=kind == "cpu", ddp_backend=backend))
+             for noise in ("shared", "independent")}
     single = _train_tiny_llama(str(tmp_path / "single"), restore, "independent", use_cpu=kind == "cpu")
-    assert single["clean"]
-    assert all(torch.allclose(a, b, rtol=0, atol=DDP_TOLERANCE[kind]) for a, b in zip(runs["shared"], single["lora"]))
-    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(runs["independent"], single["lora"]))
+    assert single["clean"] and single["steps"] == 3
+    assert_ddp_matches_one_process(ranks, single["lora"], kind, steps=3)

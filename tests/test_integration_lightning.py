@@ -14,7 +14,7 @@ import warnings
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import DDP_KINDS, DDP_TOLERANCE, bits, frozen_weights, make_mlp
+from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, frozen_weights, make_mlp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -446,7 +446,8 @@ def test_the_stepping_closure_computes_at_the_draw_a_fresh_one_would_give(tmp_pa
 
 
 class RankReport(Callback):
-    """At the end of fit, on every rank: whether the frozen weights are their first bits, and the LoRA parameters."""
+    """At the end of fit, on every rank: whether the frozen weights are their first bits, FlatLoRA's step count and the
+    LoRA parameters."""
 
     def __init__(self, out_dir: str):
         self.out_dir = out_dir
@@ -457,7 +458,7 @@ class RankReport(Callback):
     def on_train_end(self, trainer, pl_module):
         clean = all(torch.equal(self.before[k], v) for k, v in frozen_weights(pl_module).items())
         lora = [p.detach().cpu() for p in lora_parameters(pl_module)]
-        torch.save({"clean": clean, "lora": lora}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
+        torch.save({"clean": clean, "steps": find_in(trainer).step_count, "lora": lora}, f"{self.out_dir}/rank{trainer.global_rank}.pt")
 
 
 class SGDMLP(LitMLP):
@@ -480,22 +481,16 @@ def test_ddp_on_two_processes_matches_one_process_on_the_whole_batch(tmp_path, r
     batches of 8 the two ranks split (the same W + e, gradients averaged; tolerance DDP_TOLERANCE: sums in another
     order). With independent noise (the default) the ranks' average differs from that run: each rank drew its own."""
     accelerator = "gpu" if kind == "cuda" else "cpu"
-    runs = {}
+    ranks = {}
     for rank_noise in ("shared", "independent"):
         out = tmp_path / rank_noise
         out.mkdir()
-        module = SGDMLP()
         flat_cb = FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore, rank_noise=rank_noise)
         trainer = trainer_for(out, [flat_cb, RankReport(str(out))], accelerator=accelerator, strategy="ddp_spawn", devices=2, max_steps=3,
                               limit_val_batches=0, use_distributed_sampler=False)
-        trainer.fit(module)
-        ranks = [torch.load(out / f"rank{r}.pt") for r in range(2)]
-        assert all(r["clean"] for r in ranks)
-        assert all(torch.equal(a, b) for a, b in zip(ranks[0]["lora"], ranks[1]["lora"]))  # DDP keeps the replicas equal
-        runs[rank_noise] = ranks[0]["lora"]
+        trainer.fit(SGDMLP())
+        ranks[rank_noise] = [torch.load(out / f"rank{r}.pt") for r in range(2)]
     single = SGDMLP()
     flat_cb = FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore)
     trainer_for(tmp_path / "single", [flat_cb], accelerator=accelerator, max_steps=3, limit_val_batches=0).fit(single)  # the same 8 samples per step
-    reference = [p.detach().cpu() for p in lora_parameters(single)]
-    assert all(torch.allclose(a, b, rtol=0, atol=DDP_TOLERANCE[kind]) for a, b in zip(runs["shared"], reference))
-    assert not all(torch.allclose(a, b, rtol=0, atol=1e-4) for a, b in zip(runs["independent"], reference))
+    assert_ddp_matches_one_process(ranks, [p.detach().cpu() for p in lora_parameters(single)], kind, steps=3)
