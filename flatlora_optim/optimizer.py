@@ -387,9 +387,7 @@ class FlatLoRA(torch.optim.Optimizer):
             yield
         finally:
             self._in_final_backward = False
-        if self._depth == 0:
-            self._verify_rerouting()  # as at a perturbed() block's end: the noise is released here, not there
-        self.restore()
+        self._release_held()
 
     @contextlib.contextmanager
     def _noise_for_closure(self) -> Iterator[None]:
@@ -405,6 +403,11 @@ class FlatLoRA(torch.optim.Optimizer):
             if self._depth == 0:
                 self._restore_now()
             raise
+        self._release_held()
+
+    def _release_held(self) -> None:
+        """Release the noise :meth:`perturb` holds (:meth:`restore`), checking virtual mode's rerouting first where no
+        block is open, as a :meth:`perturbed` block's end does: the noise is released here, not there."""
         if self._depth == 0:
             self._verify_rerouting()
         self.restore()
@@ -585,16 +588,10 @@ class FlatLoRA(torch.optim.Optimizer):
         if not keep:
             self._restore_now()  # the gradient is complete once step() is called
         wrapped = None
-        if closure is not None and not computes:
+        if closure is not None:
 
-            def wrapped() -> Any:  # reads no weight: the noise is neither drawn nor restored for it
-                with torch.enable_grad():
-                    return closure()
-
-        elif closure is not None:
-
-            def wrapped() -> Any:
-                with torch.enable_grad(), self._noise_for_closure():
+            def wrapped() -> Any:  # a closure that reads no weight runs without the noise: it is neither drawn nor restored for it
+                with torch.enable_grad(), self._noise_for_closure() if computes else contextlib.nullcontext():
                     return closure()
 
         skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it

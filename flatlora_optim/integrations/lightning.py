@@ -202,20 +202,22 @@ class FlatLoRACallback(Callback):
         # The batch's backward (automatic or manual optimization) is done; a graph still alive (a
         # training_step that returned None, outputs kept for logging) will not be backpropagated,
         # so restore now instead of waiting for it to be collected.
-        flat = self._require()
+        self._require()
+        self._end_batch()
+
+    def _end_batch(self) -> None:
+        """The batch is over: what on_train_batch_start told the wrapper for its step no longer holds, and the noise comes
+        out now, even with a graph at W + e still alive (it will not be backpropagated)."""
+        flat = self.flat
+        if flat is None:
+            return
         flat._closure_reuses_held_noise, flat._closure_computes = False, None
         if flat.is_perturbed:
             flat.restore(force=True)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.flat is not None:
-            self.flat._closure_reuses_held_noise, self.flat._closure_computes = False, None
-        if self.flat is not None and self.flat.is_perturbed:
-            self.flat.restore(force=True)
+        self._end_batch()
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_final_backward(exception)  # a backward that raised: its block closes without releasing
-        if self.flat is not None:
-            self.flat._closure_reuses_held_noise, self.flat._closure_computes = False, None
-        if self.flat is not None and self.flat.is_perturbed:
-            self.flat.restore(force=True)  # the failed batch's graph will never be backpropagated
+        self._end_batch()  # the failed batch's graph will never be backpropagated
