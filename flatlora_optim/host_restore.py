@@ -101,6 +101,7 @@ def write_back(rows: torch.Tensor, host: torch.Tensor, stream: Optional[Any]) ->
 _IS_COMPILING: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
 _GRAPH_TASK_ID: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)
 _CURRENT_NODE: Optional[Callable[[], Any]] = getattr(torch._C, "_current_autograd_node", None)
+_KEEPS_GRAPH: Optional[Callable[[], bool]] = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
 
 
 def _compiling() -> bool:
@@ -148,6 +149,12 @@ class _ForwardPreHook(_ForwardHook):
             owner._perturb_again(self.layer)
 
 
+def _pass_keeps_graph() -> bool:
+    """Whether the running backward pass keeps its graph (``retain_graph=True``, ``create_graph=True``), so that a later
+    pass may go through it again; True where torch cannot tell."""
+    return True if _KEEPS_GRAPH is None else bool(_KEEPS_GRAPH())
+
+
 def _graph_task() -> Optional[int]:
     """The id of the backward pass running this call (-1 outside one); None where torch cannot tell."""
     return None if _GRAPH_TASK_ID is None else _GRAPH_TASK_ID()
@@ -162,8 +169,11 @@ class EarlyRestore:
     are exactly those of the other restores): one on its output notes which backward pass reached that
     forward's graph; one on its input runs once the input's gradient is complete in a backward pass -- after
     every product with the weight that that pass computes. The use is done when the second runs in the pass
-    the first noted: an input shared with another forward, or reached by another loss, does not end a use
-    whose output that pass did not reach, and a second backward through a retained graph does not count again.
+    the first noted, and that pass frees its graph: an input shared with another forward, or reached by another
+    loss, does not end a use whose output that pass did not reach, and a pass that keeps its graph
+    (``retain_graph=True``, ``create_graph=True``, an input-gradient penalty's ``autograd.grad``) ends no use, since
+    a later pass may go through the graph again and needs ``W + e`` there (a layer whose graph is kept and never
+    traversed again waits for the step's restore).
     When every use of a layer is done and the noise may come out (``may_restore()``: the ``perturbed()`` block
     has ended and no ``perturb()`` holds it), the layer is restored at once (on CUDA, a copy queued on the side
     stream). Should the layer compute again before the step's restore (a forward after that backward while
@@ -227,6 +237,9 @@ class EarlyRestore:
     def _input_done(self, use: int) -> None:
         if not self._handles or self._use_pass[use] in (None, -1) or self._use_pass[use] != _graph_task():
             return  # this pass did not reach the use's output, or the use is done already
+        if _pass_keeps_graph():  # the graph stays: a later pass may compute with this use's weight again
+            self._use_pass[use] = None
+            return
         self._use_pass[use] = -1
         k = self._use_layer[use]
         self._pending[k] -= 1

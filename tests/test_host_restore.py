@@ -353,6 +353,76 @@ def _micro_batch_redone_after_a_failed_backward(model, opt, ckpt):
     del loss
 
 
+def _two_inputs(ckpt):
+    run_of = (lambda model: (lambda t: checkpoint(model, t, use_reentrant=False))) if ckpt else (lambda model: model)
+    (xa, ya), (xb, yb) = batch(0), batch(1)
+    return run_of, xa.requires_grad_(True), ya, xb.requires_grad_(True), yb
+
+
+def _input_gradient_penalty_in_the_block(model, opt, ckpt):
+    """An R1 / input-gradient penalty: autograd.grad(create_graph=True) inside the block, a second forward, one backward
+    after the block through both graphs."""
+    run_of, xa, ya, xb, yb = _two_inputs(ckpt)
+    with opt.perturbed():
+        real = run_of(model)(xa)
+        grad, = torch.autograd.grad(real.sum(), xa, create_graph=True)
+        fake = run_of(model)(xb)
+        loss = nn.functional.cross_entropy(real, ya) + nn.functional.cross_entropy(fake, yb) + 0.1 * grad.square().sum()
+    loss.backward()
+
+
+def _retained_input_gradient_then_another_forward(model, opt, ckpt):
+    """An input saliency taken in the block with retain_graph=True (for a log line), then a second forward, one backward
+    after the block through both graphs."""
+    run_of, xa, ya, xb, yb = _two_inputs(ckpt)
+    with opt.perturbed():
+        first = run_of(model)(xa)
+        torch.autograd.grad(first.sum(), xa, retain_graph=True)
+        second = run_of(model)(xb)
+        loss = nn.functional.cross_entropy(first, ya) + nn.functional.cross_entropy(second, yb)
+    loss.backward()
+
+
+def _retained_pass_while_perturb_holds_then_final_backward(model, opt, ckpt):
+    """The same with the noise held by perturb(): the retained pass outside final_backward(), as its docstring says,
+    the last backward inside it."""
+    run_of, xa, ya, xb, yb = _two_inputs(ckpt)
+    opt.perturb()
+    first = run_of(model)(xa)
+    torch.autograd.grad(first.sum(), xa, retain_graph=True)
+    second = run_of(model)(xb)
+    with opt.final_backward():
+        (nn.functional.cross_entropy(first, ya) + nn.functional.cross_entropy(second, yb)).backward()
+
+
+def _retained_micro_batch_traversed_again_in_final_backward(model, opt, ckpt):
+    """Gradient accumulation with held noise: the first micro-batch's backward keeps its graph, which the last
+    micro-batch's loss (a consistency term over both) goes through again in final_backward()."""
+    run_of, xa, ya, xb, yb = _two_inputs(ckpt)
+    opt.perturb()
+    first = run_of(model)(xa)
+    nn.functional.cross_entropy(first, ya).backward(retain_graph=True)
+    second = run_of(model)(xb)
+    with opt.final_backward():
+        (nn.functional.cross_entropy(second, yb) + (first - second).square().mean()).backward()
+
+
+def _retained_backward_after_the_block_then_both_graphs(model, opt, ckpt):
+    """Two forwards in the block; after it, a backward of the first that keeps its graph, then one through both."""
+    run_of, xa, ya, xb, yb = _two_inputs(ckpt)
+    with opt.perturbed():
+        first = nn.functional.cross_entropy(run_of(model)(xa), ya)
+        second = nn.functional.cross_entropy(run_of(model)(xb), yb)
+    first.backward(retain_graph=True)
+    (first + second).backward()
+
+
+_A_GRAPH_KEPT_AND_TRAVERSED_AGAIN = [_input_gradient_penalty_in_the_block, _retained_input_gradient_then_another_forward,
+                                     _retained_pass_while_perturb_holds_then_final_backward,
+                                     _retained_micro_batch_traversed_again_in_final_backward,
+                                     _retained_backward_after_the_block_then_both_graphs]
+
+
 @pytest.mark.parametrize("scenario", [_two_forwards_same_input, _forward_after_the_block, _retained_graph_twice_with_another_pending,
                                       _forward_again_after_an_early_write_back, _micro_batch_redone_after_a_failed_backward])
 @pytest.mark.parametrize("ckpt", [False, True])
@@ -363,6 +433,23 @@ def test_a_use_ends_only_with_a_backward_of_its_own_graph(scenario, ckpt):
     silently different gradients; a second review: a layer written back early that computed again before the step's
     restore, after another backward or a failed one, computed at W). The gradients are exact restore's, bit for bit."""
     _run_with_exact_and_host(scenario, ckpt)
+
+
+@pytest.mark.parametrize("scenario", _A_GRAPH_KEPT_AND_TRAVERSED_AGAIN)
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_a_backward_that_keeps_its_graph_ends_no_use(scenario, ckpt, monkeypatch):
+    """Found by review: a backward that keeps its graph (retain_graph, create_graph: an input-gradient penalty) while the
+    noise stayed in counted its uses done, and a later backward through that graph and another forward's wrote the layer
+    back once the other forward's use was done, while the kept graph still had to compute with W + e: autograd's in-place
+    error (silently wrong gradients under saved-tensor hooks that skip its version check). Such a pass now ends no use;
+    the later backward, which frees the graph, writes the layers back during it. Gradients: exact restore's, to the bit."""
+    from flatlora_optim.perturbation import Perturber
+
+    early = []
+    restore_early = Perturber.restore_early
+    monkeypatch.setattr(Perturber, "restore_early", lambda self, p: (early.append(p.target.name), restore_early(self, p))[1])
+    _run_with_exact_and_host(scenario, ckpt)
+    assert early  # host restore still wrote layers back during the backward that freed the graphs
 
 
 def test_no_hook_stays_on_an_input_that_outlives_the_step():
