@@ -9,12 +9,20 @@ checkpoint continues the noise stream bitwise, and 16-bit AMP with a GradScaler 
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, frozen_weights, make_mlp
+from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, free_port, frozen_weights, make_mlp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -494,3 +502,69 @@ def test_ddp_on_two_processes_matches_one_process_on_the_whole_batch(tmp_path, r
     flat_cb = FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore)
     trainer_for(tmp_path / "single", [flat_cb], accelerator=accelerator, max_steps=3, limit_val_batches=0).fit(single)  # the same 8 samples per step
     assert_ddp_matches_one_process(ranks, [p.detach().cpu() for p in lora_parameters(single)], kind, steps=3)
+
+
+DDP_SCRIPT = Path(__file__).with_name("lightning_ddp_fit.py")
+DDP_SCRIPT_TIMEOUT_S = 120
+_DDP_ENV = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "NODE_RANK", "LOCAL_RANK", "RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE",
+            "TORCHELASTIC_RUN_ID", "PL_GLOBAL_SEED", "PL_TRAINER_GPUS")
+
+
+def _run_ranks(launcher: str, script: Path, args: list) -> list:
+    """Start the script under ``launcher``; wait for every process it starts (in its own session: on a timeout the
+    whole group, Lightning's rank-1 child included, is killed); returns ``[(command, returncode, output)]``."""
+    env = {k: v for k, v in os.environ.items() if k not in _DDP_ENV}
+    env["PYTHONUNBUFFERED"] = "1"
+    command = [sys.executable, str(script), *args]
+    if launcher == "subprocess":  # Lightning's _SubprocessScriptLauncher starts rank 1 as `python script ...` again
+        runs = [(command, env)]
+    elif launcher == "env":  # torchrun-style variables, two processes started here (LightningEnvironment, external)
+        port = str(free_port())
+        runs = [(command, {**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "NODE_RANK": "0", "LOCAL_RANK": str(r)})
+                for r in range(2)]
+    elif launcher == "torchrun":  # TorchElasticEnvironment
+        runs = [([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *command[1:]], env)]
+    else:
+        raise ValueError(launcher)
+    procs = [(cmd, subprocess.Popen(cmd, env=e, cwd=script.parent, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                    start_new_session=True)) for cmd, e in runs]
+    deadline = time.monotonic() + DDP_SCRIPT_TIMEOUT_S
+    results = []
+    try:
+        for cmd, p in procs:
+            out, _ = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((cmd, p.returncode, out))
+    except subprocess.TimeoutExpired:
+        for _, p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)  # its own session: the launcher's children too
+        outs = [p.communicate()[0] for _, p in procs]
+        pytest.fail(f"{launcher}: no result in {DDP_SCRIPT_TIMEOUT_S} s\n" + "\n".join(o[-3000:] for o in outs))
+    return results
+
+
+@pytest.mark.parametrize("launcher", ["subprocess", "env", "torchrun"])
+@pytest.mark.parametrize("restore", ["exact", "host"])
+def test_ddp_strategy_on_two_processes_matches_one_process(tmp_path, restore, launcher):
+    """strategy="ddp" (not ddp_spawn): Lightning's subprocess launcher re-running the script, torchrun-style
+    variables with two processes started here, and torchrun itself. The script (copied to a temp dir and run in a
+    subprocess: the launcher re-executes sys.argv) fits SGDMLP with shared and with independent noise; each rank's
+    RankReport goes to a file. Same assertions as the ddp_spawn test: every rank clean after 3 steps, replicas
+    equal, shared noise = one process on the batches of 8 (DDP_TOLERANCE), independent noise differs."""
+    script = tmp_path / DDP_SCRIPT.name
+    shutil.copy(DDP_SCRIPT, script)
+    out = tmp_path / "out"
+    args = ["--out", str(out), "--restore", restore, "--tests-dir", str(Path(__file__).parent)]
+    for cmd, code, output in _run_ranks(launcher, script, args):
+        assert code == 0, f"{' '.join(cmd)} exited with {code}:\n{output[-4000:]}"
+    done = [json.loads((out / f"done-rank{r}").read_text()) for r in range(2)]
+    environment = "TorchElasticEnvironment" if launcher == "torchrun" else "LightningEnvironment"
+    assert all(d["strategy"] == "DDPStrategy" and d["launcher"] == "_SubprocessScriptLauncher" and d["environment"] == environment for d in done), done
+    assert done[0]["pid"] != done[1]["pid"] and [d["children"] for d in done] == ([1, 0] if launcher == "subprocess" else [0, 0]), done
+    ranks = {rank_noise: [torch.load(out / rank_noise / f"rank{r}.pt") for r in range(2)] for rank_noise in ("shared", "independent")}
+    single = SGDMLP()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer_for(tmp_path / "single", [FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore)], accelerator="cpu",
+                    max_steps=3, limit_val_batches=0).fit(single)  # the same 8 samples per step
+    assert_ddp_matches_one_process(ranks, [p.detach().cpu() for p in lora_parameters(single)], "cpu", steps=3)
