@@ -11,6 +11,9 @@ time, its number of calls, and how long after ``perturb()`` began it was first e
     PYTHONPATH=. python benchmarks/perturb_host_sections.py [--method flat-exact] [--reps 10]    # CUDA: step_time's 1 B Llama
     PYTHONPATH=. python benchmarks/perturb_host_sections.py --stub [--reps 200]                   # any machine: host_time's stub
 
+``--cold`` forgets the last step's reads before each ``perturb()`` (:class:`flatlora_optim.steady.SteadyReads`), so that
+every layer is read and checked anew, as at a step after a change to the model.
+
 ``--stub`` runs the CUDA step-wide path's host work on the CPU with ``host_time.py``'s stub kernel (no launches, its
 tiny-width Llama of 112 layers), so entries of the real kernel (``Kernel._exact``, the record) are missing there and
 ``Kernel.exact_perturb_layers`` stands for the launch.
@@ -43,6 +46,9 @@ def entry_points(flat: Any, kernel_class: type) -> List[Tuple[Any, str, str]]:
     import flatlora_optim.targets as targets
 
     entries: List[Tuple[Any, str, str]] = [(type(flat), name, f"FlatLoRA.{name}") for name in ("_apply_noise", "_add_noise", "_restore_now")]
+    import flatlora_optim.steady as steady
+
+    entries += [(steady.SteadyReads, "unchanged", "SteadyReads.unchanged")]
     entries += [(optimizer, name, name) for name in ("claim", "release", "_check_one_device")]
     entries += [(targets.LoRATarget, "check", "Target.check"), (targets.LoRATarget, "adapters", "Target.adapters")]
     entries += [(perturbation.Perturber, name, f"Perturber.{name}")
@@ -81,7 +87,9 @@ def subject(method: str, stub: bool) -> Iterator[Tuple[Any, type, Callable[[], N
     yield flat, TritonNoiseKernel, torch.cuda.synchronize
 
 
-def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[str, Any]:
+def run(method: str = "flat-exact", reps: int = 10, stub: bool = False, cold: bool = False) -> Dict[str, Any]:
+    """``cold``: every ``perturb()`` reads and checks the layers anew (the last step's reads forgotten first), as a step
+    after a change to the model does, and as every step did before ``SteadyReads``."""
     with subject(method, stub) as (flat, kernel_class, sync):
         for _ in range(3):
             flat.perturb()
@@ -93,6 +101,8 @@ def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[
         with PhaseTimer(entry_points(flat, kernel_class)) as clock:
             for _ in range(reps):
                 sync()
+                if cold:
+                    flat._steady.forget()
                 clock.start()
                 flat.perturb()
                 flat.restore()
@@ -105,7 +115,7 @@ def run(method: str = "flat-exact", reps: int = 10, stub: bool = False) -> Dict[
                     calls[label] = clock.calls[label]
     sections = sorted(({"entry": label, "host_ms": statistics.median(spent[label]), "calls": calls[label],
                         "first_at_ms": statistics.median(first[label])} for label in spent), key=lambda s: s["first_at_ms"])
-    return {"method": method, "stub": stub, "reps": reps, "host_ms": statistics.median(host), "synced_ms": statistics.median(synced),
+    return {"method": method, "stub": stub, "cold": cold, "reps": reps, "host_ms": statistics.median(host), "synced_ms": statistics.median(synced),
             "sections": sections}
 
 
@@ -114,9 +124,11 @@ def main() -> None:
     parser.add_argument("--method", default="flat-exact", choices=("flat-exact", "flat-backup", "flat-host"))
     parser.add_argument("--reps", type=int, default=None, help="perturb()+restore() pairs timed (default 10 on CUDA, 200 with --stub)")
     parser.add_argument("--stub", action="store_true", help="the host work only, on any machine (host_time.py's stub kernel)")
+    parser.add_argument("--cold", action="store_true", help="read and check every layer anew at each perturb() (a step after a change)")
     args = parser.parse_args()
-    result = run(args.method, args.reps or (200 if args.stub else 10), args.stub)
-    print(f"{result['method']}{' (stub kernel)' if result['stub'] else ''}: perturb()+restore() {result['host_ms']:.2f} ms of host time, "
+    result = run(args.method, args.reps or (200 if args.stub else 10), args.stub, args.cold)
+    label = (" (stub kernel)" if result["stub"] else "") + (" (cold: layers read anew)" if result["cold"] else "")
+    print(f"{result['method']}{label}: perturb()+restore() {result['host_ms']:.2f} ms of host time, "
           f"{result['synced_ms']:.2f} ms to the end of the GPU work (medians of {result['reps']})")
     for s in result["sections"]:
         print(f"{s['entry']:<34} {s['host_ms']:8.3f} ms  x{s['calls']:<5d} first entered at {s['first_at_ms']:7.3f} ms")

@@ -53,34 +53,47 @@ class TableCache:
         return table
 
 
-def _adapter_args(target: LoRATarget) -> Optional[Tuple[torch.Tensor, torch.Tensor, float]]:
-    """``(A, B, scaling)`` for the row-std kernel: the adapter's own tensors when there is one.
+def _adapter_args(target: LoRATarget) -> Tuple[Optional[Tuple[torch.Tensor, torch.Tensor, float]], bool]:
+    """``(A, B, scaling)`` for the row-std kernel: the adapter's own tensors when there is one; and whether these are
+    the layer's own tensors, which the kernel reads where they lie (so that they stay right at every step while they
+    keep their storage), rather than a copy of this step's values.
 
     Under FSDP2 ``A`` is gathered whole (every rank's rows need all of it: a collective, called by
     every rank for the same layers in the same order) and ``B`` is this rank's rows."""
     adapters = target.adapters()
     if not adapters:
-        return None
+        return None, True
     if len(adapters) == 1 and adapters[0].A.dtype == adapters[0].B.dtype:  # read by address: no detach needed
         a = adapters[0]
-        return full(a.A), local(a.B), a.scaling
+        A, B = full(a.A), local(a.B)
+        return (A, B, a.scaling), A is a.A and B is a.B
     A, B = _stack_adapters(adapters, target.weight.device)  # several adapters: fp32, scalings folded into B
-    return A, B, 1.0
+    return (A, B, 1.0), False
 
 
 class StepGroup:
     """One step's row stds and seeds for a list of targets on one CUDA device."""
 
-    def __init__(self, kernel: Any, cache: TableCache, targets: Sequence[LoRATarget], sigma: float, stream_seed: int, step: int):
+    def __init__(self, kernel: Any, cache: TableCache, targets: Sequence[LoRATarget], sigma: float, stream_seed: int, step: int,
+                 reads: Any = None):
+        """``reads``: the step's :class:`~flatlora_optim.steady.SteadyReads`: the views, layer table and adapters the last
+        step read, while no layer changed (the adapters only when each is read by address, not stacked into a copy)."""
         self.kernel = kernel
         self.sigma, self.step = sigma, step
         self.targets = list(targets)
         self._position = {id(t): k for k, t in enumerate(self.targets)}
-        self.rows = [t.rows() for t in self.targets]
-        self.row_ranges = [t.row_range() for t in self.targets]  # (first global row, global rows): FSDP2 shards
-        self.table = cache.get(self.rows, row_ranges=self.row_ranges)
+        kept = reads.get("group") if reads is not None else None
+        if kept is not None and kept[0] is targets:  # the describe step's list, kept as well: the same layers
+            _, self.rows, self.row_ranges, self.table, adapters = kept
+        else:
+            self.rows = [t.rows() for t in self.targets]
+            self.row_ranges = [t.row_range() for t in self.targets]  # (first global row, global rows): FSDP2 shards
+            self.table = cache.get(self.rows, row_ranges=self.row_ranges)
+            adapters, own = zip(*(_adapter_args(t) for t in self.targets)) if self.targets else ((), ())
+            adapters = list(adapters)
+            if reads is not None and all(own):
+                reads.keep("group", (targets, self.rows, self.row_ranges, self.table, adapters))
         device = self.table.device
-        adapters = [_adapter_args(t) for t in self.targets]
         self.std = torch.empty(self.table.total_rows, dtype=torch.float32, device=device)
         kernel.row_stds(self.table, adapters, [sigma / n**0.5 for _, n in self.table.shapes], self.std)
         seeds = noise_seeds(stream_seed, step, [layer_key(t.name) for t in self.targets], self.table.blocks)

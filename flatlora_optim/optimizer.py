@@ -37,6 +37,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike
 from .sharding import check_row_sharded
+from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
 from .virtual import VirtualPatches, virtual_refusal
 
@@ -187,6 +188,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._guards: Optional[PerturbationGuards] = None
         self._patches: Optional[VirtualPatches] = None
         self._early: Optional[EarlyRestore] = None  # host restore: the layers restored during the backward
+        self._steady = SteadyReads()  # what the last step read from the layers, while none of them changed
         # torch.compile traces the layers' forward pre-hooks into its graph: there, host restore restores at the end only
         self._early_restore_allowed = not _is_compiled(model)
         self._in_final_backward = False  # inside final_backward(): host restore may write layers back while the noise is held
@@ -437,9 +439,11 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._perturbations is not None:
             return
         self._check_restored()
-        for target in self.targets:
-            target.check()  # e.g. merged since construction: raise before touching anything
-        _check_one_device(self.targets)
+        if not self._steady.unchanged(self.targets):  # a layer changed since the last step (or none was read yet)
+            for target in self.targets:
+                target.check()  # e.g. merged since construction: raise before touching anything
+            _check_one_device(self.targets)
+            self._steady.confirm()
         sigma = self.schedule.sigma(self._step_index)
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
         if sigma == 0.0:
@@ -448,7 +452,7 @@ class FlatLoRA(torch.optim.Optimizer):
         _resharded(self.model, self.targets, self._sharded_names)
         claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
         try:
-            with on_device_of(self.targets), held_views(self.targets):
+            with on_device_of(self.targets), held_views(self.targets, self._steady):
                 self._add_noise(sigma)
                 for target in self.targets:
                     target._pinned = target.weight if target.sharded else None
@@ -460,7 +464,7 @@ class FlatLoRA(torch.optim.Optimizer):
         """Draw this step's noise and put it in place. ``self._perturbations`` is set only once it is in
         place: after a failure (which leaves the weights clean) a later call of the step draws again."""
         if self.mode == "virtual":
-            perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index)
+            perturbations, _ = self._perturber.describe_all(self.targets, sigma, self._step_index, self._steady)
             self._patches = VirtualPatches(self._perturber, perturbations, self._armed,  # removes what it patched if it fails
                                            watch=not self._virtual_verified)
             try:  # a graph the model's output carries keeps the layers rerouted until its backward (checkpointing reruns them)
@@ -481,7 +485,8 @@ class FlatLoRA(torch.optim.Optimizer):
             ))
 
         try:
-            self._perturbations = self._perturber.perturb_all(self.targets, sigma, self._step_index, install_guards)  # restores itself on error
+            self._perturbations = self._perturber.perturb_all(self.targets, sigma, self._step_index, install_guards,  # restores itself on error
+                                                              self._steady)
         except BaseException:
             for guards in installed:
                 guards.remove()

@@ -31,6 +31,7 @@ from .kernels.layer_table import to_device
 from .noise import ShardNoiseKernel, TorchNoiseKernel, chunk_bounds, kernel_for, layer_key, noise_seed, noise_seeds, row_std, rows_per_chunk
 from .restore import RestoreStrategy, noise_dtype
 from .sharding import gathered
+from .steady import SteadyReads
 from .targets import LoRATarget
 
 __all__ = ["TargetPerturbation", "Perturber"]
@@ -237,31 +238,39 @@ class Perturber:
         """Write ``W + e`` into ``target``'s weight; return what restores it."""
         return self.perturb_all([target], sigma, step)[0]
 
-    def describe_all(self, targets: List[LoRATarget], sigma: float, step: int) -> Tuple[List[TargetPerturbation], Optional[StepGroup]]:
-        """This step's noise for every target (nothing written): on CUDA all row stds in one launch."""
-        described, group, _ = self._describe_all(targets, sigma, step, writes=False)
+    def describe_all(self, targets: List[LoRATarget], sigma: float, step: int,
+                     reads: Optional[SteadyReads] = None) -> Tuple[List[TargetPerturbation], Optional[StepGroup]]:
+        """This step's noise for every target (nothing written): on CUDA all row stds in one launch. ``reads``: the
+        step's :class:`~flatlora_optim.steady.SteadyReads` (what the last step read, while no layer changed)."""
+        described, group, _ = self._describe_all(targets, sigma, step, writes=False, reads=reads)
         return described, group
 
-    def _describe_all(self, targets: List[LoRATarget], sigma: float, step: int,
-                      writes: bool = True) -> Tuple[List[TargetPerturbation], Optional[StepGroup], List[bool]]:
+    def _describe_all(self, targets: List[LoRATarget], sigma: float, step: int, writes: bool = True,
+                      reads: Optional[SteadyReads] = None) -> Tuple[List[TargetPerturbation], Optional[StepGroup], List[bool]]:
         """:meth:`describe_all`, and for every target whether it goes through the step-wide pass (:meth:`_fusable`;
         with ``writes`` false, for FSDP2 shards only, the others' being left False).
 
         A target's stds and seeds come from the :class:`StepGroup` when its device's kernel has grouped launches
         (CUDA with Triton); an FSDP2 shard only when it goes through the fused pass (the per-block path indexes
         its seeds by global block). Each device's kernel is looked up once (the targets share one device)."""
-        kernels: Dict[torch.device, Any] = {}
-        fusable, grouped = [], []
-        for target in targets:
-            device = target.weight.device
-            kernel = kernels.get(device)
-            if kernel is None:
-                kernel = kernels[device] = kernel_for(device)
-            fused = (writes or target.sharded) and self._fusable(target, kernel)
-            fusable.append(fused)
-            if (fused if target.sharded else hasattr(kernel, "row_stds")):
-                grouped.append(target)
-        group = StepGroup(kernels[grouped[0].weight.device], self._tables, grouped, sigma, self.stream_seed(), step) if grouped else None
+        kernels: Dict[torch.device, Any] = {targets[0].weight.device: kernel_for(targets[0].weight.device)} if targets else {}
+        kept = reads.get(f"describe-{writes}") if reads is not None else None
+        if kept is not None and kept[0] == kernels:  # the same layers as the last step, and the same kernel for them
+            _, fusable, grouped = kept
+        else:
+            fusable, grouped = [], []
+            for target in targets:
+                device = target.weight.device
+                kernel = kernels.get(device)
+                if kernel is None:
+                    kernel = kernels[device] = kernel_for(device)
+                fused = (writes or target.sharded) and self._fusable(target, kernel)
+                fusable.append(fused)
+                if (fused if target.sharded else hasattr(kernel, "row_stds")):
+                    grouped.append(target)
+            if reads is not None:
+                reads.keep(f"describe-{writes}", (kernels, fusable, grouped))
+        group = StepGroup(kernels[grouped[0].weight.device], self._tables, grouped, sigma, self.stream_seed(), step, reads) if grouped else None
         described = []
         for target in targets:
             k = group.index_of(target) if group is not None else None
@@ -274,19 +283,19 @@ class Perturber:
 
     @torch.no_grad()
     def perturb_all(self, targets: List[LoRATarget], sigma: float, step: int,
-                    while_waiting: Optional[Callable[[], None]] = None) -> List[TargetPerturbation]:
+                    while_waiting: Optional[Callable[[], None]] = None, reads: Optional[SteadyReads] = None) -> List[TargetPerturbation]:
         """Write ``W + e`` into every target; return what restores each (restore with :meth:`restore_all`).
 
         On CUDA, 16-bit weights with exact or backup restore go through one step-wide pass together
         (a few launches for the whole list); every other target is perturbed block by block.
         ``while_waiting`` runs exactly once: right after the step-wide pass is queued (before any host
         wait, so that its work overlaps the pass), else at the end. If it raises,
-        the weights are restored and the error propagates.
+        the weights are restored and the error propagates. ``reads``: as for :meth:`describe_all`.
         """
         once = _Once(while_waiting)
         sharded_factors = [a.A for t in targets if t.sharded for a in t.adapters()]
         with gathered(sharded_factors), autocast_off():  # every sharded A whole, in one collective (FSDP2's row stds need them)
-            described = self._perturb_all(targets, sigma, step, once)
+            described = self._perturb_all(targets, sigma, step, once, reads)
         try:
             once()
         except BaseException:
@@ -294,8 +303,9 @@ class Perturber:
             raise
         return described
 
-    def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int, while_waiting: Callable[[], None]) -> List[TargetPerturbation]:
-        described, group, fusable = self._describe_all(targets, sigma, step)
+    def _perturb_all(self, targets: List[LoRATarget], sigma: float, step: int, while_waiting: Callable[[], None],
+                     reads: Optional[SteadyReads] = None) -> List[TargetPerturbation]:
+        described, group, fusable = self._describe_all(targets, sigma, step, reads=reads)
         fused = [k for k, p in enumerate(described) if p.slot is not None and fusable[k]]
         in_group = set(fused)
         rest = [p for k, p in enumerate(described) if k not in in_group]

@@ -84,6 +84,9 @@ class LoRATarget:
     transposed: bool = False
     _adapters: Callable[[], List[Adapter]] = field(default=lambda: [], repr=False)
     _check: Callable[[], None] = field(default=lambda: None, repr=False)
+    _state: Callable[[], Optional[tuple]] = field(default=lambda: None, repr=False, compare=False)
+    """The flavour's part of :meth:`state_key`: a tuple of plain values (ids, shapes, flags) that changes whenever
+    :meth:`check` or :meth:`adapters` could answer differently; None where the flavour cannot say."""
     _held: Optional[Tuple[torch.Tensor, torch.Tensor, bool, Tuple[int, int]]] = field(default=None, init=False, repr=False, compare=False)
     """``(weight, rows, sharded, row_range)`` while :func:`held_views` holds them (see there)."""
     aliases: List[LoRATarget] = field(default_factory=list, repr=False, compare=False)
@@ -142,6 +145,24 @@ class LoRATarget:
     def adapters(self) -> List[Adapter]:
         """The adapters that the module's forward adds to this weight right now."""
         return self._adapters()
+
+    def state_key(self) -> Optional[tuple]:
+        """A value that changes whenever :meth:`check`, :meth:`adapters`, :attr:`weight`, :meth:`rows` or
+        :meth:`row_range` could give another answer: the weight parameter's identity and layout (``weight.data = ...``
+        keeps the parameter but not its storage), and the flavour's state (active, disabled and merged adapters, the
+        adapters' parameters and layouts, their scalings). None where it cannot be told cheaply (a flavour without
+        one, a parametrised or FSDP2-sharded weight): such a target is read anew at every step.
+
+        Ids are only compared while the caller holds the objects (:class:`~flatlora_optim.steady.SteadyReads` keeps
+        what it read), so an id cannot be reused by another object meanwhile."""
+        flavour_state = self._state()
+        if flavour_state is None or self._pinned is not None or "parametrizations" in self.owner._modules:
+            return None
+        weight = self.owner._parameters.get(self.param_name)
+        if weight is None or (type(weight) is not nn.Parameter and is_dtensor(weight)):
+            return None
+        # the storage address stands for the device too: device and host allocations never share an address
+        return (id(weight), weight.data_ptr(), weight.shape, weight.stride(), weight.dtype, flavour_state)
 
     def check(self) -> None:
         """Raise a ``ValueError`` if the target cannot be perturbed in its current state."""
@@ -202,16 +223,24 @@ class held_views:
     right; on exit the targets read live again. Nesting is allowed (the outer block holds).
     """
 
-    def __init__(self, targets: Sequence[LoRATarget]):
+    def __init__(self, targets: Sequence[LoRATarget], reads: Any = None):
         self.targets = [t for t in targets if t._held is None]
+        self.reads = reads if len(self.targets) == len(targets) else None  # a SteadyReads: the last step's values, while unchanged
 
     def __enter__(self) -> None:
+        kept = self.reads.get("held") if self.reads is not None else None
         try:
+            if kept is not None:
+                for target, held in zip(self.targets, kept):
+                    target._held = held
+                return
             for target in self.targets:
                 weight = target.weight
                 sharded = is_dtensor(weight)
                 rows = target.rows_of(weight)
                 target._held = (weight, rows, sharded, row_range(weight) if sharded else (0, rows.shape[0]))
+            if self.reads is not None:
+                self.reads.keep("held", [target._held for target in self.targets])
         except BaseException:
             self.__exit__()
             raise

@@ -134,12 +134,15 @@ def test_perturb_host_sections_times_the_step_wide_path_with_the_stub_kernel():
     import flatlora_optim.perturbation as perturbation
 
     describe = perturbation.Perturber.__dict__["_describe_all"]
-    result = perturb_host_sections.run("flat-exact", reps=3, stub=True)
-    first = {s["entry"]: s["first_at_ms"] for s in result["sections"]}
-    calls = {s["entry"]: s["calls"] for s in result["sections"]}
-    assert calls["Target.check"] == calls["Perturber._fusable"] == 112 and calls["StepGroup.__init__"] == 1
-    assert first["Target.check"] < first["Kernel.row_stds"] < first["Kernel.exact_perturb_layers"] < first["FlatLoRA._restore_now"]
-    assert 0 < result["host_ms"] <= result["synced_ms"]
+    for cold in (True, False):
+        result = perturb_host_sections.run("flat-exact", reps=3, stub=True, cold=cold)
+        first = {s["entry"]: s["first_at_ms"] for s in result["sections"]}
+        calls = {s["entry"]: s["calls"] for s in result["sections"]}
+        assert calls["SteadyReads.unchanged"] == calls["StepGroup.__init__"] == 1
+        # cold: every layer read and checked, as after a change; warm: none of them, the last step's reads kept
+        assert calls.get("Target.check", 0) == calls.get("Perturber._fusable", 0) == (112 if cold else 0)
+        assert first["SteadyReads.unchanged"] < first["Kernel.row_stds"] < first["Kernel.exact_perturb_layers"] < first["FlatLoRA._restore_now"]
+        assert 0 < result["host_ms"] <= result["synced_ms"]
     assert perturbation.Perturber.__dict__["_describe_all"] is describe
 
 

@@ -74,6 +74,7 @@ def _peft_target(
     factors: Callable[[str], Adapter],
     adapter_dict: nn.Module,
     extra_check: Optional[Callable[[], None]] = None,
+    factors_state: Optional[Callable[[str], Optional[tuple]]] = None,
 ) -> LoRATarget:
     def active() -> List[str]:
         if module.disable_adapters:
@@ -101,7 +102,27 @@ def _peft_target(
         if extra_check is not None:
             extra_check()
 
-    return LoRATarget(name, module, flavour, owner, param_name, transposed, adapters, check)
+    def state() -> Optional[tuple]:
+        """What ``check()`` and ``adapters()`` read, as plain values (see ``LoRATarget.state_key``): peft's flags from the
+        layer's instance dict (a peft without them: None, read anew each step), and each active adapter's factors."""
+        if factors_state is None or extra_check is not None:
+            return None
+        flags = module.__dict__
+        active, disabled, merged = flags.get("_active_adapter"), flags.get("_disable_adapters"), flags.get("merged_adapters")
+        if not isinstance(disabled, bool) or not isinstance(merged, list) or not isinstance(active, (str, list)):
+            return None
+        names = (active,) if isinstance(active, str) else tuple(active)
+        variants, dora = flags.get("lora_variant", {}), flags.get("use_dora", {})
+        factors_now = []
+        for a in names:
+            if a in adapter_dict._modules:
+                factors = factors_state(a)
+                if factors is None:
+                    return None
+                factors_now.append((a, factors, type(variants.get(a)), dora.get(a)))
+        return (disabled, tuple(merged), names, *factors_now)
+
+    return LoRATarget(name, module, flavour, owner, param_name, transposed, adapters, check, state)
 
 
 # ---------------------------------------------------------------------------- Linear
@@ -126,9 +147,27 @@ def _linear_factors(module: nn.Module) -> Callable[[str], Adapter]:
     return factors
 
 
+def _linear_factors_state(module: nn.Module) -> Callable[[str], Optional[tuple]]:
+    """What :func:`_linear_factors` reads for an adapter, as plain values (see ``LoRATarget.state_key``): each factor's
+    identity and layout (the storage address stands for the device), and the scaling; None for a parametrised factor."""
+    lora_A, lora_B = module.lora_A, module.lora_B
+    flags = module.__dict__
+
+    def state(a: str) -> Optional[tuple]:
+        A = lora_A._modules[a]._parameters.get("weight")
+        B = lora_B._modules[a]._parameters.get("weight")
+        scaling = flags.get("scaling", {}).get(a)
+        if A is None or B is None or scaling is None:
+            return None
+        return (id(A), A.data_ptr(), A.shape, A.stride(), A.dtype, id(B), B.data_ptr(), B.shape, B.stride(), B.dtype, scaling)
+
+    return state
+
+
 def _describe_linear(name: str, module: nn.Module) -> LoRATarget:
     transposed = bool(getattr(module, "fan_in_fan_out", False))
-    return _peft_target(name, module, "peft", module.get_base_layer(), "weight", transposed, _linear_factors(module), module.lora_A)
+    return _peft_target(name, module, "peft", module.get_base_layer(), "weight", transposed, _linear_factors(module), module.lora_A,
+                        factors_state=_linear_factors_state(module))
 
 
 # ---------------------------------------------------------------------------- Embedding
@@ -183,7 +222,8 @@ def _param_2d(module: nn.Module) -> bool:
 
 def _describe_param(name: str, module: nn.Module) -> LoRATarget:
     # target_parameters: the parameter itself (out x in, as nn.Linear) with the adapters of Linear.
-    return _peft_target(name, module, "peft-param", module.get_base_layer(), module.parameter_name, False, _linear_factors(module), module.lora_A)
+    return _peft_target(name, module, "peft-param", module.get_base_layer(), module.parameter_name, False, _linear_factors(module), module.lora_A,
+                        factors_state=_linear_factors_state(module))
 
 
 def _matcher(class_name: str, extra: Optional[Callable[[nn.Module], bool]] = None) -> Callable[[nn.Module], bool]:

@@ -208,10 +208,19 @@ class AdapterTables:
         self.device, self.first_rows = table.device, table.first_rows
         self._rows: Optional[Tuple[List[List[int]], torch.Tensor]] = None
         self._factors: Optional[Tuple[List[List[float]], torch.Tensor]] = None
+        self._last: Optional[Tuple[Sequence[Any], List[float], List[int]]] = None  # the adapters list last given, as is
 
     def __call__(self, adapters: Sequence[Optional[Tuple[torch.Tensor, torch.Tensor, float]]],
                  std_scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+        """The two tables for ``adapters``. The very list given last time (a step that kept the last step's reads,
+        :class:`~flatlora_optim.steady.SteadyReads`: the same tensors, whose storage did not move) with the same
+        ``std_scales`` gives the kept tables without reading the tensors' addresses again."""
+        std_scales = list(std_scales)
+        last = self._last
+        if last is not None and last[0] is adapters and last[1] == std_scales and self._rows is not None and self._factors is not None:
+            return self._rows[1], self._factors[1], last[2]
         rows, factors, present = adapter_rows(adapters, std_scales, self.first_rows)
+        self._last = (adapters, std_scales, present)
         if self._rows is None or self._rows[0] != rows:
             self._rows = (rows, _upload(rows, torch.int64, self.device))
         if self._factors is None or self._factors[0] != factors:
