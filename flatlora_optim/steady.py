@@ -26,7 +26,7 @@ class SteadyReads:
     """The last step's reads of a list of targets, with the state keys they were read under."""
 
     def __init__(self) -> None:
-        self._targets: List[Any] = []  # held, so that the ids in the keys stay theirs
+        self._targets: List[Any] = []  # held: compared by identity with the next step's
         self._keys: Optional[List[tuple]] = None  # the keys of the last step whose checks passed
         self._pending: Optional[List[tuple]] = None  # this step's keys, until confirm()
         self._kept: Dict[str, Any] = {}

@@ -153,8 +153,9 @@ class LoRATarget:
         adapters' parameters and layouts, their scalings). None where it cannot be told cheaply (a flavour without
         one, a parametrised or FSDP2-sharded weight): such a target is read anew at every step.
 
-        Ids are only compared while the caller holds the objects (:class:`~flatlora_optim.steady.SteadyReads` keeps
-        what it read), so an id cannot be reused by another object meanwhile."""
+        An id may be reused by a new object once the old one is freed; the key also holds the storage address, layout and
+        type, compared by value, and what :class:`~flatlora_optim.steady.SteadyReads` hands out again (views, adapters)
+        it holds, so their ids cannot be reused while it does."""
         flavour_state = self._state()
         if flavour_state is None or self._pinned is not None or "parametrizations" in self.owner._modules:
             return None

@@ -147,16 +147,14 @@ def test_a_merged_adapter_is_refused_at_the_next_step():
     assert_frozen_unchanged(model, merged)
 
 
-@pytest.mark.parametrize("change", CHANGES)
-def test_the_step_wide_path_reads_the_layers_anew_after_a_change(change, monkeypatch):
-    """The CUDA path keeps more from step to step: the layer table (the layers' addresses) and the row-std kernel's
-    adapter tables (the factors' addresses and ranks, the scalings). Through host_time's stub kernel on CPU: after each
-    change, the next step's tables are those built from scratch for the model as it is now; with no change they are
-    the very objects of the last step."""
+@pytest.fixture
+def recorded(monkeypatch):
+    """The CUDA path's host work on CPU (host_time's stub kernel), recording what each step's row stds were given:
+    ``(layer table, adapter rows table, factors table, adapters list, std scales)`` per step."""
     import host_time
 
-    from flatlora_optim.grouped import _adapter_args
-    from flatlora_optim.kernels.layer_table import LayerTable, adapter_rows
+    import flatlora_optim.noise as noise
+    import flatlora_optim.perturbation as perturbation
 
     seen = []
 
@@ -166,25 +164,89 @@ def test_the_step_wide_path_reads_the_layers_anew_after_a_change(change, monkeyp
             seen.append((table, rows.clone(), factors.clone(), adapters, list(std_scales)))
             out.fill_(1e-3)
 
-    import flatlora_optim.noise as noise
-    import flatlora_optim.perturbation as perturbation
-
     stub = Recording()
     monkeypatch.setattr(noise, "kernel_for", lambda device: stub)
     monkeypatch.setattr(perturbation, "kernel_for", lambda device: stub)
+    return seen
+
+
+def _assert_tables_of_the_model_now(opt, entry):
+    """``entry``'s tables are those built from scratch for the model as it is now."""
+    from flatlora_optim.grouped import _adapter_args
+    from flatlora_optim.kernels.layer_table import LayerTable, adapter_rows
+
+    table, rows, factors, _, std_scales = entry
+    fresh = LayerTable([t.rows() for t in opt.targets])
+    assert torch.equal(table.layers, fresh.layers)  # every layer's address, a swapped or replaced weight's new storage
+    expected_rows, expected_factors, _ = adapter_rows([_adapter_args(t)[0] for t in opt.targets], std_scales, fresh.first_rows)
+    assert torch.equal(rows, torch.tensor(expected_rows, dtype=torch.int64))
+    assert torch.equal(factors, torch.tensor(expected_factors, dtype=torch.float64))
+
+
+def _perturb_and_restore(opt):
+    opt.perturb()
+    opt.restore()
+
+
+@pytest.mark.parametrize("change", CHANGES)
+def test_the_step_wide_path_reads_the_layers_anew_after_a_change(change, recorded):
+    """The CUDA path keeps more from step to step: the layer table (the layers' addresses) and the row-std kernel's
+    adapter tables (the factors' addresses and ranks, the scalings). Through host_time's stub kernel on CPU: after each
+    change, the next step's tables are those built from scratch for the model as it is now; with no change they are
+    the very objects of the last step."""
     model = _peft_llama("bfloat16")
     opt = FlatLoRA(torch.optim.SGD(_factors(model), lr=0.1), model, rho=0.1, schedule="constant", seed=5)
     for step in range(3):
         if step == 2:
             change(model)
-        opt.perturb()
-        opt.restore()
+        _perturb_and_restore(opt)
     if change is _no_change:
-        assert seen[2][0] is seen[1][0] and seen[2][3] is seen[1][3]  # the last step's table and adapters list
-    table, rows, factors, _, std_scales = seen[2]
-    targets = opt.targets
-    fresh = LayerTable([t.rows() for t in targets])
-    assert torch.equal(table.layers, fresh.layers)  # every layer's address, a swapped or replaced weight's new storage
-    expected_rows, expected_factors, _ = adapter_rows([_adapter_args(t)[0] for t in targets], std_scales, fresh.first_rows)
-    assert torch.equal(rows, torch.tensor(expected_rows, dtype=torch.int64))
-    assert torch.equal(factors, torch.tensor(expected_factors, dtype=torch.float64))
+        assert recorded[2][0] is recorded[1][0] and recorded[2][3] is recorded[1][3]  # the last step's table and adapters list
+    _assert_tables_of_the_model_now(opt, recorded[2])
+
+
+@pytest.mark.parametrize("change", [_switch_adapter, _new_scaling])
+def test_tables_whose_upload_was_interrupted_are_built_again(change, recorded, monkeypatch):
+    """Found by review: a Ctrl-C (or an allocation failure) while a changed adapter table was uploaded left the table
+    kept for the step's adapters list, and every later step of unchanged keys used the tables of the adapters before
+    the change (another adapter's addresses, old scalings). The interrupted step leaves the weights clean, and the next
+    step's tables are those of the model as it is."""
+    import flatlora_optim.kernels.layer_table as layer_table
+
+    upload = layer_table._upload
+    armed = []
+
+    def interrupted_once(values, dtype, device):
+        if armed:
+            armed.clear()
+            raise KeyboardInterrupt("interrupted upload")
+        return upload(values, dtype, device)
+
+    monkeypatch.setattr(layer_table, "_upload", interrupted_once)
+    model = _peft_llama("bfloat16")
+    opt = FlatLoRA(torch.optim.SGD(_factors(model), lr=0.1), model, rho=0.1, schedule="constant", seed=5)
+    _perturb_and_restore(opt)
+    change(model)
+    armed.append(True)
+    with pytest.raises(KeyboardInterrupt):
+        opt.perturb()
+    assert not opt.is_perturbed
+    for _ in range(2):
+        _perturb_and_restore(opt)
+        _assert_tables_of_the_model_now(opt, recorded[-1])
+
+
+def test_a_tensor_scaling_changed_in_place_is_seen(recorded):
+    """Found by review: peft's ``scale_layer`` multiplies a tensor scaling in place (the same object, a new value);
+    the state key held the object, so the step-wide path kept the old scaling. The key now holds its value."""
+    model = _peft_llama("bfloat16")
+    layers = _layers(model)
+    for layer in layers:
+        layer.set_scale("default", torch.tensor(2.0))
+    opt = FlatLoRA(torch.optim.SGD(_factors(model), lr=0.1), model, rho=0.1, schedule="constant", seed=5)
+    for _ in range(2):
+        _perturb_and_restore(opt)
+    for layer in layers[::2]:
+        layer.scale_layer(0.25)
+    _perturb_and_restore(opt)
+    _assert_tables_of_the_model_now(opt, recorded[-1])

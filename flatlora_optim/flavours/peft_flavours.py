@@ -159,7 +159,8 @@ def _linear_factors_state(module: nn.Module) -> Callable[[str], Optional[tuple]]
         scaling = flags.get("scaling", {}).get(a)
         if A is None or B is None or scaling is None:
             return None
-        return (id(A), A.data_ptr(), A.shape, A.stride(), A.dtype, id(B), B.data_ptr(), B.shape, B.stride(), B.dtype, scaling)
+        # the scaling's value, as the factors read it (a tensor scaling may change in place: peft's scale_layer)
+        return (id(A), A.data_ptr(), A.shape, A.stride(), A.dtype, id(B), B.data_ptr(), B.shape, B.stride(), B.dtype, float(scaling))
 
     return state
 

@@ -219,10 +219,11 @@ class AdapterTables:
         last = self._last
         if last is not None and last[0] is adapters and last[1] == std_scales and self._rows is not None and self._factors is not None:
             return self._rows[1], self._factors[1], last[2]
+        self._last = None  # an upload below that fails (Ctrl-C, out of memory) must not leave the last tables kept for these
         rows, factors, present = adapter_rows(adapters, std_scales, self.first_rows)
-        self._last = (adapters, std_scales, present)
         if self._rows is None or self._rows[0] != rows:
             self._rows = (rows, _upload(rows, torch.int64, self.device))
         if self._factors is None or self._factors[0] != factors:
             self._factors = (factors, _upload(factors, torch.float64, self.device))
+        self._last = (adapters, std_scales, present)
         return self._rows[1], self._factors[1], present
