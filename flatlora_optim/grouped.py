@@ -76,23 +76,23 @@ class StepGroup:
 
     def __init__(self, kernel: Any, cache: TableCache, targets: Sequence[LoRATarget], sigma: float, stream_seed: int, step: int,
                  reads: Any = None):
-        """``reads``: the step's :class:`~flatlora_optim.steady.SteadyReads`: the views, layer table and adapters the last
-        step read, while no layer changed (the adapters only when each is read by address, not stacked into a copy)."""
+        """``reads``: the step's :class:`~flatlora_optim.steady.SteadyReads`: the row ranges, layer table and adapters the
+        last step read, while no layer changed (the adapters only when each is read by address, not stacked into a copy)."""
         self.kernel = kernel
         self.sigma, self.step = sigma, step
         self.targets = list(targets)
         self._position = {id(t): k for k, t in enumerate(self.targets)}
+        self.rows = [t.rows() for t in self.targets]
         kept = reads.get("group") if reads is not None else None
         if kept is not None and kept[0] is targets:  # the describe step's list, kept as well: the same layers
-            _, self.rows, self.row_ranges, self.table, adapters = kept
+            _, self.row_ranges, self.table, adapters = kept
         else:
-            self.rows = [t.rows() for t in self.targets]
             self.row_ranges = [t.row_range() for t in self.targets]  # (first global row, global rows): FSDP2 shards
             self.table = cache.get(self.rows, row_ranges=self.row_ranges)
             adapters, own = zip(*(_adapter_args(t) for t in self.targets)) if self.targets else ((), ())
             adapters = list(adapters)
-            if reads is not None and all(own):
-                reads.keep("group", (targets, self.rows, self.row_ranges, self.table, adapters))
+            if reads is not None and all(own):  # (the adapters' factors are kept: small, and the row stds read them by address)
+                reads.keep("group", (targets, self.row_ranges, self.table, adapters))
         device = self.table.device
         self.std = torch.empty(self.table.total_rows, dtype=torch.float32, device=device)
         kernel.row_stds(self.table, adapters, [sigma / n**0.5 for _, n in self.table.shapes], self.std)

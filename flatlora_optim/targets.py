@@ -19,6 +19,7 @@ import contextlib
 import re
 import sys
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, ContextManager, Dict, List, Optional, Sequence, Set, Tuple, Union
 
@@ -129,7 +130,8 @@ class LoRATarget:
 
         For an FSDP2 (DTensor) weight this is this rank's rows (see :mod:`flatlora_optim.sharding`).
         """
-        tensor = local(tensor)
+        if type(tensor) is not nn.Parameter:  # (a plain parameter is no DTensor: skip the check, it runs every step)
+            tensor = local(tensor)
         if self.transposed:
             return tensor.t()
         if tensor.dim() > 2:
@@ -231,17 +233,20 @@ class held_views:
     def __enter__(self) -> None:
         kept = self.reads.get("held") if self.reads is not None else None
         try:
-            if kept is not None:
-                for target, held in zip(self.targets, kept):
-                    target._held = held
+            weights = [ref() for ref, _ in kept] if kept is not None else []
+            if kept is not None and all(weight is not None for weight in weights):
+                for target, weight, (_, ranges) in zip(self.targets, weights, kept):
+                    target._held = (weight, target.rows_of(weight), False, ranges)  # a kept target is never sharded (no state key)
                 return
             for target in self.targets:
                 weight = target.weight
                 sharded = is_dtensor(weight)
                 rows = target.rows_of(weight)
                 target._held = (weight, rows, sharded, row_range(weight) if sharded else (0, rows.shape[0]))
-            if self.reads is not None:
-                self.reads.keep("held", [target._held for target in self.targets])
+            if self.reads is not None and not any(target._held[2] for target in self.targets):
+                # the weights by weak reference, their row views made again at each step: kept views or parameters would
+                # hold storage the model let go of (model.to() moves a parameter's .data; a transposed view stays behind)
+                self.reads.keep("held", [(weakref.ref(target._held[0]), target._held[3]) for target in self.targets])
         except BaseException:
             self.__exit__()
             raise

@@ -250,3 +250,35 @@ def test_a_tensor_scaling_changed_in_place_is_seen(recorded):
         layer.scale_layer(0.25)
     _perturb_and_restore(opt)
     _assert_tables_of_the_model_now(opt, recorded[-1])
+
+
+def test_kept_reads_hold_no_storage_the_model_let_go_of():
+    """Found by review: the kept reads held each transposed layer's row view (GPT-2's ``Conv1D``, ``fan_in_fan_out``), so
+    ``model.to(...)`` (which moves each parameter's ``.data``) left the old storage allocated until the next step,
+    a copy of those weights for good if no step came (after training, or for a model moved off the GPU). The weights
+    are now kept by weak reference and their views made again at each step: nothing of the old storage stays alive."""
+    import gc
+
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4)
+    model = peft.get_peft_model(transformers.GPT2LMHeadModel(config),
+                                peft.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
+    opt = FlatLoRA(torch.optim.SGD(_factors(model), lr=0.1), model, rho=0.1, schedule="constant", seed=5)
+    assert all(t.transposed for t in opt.targets)
+    for step in range(2):
+        with opt.perturbed():
+            loss = model(input_ids=_ids(step), labels=_ids(step)).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    old = {t.weight.data_ptr() for t in opt.targets}
+    model.to(torch.float64)
+    gc.collect()
+    assert not [o for o in gc.get_objects() if isinstance(o, torch.Tensor) and o.data_ptr() in old]
+    with opt.perturbed():  # and the next step reads the moved weights
+        loss = model(input_ids=_ids(2), labels=_ids(2)).loss
+    loss.backward()
+    opt.step()
