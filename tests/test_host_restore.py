@@ -699,3 +699,21 @@ def test_final_backward_inside_a_perturbed_block_keeps_the_noise_to_the_blocks_e
         assert not opt.is_perturbed
         assert_frozen_unchanged(model, before)
     assert all(torch.equal(a, b) for a, b in zip(results["exact"], results["host"]))
+
+
+def test_without_torchs_keep_graph_query_nothing_is_written_back_early(monkeypatch):
+    """torch before 2.5 cannot say whether a backward keeps its graph (torch._C._autograd._get_current_graph_task_keep_graph):
+    host restore then treats every backward as one that may be repeated and writes back at the step's restore only.
+    The gradients stay exact restore's, to the bit, the weights come back bitwise."""
+    import flatlora_optim.host_restore as host_restore
+    from flatlora_optim.perturbation import Perturber
+
+    early = []
+    restore_early = Perturber.restore_early
+    monkeypatch.setattr(Perturber, "restore_early", lambda self, p: (early.append(p.target.name), restore_early(self, p))[1])
+    monkeypatch.setattr(host_restore, "_KEEPS_GRAPH", None)
+    exact, _, _ = _train("exact")
+    host, before, model = _train("host")
+    assert not early
+    assert all(torch.equal(bits(a), bits(b)) for step_a, step_b in zip(exact, host) for a, b in zip(step_a, step_b))
+    assert_frozen_unchanged(model, before)
