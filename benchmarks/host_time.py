@@ -34,7 +34,7 @@ import pstats
 import statistics
 import time
 from contextlib import contextmanager
-from typing import Dict, Iterator, List
+from typing import Dict, Iterator, List, Optional
 
 import torch
 
@@ -81,12 +81,12 @@ class StubKernel:
 
 
 @contextmanager
-def stub_kernel() -> Iterator[StubKernel]:
-    """Every CUDA-path decision sees :class:`StubKernel` as the device's kernel."""
+def stub_kernel(stub: Optional[StubKernel] = None) -> Iterator[StubKernel]:
+    """Every CUDA-path decision sees ``stub`` (a new :class:`StubKernel` by default) as the device's kernel."""
     import flatlora_optim.noise as noise
     import flatlora_optim.perturbation as perturbation
 
-    stub = StubKernel()
+    stub = StubKernel() if stub is None else stub
     saved = noise.kernel_for, perturbation.kernel_for
     noise.kernel_for = perturbation.kernel_for = lambda device: stub
     try:

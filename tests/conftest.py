@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pytest
 import torch
@@ -112,10 +112,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def end_worker_process() -> None:
+def end_worker_process(children: Sequence[Any] = ()) -> None:
     """End a spawned ``torch.distributed`` worker: both ranks done before either tears down its process group, then
     leave at once. Even after the barrier, the interpreter's normal exit raced gloo's threads now and then ("terminate
-    called without an active exception", SIGABRT: once in a CI run of the sixth session); save results before this."""
+    called without an active exception", SIGABRT: once in a CI run of the sixth session); save results before this.
+    ``children``: processes this one started (``Popen``-like, Lightning's subprocess launcher's ranks), waited for
+    before leaving; the first non-zero exit code among them is this process's."""
     import os
     import sys
 
@@ -123,9 +125,10 @@ def end_worker_process() -> None:
 
     dist.barrier()
     dist.destroy_process_group()
+    codes = [child.wait() for child in children]
     sys.stdout.flush()
     sys.stderr.flush()
-    os._exit(0)
+    os._exit(next((code for code in codes if code), 0))
 
 
 def _torchrun_rank(rank: int, world: int, port: int, out_dir: str, train: Callable[[], Any]) -> None:

@@ -38,7 +38,6 @@ def main() -> None:
     parser.add_argument("--restore", choices=["exact", "host"], required=True)
     parser.add_argument("--rank-noise", default="shared,independent")
     parser.add_argument("--tests-dir", default=None, help="the repository's tests/ (default: next to flatlora_optim)")
-    parser.add_argument("--plain-exit", action="store_true", help="leave through the interpreter's normal exit (no barrier/os._exit)")
     args = parser.parse_args()
     started = time.perf_counter()
 
@@ -52,7 +51,7 @@ def main() -> None:
     sys.path.insert(0, tests_dir)
 
     import lightning.pytorch as pl
-    import torch.distributed as dist
+    from conftest import end_worker_process
     from test_integration_lightning import SGDMLP, RankReport  # the module and report of the ddp_spawn test
 
     from flatlora_optim.integrations.lightning import FlatLoRACallback
@@ -84,15 +83,7 @@ def main() -> None:
         "launcher": type(launcher).__name__, "environment": type(trainer.strategy.cluster_environment).__name__,
         "children": len(children),
     }))
-    if args.plain_exit:
-        return
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    codes = [p.wait() for p in children]
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(next((c for c in codes if c), 0))
+    end_worker_process(children)
 
 
 if __name__ == "__main__":

@@ -148,13 +148,10 @@ def test_a_merged_adapter_is_refused_at_the_next_step():
 
 
 @pytest.fixture
-def recorded(monkeypatch):
+def recorded():
     """The CUDA path's host work on CPU (host_time's stub kernel), recording what each step's row stds were given:
     ``(layer table, adapter rows table, factors table, adapters list, std scales)`` per step."""
     import host_time
-
-    import flatlora_optim.noise as noise
-    import flatlora_optim.perturbation as perturbation
 
     seen = []
 
@@ -164,10 +161,8 @@ def recorded(monkeypatch):
             seen.append((table, rows.clone(), factors.clone(), adapters, list(std_scales)))
             out.fill_(1e-3)
 
-    stub = Recording()
-    monkeypatch.setattr(noise, "kernel_for", lambda device: stub)
-    monkeypatch.setattr(perturbation, "kernel_for", lambda device: stub)
-    return seen
+    with host_time.stub_kernel(Recording()):
+        yield seen
 
 
 def _assert_tables_of_the_model_now(opt, entry):
