@@ -167,37 +167,52 @@ class PaperStyleReference:
             W.sub_(torch.normal(0.0, std))
 
 
-def make_step(model, ids, base, flat, reference, held: bool = False, released: bool = False) -> Callable[[], None]:
+def make_step(model, ids, base, flat, reference, held: bool = False, released: bool = False,
+              mark: Optional[Callable[[str], None]] = None) -> Callable[[], None]:
     """One training step of the method: Flat-LoRA wrapper, paper-style reference, or plain LoRA. ``held``: the noise
     held across the forward and backward with ``perturb()`` / ``restore()``, as the Lightning callback does;
     ``released``: the backward in ``final_backward()``, as the transformers Trainer integration runs the last
-    micro-batch's backward."""
+    micro-batch's backward. ``mark(phase)`` is called at the end of each phase: ``perturb``, ``forward``,
+    ``backward``, ``step`` (``synced_phases.py`` records CUDA events there)."""
+    mark = mark or (lambda phase: None)
 
     def step() -> None:
         if flat is not None and (held or released):
             flat.perturb()
+            mark("perturb")
             loss = model(input_ids=ids, labels=ids).loss
+            mark("forward")
             with flat.final_backward() if released else contextlib.nullcontext():
                 loss.backward()
             flat.restore()
+            mark("backward")
             flat.step()
             flat.zero_grad()
+            mark("step")
             return
         if flat is not None:
             with flat.perturbed():
+                mark("perturb")
                 loss = model(input_ids=ids, labels=ids).loss
+            mark("forward")
             loss.backward()
+            mark("backward")
             flat.step()
             flat.zero_grad()
+            mark("step")
             return
         if reference is not None:
             reference.perturb()
+        mark("perturb")
         loss = model(input_ids=ids, labels=ids).loss
+        mark("forward")
         loss.backward()
         if reference is not None:
             reference.restore()
+        mark("backward")
         base.step()
         base.zero_grad()
+        mark("step")
 
     return step
 

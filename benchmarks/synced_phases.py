@@ -32,38 +32,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from step_time import CONFIGS, GPU_BUSY_SLEEP_CYCLES, build_model, checksum, make_ids, make_method  # noqa: E402
+from step_time import CONFIGS, GPU_BUSY_SLEEP_CYCLES, build_model, checksum, make_ids, make_method, make_step  # noqa: E402
 
 PHASES = ("perturb", "forward", "backward", "step", "copies")
 
 
-def phased_step(model, ids, base, flat) -> Callable[[Callable[[str], None]], None]:
-    """The ``step_time.py`` step (a ``with perturbed():`` forward, then the backward and the step outside it), calling
-    ``mark(phase)`` at the end of each phase."""
+def phased_step(model, ids, base, flat, reference, method: str) -> Callable[[Callable[[str], None]], None]:
+    """``step_time.py``'s step of ``method`` (its ``make_step``), calling ``mark(phase)`` at the end of each phase, and
+    then once more after what the step left on host restore's copy stream."""
     from flatlora_optim.host_restore import copy_stream
 
-    def step(mark: Callable[[str], None]) -> None:
-        if flat is None:
-            mark("perturb")
-            loss = model(input_ids=ids, labels=ids).loss
-        else:
-            block = flat.perturbed()
-            block.__enter__()
-            mark("perturb")
-            try:
-                loss = model(input_ids=ids, labels=ids).loss
-            finally:
-                block.__exit__(None, None, None)
-        mark("forward")
-        loss.backward()
-        mark("backward")
-        (flat or base).step()
-        (flat or base).zero_grad()
-        mark("step")
+    recorder: List[Callable[[str], None]] = [lambda phase: None]  # the current step's mark
+    step = make_step(model, ids, base, flat, reference, held=method.endswith("-held"), released=method.endswith("-released"),
+                     mark=lambda phase: recorder[0](phase))
+
+    def run(mark: Callable[[str], None]) -> None:
+        recorder[0] = mark
+        step()
         torch.cuda.current_stream().wait_stream(copy_stream(ids.device))  # host restore's last write-backs
         mark("copies")
 
-    return step
+    return run
 
 
 def time_phases(step: Callable[[Callable[[str], None]], None], busy: bool) -> Dict[str, float]:
@@ -109,8 +98,8 @@ def main() -> None:
     results: Dict[str, Dict] = {}
     methods = args.methods.split(",")
     for method in methods:
-        base, flat, _ = make_method(method, model, lora_params)
-        step = phased_step(model, ids, base, flat)
+        base, flat, reference = make_method(method, model, lora_params)
+        step = phased_step(model, ids, base, flat, reference, method)
         for _ in range(args.warmup):
             time_phases(step, busy=False)
         synced = median_of([time_phases(step, busy=False) for _ in range(args.steps)])

@@ -37,6 +37,28 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
     assert not any("gpu_state_all" in r or "gpu_busy_ms_all" in r for r in summary["results"].values())  # CUDA only
 
 
+@pytest.mark.parametrize("method", ["lora", "reference", "flat-exact", "flat-exact-held", "flat-host-released"])
+def test_step_time_steps_mark_their_phases_in_order(method):
+    """synced_phases.py times step_time's own steps through their ``mark`` calls: every method marks the four phases,
+    once each and in order, and the step still trains (the frozen weights come back bitwise for the exact methods)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import step_time
+
+    cfg = dict(step_time.CONFIGS["cpu"], layers=1, hidden=32, mlp=64, vocab=64, heads=4, seq=8, batch=2)
+    model = step_time.build_model(cfg, torch.device("cpu"))
+    base, flat, reference = step_time.make_method(method, model, [p for p in model.parameters() if p.requires_grad])
+    marks = []
+    step = step_time.make_step(model, step_time.make_ids(cfg, torch.device("cpu")), base, flat, reference,
+                               held=method.endswith("-held"), released=method.endswith("-released"), mark=marks.append)
+    clean = step_time.checksum(model)
+    for _ in range(2):
+        marks.clear()
+        step()
+        assert marks == ["perturb", "forward", "backward", "step"]
+    assert (step_time.checksum(model) == clean) == (method != "reference")  # the paper-style loop drifts
+
+
 def test_gpu_state_reads_what_torch_can_and_none_for_the_rest(monkeypatch):
     import step_time
 
