@@ -156,8 +156,9 @@ class LoRATarget:
         one, a parametrised or FSDP2-sharded weight): such a target is read anew at every step.
 
         An id may be reused by a new object once the old one is freed; the key also holds the storage address, layout and
-        type, compared by value, and what :class:`~flatlora_optim.steady.SteadyReads` hands out again (views, adapters)
-        it holds, so their ids cannot be reused while it does."""
+        type, compared by value. What :class:`~flatlora_optim.steady.SteadyReads` hands out again either holds its objects
+        (the adapters' factors) or depends only on those values (the layer table's addresses; the weights are kept by weak
+        reference and read anew once freed)."""
         flavour_state = self._state()
         if flavour_state is None or self._pinned is not None or "parametrizations" in self.owner._modules:
             return None
