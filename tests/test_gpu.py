@@ -291,6 +291,8 @@ def test_fused_exact_codec_restores_every_bit(dtype, scale):
     w = (torch.randn(3000, 1500, device="cuda", generator=gen) * scale).to(dtype)
     w.view(-1)[::97] = 0
     w.view(-1)[5:9] = torch.tensor([float("inf"), float("-inf"), float("nan"), 1e-7], device="cuda").to(dtype)
+    # NaNs with payloads (quiet and signalling in bfloat16, both signs; NaNs in float16 too): their exact patterns come back
+    w.view(torch.int16).view(-1)[9:13] = torch.tensor([0x7FA1, -61, 0x7F81, 0x7E01], dtype=torch.int16, device="cuda")
     for rows in (w, w.t()):
         before = bits(rows)
         std = torch.rand(rows.shape[0], device="cuda", generator=gen) * 0.3 * scale
