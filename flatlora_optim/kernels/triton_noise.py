@@ -19,6 +19,7 @@ differs in the low bits from the interpreter's, which tests the logic.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import warnings
 from collections import OrderedDict
@@ -32,6 +33,10 @@ try:
     from triton.language.extra.cuda import libdevice
 except ImportError:  # a Triton without the CUDA backend's libdevice module: precise normals only
     libdevice = None
+try:
+    from triton.backends.nvidia.compiler import CUDAOptions
+except ImportError:  # a Triton without the CUDA backend
+    CUDAOptions = None
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
@@ -65,6 +70,13 @@ _PERTURB_WARPS = 4
 _RESTORE_WARPS = 4
 """Warps per program of the codec's restore pass: 4 beat 8 once the pass lost its barriers (noise_time.py on an
 H200, 6782fad: 3.04 against 3.31 ms; with the layout before it, 8 had beaten 4, 4.86 against 5.02 ms)."""
+_PERTURB_MAX_REGISTERS = 96
+"""Registers per thread the codec's perturb pass may take (``maxnreg``; left to the compiler, 128 for the aligned
+bf16 layout; the strided and unaligned layouts take up to 194, and are left alone). At 96 (four spilled words) an H200 holds five of its programs per multiprocessor instead of four:
+1.227 -> 1.169 ms for 277 M bf16 elements (benchmarks/codec_ablation.py, two runs); 104 registers keep four programs
+and were slower (1.257). The restore pass takes 72 without a limit (64 gave 1%, within the runs' spread)."""
+_MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
+"""Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
 _PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
 
@@ -902,6 +914,8 @@ class TritonNoiseKernel:
                     ROUNDS=_PHILOX_ROUNDS, PLAIN=plain,
                     enable_fp_fusion=False, num_warps=_PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
                 )
+                if _MAXNREG and not plain and not restore and variant == 3:  # the other layouts need far more registers
+                    options["maxnreg"] = _PERTURB_MAX_REGISTERS
                 if compile_only:
                     _codec_kernel.warmup(*args, grid=(table.n_tiles,), **options)
                 else:
