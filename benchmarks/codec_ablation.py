@@ -34,7 +34,7 @@ FIELDS_READ = "record = _bits_window(stream_ptr + word_base, starts.to(tl.int64)
 STREAM_ATOMIC = 'word_base = tl.atomic_add(counters_ptr, n_words.to(tl.int64), sem="relaxed")'
 TILE_TOTALS = "totals = tl.sum(tl.reshape(group_bits + (group_exceptions << 16), (TR * G,)), axis=0)"
 TILE_SCAN = "    return tl.reshape(tl.cumsum(flat, axis=0) - flat, (TR, G))"
-WIDTHS = "    width = tl.where(ambiguous, 2, 0) + tl.where(ambiguous & ((gap > 1) | tiny), 2, 0) + tl.where(ambiguous & ((gap > 2) | tiny), 4, 0)"
+WIDTHS = "    width = tl.where(ambiguous, 1 << steps, 0)"
 
 # name -> (edits of the source, tile rows or None, restores exactly?)
 Variant = Tuple[List[Tuple[str, str]], Optional[int], bool]
@@ -52,7 +52,8 @@ VARIANTS: Dict[str, Variant] = {
     "perturb: fields not written": ([(FIELDS_WRITE, "")], None, False),
     "restore: fields not read": ([(FIELDS_READ, "record = group_bits.to(tl.uint64) * 0")], None, False),
     "both: 2-bit fields only": ([(WIDTHS, "    width = tl.where(ambiguous, 2, 0)")], None, False),
-    "restore: no codec (noise floor)": ([("key = cand_key + tl.where(ambiguous, offset, 0)", "key = cand_key")], None, False),
+    "perturb: fl(W + e) only (noise floor)": ([("    if PLAIN:\n", "    if PLAIN or not RESTORE:\n")], None, False),
+    "restore: no codec (noise floor)": ([("key = cand_key + field - (limit >> 1)", "key = cand_key")], None, False),
     # what reserving a tile's words costs: a fixed place per tile instead of the one atomic add on one counter
     # (tiles needing more than 16 words overwrite their neighbours' bits: timing only)
     "perturb: no stream atomic": ([(STREAM_ATOMIC, "word_base = (t.to(tl.int64) * 16) % (word_capacity - 512)")], None, False),

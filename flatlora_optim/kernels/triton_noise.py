@@ -71,10 +71,11 @@ _RESTORE_WARPS = 4
 """Warps per program of the codec's restore pass: 4 beat 8 once the pass lost its barriers (noise_time.py on an
 H200, 6782fad: 3.04 against 3.31 ms; with the layout before it, 8 had beaten 4, 4.86 against 5.02 ms)."""
 _PERTURB_MAX_REGISTERS = 96
-"""Registers per thread the codec's perturb pass may take (``maxnreg``; left to the compiler, 128 for the aligned
-bf16 layout; the strided and unaligned layouts take up to 194, and are left alone). At 96 (four spilled words) an H200 holds five of its programs per multiprocessor instead of four:
-1.227 -> 1.169 ms for 277 M bf16 elements (benchmarks/codec_ablation.py, two runs); 104 registers keep four programs
-and were slower (1.257). The restore pass takes 72 without a limit (64 gave 1%, within the runs' spread)."""
+"""Registers per thread the codec's perturb pass may take (``maxnreg``) for contiguous aligned rows, where the
+compiler left alone takes 128 (the strided and unaligned layouts take up to 254, and keep no limit). At 96 (four
+spilled words) an H200 holds five of its programs per multiprocessor instead of four: 1.227 -> 1.169 ms for
+277 M bf16 elements (benchmarks/codec_ablation.py, two runs); 104 registers keep four programs and were slower
+(1.257). The restore pass takes 72 without a limit (64 gave 1%, within the runs' spread)."""
 _MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
 """Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
