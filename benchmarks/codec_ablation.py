@@ -44,9 +44,9 @@ VARIANTS: Dict[str, Variant] = {
     "Philox 7 rounds": ([("_PHILOX_ROUNDS = 10", "_PHILOX_ROUNDS = 7")], None, True),
     "perturb with 8 warps": ([("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n")], None, True),
     "restore with 8 warps": ([("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 8\n")], None, True),
-    "8 x 512 tiles, 8/8 warps": ([("TR=TILE_ROWS", "TR=8"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n"),
+    "8 x 512 tiles, 8/8 warps": ([("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 8\n"),
                                   ("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 8\n")], 8, True),
-    "2 x 512 tiles, 2/2 warps": ([("TR=TILE_ROWS", "TR=2"), ("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 2\n"),
+    "2 x 512 tiles, 2/2 warps": ([("_PERTURB_WARPS = 4\n", "_PERTURB_WARPS = 2\n"),
                                   ("_RESTORE_WARPS = 4\n", "_RESTORE_WARPS = 2\n")], 2, True),
     "precise Box-Muller (libdevice)": ([("_FAST_NORMALS = _ASM and libdevice is not None", "_FAST_NORMALS = False")], None, True),
     "perturb: fields not written": ([(FIELDS_WRITE, "")], None, False),
@@ -103,15 +103,20 @@ def timer(device: torch.device, hide_host: bool = False) -> Callable[[Callable[[
 
 
 def measure(module, weights: List[torch.Tensor], tile_rows: Optional[int], exact: bool, timed, reps: int) -> Dict[str, float]:
-    kernel = module.TritonNoiseKernel()
-    originals = [w.clone() for w in weights]
+    """Perturb and restore passes of ``module``'s codec over ``weights``; ``tile_rows``: rows of the row-major tiles
+    (``layer_table.TILE_ROWS``, which the table and the launches both read) while this runs."""
     saved = layer_table.TILE_ROWS
     if tile_rows is not None:
         layer_table.TILE_ROWS = tile_rows
     try:
-        table = LayerTable(weights)
+        return _measure(module.TritonNoiseKernel(), weights, exact, timed, reps)
     finally:
         layer_table.TILE_ROWS = saved
+
+
+def _measure(kernel, weights: List[torch.Tensor], exact: bool, timed, reps: int) -> Dict[str, float]:
+    originals = [w.clone() for w in weights]
+    table = LayerTable(weights)
     std, seeds = codec_noise(table)
     record = kernel.exact_perturb_layers(table, std, seeds)  # compiles; a counting pass sizes the buffers (+10%)
     kernel.exact_restore_layers(table, std, seeds, record)

@@ -102,14 +102,17 @@ def sass_counts(compiled) -> Dict[str, int]:
 
 
 def codec_launches(form: str, dtype: torch.dtype = torch.bfloat16) -> List[Tuple[tuple, dict]]:
-    """The codec launches of one ``form`` (perturb, restore, plain) for rows of ``dtype`` in the three
-    layouts 16-bit rows can have (``codec_variant`` 0, 1, 3): CPU tensors, recorded, not run."""
-    from flatlora_optim.kernels.layer_table import LayerTable
+    """The codec launches of one ``form`` (perturb, restore, plain) for rows of ``dtype`` in the four
+    layouts 16-bit rows can have (``codec_variant`` 0: unaligned; 1: strided, fan-in a multiple of 8; 3: contiguous and
+    aligned; 5: a transposed view, with the transposed tiles on): CPU tensors, recorded, not run."""
+    from flatlora_optim.kernels.layer_table import LayerTable, transposed_tiles
     from flatlora_optim.kernels.triton_noise import ExactGroupRecord, TritonNoiseKernel
 
-    rows = [torch.zeros(9, 1030, dtype=dtype), torch.zeros(6, 900, dtype=dtype), torch.zeros(336, 7, dtype=dtype).t(), torch.zeros(6, 1024, dtype=dtype)]
-    table = LayerTable(rows)
-    assert sorted(table.variants) == [0, 1, 3], table.variants
+    rows = [torch.zeros(9, 1030, dtype=dtype), torch.zeros(6, 900, dtype=dtype), torch.zeros(336, 7, dtype=dtype).t(), torch.zeros(6, 1024, dtype=dtype),
+            torch.zeros(6, 2048, dtype=dtype)[:, ::2]]
+    with transposed_tiles():
+        table = LayerTable(rows)
+    assert sorted(table.variants) == [0, 1, 3, 5], table.variants
     std = torch.zeros(table.total_rows)
     seeds = torch.zeros(table.total_blocks, dtype=torch.int64)
     record = None if form == "plain" else ExactGroupRecord.allocate(table, (4096, 64))

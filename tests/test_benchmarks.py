@@ -183,3 +183,4 @@ def test_lightning_benchmark_times_every_method_under_a_real_trainer(monkeypatch
         assert len(result["ms_blocks"]) == 4 and all(ms > 0 for ms in result["ms_blocks"]), method
         assert result["weights_bitwise_equal"], method
     assert summary["ratios"]["lora"] == 1.0
+

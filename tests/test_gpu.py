@@ -279,12 +279,17 @@ def test_row_stds_of_a_layer_do_not_depend_on_the_other_layers_ranks():
         assert torch.equal(alone, together[200 * k: 200 * (k + 1)]), f"layer {k} (rank {adapter[0].shape[0]})"
 
 
+@pytest.mark.parametrize("turned", [False, True], ids=["row-major tiles", "transposed tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("scale", [1e-3, 1.0, 1e3])
-def test_fused_exact_codec_restores_every_bit(dtype, scale):
-    """Whole-layer fused codec: zeros, subnormals, inf/NaN, huge values and a transposed view."""
+def test_fused_exact_codec_restores_every_bit(dtype, scale, turned, monkeypatch):
+    """Whole-layer fused codec: zeros, subnormals, inf/NaN, huge values and a transposed view (in the transposed
+    tiles too)."""
     pytest.importorskip("triton")
+    from flatlora_optim.kernels import layer_table
     from flatlora_optim.noise import chunk_bounds, rows_per_chunk
+
+    monkeypatch.setattr(layer_table, "TRANSPOSED_TILES", turned)
 
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(1)
@@ -311,19 +316,27 @@ def test_fused_exact_codec_restores_every_bit(dtype, scale):
         assert torch.equal(bits(expected), after)
 
 
+@pytest.mark.parametrize("turned", [False, True], ids=["row-major tiles", "transposed tiles"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
-    """Several layers in one launch; one layer restored into a copy; buffers too small on purpose
-    (the tiles that do not fit are left clean, undone and redone with bigger buffers)."""
+def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype, turned, monkeypatch):
+    """Several layers in one launch; one layer restored into a copy, and into copies laid out the other way
+    round; buffers too small on purpose (the tiles that do not fit are left clean, undone and redone with bigger
+    buffers); the transposed tiles on or off."""
     pytest.importorskip("triton")
+    from flatlora_optim.kernels import layer_table
     from flatlora_optim.kernels.layer_table import LayerTable
+
+    monkeypatch.setattr(layer_table, "TRANSPOSED_TILES", turned)
 
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(3)
     shapes = [(500, 1700), (336, 1300), (2000, 900), (300, 1024)]
     weights = [(torch.randn(m, n, device="cuda", generator=gen) * 0.02).to(dtype) for m, n in shapes]
-    rows = [weights[0], weights[1].t(), weights[2], weights[3]]
-    assert sorted(LayerTable(rows).variants) == [0, 1, 3]  # fan-in not a multiple of 8, strided rows of 8k, aligned (wide loads)
+    strided = (torch.randn(200, 2048, device="cuda", generator=gen) * 0.02).to(dtype)[:, ::2]
+    rows = [weights[0], weights[1].t(), weights[2], weights[3], strided]
+    # fan-in not a multiple of 8, a transposed view of fan-in 8k (strided rows, or its own tiles), aligned (wide loads),
+    # strided rows of 8k
+    assert sorted(LayerTable(rows).variants) == ([0, 1, 3, 5] if turned else [0, 1, 3])
     before = [bits(r).clone() for r in rows]
     for capacity in (None, (60, 3)):
         table = LayerTable(rows)
@@ -336,6 +349,9 @@ def test_grouped_codec_restores_layers_together_alone_and_after_overflow(dtype):
         copy = rows[1].clone()
         kernel.exact_restore_one(table, 1, copy, std, seeds, record)
         assert torch.equal(bits(copy), before[1])
+        for index, other in [(1, rows[1].contiguous()), (3, rows[3].t().contiguous().t())]:  # the other layout: other tiles
+            kernel.exact_restore_one(table, index, other, std, seeds, record)
+            assert torch.equal(bits(other), before[index]), index
         kernel.exact_restore_layers(table, std, seeds, record)
         assert all(torch.equal(bits(r), b) for r, b in zip(rows, before))
 

@@ -152,25 +152,32 @@ def test_step_seeds_equal_the_per_block_seeds():
             assert noise_seeds(seed, step, keys, blocks).tolist() == expected
 
 
-def test_layer_table_describes_every_tile_and_row_once():
-    """The grouped kernels' table: tiles cover each row block, bases pack layers one after another."""
-    from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable
+@pytest.mark.parametrize("turned", [False, True], ids=["row-major tiles", "transposed tiles"])
+def test_layer_table_describes_every_tile_and_row_once(turned):
+    """The grouped kernels' table: tiles cover each row block, bases pack layers one after another; with the
+    transposed tiles on, a transposed view takes them."""
+    from flatlora_optim.kernels.layer_table import ROWS_PER_PROGRAM, LayerTable, tile_shape, transposed_tiles
     from flatlora_optim.noise import rows_per_chunk
 
     weights = [torch.zeros(300, 128, dtype=torch.bfloat16), torch.zeros(70, 9000, dtype=torch.float16).t(), torch.zeros(5, 3)]
-    table = LayerTable(weights)
+    with transposed_tiles(turned):
+        table = LayerTable(weights)
     assert table.total_rows == 300 + 9000 + 5
     for index, w in enumerate(weights):
         m, n = w.shape
         per_block = rows_per_chunk(n)
         blocks = -(-m // per_block)
         assert table.blocks[index] == blocks
-        assert table.tiles[index] == blocks * -(-min(per_block, m) // TILE_ROWS) * -(-n // TILE_COLS)
         layer = table.layers[index].tolist()
+        tile_rows, tile_cols = tile_shape(layer[13])
+        assert tile_rows * tile_cols == 2048
+        assert table.tiles[index] == blocks * -(-min(per_block, m) // tile_rows) * -(-n // tile_cols)
         assert layer[:5] == [w.data_ptr(), m, n, w.stride(0), w.stride(1)]
         assert (table.tile_layer == index).sum().item() == table.tiles[index]
         assert (table.rowtile_layer == index).sum().item() == -(-m // ROWS_PER_PROGRAM)
-        assert layer[12] == -(-n // TILE_COLS)
-    # codec variants: fan-in a multiple of 8 (bit 0), contiguous 16-byte-aligned rows (bit 1)
-    assert [row[13] for row in table.layers.tolist()] == [3, 0, 0]
+        assert layer[12] == -(-n // tile_cols)
+    # codec variants: fan-in a multiple of 8 (bit 0), contiguous 16-byte-aligned rows (bit 1), a transposed view (bit 2,
+    # with its own tile: 256 x 8 against 4 x 512, while the transposed tiles are on)
+    assert [row[13] for row in table.layers.tolist()] == [3, 4 if turned else 0, 0]
+    assert tile_shape(4) == (256, 8) and tile_shape(3) == tile_shape(0) == (4, 512)
     assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]

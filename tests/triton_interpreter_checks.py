@@ -31,7 +31,7 @@ from interpreter_compat import patch_interpreter  # noqa: E402
 patch_interpreter()
 
 from flatlora_optim.kernels import triton_noise as tn  # noqa: E402
-from flatlora_optim.kernels.layer_table import DTYPE_CODES, LayerTable  # noqa: E402
+from flatlora_optim.kernels.layer_table import DTYPE_CODES, LayerTable, transposed_tiles  # noqa: E402
 from flatlora_optim.kernels.triton_noise import TritonNoiseKernel  # noqa: E402
 from flatlora_optim.noise import rows_per_chunk  # noqa: E402
 
@@ -69,11 +69,22 @@ def perturb_and_restore(rows, std_scale, generator, capacity=None):
     seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
     record = KERNEL.exact_perturb_layers(table, std, seeds)
     assert (record.bounds == -1).sum().item() == 0, "a tile was left unperturbed after the redo"  # -2: a tile without rows
-    assert any((bits(r) != b).any() for r, b in zip(rows, before)) or std_scale == 0, "nothing was perturbed"
+    # (a handful of elements may all round back to themselves under small noise)
+    assert any((bits(r) != b).any() for r, b in zip(rows, before)) or std_scale == 0 or sum(r.numel() for r in rows) < 64, \
+        "nothing was perturbed"
     last = len(rows) - 1
     copy = rows[last].clone()
     KERNEL.exact_restore_one(table, last, copy, std, seeds, record)
     assert torch.equal(bits(copy), before[last]), "one layer restored alone differs"
+    for index in sorted({0, last}):  # into a copy laid out the other way (row-major against transposed): other tiles
+        r = rows[index]
+        m, n = r.shape
+        if r.stride(0) == 1 and m > 1:
+            other = torch.empty((m, n), dtype=r.dtype).copy_(r)
+        else:
+            other = torch.empty((n, m), dtype=r.dtype).t().copy_(r)
+        KERNEL.exact_restore_one(table, index, other, std, seeds, record)
+        assert torch.equal(bits(other), before[index]), f"layer {index} restored alone into another layout differs"
     KERNEL.exact_restore_layers(table, std, seeds, record)
     for index, (r, b) in enumerate(zip(rows, before)):
         wrong = (bits(r) != b).sum().item()
@@ -85,15 +96,22 @@ def check_examples() -> None:
     gen = torch.Generator().manual_seed(0)
     for dtype in (torch.float16, torch.bfloat16):
         # fan-ins not a multiple of 8 (per-element counters: 1030, and 900, a multiple of 4), a transposed view with
-        # a fan-in of 8k (eight normals per counter, strided rows), aligned rows, special values
+        # a fan-in of 8k (eight normals per counter; strided rows, or its own tiles with the transposed tiles on),
+        # aligned rows, strided rows of 8k, special values
         rows = layers([(9, 1030), (7, 336), (6, 900), (5, 1024)], dtype, gen, transposed=(1,), special=True)
-        assert sorted(LayerTable(rows).variants) == [0, 1, 3]
-        perturb_and_restore(rows, 0.002, gen)
-        perturb_and_restore(rows, 0.002, gen, capacity=(3, 2))  # too small on purpose: undone and redone
-    # the codec writes exactly the noise kernel's fl(W + e) (same seeds, same Philox positions)
-    for shape in [(12, 900), (10, 1030)]:
-        w = layers([shape], torch.float16, gen)[0]
-        table = LayerTable([w])
+        rows.append((torch.randn(7, 672, generator=gen) * 0.02).to(dtype)[:, ::2])
+        for turned in (False, True):
+            with transposed_tiles(turned):
+                assert sorted(LayerTable(rows).variants) == ([0, 1, 3, 5] if turned else [0, 1, 3])
+                perturb_and_restore(rows, 0.002, gen)
+                perturb_and_restore(rows, 0.002, gen, capacity=(3, 2))  # too small on purpose: undone and redone
+    # the codec writes exactly the noise kernel's fl(W + e) (same seeds, same Philox positions), in transposed
+    # tiles too (fan-ins 904 and 1030: eight normals per counter and one per element)
+    for shape, turned in [((12, 900), False), ((10, 1030), False), ((300, 904), True), ((40, 1030), True)]:
+        w = layers([shape], torch.float16, gen, transposed=(0,) if turned else ())[0]
+        with transposed_tiles(turned):
+            table = LayerTable([w])
+        assert bool(table.variants[0] & 4) == turned
         std = torch.rand(table.total_rows, generator=gen) * 0.002
         seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
         expected = KERNEL.perturbed_layer(w.clone(), std, seeds, rows_per_chunk(w.shape[1]), torch.float32)
@@ -112,14 +130,16 @@ def check_examples() -> None:
     adapters[4] = (torch.randn(24, 320) / 3, torch.randn(48, 24) / 3, 0.5)
     adapters[5] = ((torch.randn(24, 256) / 3).bfloat16(), (torch.randn(70, 24) / 3).bfloat16(), 0.5)
     adapters[6] = (torch.randn(40, 128).half(), torch.randn(36, 40).half() / 4, 1.0)
-    table = LayerTable(weights)
-    out = torch.empty(table.total_rows)
-    KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)
     expected = []
     for w, adapter in zip(weights, adapters):
         full = w.float() + (0 if adapter is None else adapter[2] * (adapter[1].float() @ adapter[0].float()))
         expected.append(full.norm(dim=1) * 0.1)
-    torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
+    for turned in (False, True):  # the transposed view's layout code differs; its rows are read as strided rows either way
+        with transposed_tiles(turned):
+            table = LayerTable(weights)
+        out = torch.empty(table.total_rows)
+        KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)
+        torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
     forms = set()  # the kernel form each layer takes (decided by its own types and rank)
     for w, adapter in zip(weights, adapters):
         ab = w.dtype if adapter is None else adapter[0].dtype
@@ -312,12 +332,15 @@ def check_interrupted_perturb_leaves_nothing_perturbed() -> None:
     dtype=st.sampled_from([torch.float16, torch.bfloat16]),
     std_scale=st.sampled_from([0.0, 1e-4, 2e-3, 0.05, 3.0]),
     transpose_first=st.booleans(),
+    turned=st.booleans(),
     seed=st.integers(0, 2**31 - 1),
 )
-def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, seed) -> None:
-    """Any shapes, either 16-bit type, noise from none to far larger than the weights: bitwise restore."""
+def check_restore_is_bitwise(shapes, dtype, std_scale, transpose_first, turned, seed) -> None:
+    """Any shapes, either 16-bit type, noise from none to far larger than the weights, the transposed tiles on or
+    off: bitwise restore."""
     gen = torch.Generator().manual_seed(seed)
-    perturb_and_restore(layers(shapes, dtype, gen, transposed=(0,) if transpose_first else ()), std_scale, gen)
+    with transposed_tiles(turned):
+        perturb_and_restore(layers(shapes, dtype, gen, transposed=(0,) if transpose_first else ()), std_scale, gen)
 
 
 def check_bfloat16_records_hold_their_fields() -> None:

@@ -13,13 +13,15 @@ adapters acting on each layer at this step.
 
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence, Tuple
+from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
 from ..noise import rows_per_chunk
 
-__all__ = ["TILE_ROWS", "TILE_COLS", "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "FIELDS"]
+__all__ = ["TILE_ROWS", "TILE_COLS", "TRANSPOSED_TILE", "TRANSPOSED_TILES", "transposed_tiles", "tile_shape", "ROWS_PER_PROGRAM",
+           "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "FIELDS"]
 
 TILE_ROWS = 4
 TILE_COLS = 512
@@ -28,6 +30,36 @@ pass. Column tiles of 512 divide the fan-ins of common models (2048, 4096, 5632,
 lanes idle; whole rows of 1 KiB (bf16) keep the loads wide. 2048 elements per tile: on an H200,
 8 x 512 tiles ran 25% slower (one program per multiprocessor, latency-bound) and 2 x 512 tiles
 grew the record (one bound and part-filled words per tile) from 1.73% to 1.93% of the weights."""
+
+TRANSPOSED_TILE = (256, 8)
+"""The codec's tile (rows x columns, 2048 elements) for rows that are the columns of a contiguous matrix (a
+transposed view: GPT-2's Conv1D weights, peft's ``fan_in_fan_out``). The kernel moves its transpose, 8 lines of
+256 neighbours in memory (512 bytes of bf16 each), as the storage holds them, and turns it in registers. On an H200
+(277 M bf16 elements) 256 x 8 beat 128 x 16 and 64 x 32 (perturb pass 4.8, 5.1, 5.5 ms with 4 warps and no register
+limit); the row-major tiles of other layouts took 10.8 ms there."""
+
+
+TRANSPOSED_TILES = False
+"""Whether transposed views take the codec's transposed tiles (codec variant bit 2; about 3.5x faster passes for
+them on an H200). Off until the GPU test suite has run with them on: they are checked through the Triton
+interpreter, and on one H200 only by the benchmark's exactness check (bf16, fan-in a multiple of 8)."""
+
+
+@contextmanager
+def transposed_tiles(on: bool = True) -> Iterator[None]:
+    """:data:`TRANSPOSED_TILES` set to ``on`` inside the block (tests and benchmarks); tables built inside keep it."""
+    global TRANSPOSED_TILES
+    saved, TRANSPOSED_TILES = TRANSPOSED_TILES, on
+    try:
+        yield
+    finally:
+        TRANSPOSED_TILES = saved
+
+
+def tile_shape(variant: int) -> Tuple[int, int]:
+    """The codec's tile for a layer of codec variant ``variant`` (see :func:`codec_variant`)."""
+    return TRANSPOSED_TILE if variant & 4 else (TILE_ROWS, TILE_COLS)
+
 
 ROWS_PER_PROGRAM = 64
 """Rows handled by one program of the row-std kernel (a multiple of 16). Its tensor-core form reads ``A`` once per 64 rows:
@@ -71,6 +103,7 @@ class LayerTable:
         self.std_bases: List[int] = []
         self.seed_bases: List[int] = []
         self.first_rows: List[int] = []  # rows of the first block held elsewhere (FSDP2), masked off
+        self.layer_variants: List[int] = []  # each layer's codec variant (see codec_variant), which sets its tiles
         entries = []
         tile_count, rowtile_layer = 0, []
         std_next = seed_next = 0
@@ -82,8 +115,11 @@ class LayerTable:
             seen_rows = m + skip
             self.first_rows.append(skip)
             view_blocks = _cdiv(seen_rows, per_block)
-            col_tiles = _cdiv(n, TILE_COLS)
-            tiles_per_block = _cdiv(min(per_block, seen_rows), TILE_ROWS) * col_tiles
+            variant = codec_variant(r)
+            self.layer_variants.append(variant)
+            tile_rows, tile_cols = tile_shape(variant)
+            col_tiles = _cdiv(n, tile_cols)
+            tiles_per_block = _cdiv(min(per_block, seen_rows), tile_rows) * col_tiles
             std_base = std_next if std_bases is None else std_bases[index]
             seed_base = seed_next if seed_bases is None else seed_bases[index]
             n_seeds = _cdiv(global_rows, per_block)
@@ -95,7 +131,7 @@ class LayerTable:
             self.seed_bases.append(seed_base)
             entries.append([r.data_ptr() - skip * r.stride(0) * r.element_size(), seen_rows, n, r.stride(0), r.stride(1), per_block,
                             tiles_per_block, tile_count, std_base - skip, seed_base + first // per_block, len(rowtile_layer),
-                            DTYPE_CODES[r.dtype], col_tiles, codec_variant(r), skip])
+                            DTYPE_CODES[r.dtype], col_tiles, variant, skip])
             tile_count += view_blocks * tiles_per_block
             rowtile_layer.extend([index] * _cdiv(seen_rows, ROWS_PER_PROGRAM))
         self.n_tiles = tile_count
@@ -147,9 +183,13 @@ def codec_variant(rows: torch.Tensor) -> int:
     """Which compiled form of the codec suits a view: bit 0 -- the fan-in is a multiple of 8 (each
     row's noise starts at a fresh Philox counter, so a tile draws eight normals per evaluation);
     bit 1 -- rows are contiguous, 16-byte aligned and a whole number of 16-byte vectors long (the
-    loads and stores can be vectorised)."""
-    n = rows.shape[1]
+    loads and stores can be vectorised); bit 2 -- the rows are a matrix's columns (a transposed view,
+    each column contiguous: the codec moves its tiles transposed, :data:`TRANSPOSED_TILE`), while
+    :data:`TRANSPOSED_TILES` is on."""
+    m, n = rows.shape
     size = rows.element_size()
+    if TRANSPOSED_TILES and rows.stride(0) == 1 and rows.stride(1) != 1 and m > 1:
+        return int(n % 8 == 0) | 4
     aligned = rows.stride(1) == 1 and rows.data_ptr() % 16 == 0 and (rows.stride(0) * size) % 16 == 0 and (n * size) % 16 == 0
     return int(n % 8 == 0) | (2 * int(aligned))
 

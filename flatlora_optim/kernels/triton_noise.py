@@ -40,7 +40,7 @@ except ImportError:  # a Triton without the CUDA backend
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, LayerTable, _cdiv
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, TRANSPOSED_TILE, LayerTable, _cdiv, codec_variant, tile_shape
 
 # _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
 # mode launches per layer in forward and backward
@@ -76,6 +76,10 @@ compiler left alone takes 128 (the strided and unaligned layouts take up to 254,
 spilled words) an H200 holds five of its programs per multiprocessor instead of four: 1.227 -> 1.169 ms for
 277 M bf16 elements (benchmarks/codec_ablation.py, two runs); 104 registers keep four programs and were slower
 (1.257). The restore pass takes 72 without a limit (64 gave 1%, within the runs' spread)."""
+_TURNED_WARPS = 8
+"""Warps per program of every codec pass over transposed views (variants 4, 5): a tile of 256 rows of 8 columns, one
+group of 8 per thread. For 277 M bf16 elements on an H200: restore 1.52 ms against 2.39 with 4 warps; perturb 2.90 ms
+against 4.81 (4 warps, 188 registers), or 2.56 with 4 warps held to 96 registers, which spills 172-220 bytes a thread."""
 _MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
 """Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
@@ -272,7 +276,7 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     layer = tl.load(rowtile_layer_ptr + t).to(tl.int64)
     info = layers_ptr + layer * _NF
     adapter = adapters_ptr + layer * 8
-    if (tl.load(info + 11) != W_CODE) | (tl.load(adapter + 7) != AB_CODE) | ((tl.load(info + 13) >= 2) != CONTIG):
+    if (tl.load(info + 11) != W_CODE) | (tl.load(adapter + 7) != AB_CODE) | (((tl.load(info + 13) >> 1) & 1 == 1) != CONTIG):
         return
     w_ptr = _typed(tl.load(info), W_CODE)
     n_rows = tl.load(info + 1)
@@ -473,6 +477,16 @@ def _or_bits_at(ptr, first_bit, value, ASM: tl.constexpr):
     _or_u64(word + 1, high, high != 0, ASM)
 
 
+@triton.jit
+def _store_tile(pointers, values, mask, TURNED: tl.constexpr):
+    """Store a ``TR x TC`` tile of values at ``pointers`` where ``mask``; ``TURNED``: those two are the tile's
+    transpose (as memory holds a transposed view's rows), and so the values are turned to match."""
+    if TURNED:
+        tl.store(pointers, tl.trans(values), mask=mask)
+    else:
+        tl.store(pointers, values, mask=mask)
+
+
 # Triton compiles a kernel again for every new pattern of its integer arguments (== 1, multiple of
 # 16); the buffer capacities and slot counts change from step to step, and each new compile stalled
 # a step for seconds on the H200. Their values are plain runtime arguments instead.
@@ -504,6 +518,9 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     ``exact_perturb_layers``). A tile without rows (past the end of a short last block, or rows
     another rank holds) marks itself -2.
 
+    Tiles are ``TR x TC`` of the rows (``layer_table.tile_shape``): 4 x 512, or for a transposed view with the
+    transposed tiles on (``VARIANT`` 4, 5) 256 x 8, whose transpose is loaded and stored as memory holds it.
+
     ``PLAIN`` writes ``fl(W + e)`` and nothing else (backup restore keeps ``W`` itself): the same
     tiles, seeds and arithmetic, so the same bits as the codec's perturb pass.
     """
@@ -520,7 +537,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     # positions inside a row block fit in int32 (a block is at most CHUNK_BYTES / 48 elements)
     n_rows = tl.load(info + 1).to(tl.int32)
     n_cols = tl.load(info + 2).to(tl.int32)
-    if VARIANT >= 2:
+    if VARIANT == 2 or VARIANT == 3:
         n_cols = tl.multiple_of(n_cols, 8)  # whole 16-byte vectors per row: masks stay uniform across a vector
     stride_row = tl.load(info + 3)
     rows_per_block = tl.load(info + 5).to(tl.int32)
@@ -549,14 +566,23 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     std = tl.load(std_ptr + tl.load(info + 8) + first_row + rows, mask=row_mask, other=0.0)
     e = z * std[:, None]
     row_offsets = (first_row + rows).to(tl.int64) * stride_row
-    if VARIANT >= 2:  # contiguous, 16-byte aligned rows: tell the compiler, so it vectorises
-        row_pointers = tl.multiple_of(w_ptr + row_offsets, 16)
-        pointers = row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, TC), TC)[None, :]
+    if VARIANT >= 4:
+        # rows that are the columns of a contiguous matrix (a transposed view: GPT-2's Conv1D, fan_in_fan_out): the
+        # tile is moved as memory holds it, TC lines of TR neighbours, and turned in the kernel (read row by row,
+        # each element a gather at the stride of a whole row, the perturb pass took nine times as long)
+        pointers = w_ptr + (first_row + rows).to(tl.int64)[None, :] + (cols.to(tl.int64) * tl.load(info + 4))[:, None]
+        moved = tl.trans(mask)  # the mask of the moved tile
+        w = tl.trans(tl.load(pointers, mask=moved, other=0.0))
     else:
-        pointers = w_ptr + row_offsets[:, None] + cols[None, :].to(tl.int64) * tl.load(info + 4)
-    w = tl.load(pointers, mask=mask, other=0.0)
+        if VARIANT >= 2:  # contiguous, 16-byte aligned rows: tell the compiler, so it vectorises
+            row_pointers = tl.multiple_of(w_ptr + row_offsets, 16)
+            pointers = row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, TC), TC)[None, :]
+        else:
+            pointers = w_ptr + row_offsets[:, None] + cols[None, :].to(tl.int64) * tl.load(info + 4)
+        moved = mask
+        w = tl.load(pointers, mask=mask, other=0.0)
     if PLAIN:
-        tl.store(pointers, (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty), mask=mask)
+        _store_tile(pointers, (w.to(tl.float32) + e).to(w_ptr.dtype.element_ty), moved, VARIANT >= 4)
     else:  # (an early return would still compile the codec below, with the plain launch's dummy arguments)
         if RESTORE:
             new = w
@@ -578,7 +604,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
             limit = 1 << width  # a field of at most 8 bits: its low 32 bits hold it
             field = tl.reshape((record[:, :, None] >> at.to(tl.uint64)).to(tl.uint32), (TR, TC)).to(tl.int32) & (limit - 1)
             key = cand_key + field - (limit >> 1)  # no field, no offset: width 0 reads 0 and subtracts 0
-            tl.store(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), mask=mask)
+            _store_tile(pointers, _key(key).to(tl.int16).to(w_ptr.dtype.element_ty, bitcast=True), moved, VARIANT >= 4)
         else:
             w_bits = w.to(tl.int16, bitcast=True).to(tl.int32)  # its exact pattern, NaN payloads included
             field = _key(w_bits) - cand_key + ((1 << width) >> 1)  # the key offset, biased to fit the field's range
@@ -601,7 +627,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
                 value = tl.where(exception, 0, field & ((1 << width) - 1))
                 record = tl.sum(tl.reshape(value, (TR, G, 8)).to(tl.uint64) << at.to(tl.uint64), axis=2)  # disjoint fields: the sum is the OR
                 _or_bits_at(stream_ptr + word_base, starts.to(tl.int64), record, ASM)
-                tl.store(pointers, new, mask=mask)
+                _store_tile(pointers, new, moved, VARIANT >= 4)
                 tl.store(bounds_ptr + t, word_base.to(tl.int32))
             else:
                 tl.store(bounds_ptr + t, -1)
@@ -876,7 +902,7 @@ class TritonNoiseKernel:
             for ab_code in ab_codes:
                 for dot, r, min_rank in _row_std_forms(ranks, w_code, ab_code):
                     sub = ROWS_PER_PROGRAM if dot else _STD_ELEMENTWISE_ROWS
-                    for contig in sorted({v >= 2 for v in table.variants}):
+                    for contig in sorted({bool(v & 2) for v in table.variants}):  # bit 1: contiguous aligned rows
                         _row_std_kernel[(table.n_rowtiles * (ROWS_PER_PROGRAM // sub),)](
                             table.layers, adapter_rows, factors, table.rowtile_layer, out,
                             W_CODE=w_code, AB_CODE=ab_code, ROWS=ROWS_PER_PROGRAM,
@@ -910,12 +936,14 @@ class TritonNoiseKernel:
             dtype = next(d for d, c in DTYPE_CODES.items() if c == code)
             for variant in table.variants:
                 args = (table.layers, table.tile_layer, std, seeds, counters if counters is not None else std, *capacity, *buffers)
+                tile_rows, tile_cols = tile_shape(variant)
                 options = dict(
-                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=TILE_ROWS, TC=TILE_COLS, ASM=_ASM, FAST=_FAST_NORMALS,
+                    RESTORE=restore, W_CODE=code, VARIANT=variant, MANT=_MANTISSA[dtype], TR=tile_rows, TC=tile_cols, ASM=_ASM, FAST=_FAST_NORMALS,
                     ROUNDS=_PHILOX_ROUNDS, PLAIN=plain,
-                    enable_fp_fusion=False, num_warps=_PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
+                    enable_fp_fusion=False,
+                    num_warps=_TURNED_WARPS if variant >= 4 else _PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
                 )
-                if _MAXNREG and not plain and not restore and variant == 3:  # the other layouts need far more registers
+                if _MAXNREG and not plain and not restore and variant == 3:  # the other layouts need more registers
                     options["maxnreg"] = _PERTURB_MAX_REGISTERS
                 if compile_only:
                     _codec_kernel.warmup(*args, grid=(table.n_tiles,), **options)
@@ -1078,6 +1106,17 @@ class TritonNoiseKernel:
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
                           record: ExactGroupRecord) -> None:
         """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
+        turned = table.layer_variants[layer] & 4
+        if codec_variant(dest) & 4 != turned:
+            # a copy laid out otherwise than the layer (row-major against transposed): its tiles would not be the
+            # record's, so the rows are undone in a copy of the layer's layout
+            m, n = dest.shape
+            like = torch.empty((n, m) if turned else (m, n), dtype=dest.dtype, device=dest.device)
+            like = like.t() if turned else like
+            like.copy_(dest)
+            self.exact_restore_one(table, layer, like, std, seeds, record)
+            dest.copy_(like)
+            return
         one = self._one_layer(table, layer, dest)
         first = table.tile_bases[layer]
         self.exact_restore_layers(one, std, seeds, record.slice(first, first + table.tiles[layer]), only_layer=layer)
@@ -1104,7 +1143,8 @@ would reserve far more memory than the pass can need."""
 def _largest_need(table: LayerTable) -> Tuple[int, int]:
     """The most stream words and exceptions any pass over ``table`` can need: every element with an 8-bit
     field (in whole words per tile), and every element an exception."""
-    per_tile = TILE_ROWS * TILE_COLS
+    per_tile = TILE_ROWS * TILE_COLS  # the transposed tile's size too
+    assert TRANSPOSED_TILE[0] * TRANSPOSED_TILE[1] == per_tile
     words_per_tile = (8 * per_tile + 63) // 64
     return table.n_tiles * words_per_tile, sum(m * n for m, n in table.shapes)
 
