@@ -239,6 +239,16 @@ def check_noise_time_benchmark_runs() -> None:
     assert all(r["wrong_elements_after_exact"] == 0 for r in results.values()), results
 
 
+def check_codec_layouts_benchmark_runs() -> None:
+    """``benchmarks/codec_layouts.py --small`` times contiguous rows and transposed views, the latter with the
+    transposed tiles off and on, and every pass restores every bit."""
+    import codec_layouts
+
+    results = codec_layouts.main(["--small"])
+    assert set(results) == {"as shipped, contiguous rows", "as shipped, transposed views", "as shipped, transposed, tiles on"}, sorted(results)
+    assert all(r["wrong_elements"] == 0 for r in results.values()), results
+
+
 def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, size: int = 32) -> torch.Tensor:
     """How many escapes (ambiguous, key offset beyond +-1) each group of ``size`` neighbours in a row of
     one float16 row block gets, computed here from the codec's definition, not by the kernel."""
@@ -883,6 +893,7 @@ if __name__ == "__main__":
     check_noise_stream_follows_its_definition()
     check_noise_is_standard_normal()
     check_noise_time_benchmark_runs()
+    check_codec_layouts_benchmark_runs()
     check_tiles_without_rows()
     check_examples()
     check_bfloat16_records_hold_their_fields()
