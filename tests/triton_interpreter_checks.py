@@ -239,6 +239,29 @@ def check_noise_time_benchmark_runs() -> None:
     assert all(r["wrong_elements_after_exact"] == 0 for r in results.values()), results
 
 
+def check_one_layer_restore_keeps_the_tables_tiles() -> None:
+    """A table built with the transposed tiles on keeps them after the switch is turned off (and one built with them
+    off keeps the row-major tiles after it is turned on): a one-layer restore, into a copy of either layout, follows
+    the table's tiles, which are the record's (it looped forever on the switch's current value)."""
+    gen = torch.Generator().manual_seed(11)
+    for built_with in (True, False):
+        rows = layers([(300, 16), (40, 24)], torch.bfloat16, gen, transposed=(0,))
+        before = [bits(r).clone() for r in rows]
+        with transposed_tiles(built_with):
+            table = LayerTable(rows)
+        std = torch.rand(table.total_rows, generator=gen) * 0.002
+        seeds = torch.arange(table.total_blocks, dtype=torch.int64) * 7919 + 3
+        record = KERNEL.exact_perturb_layers(table, std, seeds)
+        with transposed_tiles(not built_with):
+            for index, r in enumerate(rows):
+                m, n = r.shape
+                for copy in (r.clone(), torch.empty((m, n), dtype=r.dtype).copy_(r), torch.empty((n, m), dtype=r.dtype).t().copy_(r)):
+                    KERNEL.exact_restore_one(table, index, copy, std, seeds, record)
+                    assert torch.equal(bits(copy), before[index]), (built_with, index, copy.stride())
+            KERNEL.exact_restore_layers(table, std, seeds, record)
+        assert all(torch.equal(bits(r), b) for r, b in zip(rows, before)), built_with
+
+
 def check_codec_layouts_benchmark_runs() -> None:
     """``benchmarks/codec_layouts.py --small`` times contiguous rows and transposed views, the latter with the
     transposed tiles off and on, and every pass restores every bit."""
@@ -894,6 +917,7 @@ if __name__ == "__main__":
     check_noise_is_standard_normal()
     check_noise_time_benchmark_runs()
     check_codec_layouts_benchmark_runs()
+    check_one_layer_restore_keeps_the_tables_tiles()
     check_tiles_without_rows()
     check_examples()
     check_bfloat16_records_hold_their_fields()

@@ -40,7 +40,7 @@ except ImportError:  # a Triton without the CUDA backend
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, TRANSPOSED_TILE, LayerTable, _cdiv, codec_variant, tile_shape
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, TRANSPOSED_TILE, LayerTable, _cdiv, codec_variant, tile_shape, transposed_tiles
 
 # _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
 # mode launches per layer in forward and backward
@@ -1106,18 +1106,19 @@ class TritonNoiseKernel:
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
                           record: ExactGroupRecord) -> None:
         """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
-        turned = table.layer_variants[layer] & 4
-        if codec_variant(dest) & 4 != turned:
-            # a copy laid out otherwise than the layer (row-major against transposed): its tiles would not be the
-            # record's, so the rows are undone in a copy of the layer's layout
-            m, n = dest.shape
-            like = torch.empty((n, m) if turned else (m, n), dtype=dest.dtype, device=dest.device)
-            like = like.t() if turned else like
-            like.copy_(dest)
-            self.exact_restore_one(table, layer, like, std, seeds, record)
-            dest.copy_(like)
-            return
-        one = self._one_layer(table, layer, dest)
+        turned = bool(table.layer_variants[layer] & 4)
+        with transposed_tiles(turned):  # the table's tiles, whatever the switch says now: they are the record's
+            if bool(codec_variant(dest) & 4) != turned:
+                # a copy laid out otherwise than the layer (row-major against transposed): its tiles would not be the
+                # record's, so the rows are undone in a copy of the layer's layout
+                m, n = dest.shape
+                like = torch.empty((n, m) if turned else (m, n), dtype=dest.dtype, device=dest.device)
+                like = like.t() if turned else like
+                like.copy_(dest)
+                self.exact_restore_one(table, layer, like, std, seeds, record)
+                dest.copy_(like)
+                return
+            one = self._one_layer(table, layer, dest)
         first = table.tile_bases[layer]
         self.exact_restore_layers(one, std, seeds, record.slice(first, first + table.tiles[layer]), only_layer=layer)
 
