@@ -181,3 +181,20 @@ def test_layer_table_describes_every_tile_and_row_once(turned):
     assert [row[13] for row in table.layers.tolist()] == [3, 4 if turned else 0, 0]
     assert tile_shape(4) == (256, 8) and tile_shape(3) == tile_shape(0) == (4, 512)
     assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]
+
+
+@pytest.mark.parametrize("value, on", [(None, False), ("0", False), ("1", True)])
+def test_the_environment_turns_the_transposed_tiles_on(value, on):
+    """``FLATLORA_TRANSPOSED_TILES=1`` at import turns the codec's transposed tiles on (so that the GPU suite can run
+    with them); unset or anything else leaves them off."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLATLORA_TRANSPOSED_TILES"}
+    if value is not None:
+        env["FLATLORA_TRANSPOSED_TILES"] = value
+    code = ("import torch\nfrom flatlora_optim.kernels.layer_table import TRANSPOSED_TILES, codec_variant\n"
+            "print(TRANSPOSED_TILES, codec_variant(torch.zeros(64, 16).t()))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(on), str(5 if on else 1)]

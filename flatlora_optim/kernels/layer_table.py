@@ -13,6 +13,7 @@ adapters acting on each layer at this step.
 
 from __future__ import annotations
 
+import os
 from contextlib import contextmanager
 from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
@@ -39,10 +40,12 @@ transposed view: GPT-2's Conv1D weights, peft's ``fan_in_fan_out``). The kernel 
 limit); the row-major tiles of other layouts took 10.8 ms there."""
 
 
-TRANSPOSED_TILES = False
+TRANSPOSED_TILES = os.environ.get("FLATLORA_TRANSPOSED_TILES", "0") == "1"
 """Whether transposed views take the codec's transposed tiles (codec variant bit 2; about 3.5x faster passes for
-them on an H200). Off until the GPU test suite has run with them on: they are checked through the Triton
-interpreter, and on one H200 only by the benchmark's exactness check (bf16, fan-in a multiple of 8)."""
+them on an H200). Off unless ``FLATLORA_TRANSPOSED_TILES=1`` is set when the package is imported, until the GPU
+test suite has run with them on: they are checked through the Triton interpreter, and on one H200 only by the
+benchmark's exactness check (bf16, fan-in a multiple of 8). ``FLATLORA_TRANSPOSED_TILES=1 pytest tests/test_gpu.py``
+runs every GPU test with them."""
 
 
 @contextmanager
