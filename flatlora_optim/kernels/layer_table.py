@@ -93,7 +93,9 @@ class LayerTable:
     """
 
     def __init__(self, rows: Sequence[torch.Tensor], std_bases: Optional[Sequence[int]] = None, seed_bases: Optional[Sequence[int]] = None,
-                 row_ranges: Optional[Sequence[Tuple[int, int]]] = None):
+                 row_ranges: Optional[Sequence[Tuple[int, int]]] = None, turned: Optional[bool] = None):
+        """``turned``: whether transposed views take the transposed tiles (:func:`codec_variant`; by default
+        :data:`TRANSPOSED_TILES`)."""
         if not rows:
             raise ValueError("LayerTable needs at least one layer")
         self.device = rows[0].device
@@ -118,7 +120,7 @@ class LayerTable:
             seen_rows = m + skip
             self.first_rows.append(skip)
             view_blocks = _cdiv(seen_rows, per_block)
-            variant = codec_variant(r)
+            variant = codec_variant(r, turned)
             self.layer_variants.append(variant)
             tile_rows, tile_cols = tile_shape(variant)
             col_tiles = _cdiv(n, tile_cols)
@@ -182,16 +184,16 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def codec_variant(rows: torch.Tensor) -> int:
+def codec_variant(rows: torch.Tensor, turned: Optional[bool] = None) -> int:
     """Which compiled form of the codec suits a view: bit 0 -- the fan-in is a multiple of 8 (each
     row's noise starts at a fresh Philox counter, so a tile draws eight normals per evaluation);
     bit 1 -- rows are contiguous, 16-byte aligned and a whole number of 16-byte vectors long (the
     loads and stores can be vectorised); bit 2 -- the rows are a matrix's columns (a transposed view,
-    each column contiguous: the codec moves its tiles transposed, :data:`TRANSPOSED_TILE`), while
-    :data:`TRANSPOSED_TILES` is on."""
+    each column contiguous: the codec moves its tiles transposed, :data:`TRANSPOSED_TILE`), when ``turned``
+    (by default :data:`TRANSPOSED_TILES`)."""
     m, n = rows.shape
     size = rows.element_size()
-    if TRANSPOSED_TILES and rows.stride(0) == 1 and rows.stride(1) != 1 and m > 1:
+    if (TRANSPOSED_TILES if turned is None else turned) and rows.stride(0) == 1 and rows.stride(1) != 1 and m > 1:
         return int(n % 8 == 0) | 4
     aligned = rows.stride(1) == 1 and rows.data_ptr() % 16 == 0 and (rows.stride(0) * size) % 16 == 0 and (n * size) % 16 == 0
     return int(n % 8 == 0) | (2 * int(aligned))

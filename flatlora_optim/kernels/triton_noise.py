@@ -40,7 +40,7 @@ except ImportError:  # a Triton without the CUDA backend
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, TILE_ROWS, TRANSPOSED_TILE, LayerTable, _cdiv, codec_variant, tile_shape, transposed_tiles
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, LayerTable, _cdiv, codec_variant, tile_shape
 
 # _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
 # mode launches per layer in forward and backward
@@ -565,7 +565,6 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
     z = _tile_normals(seed, rows, cols, first_col, n_cols, TR, TC, VARIANT % 2 == 1, FAST, ROUNDS)
     std = tl.load(std_ptr + tl.load(info + 8) + first_row + rows, mask=row_mask, other=0.0)
     e = z * std[:, None]
-    row_offsets = (first_row + rows).to(tl.int64) * stride_row
     if VARIANT >= 4:
         # rows that are the columns of a contiguous matrix (a transposed view: GPT-2's Conv1D, fan_in_fan_out): the
         # tile is moved as memory holds it, TC lines of TR neighbours, and turned in the kernel (read row by row,
@@ -574,6 +573,7 @@ def _codec_kernel(layers_ptr, tile_layer_ptr, std_ptr, seeds_ptr, counters_ptr, 
         moved = tl.trans(mask)  # the mask of the moved tile
         w = tl.trans(tl.load(pointers, mask=moved, other=0.0))
     else:
+        row_offsets = (first_row + rows).to(tl.int64) * stride_row
         if VARIANT >= 2:  # contiguous, 16-byte aligned rows: tell the compiler, so it vectorises
             row_pointers = tl.multiple_of(w_ptr + row_offsets, 16)
             pointers = row_pointers[:, None] + tl.max_contiguous(tl.multiple_of(cols, TC), TC)[None, :]
@@ -1093,8 +1093,10 @@ class TritonNoiseKernel:
 
     @staticmethod
     def _one_layer(table: LayerTable, layer: int, dest: torch.Tensor) -> LayerTable:
-        """Layer ``layer`` of ``table`` alone, at ``dest``: its rows draw the stds and seeds they draw in the group."""
-        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]], row_ranges=[table.row_ranges[layer]])
+        """Layer ``layer`` of ``table`` alone, at ``dest``: its rows draw the stds and seeds they draw in the group, in the
+        table's tiles (transposed or not, whatever the switch says now: they are the record's)."""
+        one = LayerTable([dest], std_bases=[table.std_bases[layer]], seed_bases=[table.seed_bases[layer]], row_ranges=[table.row_ranges[layer]],
+                         turned=bool(table.layer_variants[layer] & 4))
         if one.shapes[0] != table.shapes[layer]:
             raise ValueError(f"destination has shape {tuple(dest.shape)}, the layer {table.shapes[layer]}")
         return one
@@ -1106,19 +1108,18 @@ class TritonNoiseKernel:
     def exact_restore_one(self, table: LayerTable, layer: int, dest: torch.Tensor, std: torch.Tensor, seeds: torch.Tensor,
                           record: ExactGroupRecord) -> None:
         """Undo layer ``layer`` of a group in ``dest`` (the live weight or a copy of its perturbed rows)."""
-        turned = bool(table.layer_variants[layer] & 4)
-        with transposed_tiles(turned):  # the table's tiles, whatever the switch says now: they are the record's
-            if bool(codec_variant(dest) & 4) != turned:
-                # a copy laid out otherwise than the layer (row-major against transposed): its tiles would not be the
-                # record's, so the rows are undone in a copy of the layer's layout
-                m, n = dest.shape
-                like = torch.empty((n, m) if turned else (m, n), dtype=dest.dtype, device=dest.device)
-                like = like.t() if turned else like
-                like.copy_(dest)
-                self.exact_restore_one(table, layer, like, std, seeds, record)
-                dest.copy_(like)
-                return
-            one = self._one_layer(table, layer, dest)
+        turned = bool(table.layer_variants[layer] & 4)  # the table's tiles, whatever the switch says now: the record's
+        if bool(codec_variant(dest, turned) & 4) != turned:
+            # a copy laid out otherwise than the layer (row-major against transposed): its tiles would not be the
+            # record's, so the rows are undone in a copy of the layer's layout
+            m, n = dest.shape
+            like = torch.empty((n, m) if turned else (m, n), dtype=dest.dtype, device=dest.device)
+            like = like.t() if turned else like
+            like.copy_(dest)
+            self.exact_restore_one(table, layer, like, std, seeds, record)
+            dest.copy_(like)
+            return
+        one = self._one_layer(table, layer, dest)
         first = table.tile_bases[layer]
         self.exact_restore_layers(one, std, seeds, record.slice(first, first + table.tiles[layer]), only_layer=layer)
 
@@ -1144,8 +1145,7 @@ would reserve far more memory than the pass can need."""
 def _largest_need(table: LayerTable) -> Tuple[int, int]:
     """The most stream words and exceptions any pass over ``table`` can need: every element with an 8-bit
     field (in whole words per tile), and every element an exception."""
-    per_tile = TILE_ROWS * TILE_COLS  # the transposed tile's size too
-    assert TRANSPOSED_TILE[0] * TRANSPOSED_TILE[1] == per_tile
+    per_tile = max(rows * cols for rows, cols in map(tile_shape, table.variants))
     words_per_tile = (8 * per_tile + 63) // 64
     return table.n_tiles * words_per_tile, sum(m * n for m, n in table.shapes)
 
