@@ -40,12 +40,12 @@ transposed view: GPT-2's Conv1D weights, peft's ``fan_in_fan_out``). The kernel 
 limit); the row-major tiles of other layouts took 10.8 ms there."""
 
 
-TRANSPOSED_TILES = os.environ.get("FLATLORA_TRANSPOSED_TILES", "0") == "1"
+TRANSPOSED_TILES = os.environ.get("FLATLORA_TRANSPOSED_TILES", "1") != "0"
 """Whether transposed views take the codec's transposed tiles (codec variant bit 2; about 3.5x faster passes for
-them on an H200). Off unless ``FLATLORA_TRANSPOSED_TILES=1`` is set when the package is imported, until the GPU
-test suite has run with them on: they are checked through the Triton interpreter, and on one H200 only by the
-benchmark's exactness check (bf16, fan-in a multiple of 8). ``FLATLORA_TRANSPOSED_TILES=1 pytest tests/test_gpu.py``
-runs every GPU test with them."""
+them on an H200). On by default; ``FLATLORA_TRANSPOSED_TILES=0`` when the package is imported turns them off (the
+row-major tiles of every other layout then read such rows at the stride of a whole row). Tables keep the setting
+they were built with. The GPU suite has run with them on and off (``FLATLORA_TRANSPOSED_TILES=0 pytest
+tests/test_gpu.py`` runs every GPU test with them off)."""
 
 
 @contextmanager
