@@ -25,6 +25,10 @@ Configurations (``--config``):
 * ``gpu``: the issue's configuration: hidden 2048, 16 layers, MLP 5632, vocab 32000 (about 0.96 B
   parameters, 0.82 B in LoRA-wrapped linears), bf16, batch 8 x 1024 tokens, LoRA r=8 on all seven
   projections, AdamW.
+* ``gpu-gpt2``: a GPT-2-architecture model of about the same size (hidden 2048, 16 layers, MLP 8192, vocab
+  32000; 0.81 B parameters in LoRA-wrapped ``Conv1D`` layers, whose rows are the stored weights' columns:
+  ``fan_in_fan_out``), bf16, batch 8 x 1024 tokens, LoRA r=8 on ``c_attn``, ``c_proj`` and ``c_fc``, AdamW, no
+  dropout. The paper-style reference is Llama's (it takes rows as stored) and does not run here.
 * ``gpu-small``: the same architecture at about 0.13 B parameters (hidden 768, 12 layers, MLP 2048, vocab
   32000; 84 LoRA-wrapped linears), bf16, batch 8 x 512 tokens. Its steps are short, so the host's work per
   step (Python, launches) weighs more against the GPU's than in ``gpu``.
@@ -63,10 +67,13 @@ import torch
 CONFIGS = {
     "cpu": dict(hidden=128, layers=2, mlp=344, vocab=512, heads=4, batch=4, seq=64, dtype="float32", warmup=2, steps=10, pr_reps=10, back_to_back=5),
     "gpu": dict(hidden=2048, layers=16, mlp=5632, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=20, pr_reps=10, back_to_back=10),
+    "gpu-gpt2": dict(arch="gpt2", hidden=2048, layers=16, mlp=8192, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=20,
+                     pr_reps=10, back_to_back=10),
     "gpu-small": dict(hidden=768, layers=12, mlp=2048, vocab=32000, heads=12, batch=8, seq=512, dtype="bfloat16", warmup=5, steps=30, pr_reps=20,
                       back_to_back=20),
 }
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+GPT2_PROJECTIONS = ["c_attn", "c_proj", "c_fc"]  # transformers' Conv1D: weights stored in x out
 
 
 def config_device(cfg_name: str) -> torch.device:
@@ -79,19 +86,26 @@ def build_model(cfg: dict, device: torch.device):
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=cfg["vocab"],
-        hidden_size=cfg["hidden"],
-        intermediate_size=cfg["mlp"],
-        num_hidden_layers=cfg["layers"],
-        num_attention_heads=cfg["heads"],
-        num_key_value_heads=cfg["heads"],
-        max_position_embeddings=cfg["seq"],
-    )
+    gpt2 = cfg.get("arch") == "gpt2"
+    if gpt2:
+        config = transformers.GPT2Config(vocab_size=cfg["vocab"], n_positions=cfg["seq"], n_embd=cfg["hidden"], n_layer=cfg["layers"],
+                                         n_head=cfg["heads"], n_inner=cfg["mlp"], resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                                         bos_token_id=0, eos_token_id=0)
+    else:
+        config = transformers.LlamaConfig(
+            vocab_size=cfg["vocab"],
+            hidden_size=cfg["hidden"],
+            intermediate_size=cfg["mlp"],
+            num_hidden_layers=cfg["layers"],
+            num_attention_heads=cfg["heads"],
+            num_key_value_heads=cfg["heads"],
+            max_position_embeddings=cfg["seq"],
+        )
     dtype = getattr(torch, cfg["dtype"])
     with torch.device(device):  # initialise on the device: fast for the 1 B model
-        model = transformers.LlamaForCausalLM(config).to(dtype=dtype)
-    model = peft.get_peft_model(model, peft.LoraConfig(r=8, lora_alpha=16, target_modules=PROJECTIONS, lora_dropout=0.0))
+        model = (transformers.GPT2LMHeadModel if gpt2 else transformers.LlamaForCausalLM)(config).to(dtype=dtype)
+    lora = peft.LoraConfig(r=8, lora_alpha=16, target_modules=GPT2_PROJECTIONS if gpt2 else PROJECTIONS, lora_dropout=0.0, fan_in_fan_out=gpt2)
+    model = peft.get_peft_model(model, lora)
     with torch.no_grad():  # a trained-looking adapter, so that W + sBA != W
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -278,8 +292,18 @@ class FullCollections:
         gc.callbacks.remove(self._event)
 
 
+def _transposed_tiles() -> bool:
+    """Whether the exact codec's transposed tiles were on (``FLATLORA_TRANSPOSED_TILES``; GPT-2's layers take them)."""
+    from flatlora_optim.kernels import layer_table
+
+    return layer_table.TRANSPOSED_TILES
+
+
 def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = False) -> Dict:
     cfg = CONFIGS[cfg_name]
+    if cfg.get("arch") == "gpt2" and "reference" in methods:
+        raise SystemExit(f"--config {cfg_name}: the paper-style reference takes a weight's rows as stored, which GPT-2's Conv1D "
+                         "weights are not; leave 'reference' out of --methods")
     device = config_device(cfg_name)
     if device.type == "cpu":
         torch.set_num_threads(threads)
@@ -381,6 +405,7 @@ def run(cfg_name: str, methods: List[str], threads: int = 2, gpu_busy: bool = Fa
         "perturbed_params": perturbed_params,
         "perturbed_bytes": perturbed_bytes,
         "device": torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or platform.machine(),
+        "transposed_tiles": _transposed_tiles(),
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "results": results,

@@ -32,16 +32,25 @@ from flatlora_optim.kernels.layer_table import LayerTable  # noqa: E402
 from flatlora_optim.kernels.triton_noise import ExactGroupRecord, TritonNoiseKernel  # noqa: E402
 
 KERNEL = TritonNoiseKernel()
-# ptxas keeps one 4-byte value on the stack in two of the codec's forms (restore on strided rows of a
-# fan-in multiple of 8, plain on aligned rows); anything more is a regression
+# ptxas keeps one 4-byte value on the stack in some of the codec's forms (the perturb pass of aligned rows under its
+# register cap, for one); anything more is a regression
 SPILL_ALLOWANCE = {"_codec_kernel": 4}
+# the transposed tiles' passes run under register caps chosen on an H200 (triton_noise._TURNED_MAX_REGISTERS) that
+# spill a few words, measured here for bf16 / fp16 (perturb 36 / 24 bytes, restore 20 / 16): more is a regression
+CODEC_SPILL_ALLOWANCE = {(5, False): 36, (5, True): 20}
+
+
+def allowed_spills(kernel, kwargs) -> int:
+    if kernel.fn.__name__ == "_codec_kernel" and (kwargs["VARIANT"], kwargs["RESTORE"]) in CODEC_SPILL_ALLOWANCE and "maxnreg" in kwargs:
+        return CODEC_SPILL_ALLOWANCE[(kwargs["VARIANT"], kwargs["RESTORE"])]
+    return SPILL_ALLOWANCE.get(kernel.fn.__name__, 0)
 
 
 def assert_compiles_without_spills(kernel, launches):
     assert launches, "nothing was launched"
     for args, kwargs in launches:
         usage = resource_usage(compile_launch(kernel, args, kwargs))
-        allowed = SPILL_ALLOWANCE.get(kernel.fn.__name__, 0)
+        allowed = allowed_spills(kernel, kwargs)
         constants = {k: v for k, v in kwargs.items() if k.isupper()}
         assert usage["spill_stores"] <= allowed, f"{kernel.fn.__name__} {constants}: registers spilled to local memory ({usage})"
 

@@ -80,6 +80,13 @@ _TURNED_WARPS = 8
 """Warps per program of every codec pass over transposed views (variants 4, 5): a tile of 256 rows of 8 columns, one
 group of 8 per thread. For 277 M bf16 elements on an H200: restore 1.52 ms against 2.39 with 4 warps; perturb 2.90 ms
 against 4.81 (4 warps, 188 registers), or 2.56 with 4 warps held to 96 registers, which spills 172-220 bytes a thread."""
+_TURNED_MAX_REGISTERS = {False: 64, True: 48}
+"""``maxnreg`` of the codec's perturb (False) and restore (True) passes over transposed views of rows a multiple of 8
+long (variant 5). Left alone the compiler takes 107 and 64 registers: two and four 8-warp programs per multiprocessor.
+At 64 and 48 (36 and 20 bytes spilled a thread) an H200 holds four and five: for 277 M bf16 elements, perturb
+2.90-2.95 -> 1.96 ms and restore 1.52-1.58 -> 1.27-1.29 ms (two runs side by side; 56/40 gave 2.13-2.20 / 1.32-1.36,
+48/32 2.04-2.12 / 1.79-1.84). Contiguous rows gained nothing from lower caps (perturb 80, 72, 64: 1.22, 1.30, 1.45
+against 1.18 ms; restore 64, 56, 48: within 1%). Variant 4 (odd fan-ins) would spill 56 bytes at 64: no cap, untimed."""
 _MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
 """Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
@@ -825,6 +832,16 @@ class LayerLaunch:
         return out
 
 
+def _register_cap(variant: int, restore: bool) -> Optional[int]:
+    """The ``maxnreg`` of a codec pass over rows of codec ``variant``, or None for the compiler's own choice (the
+    strided and unaligned row-major layouts need up to 254 registers, and the restore pass of contiguous rows 72)."""
+    if variant == 5:
+        return _TURNED_MAX_REGISTERS[restore]
+    if variant == 3 and not restore:
+        return _PERTURB_MAX_REGISTERS
+    return None
+
+
 def _check_codec_layers(table: LayerTable, what: str) -> None:
     """The codec kernel's limits: 16-bit weights, element positions that fit in int32."""
     if not all(d in _MANTISSA for d in table.dtypes):
@@ -943,8 +960,9 @@ class TritonNoiseKernel:
                     enable_fp_fusion=False,
                     num_warps=_TURNED_WARPS if variant >= 4 else _PLAIN_WARPS if plain else _RESTORE_WARPS if restore else _PERTURB_WARPS,
                 )
-                if _MAXNREG and not plain and not restore and variant == 3:  # the other layouts need more registers
-                    options["maxnreg"] = _PERTURB_MAX_REGISTERS
+                cap = _register_cap(variant, restore) if _MAXNREG and not plain else None
+                if cap is not None:
+                    options["maxnreg"] = cap
                 if compile_only:
                     _codec_kernel.warmup(*args, grid=(table.n_tiles,), **options)
                 else:
