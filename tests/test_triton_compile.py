@@ -131,10 +131,14 @@ def test_row_std_column_loop_is_software_pipelined(dot, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_noise_kernel_compiles(dtype):
-    """Virtual mode's and the per-block path's kernel: ``W + e`` for a layer, and the noise alone."""
+    """Virtual mode's and the per-block path's kernel: ``W + e`` for a layer (rows as stored, and a transposed view,
+    read in turned tiles), and the noise alone."""
     rows = torch.zeros(64, 1000, dtype=dtype)
     std = torch.zeros(64)
+    work = torch.float64 if dtype == torch.float32 else torch.float32
     with Launches("_noise_kernel") as launches:
-        KERNEL.perturbed_layer(rows, std, torch.zeros(1, dtype=torch.int64), 64, torch.float64 if dtype == torch.float32 else torch.float32)
+        KERNEL.perturbed_layer(rows, std, torch.zeros(1, dtype=torch.int64), 64, work)
+        KERNEL.perturbed_layer(torch.zeros(1000, 64, dtype=dtype).t(), std, torch.zeros(1, dtype=torch.int64), 64, work)
         KERNEL.noise(std, 1000, torch.zeros(1, dtype=torch.int64), torch.float32)
+    assert [kwargs["TURNED"] for _, kwargs in launches.calls] == [False, True, False]
     assert_compiles_without_spills(tn._noise_kernel, launches.calls)

@@ -178,13 +178,16 @@ def _reference_normals(seed: int, n: int) -> torch.Tensor:
 def check_noise_stream_follows_its_definition() -> None:
     """The tiled noise kernel draws element ``L`` of a row block from lane ``L % 8`` of counter ``L // 8``
     whatever its tile shape: narrow rows (tiles of fewer columns), odd widths (per-element counters),
-    rows wider than a tile, several row blocks (each its own seed), a transposed source."""
+    rows wider than a tile, several row blocks (each its own seed), a transposed source (read in turned tiles:
+    the same bits as from a contiguous copy)."""
     gen = torch.Generator().manual_seed(1)
-    for rows, cols, per_block in [(9, 1, 9), (5, 3, 5), (7, 6, 3), (33, 64, 33), (6, 130, 4), (3, 1030, 2), (4, 2048, 4)]:
+    for rows, cols, per_block in [(9, 1, 9), (5, 3, 5), (7, 6, 3), (33, 64, 33), (6, 130, 4), (3, 1030, 2), (4, 2048, 4), (150, 40, 70),
+                                  (130, 9, 130)]:
         seeds = torch.randint(0, 2**62, (-(-rows // per_block),), generator=gen)
         ones = torch.ones(rows)
         w = torch.randn(cols, rows, generator=gen).t()  # a transposed view
         noisy = KERNEL.perturbed_layer(w, ones, seeds, per_block, torch.float32)
+        assert torch.equal(noisy, KERNEL.perturbed_layer(w.contiguous(), ones, seeds, per_block, torch.float32)), (rows, cols)
         for b, seed in enumerate(seeds.tolist()):
             block = slice(b * per_block, min(rows, (b + 1) * per_block))
             n = (block.stop - block.start) * cols

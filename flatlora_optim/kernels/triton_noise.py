@@ -90,6 +90,13 @@ against 1.18 ms; restore 64, 56, 48: within 1%). Variant 4 (odd fan-ins) would s
 _MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
 """Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
 _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warps, 1.83 with 4, 2.06 with 8 (noise_time.py, H200)
+_TURNED_NOISE_TILE = (64, 32)
+"""The noise kernel's tile (rows x columns) for a transposed view: 32 lines of 64 neighbours in memory (128 bytes of
+bf16) read, turned, and written as 64 rows of 32 (see :func:`_noise_kernel`). Virtual mode's ``fl(W + e)`` of 277 M
+bf16 elements in transposed views on an H200 (two rounds side by side, docs/benchmarks/noise-tiles-h200.txt): 0.686 ms
+with the row-major tiles, 0.435 with these and 2 warps (contiguous rows: 0.440); 4 warps 0.465, 128 x 16 0.493,
+32 x 64 0.489, 64 x 64 0.456."""
+_TURNED_NOISE_WARPS = 2
 _PLAIN_WARPS = 2  # the plain pass (backup restore's perturb): 1.23 ms with 2 warps, 1.45 with 4, 1.80 with 8
 
 
@@ -174,14 +181,17 @@ def _tile_normals(seed, rows, cols, first_col, n_cols, TR: tl.constexpr, TC: tl.
 @triton.jit
 def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_block, stride_row, stride_col, row_tiles, col_tiles,
                   ADD: tl.constexpr, TR: tl.constexpr, TC: tl.constexpr, ALIGNED8: tl.constexpr, CONTIG: tl.constexpr, VEC: tl.constexpr,
-                  WORK_FP64: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr):
+                  WORK_FP64: tl.constexpr, FAST: tl.constexpr, ROUNDS: tl.constexpr, TURNED: tl.constexpr = False):
     """``e`` (or ``fl(W + e)`` with ``ADD``) into a new contiguous ``m x n`` tensor, one ``TR x TC``
     tile of one row block per program; ``seeds[b]`` seeds row block ``b``.
 
     Tiles rather than a flat range: a row's std is loaded once per tile row and no element needs an
     integer division to find its row. ``CONTIG``: the source's rows (and so the output's) are
     contiguous, start 16-byte aligned and are whole 16-byte vectors long, so both are moved with
-    wide loads and stores (``VEC`` elements per 16 bytes).
+    wide loads and stores (``VEC`` elements per 16 bytes). ``TURNED`` (``ADD`` only): the source is a
+    transposed view (its rows are neighbours in memory, ``stride_row`` 1): the tile is read as memory holds
+    it, ``TC`` lines of ``TR`` neighbours, and turned in the kernel, so that the reads are not one element
+    per row each. The noise is drawn by position as in every other tile, so the bits are the same.
     """
     if CONTIG:
         n_cols = tl.multiple_of(n_cols, VEC)  # masks stay uniform across a vector
@@ -213,8 +223,12 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
     else:
         out_pointers = out_ptr + (global_rows * n_cols)[:, None] + cols[None, :]
         w_pointers = w_ptr + (global_rows * stride_row)[:, None] + cols[None, :].to(tl.int64) * stride_col
-    if ADD:
+    if TURNED:
+        lines = w_ptr + cols.to(tl.int64)[:, None] * stride_col + tl.max_contiguous(global_rows, TR)[None, :]
+        w = tl.trans(tl.load(lines, mask=tl.trans(mask), other=0.0))
+    elif ADD:
         w = tl.load(w_pointers, mask=mask, other=0.0)
+    if ADD:
         if WORK_FP64:
             value = w.to(tl.float64) + e
         else:
@@ -683,18 +697,26 @@ def _next_power_of_2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-def _noise_tile(n_cols: int) -> Tuple[int, int]:
+def _noise_tile(n_cols: int, turned: bool = False) -> Tuple[int, int]:
     """The noise kernel's ``TR x TC`` tile for rows of ``n_cols``: 2048 elements, at most 512 columns
-    (so narrow layers do not leave most lanes masked)."""
+    (so narrow layers do not leave most lanes masked); :data:`_TURNED_NOISE_TILE` for a transposed view."""
+    if turned:
+        return _TURNED_NOISE_TILE
     tc = min(TILE_COLS, max(4, _next_power_of_2(n_cols)))
     return _NOISE_TILE // tc, tc
+
+
+def _is_turned(rows: Optional[torch.Tensor]) -> bool:
+    """Whether the noise kernel reads ``rows`` as a transposed view: its rows are neighbours in memory."""
+    return rows is not None and rows.dim() == 2 and rows.shape[0] > 1 and rows.shape[1] > 1 and rows.stride(0) == 1 and rows.stride(1) != 1
 
 
 def _launch_args(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
                  rows_per_block: int, work: torch.dtype) -> Tuple[Tuple[int], tuple, Dict[str, Any]]:
     """``(grid, arguments, keyword arguments)`` of the noise kernel's launch that writes ``fl(rows + e)``
     (``e`` alone without ``rows``) into ``out``."""
-    tr, tc = _noise_tile(n_cols)
+    turned = _is_turned(rows)
+    tr, tc = _noise_tile(n_cols, turned)
     row_tiles, col_tiles = _cdiv(min(rows_per_block, n_rows), tr), _cdiv(n_cols, tc)
     source = rows if rows is not None else out
     vector = 16 // min(source.element_size(), out.element_size())  # elements per 16 bytes of the narrower of the two
@@ -704,7 +726,8 @@ def _launch_args(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Ten
     args = (out, source, std.to(torch.float32).contiguous(), seeds, n_rows, n_cols, rows_per_block, source.stride(0), source.stride(1),
             row_tiles, col_tiles)
     options = dict(ADD=rows is not None, TR=tr, TC=tc, ALIGNED8=n_cols % 8 == 0, CONTIG=contig, VEC=vector, WORK_FP64=work == torch.float64,
-                   FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, enable_fp_fusion=False, num_warps=_NOISE_WARPS)
+                   FAST=_FAST_NORMALS, ROUNDS=_PHILOX_ROUNDS, TURNED=turned, enable_fp_fusion=False,
+                   num_warps=_TURNED_NOISE_WARPS if turned else _NOISE_WARPS)
     return grid, args, options
 
 
