@@ -123,20 +123,24 @@ def check_examples() -> None:
     # adapters (rank 24: R = 32); the element-wise form: float32 weights (rank 20: the rank loop is not unrolled),
     # float16 weights with float32 adapters, rank 40
     weights = [torch.randn(40, 700).half(), torch.randn(33, 512).half().t(), torch.randn(24, 1024).half(), torch.randn(20, 300),
-               torch.randn(48, 320).half(), torch.randn(70, 256).bfloat16(), torch.randn(36, 128).half()]
+               torch.randn(48, 320).half(), torch.randn(70, 256).bfloat16(), torch.randn(36, 128).half(), torch.randn(96, 70).bfloat16().t(),
+               torch.randn(50, 30).t()]
     adapters = [(torch.randn(8, w.shape[1]).half(), torch.randn(w.shape[0], 8).half(), 2.0) for w in weights]
     adapters[1] = None
     adapters[3] = (torch.randn(20, 300).half(), torch.randn(20, 20).half(), 2.0)
     adapters[4] = (torch.randn(24, 320) / 3, torch.randn(48, 24) / 3, 0.5)
     adapters[5] = ((torch.randn(24, 256) / 3).bfloat16(), (torch.randn(70, 24) / 3).bfloat16(), 0.5)
     adapters[6] = (torch.randn(40, 128).half(), torch.randn(36, 40).half() / 4, 1.0)
+    adapters[7] = (torch.randn(8, 96).bfloat16(), torch.randn(70, 8).bfloat16(), 2.0)  # transposed views with adapters: tensor cores,
+    adapters[8] = (torch.randn(8, 50), torch.randn(30, 8), 2.0)  # and float32 element-wise
     expected = []
     for w, adapter in zip(weights, adapters):
         full = w.float() + (0 if adapter is None else adapter[2] * (adapter[1].float() @ adapter[0].float()))
         expected.append(full.norm(dim=1) * 0.1)
-    for turned in (False, True):  # the transposed view's layout code differs; its rows are read as strided rows either way
+    for turned in (False, True):  # the transposed views' layout code differs; their rows are read as strided rows either way
         with transposed_tiles(turned):
             table = LayerTable(weights)
+        assert any(v & 4 for v in table.variants) == turned, table.variants
         out = torch.empty(table.total_rows)
         KERNEL.row_stds(table, adapters, [0.1] * len(weights), out)
         torch.testing.assert_close(out, torch.cat(expected), rtol=1e-5, atol=0)
@@ -145,7 +149,7 @@ def check_examples() -> None:
         ab = w.dtype if adapter is None else adapter[0].dtype
         forms.update((dot, r) for dot, r, _ in tn._row_std_forms([0 if adapter is None else adapter[0].shape[0]], DTYPE_CODES[w.dtype],
                                                                   DTYPE_CODES[ab]))
-    assert forms == {(True, 16), (True, 32), (False, 16)}, f"row-std kernel forms covered: {forms}"
+    assert forms == {(True, 16), (True, 32), (False, 16), (False, 8)}, f"row-std kernel forms covered: {forms}"
 
 
 @triton.jit
