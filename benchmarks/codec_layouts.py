@@ -19,7 +19,7 @@ import argparse
 import statistics
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from codec_ablation import INTERPRETED, SOURCE, load_variant, measure, timer
@@ -33,6 +33,18 @@ def layouts(device: torch.device, count: int = 24, shape=(5632, 2048)) -> List[t
     contiguous = [(torch.randn(*shape, device=device, generator=gen) * 0.02).to(torch.bfloat16) for _ in range(count)]
     transposed = [(torch.randn(shape[1], shape[0], device=device, generator=gen) * 0.02).to(torch.bfloat16).t() for _ in range(count)]
     return [("contiguous rows", contiguous, False), ("transposed views", transposed, False), ("transposed, tiles on", transposed, True)]
+
+
+def side_by_side_setup(small: bool) -> Tuple[torch.device, List[torch.Tensor], List[torch.Tensor], int, int]:
+    """``(device, contiguous rows, transposed views, repetitions, rounds)`` for the scripts that time variants of the
+    kernel module on these layouts side by side: 24 weights of 5632 x 2048 on CUDA, or with ``small`` (and under the
+    interpreter, which this sets up) 2 of 300 x 64, timed once."""
+    if INTERPRETED:
+        patch_interpreter()  # float32 -> bfloat16 rounded as on the GPU
+    device = torch.device("cpu" if INTERPRETED else "cuda")
+    count, shape, reps, rounds = (2, (300, 64), 1, 1) if small else (24, (5632, 2048), 7, 2)
+    (_, contiguous, _), (_, transposed, _), _ = layouts(device, count, shape)
+    return device, contiguous, transposed, reps, rounds
 
 
 def read_passes(module, weights: List[torch.Tensor], timed, reps: int, rank: int = 8) -> Dict[str, float]:

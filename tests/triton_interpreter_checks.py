@@ -279,6 +279,18 @@ def check_codec_layouts_benchmark_runs() -> None:
     assert all(r["wrong_elements"] == 0 for r in results.values()), results
 
 
+def check_register_caps_and_noise_tiles_benchmarks_run() -> None:
+    """``benchmarks/register_caps.py --small`` (its edit still applies to the shipped module, and every pass restores
+    every bit) and ``benchmarks/noise_tiles.py --small`` (every tile shape gives the bits of a contiguous copy)."""
+    import noise_tiles
+    import register_caps
+
+    caps = register_caps.main(["--small"])
+    assert len(caps) == 2 and all(r["wrong_elements"] == 0 for r in caps.values()), caps
+    tiles = noise_tiles.main(["--small"])
+    assert len(tiles) == 1 + len(noise_tiles.VARIANTS), sorted(tiles)
+
+
 def escapes_per_group(w: torch.Tensor, std: torch.Tensor, seed: torch.Tensor, size: int = 32) -> torch.Tensor:
     """How many escapes (ambiguous, key offset beyond +-1) each group of ``size`` neighbours in a row of
     one float16 row block gets, computed here from the codec's definition, not by the kernel."""
@@ -924,6 +936,7 @@ if __name__ == "__main__":
     check_noise_is_standard_normal()
     check_noise_time_benchmark_runs()
     check_codec_layouts_benchmark_runs()
+    check_register_caps_and_noise_tiles_benchmarks_run()
     check_one_layer_restore_keeps_the_tables_tiles()
     check_tiles_without_rows()
     check_examples()

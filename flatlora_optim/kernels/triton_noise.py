@@ -85,7 +85,7 @@ _TURNED_MAX_REGISTERS = {False: 64, True: 48}
 long (variant 5). Left alone the compiler takes 107 and 64 registers: two and four 8-warp programs per multiprocessor.
 At 64 and 48 (36 and 20 bytes spilled a thread) an H200 holds four and five: for 277 M bf16 elements, perturb
 2.90-2.95 -> 1.96 ms and restore 1.52-1.58 -> 1.27-1.29 ms (two runs side by side; 56/40 gave 2.13-2.20 / 1.32-1.36,
-48/32 2.04-2.12 / 1.79-1.84). Contiguous rows gained nothing from lower caps (perturb 80, 72, 64: 1.22, 1.30, 1.45
+48/32 2.04-2.12 / 1.79-1.84; benchmarks/register_caps.py). Contiguous rows gained nothing from lower caps (perturb 80, 72, 64: 1.22, 1.30, 1.45
 against 1.18 ms; restore 64, 56, 48: within 1%). Variant 4 (odd fan-ins) would spill 56 bytes at 64: no cap, untimed."""
 _MAXNREG = "maxnreg" in {field.name for field in dataclasses.fields(CUDAOptions)} if CUDAOptions is not None else False
 """Whether this Triton's CUDA backend takes ``maxnreg`` (older ones compile without the limit)."""
@@ -93,7 +93,7 @@ _NOISE_WARPS = 2  # the noise kernel (virtual mode's W + e): 1.63 ms with 2 warp
 _TURNED_NOISE_TILE = (64, 32)
 """The noise kernel's tile (rows x columns) for a transposed view: 32 lines of 64 neighbours in memory (128 bytes of
 bf16) read, turned, and written as 64 rows of 32 (see :func:`_noise_kernel`). Virtual mode's ``fl(W + e)`` of 277 M
-bf16 elements in transposed views on an H200 (two rounds side by side, docs/benchmarks/noise-tiles-h200.txt): 0.686 ms
+bf16 elements in transposed views on an H200 (benchmarks/noise_tiles.py, two rounds side by side): 0.686 ms
 with the row-major tiles, 0.435 with these and 2 warps (contiguous rows: 0.440); 4 warps 0.465, 128 x 16 0.493,
 32 x 64 0.489, 64 x 64 0.456."""
 _TURNED_NOISE_WARPS = 2
