@@ -156,7 +156,8 @@ def test_shard_kernel_forms_the_fused_kernels_bits(dtype):
 
 
 def test_layer_kernel_gives_the_per_block_values():
-    """The one-launch layer kernel (virtual mode) and the per-block kernel (in-place mode) agree bitwise."""
+    """The one-launch layer kernel (virtual mode) and the per-block kernel (in-place mode) agree bitwise; a transposed
+    view (read in turned tiles) gives the bits of a contiguous copy of it."""
     pytest.importorskip("triton")
     from flatlora_optim.noise import chunk_bounds, rows_per_chunk
 
@@ -165,6 +166,8 @@ def test_layer_kernel_gives_the_per_block_values():
     std = torch.rand(rows.shape[0], device="cuda") * 0.05
     seeds = [2**62 + 17 * b for b, _, _ in chunk_bounds(*rows.shape)]
     layer = kernel.perturbed_layer(rows, std, torch.tensor(seeds, device="cuda"), rows_per_chunk(rows.shape[1]), torch.float32)
+    copied = kernel.perturbed_layer(rows.contiguous(), std, torch.tensor(seeds, device="cuda"), rows_per_chunk(rows.shape[1]), torch.float32)
+    assert torch.equal(bits(layer), bits(copied))
     for block, start, end in chunk_bounds(*rows.shape):
         expected = kernel.perturbed(rows[start:end], std[start:end], seeds[block], torch.float32)
         assert torch.equal(bits(layer[start:end]), bits(expected))

@@ -183,10 +183,10 @@ def test_layer_table_describes_every_tile_and_row_once(turned):
     assert table.std_bases == [0, 300, 9300] and table.seed_bases == [0, table.blocks[0], table.blocks[0] + table.blocks[1]]
 
 
-@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False)])
+@pytest.mark.parametrize("value, on", [(None, True), ("1", True), ("0", False), ("false", False), (" Off ", False), ("no", False)])
 def test_the_environment_can_turn_the_transposed_tiles_off(value, on):
-    """The codec's transposed tiles are on by default; ``FLATLORA_TRANSPOSED_TILES=0`` at import turns them off (so
-    that the GPU suite can run without them, and users can go back to the row-major tiles)."""
+    """The codec's transposed tiles are on by default; ``FLATLORA_TRANSPOSED_TILES=0`` (or false, off, no) at import
+    turns them off (so that the GPU suite can run without them, and users can go back to the row-major tiles)."""
     import os
     import subprocess
     import sys

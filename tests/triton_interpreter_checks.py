@@ -192,6 +192,9 @@ def check_noise_stream_follows_its_definition() -> None:
         w = torch.randn(cols, rows, generator=gen).t()  # a transposed view
         noisy = KERNEL.perturbed_layer(w, ones, seeds, per_block, torch.float32)
         assert torch.equal(noisy, KERNEL.perturbed_layer(w.contiguous(), ones, seeds, per_block, torch.float32)), (rows, cols)
+        strided = torch.randn(rows, 2 * cols, generator=gen)[:, ::2]  # strided rows that are not a transposed view
+        assert torch.equal(KERNEL.perturbed_layer(strided, ones, seeds, per_block, torch.float32),
+                           KERNEL.perturbed_layer(strided.contiguous(), ones, seeds, per_block, torch.float32)), (rows, cols, "strided")
         for b, seed in enumerate(seeds.tolist()):
             block = slice(b * per_block, min(rows, (b + 1) * per_block))
             n = (block.stop - block.start) * cols
