@@ -25,6 +25,7 @@ Configurations (``--config``):
 * ``gpu``: the issue's configuration: hidden 2048, 16 layers, MLP 5632, vocab 32000 (about 0.96 B
   parameters, 0.82 B in LoRA-wrapped linears), bf16, batch 8 x 1024 tokens, LoRA r=8 on all seven
   projections, AdamW.
+* ``cpu-gpt2``: the ``cpu`` configuration's sizes as a GPT-2 (``Conv1D`` layers, transposed views; MLP 512).
 * ``gpu-gpt2``: a GPT-2-architecture model of about the same size (hidden 2048, 16 layers, MLP 8192, vocab
   32000; 0.81 B parameters in LoRA-wrapped ``Conv1D`` layers, whose rows are the stored weights' columns:
   ``fan_in_fan_out``), bf16, batch 8 x 1024 tokens, LoRA r=8 on ``c_attn``, ``c_proj`` and ``c_fc``, AdamW, no
@@ -66,6 +67,8 @@ import torch
 
 CONFIGS = {
     "cpu": dict(hidden=128, layers=2, mlp=344, vocab=512, heads=4, batch=4, seq=64, dtype="float32", warmup=2, steps=10, pr_reps=10, back_to_back=5),
+    "cpu-gpt2": dict(arch="gpt2", hidden=128, layers=2, mlp=512, vocab=512, heads=4, batch=4, seq=64, dtype="float32", warmup=2, steps=10,
+                     pr_reps=10, back_to_back=5),
     "gpu": dict(hidden=2048, layers=16, mlp=5632, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=20, pr_reps=10, back_to_back=10),
     "gpu-gpt2": dict(arch="gpt2", hidden=2048, layers=16, mlp=8192, vocab=32000, heads=16, batch=8, seq=1024, dtype="bfloat16", warmup=5, steps=20,
                      pr_reps=10, back_to_back=10),
