@@ -37,6 +37,28 @@ def test_step_time_benchmark_runs_every_method_side_by_side(monkeypatch):
     assert not any("gpu_state_all" in r or "gpu_busy_ms_all" in r for r in summary["results"].values())  # CUDA only
 
 
+def test_step_time_gpt2_configuration_perturbs_the_conv1d_layers_as_transposed_views(monkeypatch):
+    """``--config cpu-gpt2`` / ``gpu-gpt2``: a GPT-2 whose LoRA layers (``c_attn``, both ``c_proj``, ``c_fc``) are
+    peft ``Conv1D`` layers, found as transposed views; every method restores bitwise; the paper-style reference,
+    which takes rows as stored, is refused with a message that says to leave it out."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    import step_time
+
+    tiny = dict(step_time.CONFIGS["cpu-gpt2"], hidden=32, layers=1, mlp=64, vocab=64, heads=2, batch=2, seq=8, warmup=1, steps=2, pr_reps=2,
+                back_to_back=2)
+    assert step_time.CONFIGS["gpu-gpt2"]["arch"] == "gpt2"
+    monkeypatch.setitem(step_time.CONFIGS, "cpu-gpt2", tiny)
+    with pytest.raises(SystemExit, match="leave 'reference' out"):
+        step_time.run("cpu-gpt2", ["lora", "reference"], threads=1)
+    summary = step_time.run("cpu-gpt2", ["lora", "flat-exact", "flat-virtual"], threads=1)
+    assert summary["perturbed_params"] == 32 * 96 + 32 * 32 + 32 * 64 + 64 * 32  # c_attn, attn c_proj, c_fc, mlp c_proj
+    assert all(r["weights_bitwise_equal"] for r in summary["results"].values())
+    model = step_time.build_model(tiny, torch.device("cpu"))
+    _, flat, _ = step_time.make_method("flat-exact", model, [p for p in model.parameters() if p.requires_grad])
+    assert [d["view"] for d in flat.describe()] == ["transposed"] * 4
+
+
 @pytest.mark.parametrize("method", ["lora", "reference", "flat-exact", "flat-exact-held", "flat-host-released"])
 def test_step_time_steps_mark_their_phases_in_order(method):
     """synced_phases.py times step_time's own steps through their ``mark`` calls: every method marks the four phases,
