@@ -35,16 +35,15 @@ def layouts(device: torch.device, count: int = 24, shape=(5632, 2048)) -> List[t
     return [("contiguous rows", contiguous, False), ("transposed views", transposed, False), ("transposed, tiles on", transposed, True)]
 
 
-def side_by_side_setup(small: bool) -> Tuple[torch.device, List[torch.Tensor], List[torch.Tensor], int, int]:
-    """``(device, contiguous rows, transposed views, repetitions, rounds)`` for the scripts that time variants of the
-    kernel module on these layouts side by side: 24 weights of 5632 x 2048 on CUDA, or with ``small`` (and under the
+def side_by_side_setup(small: bool) -> Tuple[torch.device, List[tuple], int, int]:
+    """``(device, layouts, repetitions, rounds)`` for the scripts that time variants of the kernel module on these
+    layouts side by side (:func:`layouts`): 24 weights of 5632 x 2048 on CUDA, or with ``small`` (and under the
     interpreter, which this sets up) 2 of 300 x 64, timed once."""
     if INTERPRETED:
         patch_interpreter()  # float32 -> bfloat16 rounded as on the GPU
     device = torch.device("cpu" if INTERPRETED else "cuda")
     count, shape, reps, rounds = (2, (300, 64), 1, 1) if small else (24, (5632, 2048), 7, 2)
-    (_, contiguous, _), (_, transposed, _), _ = layouts(device, count, shape)
-    return device, contiguous, transposed, reps, rounds
+    return device, layouts(device, count, shape), reps, rounds
 
 
 def read_passes(module, weights: List[torch.Tensor], timed, reps: int, rank: int = 8) -> Dict[str, float]:
@@ -74,19 +73,18 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     parser.add_argument("--against", type=Path, action="append", default=[], help="also time another version of triton_noise.py")
     parser.add_argument("--small", action="store_true", help="2 weights of 300 x 64 (a smoke test under the interpreter)")
     args = parser.parse_args(argv)
-    if INTERPRETED:
-        patch_interpreter()  # float32 -> bfloat16 rounded as on the GPU
-    device = torch.device("cpu" if INTERPRETED else "cuda")
-    count, shape, reps = (2, (300, 64), 1) if args.small else (24, (5632, 2048), 7)
+    device, timed_layouts, reps, _ = side_by_side_setup(args.small)
     timed, hidden = timer(device), timer(device, hide_host=True)
-    print(f"{count} bf16 weights of {shape[0]} x {shape[1]} elements each, row std 1e-3; GPU ms per pass, median of {reps}")
+    first = timed_layouts[0][1]
+    print(f"{len(first)} bf16 weights of {first[0].shape[0]} x {first[0].shape[1]} elements each, row std 1e-3; GPU ms per pass, "
+          f"median of {reps}")
     print(f"{'kernels':34s} {'layout':22s} {'perturb ms':>11s} {'restore ms':>11s} {'record %':>9s} {'row stds ms':>12s} "
           f"{'virtual W+e ms':>15s}")
     with tempfile.TemporaryDirectory() as folder:
         modules = [("as shipped", load_variant("as shipped", [], Path(folder), SOURCE))]
         modules += [(f"source {path.name}", load_variant(f"against {path.name}", [], Path(folder), path)) for path in args.against]
         results = {}
-        for layout, weights, turned in layouts(device, count, shape):
+        for layout, weights, turned in timed_layouts:
             for name, module in modules:
                 if turned and not hasattr(module, "tile_shape"):
                     continue  # a module from before the transposed tiles

@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--small", action="store_true", help="2 weights of 300 x 64 (a smoke test under the interpreter)")
     args = parser.parse_args(argv)
-    device, contiguous, transposed, reps, rounds = side_by_side_setup(args.small)
+    device, ((_, contiguous, _), (_, transposed, _), _), reps, rounds = side_by_side_setup(args.small)
     hidden = timer(device, hide_host=True)
     results = {}
     with tempfile.TemporaryDirectory() as folder:

@@ -44,7 +44,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Dict[str, float]]:
     parser.add_argument("--plans", default='[{}, {"5,p": 64, "5,r": 48}]', help="a JSON list of plans (see above)")
     parser.add_argument("--small", action="store_true", help="2 weights of 300 x 64 (a smoke test under the interpreter)")
     args = parser.parse_args(argv)
-    device, contiguous, transposed, reps, rounds = side_by_side_setup(args.small)
+    device, ((_, contiguous, _), (_, transposed, _), _), reps, rounds = side_by_side_setup(args.small)
     weights = transposed if args.layout == "transposed" else contiguous
     timed = timer(device)
     results = {}

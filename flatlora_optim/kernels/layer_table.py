@@ -21,8 +21,8 @@ import torch
 
 from ..noise import rows_per_chunk
 
-__all__ = ["TILE_ROWS", "TILE_COLS", "TRANSPOSED_TILE", "TRANSPOSED_TILES", "transposed_tiles", "tile_shape", "ROWS_PER_PROGRAM",
-           "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "FIELDS"]
+__all__ = ["TILE_ROWS", "TILE_COLS", "TRANSPOSED_TILE", "TRANSPOSED_TILES", "transposed_tiles", "tile_shape", "is_transposed_view",
+           "ROWS_PER_PROGRAM", "DTYPE_CODES", "LayerTable", "AdapterTables", "adapter_rows", "FIELDS"]
 
 TILE_ROWS = 4
 TILE_COLS = 512
@@ -149,7 +149,7 @@ class LayerTable:
         self._tile_layer: Optional[torch.Tensor] = None
         self.rowtile_layer = to_device(torch.tensor(rowtile_layer, dtype=self._index_type), self.device)
         self.dtype_codes = sorted({DTYPE_CODES[d] for d in self.dtypes})
-        self.variants = sorted({int(e[FIELDS.index("variant")]) for e in entries})
+        self.variants = sorted(set(self.layer_variants))
         self.codec_capacity: Optional[Tuple[int, int]] = None  # the exact codec's buffer sizes for the next step
         self.codec_sigma: Optional[float] = None  # the noise level those sizes were counted at
         self.codec_pending: Any = None  # the counts of a pass the host did not wait for (triton_noise.PendingCounts)
@@ -185,6 +185,12 @@ def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
     return host.pin_memory().to(device, non_blocking=True)
 
 
+def is_transposed_view(rows: torch.Tensor) -> bool:
+    """Whether ``rows`` (``m x n``, ``m > 1``) are the columns of a matrix: its rows are neighbours in memory
+    (``stride(0) == 1``) and its columns are not. The kernels move such views in tiles laid out for them."""
+    return rows.shape[0] > 1 and rows.stride(0) == 1 and rows.stride(1) != 1
+
+
 def codec_variant(rows: torch.Tensor, turned: Optional[bool] = None) -> int:
     """Which compiled form of the codec suits a view: bit 0 -- the fan-in is a multiple of 8 (each
     row's noise starts at a fresh Philox counter, so a tile draws eight normals per evaluation);
@@ -192,9 +198,9 @@ def codec_variant(rows: torch.Tensor, turned: Optional[bool] = None) -> int:
     loads and stores can be vectorised); bit 2 -- the rows are a matrix's columns (a transposed view,
     each column contiguous: the codec moves its tiles transposed, :data:`TRANSPOSED_TILE`), when ``turned``
     (by default :data:`TRANSPOSED_TILES`)."""
-    m, n = rows.shape
+    n = rows.shape[1]
     size = rows.element_size()
-    if (TRANSPOSED_TILES if turned is None else turned) and rows.stride(0) == 1 and rows.stride(1) != 1 and m > 1:
+    if (TRANSPOSED_TILES if turned is None else turned) and is_transposed_view(rows):
         return int(n % 8 == 0) | 4
     aligned = rows.stride(1) == 1 and rows.data_ptr() % 16 == 0 and (rows.stride(0) * size) % 16 == 0 and (n * size) % 16 == 0
     return int(n % 8 == 0) | (2 * int(aligned))

@@ -40,7 +40,7 @@ except ImportError:  # a Triton without the CUDA backend
 
 from ..devices import made_current
 from ..interrupts import interrupts_deferred
-from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, LayerTable, _cdiv, codec_variant, tile_shape
+from .layer_table import DTYPE_CODES, ROWS_PER_PROGRAM, TILE_COLS, LayerTable, _cdiv, codec_variant, is_transposed_view, tile_shape
 
 # _cdiv, not triton.cdiv: that is a Triton-decorated function, about 7 us of host time a call, and virtual
 # mode launches per layer in forward and backward
@@ -223,12 +223,12 @@ def _noise_kernel(out_ptr, w_ptr, std_ptr, seeds_ptr, n_rows, n_cols, rows_per_b
     else:
         out_pointers = out_ptr + (global_rows * n_cols)[:, None] + cols[None, :]
         w_pointers = w_ptr + (global_rows * stride_row)[:, None] + cols[None, :].to(tl.int64) * stride_col
-    if TURNED:
-        lines = w_ptr + cols.to(tl.int64)[:, None] * stride_col + tl.max_contiguous(global_rows, TR)[None, :]
-        w = tl.trans(tl.load(lines, mask=tl.trans(mask), other=0.0))
-    elif ADD:
-        w = tl.load(w_pointers, mask=mask, other=0.0)
     if ADD:
+        if TURNED:  # TC lines of TR neighbours in memory (stride_row is 1), turned here
+            lines = w_ptr + cols.to(tl.int64)[:, None] * stride_col + tl.max_contiguous(global_rows, TR)[None, :]
+            w = tl.trans(tl.load(lines, mask=tl.trans(mask), other=0.0))
+        else:
+            w = tl.load(w_pointers, mask=mask, other=0.0)
         if WORK_FP64:
             value = w.to(tl.float64) + e
         else:
@@ -707,8 +707,8 @@ def _noise_tile(n_cols: int, turned: bool = False) -> Tuple[int, int]:
 
 
 def _is_turned(rows: Optional[torch.Tensor]) -> bool:
-    """Whether the noise kernel reads ``rows`` as a transposed view: its rows are neighbours in memory."""
-    return rows is not None and rows.dim() == 2 and rows.shape[0] > 1 and rows.shape[1] > 1 and rows.stride(0) == 1 and rows.stride(1) != 1
+    """Whether the noise kernel reads ``rows`` in turned tiles: a transposed view of more than one column."""
+    return rows is not None and rows.dim() == 2 and rows.shape[1] > 1 and is_transposed_view(rows)
 
 
 def _launch_args(out: torch.Tensor, rows: Optional[torch.Tensor], std: torch.Tensor, seeds: torch.Tensor, n_rows: int, n_cols: int,
