@@ -23,8 +23,9 @@ import contextlib
 import functools
 import logging
 import warnings
+import weakref
 from collections import OrderedDict
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -35,7 +36,7 @@ from .guards import PerturbationGuards
 from .host_restore import EarlyRestore
 from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
-from .schedule import NoiseSchedule, ScheduleLike
+from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
 from .sharding import check_row_sharded
 from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
@@ -67,7 +68,7 @@ def _resharded(model: nn.Module, targets: List[LoRATarget], sharded_names: Any) 
 
 def _is_zero(lr: Any) -> bool:
     """Whether a param group's learning rate is 0 (``None``, Adafactor's relative step, is not)."""
-    return isinstance(lr, (int, float, torch.Tensor)) and float(lr) == 0.0
+    return as_real(lr) == 0.0
 
 
 class _OnWrappedOptimizer:
@@ -85,6 +86,34 @@ class _OnWrappedOptimizer:
 
     def __delete__(self, obj: Any) -> None:
         obj.base_optimizer.__dict__.pop(self.name, None)
+
+
+_STEPPED_BY_A_WRAPPER: Set[int] = set()
+"""``id``s of the wrapped optimizers whose ``step`` a :class:`FlatLoRA` is running (any wrapper of the same optimizer)."""
+
+
+class _StepsElsewhere:
+    """A step post-hook on the wrapped optimizer: warns once when it steps other than through :meth:`FlatLoRA.step`
+    (``inner.step()``, ``scaler.step(inner)``), which leaves the noise schedule where it was -- at the cosine ramp's
+    start, no noise at all. Holds the wrapper weakly: a wrapper no longer used does not keep warning."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: FlatLoRA):
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        owner = self.owner()
+        if owner is None or id(optimizer) in _STEPPED_BY_A_WRAPPER or owner._warned_steps_elsewhere:
+            return
+        owner._warned_steps_elsewhere = True
+        warnings.warn(
+            f"{type(optimizer).__name__}.step() ran without FlatLoRA.step(): Flat-LoRA's noise schedule did not advance "
+            f"(step_count {owner.step_count}, sigma {owner.sigma:.4g}). Step the FlatLoRA wrapper instead of the optimizer "
+            "it wraps: opt.step(), scaler.step(opt), and give the wrapper to LR schedulers and frameworks.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
 
 
 class FlatLoRA(torch.optim.Optimizer):
@@ -145,8 +174,9 @@ class FlatLoRA(torch.optim.Optimizer):
             raise TypeError(f"FlatLoRA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module holding the LoRA layers, got {type(model).__name__}.")
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"Invalid seed {seed!r}: expected an int >= 0.")
+        given_seed, seed = seed, as_int(seed)  # (a numpy integer or a one-element integer tensor too, as a Python int)
+        if seed is None or seed < 0:
+            raise ValueError(f"Invalid seed {given_seed!r}: expected an int >= 0.")
         if restore not in STRATEGY_NAMES:
             make_strategy(restore)  # raises with the list of choices
         if rank_noise not in ("independent", "shared"):
@@ -202,6 +232,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._closure_computes: Optional[Callable[[Callable[[], Any]], bool]] = None
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
+        self._warned_steps_elsewhere = False
+        optimizer.register_step_post_hook(_StepsElsewhere(self))
 
     def _init_optimizer_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus building param_groups: those are
@@ -223,6 +255,11 @@ class FlatLoRA(torch.optim.Optimizer):
     # optimizer is the one that reads them.
     grad_scale = _OnWrappedOptimizer()
     found_inf = _OnWrappedOptimizer()
+    # Schedule-free optimizers (``schedulefree.AdamWScheduleFree``...) switch their parameters between the training and
+    # the evaluation point with these two; transformers' Trainer and accelerate call them where the optimizer has them.
+    # They are the wrapped optimizer's (absent there: ``AttributeError``, so ``hasattr(opt, "train")`` tells as it would).
+    train = _OnWrappedOptimizer()
+    eval = _OnWrappedOptimizer()
 
     @property  # type: ignore[override]
     def param_groups(self) -> List[Dict[str, Any]]:
@@ -320,7 +357,8 @@ class FlatLoRA(torch.optim.Optimizer):
         ``backward()`` may run inside the block or right after it: when the block ends with a
         graph still waiting for its backward, the restore happens at the end of that backward
         pass. On an exception the weights are restored at once. Blocks may be nested; entering
-        twice in one optimizer step (gradient accumulation) reuses the same draw.
+        twice in one optimizer step (gradient accumulation) reuses the same draw (with ``restore="subtract"``
+        almost: each restore drifts ``W`` in its last bits, and the next block's row stds read the drifted ``W``).
         """
         self._depth += 1
         try:
@@ -582,11 +620,12 @@ class FlatLoRA(torch.optim.Optimizer):
 
         With a ``closure`` (LBFGS, Lightning), every call of it runs at ``W + e`` (the same draw each time, its row stds
         from the adapters of that moment), the noise released when it returns, or earlier by a :meth:`final_backward`
-        around its backward (a closure an integration knows computes nothing, Lightning's empty one, runs at ``W``).
+        around its backward (a closure an integration knows computes nothing, Lightning's empty one, runs at ``W``);
+        inside a :meth:`perturbed` block as outside one.
         Returns what the wrapped optimizer's ``step`` returns (the closure's loss).
         """
         if closure is None and self._initialises_state():
-            return self.base_optimizer.step(**kwargs)  # not a training step: the noise and the schedule are left alone
+            return self._inner_step(None, kwargs)  # not a training step: the noise and the schedule are left alone
         computes = closure is not None and (self._closure_computes is None or self._closure_computes(closure))
         keep = computes and self._noise_fits_closure()
         self._held = False
@@ -600,10 +639,34 @@ class FlatLoRA(torch.optim.Optimizer):
                     return closure()
 
         skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it
-        loss = self.base_optimizer.step(wrapped, **kwargs) if wrapped is not None else self.base_optimizer.step(**kwargs)
+        if wrapped is not None and computes and self._depth:
+            loss = self._closure_step_in_block(wrapped, kwargs)
+        else:
+            loss = self._inner_step(wrapped, kwargs)
         if not skipped:
             self._step_index += 1
         return loss
+
+    def _closure_step_in_block(self, closure: Callable[[], Any], kwargs: Dict[str, Any]) -> Any:
+        """``step(closure)`` inside a :meth:`perturbed` block: each call of the closure draws and releases its noise as it
+        would outside any block (the block's own noise was taken out when the step began), so that every call computes at
+        the adapters of its moment and the step ends with clean weights, as a plain ``step()`` in a block does."""
+        depth, self._depth = self._depth, 0
+        try:
+            return self._inner_step(closure, kwargs)
+        finally:
+            self._depth = depth
+
+    def _inner_step(self, closure: Optional[Callable[[], Any]], kwargs: Dict[str, Any]) -> Any:
+        """The wrapped optimizer's ``step`` (with ``closure`` where there is one), known as called from here."""
+        key = id(self.base_optimizer)
+        nested = key in _STEPPED_BY_A_WRAPPER
+        _STEPPED_BY_A_WRAPPER.add(key)
+        try:
+            return self.base_optimizer.step(**kwargs) if closure is None else self.base_optimizer.step(closure, **kwargs)
+        finally:
+            if not nested:
+                _STEPPED_BY_A_WRAPPER.discard(key)
 
     def _noise_fits_closure(self) -> bool:
         """Whether :meth:`step` may run its closure at the noise :meth:`perturb` holds instead of restoring it and drawing it
@@ -623,11 +686,12 @@ class FlatLoRA(torch.optim.Optimizer):
     def _initialises_state(self) -> bool:
         """``torch.distributed.checkpoint``'s helpers give a fresh optimizer its state with a ``step()`` at learning rate
         0 on zero gradients: no training step (it must neither take the noise out of a block nor advance the schedule).
-        A real first step has a non-zero gradient somewhere."""
+        A real first step has a non-zero gradient somewhere. Like those helpers, this looks at the parameters that require
+        grad only: an optimizer built from all of a model's parameters holds frozen weights too, which get no gradient."""
         if self.base_optimizer.state or not all(_is_zero(group.get("lr")) for group in self.param_groups):
             return False
-        grads = [p.grad for group in self.param_groups for p in group["params"]]
-        return all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.requires_grad]
+        return bool(grads) and all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.base_optimizer.zero_grad(set_to_none=set_to_none)
@@ -672,6 +736,7 @@ class FlatLoRA(torch.optim.Optimizer):
         Nothing changes when it raises: the ``"flatlora"`` entry is checked before the wrapped optimizer loads. The
         hooks registered with ``register_load_state_dict_pre_hook`` / ``..._post_hook`` run as on any optimizer."""
         self._refuse_inside_block("load_state_dict")
+        state_dict = dict(state_dict)  # as torch does: a pre-hook that edits the dict in place leaves the caller's alone
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
             changed = pre_hook(self, state_dict)
             if changed is not None:

@@ -15,20 +15,42 @@ offered too.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+import numbers
+import operator
+from typing import Any, Callable, Optional, Union
 
-__all__ = ["NoiseSchedule", "ScheduleLike", "SCHEDULE_NAMES"]
+import torch
+
+__all__ = ["NoiseSchedule", "ScheduleLike", "SCHEDULE_NAMES", "as_real", "as_int"]
 
 ScheduleLike = Union[str, Callable[[int], float]]
 SCHEDULE_NAMES = ("cosine", "linear", "constant")
 
 
-def _finite(value: float) -> bool:
-    """``math.isfinite``, false (not ``OverflowError``) for an int too large for a float."""
+def as_real(value: Any) -> Optional[float]:
+    """``value`` as a Python float when it is a real number -- an int or float, a numpy scalar, a one-element tensor --
+    as torch's optimizers and schedulers take them; None for anything else, booleans included."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype == torch.bool or value.is_complex():
+            return None
+        return float(value.item())
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):  # (numpy's bool is no numbers.Real)
+        try:
+            return float(value)
+        except OverflowError:  # an int too large for a float
+            return math.inf
+    return None
+
+
+def as_int(value: Any) -> Optional[int]:
+    """``value`` as a Python int when it is an integer -- an int, a numpy integer, a one-element integer tensor --; None
+    for anything else, booleans and floats included (``operator.index``'s rule)."""
+    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None  # (numpy's bool has no __index__)
     try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 class NoiseSchedule:
@@ -43,7 +65,8 @@ class NoiseSchedule:
     """
 
     def __init__(self, rho: float, schedule: ScheduleLike = "cosine", total_steps: Optional[int] = None):
-        if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not _finite(rho) or rho < 0:
+        value = as_real(rho)
+        if value is None or not math.isfinite(value) or value < 0:
             raise ValueError(f"Invalid rho {rho!r}: rho is the relative noise radius and must be a finite number >= 0 (the paper uses 0.05-0.15).")
         if isinstance(schedule, str):
             if schedule not in SCHEDULE_NAMES:
@@ -56,11 +79,12 @@ class NoiseSchedule:
                     )
         elif not callable(schedule):
             raise ValueError(f"Invalid schedule {schedule!r}: expected a name in {SCHEDULE_NAMES} or a callable factor(step) -> float.")
-        if total_steps is not None and (isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0):
+        steps = None if total_steps is None else as_int(total_steps)
+        if total_steps is not None and (steps is None or steps <= 0):
             raise ValueError(f"Invalid total_steps {total_steps!r}: expected a positive int (optimizer steps).")
-        self.rho = float(rho)
+        self.rho = value
         self.schedule = schedule
-        self.total_steps = total_steps
+        self.total_steps = steps
 
     @property
     def name(self) -> str:
@@ -76,10 +100,11 @@ class NoiseSchedule:
             if self.schedule == "linear":
                 return progress
             return 0.5 * (1.0 - math.cos(math.pi * progress))
-        value = self.schedule(step)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-            raise ValueError(f"The schedule callable returned {value!r} at step {step}; it must return a finite float >= 0 (a factor of rho).")
-        return float(value)
+        returned = self.schedule(step)
+        value = as_real(returned)
+        if value is None or not math.isfinite(value) or value < 0:
+            raise ValueError(f"The schedule callable returned {returned!r} at step {step}; it must return a finite float >= 0 (a factor of rho).")
+        return value
 
     def sigma(self, step: int) -> float:
         """``sigma_t`` for optimizer step ``step``: ``rho * factor(step)``."""

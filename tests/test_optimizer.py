@@ -433,3 +433,169 @@ def test_checkpoint_helpers_inside_the_block_leave_the_noise_in_and_the_count_al
     loss.backward()
     opt.step()
     assert opt.step_count == 1
+
+
+def test_checkpoint_helpers_with_an_optimizer_that_holds_frozen_weights_count_only_real_steps():
+    """DCP's state initialisation gives zero gradients to the parameters that require grad only. An optimizer built from
+    all of a model's parameters holds the frozen weights too (no gradient): its zero-lr step once counted as a training
+    step, and with a stateless SGD every checkpoint took one, so that saving every step doubled the schedule's pace."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    def run(checkpoint_every_step):
+        model = make_mlp(seed=0)
+        opt = FlatLoRA(torch.optim.SGD(model.parameters(), lr=1e-2), model, rho=0.1, schedule="linear", total_steps=10)
+        sigmas = []
+        for s in range(3):
+            train_step(model, opt, s)
+            if checkpoint_every_step:
+                get_optimizer_state_dict(model, opt)  # SGD without momentum keeps no state: initialised at every call
+            sigmas.append(opt.sigma)
+        return opt.step_count, sigmas, [p.detach().clone() for p in lora_parameters(model)]
+
+    count, sigmas, params = run(True)
+    reference = run(False)
+    assert count == 3 and sigmas == reference[1]
+    assert all(torch.equal(a, b) for a, b in zip(params, reference[2]))
+
+    model = make_mlp(seed=0)
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.AdamW(model.parameters(), lr=1e-2), model, rho=0.1, schedule="constant")
+    x, y = batch(0)
+    with opt.perturbed():
+        noisy = frozen_weights(model)
+        get_optimizer_state_dict(model, opt)  # inside the block: the noise stays for the rest of it
+        assert opt.is_perturbed and all(torch.equal(noisy[n], w) for n, w in frozen_weights(model).items())
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    assert opt.step_count == 1
+    assert_frozen_unchanged(model, before)
+
+
+def test_a_load_pre_hook_that_edits_the_dict_in_place_leaves_the_callers_dict_alone():
+    """torch copies the dict before its load pre-hooks run: one that pops a key in place changes only that copy."""
+    model, opt = _wrapped()
+
+    def drop_extra(optimizer, state_dict):  # edits in place, returns None
+        state_dict.pop("extra")
+
+    opt.register_load_state_dict_pre_hook(drop_extra)
+    state = {**opt.state_dict(), "extra": 1}
+    opt.load_state_dict(state)
+    assert "extra" in state and "flatlora" in state
+
+
+class _ScheduleFreeStandIn(torch.optim.SGD):
+    """The protocol of schedule-free optimizers (``schedulefree``): ``train()`` / ``eval()`` switch the parameters'
+    point, and ``step()`` refuses unless ``train()`` was called."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, lr=lr)
+        self.training = False
+
+    def train(self):
+        self.training = True
+
+    def eval(self):
+        self.training = False
+
+    def step(self, closure=None):
+        if not self.training:
+            raise RuntimeError("Optimizer was not in train mode when step is called.")
+        return super().step(closure)
+
+
+def test_train_and_eval_of_a_schedule_free_optimizer_are_reached_through_the_wrapper():
+    """transformers' Trainer and accelerate call ``optimizer.train()`` / ``.eval()`` where the optimizer has them: the
+    wrapper has them exactly when the wrapped optimizer has."""
+    model = make_mlp(seed=0)
+    inner = _ScheduleFreeStandIn(list(lora_parameters(model)), lr=1e-2)
+    opt = FlatLoRA(inner, model, rho=0.1, schedule="constant")
+    assert hasattr(opt, "train") and hasattr(opt, "eval")
+    opt.train()
+    assert inner.training
+    train_step(model, opt, 0)
+    assert opt.step_count == 1
+    opt.eval()
+    assert not inner.training
+    with pytest.raises(RuntimeError, match="train mode"):
+        train_step(model, opt, 1)
+    assert not opt.is_perturbed
+    _, plain = _wrapped()
+    assert not hasattr(plain, "train") and not hasattr(plain, "eval")  # AdamW has neither
+
+
+def test_step_with_a_closure_inside_a_block_is_the_step_outside_one():
+    """Inside ``perturbed()``, ``step(closure)`` draws and releases the noise per call as outside a block (it once kept the
+    first call's draw for every call, and the weights noisy after the step): the same parameters, clean weights after."""
+
+    def run(inside):
+        model = make_mlp(seed=0)
+        before = frozen_weights(model)
+        opt = FlatLoRA(torch.optim.LBFGS(list(lora_parameters(model)), max_iter=4), model, rho=0.1, schedule="constant")
+        x, y = batch(0)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        if inside:
+            with opt.perturbed():
+                opt.step(closure)
+                assert not opt.is_perturbed and opt.step_count == 1
+        else:
+            opt.step(closure)
+        assert_frozen_unchanged(model, before)
+        return [p.detach().clone() for p in lora_parameters(model)]
+
+    assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
+
+
+def test_stepping_the_wrapped_optimizer_directly_warns_once():
+    """``inner.step()`` / ``scaler.step(inner)`` leave the noise schedule where it was (at the cosine ramp's start: no
+    noise at all); the wrapper says so, once. Steps through the wrapper (GradScaler included) do not warn."""
+    import warnings
+
+    model = make_mlp(seed=0)
+    inner = torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2)
+    opt = FlatLoRA(inner, model, rho=0.1, total_steps=10)
+    scaler = torch.amp.GradScaler("cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train_step(model, opt, 0)
+        x, y = batch(1)
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(x), y)
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+    assert opt.step_count == 2
+    messages = []
+    for s in range(2):
+        nn.functional.cross_entropy(model(batch(s)[0]), batch(s)[1]).backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            inner.step()
+        inner.zero_grad()
+        messages.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
+    assert len(messages[0]) == 1 and "AdamW.step() ran without FlatLoRA.step()" in messages[0][0]
+    assert messages[1] == [], "warned more than once"
+    assert opt.step_count == 2
+
+
+def test_a_numpy_seed_is_the_same_seed():
+    import numpy as np
+
+    def draw(seed):
+        model, opt = _wrapped(seed=seed)
+        with opt.perturbed():
+            return opt.seed, frozen_weights(model)
+
+    seed, numpy_draw = draw(np.int64(3))
+    assert type(seed) is int and seed == 3
+    assert all(torch.equal(a, b) for a, b in zip(numpy_draw.values(), draw(3)[1].values()))
+    with pytest.raises(ValueError, match="seed"):
+        _wrapped(seed=np.float64(3.0))

@@ -51,3 +51,25 @@ def test_bad_schedule_and_bad_callable_value():
         NoiseSchedule(0.05, 3, 10)
     with pytest.raises(ValueError, match="callable returned"):
         NoiseSchedule(0.05, lambda t: -1.0).sigma(0)
+
+
+def test_numbers_of_numpy_and_one_element_tensors_are_taken_as_torch_takes_them():
+    """``np.float32`` rho, ``np.int64`` total_steps and a schedule that returns a numpy or tensor scalar work (torch's
+    optimizers and schedulers take them); the schedule keeps plain Python numbers (checkpoints load with weights_only)."""
+    import numpy as np
+    import torch
+
+    schedule = NoiseSchedule(np.float32(0.1), "linear", np.int64(10))
+    assert type(schedule.rho) is float and type(schedule.total_steps) is int
+    assert schedule.sigma(5) == pytest.approx(NoiseSchedule(0.1, "linear", 10).sigma(5))
+    assert NoiseSchedule(0.1, "linear", torch.tensor(10)).total_steps == 10
+    assert NoiseSchedule(0.2, lambda t: np.float32(0.5)).sigma(0) == pytest.approx(0.1)
+    assert NoiseSchedule(0.2, lambda t: torch.tensor(0.5)).sigma(0) == pytest.approx(0.1)
+    for bad in (np.bool_(True), torch.tensor([0.1, 0.2]), torch.tensor(True), 10**400):
+        with pytest.raises(ValueError, match="rho"):
+            NoiseSchedule(bad, "constant")
+    for bad in (np.float64(10.0), np.bool_(True), torch.tensor(10.0)):
+        with pytest.raises(ValueError, match="total_steps"):
+            NoiseSchedule(0.1, "linear", bad)
+    with pytest.raises(ValueError, match="callable returned"):
+        NoiseSchedule(0.2, lambda t: torch.tensor([0.5, 0.5])).sigma(0)
