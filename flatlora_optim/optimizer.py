@@ -333,7 +333,7 @@ class FlatLoRA(torch.optim.Optimizer):
 
         They are taken again by themselves when a weight's version counter moved (any in-place write through the
         parameter, ``load_state_dict``). Call this after writing a frozen weight some other way (``weight.data``)."""
-        self._refuse_inside_block("refresh_host_copies()")
+        self._refuse_inside_block("refresh_host_copies", "Call it before entering the block (or after the step).")
         if self._perturbations:
             raise RuntimeError("refresh_host_copies() while the noise is in the weights: call it after the step's restore.")
         if self._perturber.host_copies is not None:
@@ -763,12 +763,9 @@ class FlatLoRA(torch.optim.Optimizer):
         self._restore_now()
         self._adopt(*loaded)
 
-    def _refuse_inside_block(self, what: str) -> None:
+    def _refuse_inside_block(self, what: str, advice: str = "Load before entering the block (or after the step).") -> None:
         if self._depth:
-            raise RuntimeError(
-                f"{what}() was called inside opt.perturbed(): the block's noise belongs to the step it was drawn for. "
-                "Load before entering the block (or after the step)."
-            )
+            raise RuntimeError(f"{what}() was called inside opt.perturbed(): the block's noise belongs to the step it was drawn for. {advice}")
 
     def _checked_flatlora_state(self, flat: Dict[str, Any]) -> Tuple[NoiseSchedule, int, int]:
         """``(schedule, seed, step)`` from a saved ``"flatlora"`` entry, or a ``ValueError`` before anything changes. Warns

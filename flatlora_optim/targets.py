@@ -486,7 +486,7 @@ def _selector(targets: TargetsLike) -> Tuple[Optional[Callable[[str, nn.Module],
         )
     suffixes = [s for s in items if isinstance(s, str)]
     modules = {id(m) for m in items if isinstance(m, nn.Module)}
-    return (lambda name, module: id(module) in modules or any(name == s or name.endswith("." + s) for s in suffixes)), modules
+    return (lambda name, module: id(module) in modules or any(_named_in(name, s) for s in suffixes)), modules
 
 
 def _flavour_of(module: nn.Module, explicit: bool) -> Optional[Flavour]:
@@ -620,7 +620,29 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
             "register your own layer with flatlora_optim.register_lora_layer(cls, describe), "
             "or pass frozen Linear modules to perturb with targets=[module, ...]."
         )
+    _warn_unmatched_names(targets, [t.name for t in found] + [a.name for t in found for a in t.aliases] + empty
+                          + [n for n, _ in packed] + [n for names in unsupported.values() for n in names])
     return found
+
+
+def _named_in(name: str, entry: str) -> bool:
+    """Whether a ``targets=`` list entry names module ``name``: the whole name, or its last components."""
+    return name == entry or name.endswith("." + entry)
+
+
+def _warn_unmatched_names(targets: TargetsLike, selected: List[str]) -> None:
+    """Warn about the names in a ``targets=`` list that selected no LoRA layer (a misspelt ``"v_prj"`` would otherwise
+    leave its layers without noise, silently, as long as another entry matches something)."""
+    if targets is None or isinstance(targets, (str, nn.Module)) or callable(targets):
+        return
+    unmatched = [entry for entry in targets if isinstance(entry, str) and not any(_named_in(n, entry) for n in selected)]
+    if unmatched:
+        warnings.warn(
+            f"targets entries {unmatched} selected no LoRA layer (misspelt, or naming modules without adapters; a module "
+            f"without adapters is perturbed when passed as the module object itself). Selected: {selected[:6]}"
+            f"{' ...' if len(selected) > 6 else ''}.",
+            stacklevel=4,
+        )
 
 
 from .flavours import BUILTIN_NAMES as _BUILTIN_NAMES  # noqa: E402  (registers the built-in flavours)

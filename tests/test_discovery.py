@@ -134,7 +134,25 @@ def test_targets_can_add_a_plain_frozen_linear():
     targets = discover_targets(model, targets=["0", model[5]])
     assert [(t.name, t.flavour) for t in targets] == [("0", "flatlora"), ("5", "plain")]
     assert discover_targets(model)[-1].name == "4"  # plain Linear only when given as a module
-    assert [t.name for t in discover_targets(model, targets=["0", "5"])] == ["0"]  # names restrict
+    with pytest.warns(UserWarning, match=r"targets entries \['5'\] selected no LoRA layer"):
+        assert [t.name for t in discover_targets(model, targets=["0", "5"])] == ["0"]  # names restrict
+
+
+def test_a_targets_name_that_selects_no_lora_layer_is_named_in_a_warning():
+    """A misspelt entry beside one that matches once left its layers without noise, silently."""
+    import warnings
+
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    with pytest.warns(UserWarning, match=r"targets entries \['v_prj'\] selected no LoRA layer") as caught:
+        opt = FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad]), model, total_steps=10,
+                       targets=["q_proj", "v_prj"])
+    assert [t.name.rsplit(".", 1)[-1] for t in opt.targets] == ["q_proj", "q_proj"]
+    mine = [w for w in caught if "v_prj" in str(w.message)]
+    assert len(mine) == 1 and mine[0].filename == __file__, "the warning points at the library, not at the caller's line"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        discover_targets(model, targets=["q_proj", "v_proj"])
+        discover_targets(model, targets=["layers.0.self_attn.q_proj", "v_proj"])  # a longer suffix matches too
 
 
 def test_no_lora_found_says_what_was_searched():
