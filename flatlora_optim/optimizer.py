@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .claims import claim, release
 from .describe import describe_targets, format_targets
@@ -114,6 +115,21 @@ class _StepsElsewhere:
             RuntimeWarning,
             stacklevel=2,
         )
+
+
+class _DrawAgainInBlock:
+    """Forward pre-hook of the model after a ``step()`` inside a ``perturbed()`` block: draws the next step's noise
+    before the block's next forward (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper weakly."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: FlatLoRA):
+        self.owner = weakref.ref(owner)
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        owner = self.owner()
+        if owner is not None and owner._depth and owner._perturbations is None:
+            owner._apply_noise()
 
 
 class FlatLoRA(torch.optim.Optimizer):
@@ -233,6 +249,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
         self._warned_steps_elsewhere = False
+        self._redraw_handle: Optional[RemovableHandle] = None  # see _draw_at_next_forward
         optimizer.register_step_post_hook(_StepsElsewhere(self))
 
     def _init_optimizer_hooks(self) -> None:
@@ -359,6 +376,8 @@ class FlatLoRA(torch.optim.Optimizer):
         pass. On an exception the weights are restored at once. Blocks may be nested; entering
         twice in one optimizer step (gradient accumulation) reuses the same draw (with ``restore="subtract"``
         almost: each restore drifts ``W`` in its last bits, and the next block's row stds read the drifted ``W``).
+        A ``step()`` inside the block restores the weights, and the block's next call of the model draws the next
+        step's noise: a training loop inside one block runs as a block per step.
         """
         self._depth += 1
         try:
@@ -367,13 +386,27 @@ class FlatLoRA(torch.optim.Optimizer):
         except BaseException:
             self._depth -= 1
             if self._depth == 0:
+                self._stop_drawing_in_block()
                 self._held = False
                 self._restore_now()
             raise
         self._depth -= 1
         if self._depth == 0:
+            self._stop_drawing_in_block()
             self._verify_rerouting()
         self._release()
+
+    def _draw_at_next_forward(self) -> None:
+        """After a ``step()`` inside a :meth:`perturbed` block: the block's next call of the model draws the next step's
+        noise (a forward pre-hook on the model, until the block ends), as a new block would; without it, a loop inside
+        one block would compute every step after the first at the clean weights."""
+        if self._redraw_handle is None:
+            self._redraw_handle = self.model.register_forward_pre_hook(_DrawAgainInBlock(self))
+
+    def _stop_drawing_in_block(self) -> None:
+        if self._redraw_handle is not None:
+            self._redraw_handle.remove()
+            self._redraw_handle = None
 
     def _verify_rerouting(self) -> None:
         """Virtual mode, until a block has seen the LoRA layers run: refuse layers that ran without the rerouted product
@@ -645,6 +678,8 @@ class FlatLoRA(torch.optim.Optimizer):
             loss = self._inner_step(wrapped, kwargs)
         if not skipped:
             self._step_index += 1
+        if self._depth:
+            self._draw_at_next_forward()
         return loss
 
     def _closure_step_in_block(self, closure: Callable[[], Any], kwargs: Dict[str, Any]) -> Any:

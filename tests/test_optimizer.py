@@ -599,3 +599,40 @@ def test_a_numpy_seed_is_the_same_seed():
     assert all(torch.equal(a, b) for a, b in zip(numpy_draw.values(), draw(3)[1].values()))
     with pytest.raises(ValueError, match="seed"):
         _wrapped(seed=np.float64(3.0))
+
+
+@pytest.mark.parametrize("restore, mode", [("exact", "inplace"), ("backup", "inplace"), ("host", "inplace"), ("exact", "virtual")])
+def test_a_training_loop_inside_one_block_is_a_block_per_step(restore, mode):
+    """``step()`` inside a block restores the weights; the block's next forward draws the next step's noise. A loop
+    written inside one block once computed every step after the first at the clean weights, silently."""
+
+    def run(one_block):
+        model = make_mlp(seed=0)
+        before = frozen_weights(model)
+        opt = _opt(model, restore=restore, mode=mode)
+        seen = []
+
+        def step(s):
+            x, y = batch(s)
+            loss = nn.functional.cross_entropy(model(x), y)
+            seen.append(opt.is_perturbed)
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+
+        if one_block:
+            with opt.perturbed():
+                for s in range(4):
+                    step(s)
+                    assert not opt.is_perturbed  # clean after each step, until the next forward
+        else:
+            for s in range(4):
+                with opt.perturbed():
+                    step(s)
+        assert_frozen_unchanged(model, before)
+        return seen, [p.detach().clone() for p in lora_parameters(model)]
+
+    seen, params = run(True)
+    assert seen == [False, True, True, True]  # the cosine ramp draws nothing at step 0
+    reference_seen, reference = run(False)
+    assert seen == reference_seen and all(torch.equal(a, b) for a, b in zip(params, reference))
