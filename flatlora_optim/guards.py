@@ -7,6 +7,8 @@ Three things must not see those values by accident, and one thing must be known:
   checkpoint saved at any moment holds the original weights);
 * ``train()`` / ``eval()`` that change the mode of a perturbed layer restore the weights and
   raise (evaluating, or switching dropout, between forward and backward is a bug in in-place mode);
+  so do conversions of the model or of a perturbed layer (``to(dtype)``, ``half()``, ``to(device)``...: they
+  would carry the noise into the converted weights, where exact restore can no longer undo it);
 * autograd: a forward that builds a graph at the noisy weights leaves it *pending*, and the noise
   stays until every pending graph has had a backward or been released, so that restoring waits
   until the gradients have been computed (restoring earlier would make autograd raise its in-place
@@ -84,6 +86,33 @@ class _ModeGuard:
         if bool(mode) != self.module.training:
             self.on_mode_change(bool(mode))
         return self.original(self.module, mode)
+
+
+class _ConversionGuard:
+    """``module._apply`` while perturbed (what ``to()``, ``half()``, ``float()``, ``cuda()``... call): a conversion that
+    would change the perturbed weights' type or device is reported first (to restore and raise). It is told by what
+    ``fn`` makes of an empty tensor of each such type and device; a call that changes neither passes."""
+
+    __slots__ = ("module", "on_conversion", "original", "kinds")
+
+    def __init__(self, module: nn.Module, on_conversion: Callable[[], None], original: Callable[..., nn.Module],
+                 kinds: List[Tuple[torch.dtype, torch.device]]):
+        self.module, self.on_conversion, self.original, self.kinds = module, on_conversion, original, kinds
+
+    def __call__(self, fn: Callable[[torch.Tensor], Any], *args: Any, **kwargs: Any) -> nn.Module:
+        if any(_converts(fn, dtype, device) for dtype, device in self.kinds):
+            self.on_conversion()
+        return self.original(self.module, fn, *args, **kwargs)
+
+
+def _converts(fn: Callable[[torch.Tensor], Any], dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether ``fn`` (a ``Module._apply`` function) turns a tensor of ``dtype`` on ``device`` into another type or device
+    (or fails on one: then the conversion is refused as well)."""
+    try:
+        out = fn(torch.empty(0, dtype=dtype, device=device))
+    except Exception:
+        return True
+    return not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device != device
 
 
 class _SharedCopies:
@@ -168,6 +197,9 @@ class PerturbationGuards:
             garbage-collected: the noise may come out once :meth:`pending` says that no graph waits.
         on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
             it is expected to restore and raise.
+        on_conversion: called before a conversion (``to(dtype)``, ``half()``, ``to(device)``...) of the model or of a
+            perturbed layer changes a perturbed weight's type or device; it is expected to restore and raise
+            (in-place mode; None: conversions are not guarded).
         root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
             checkpointing the layers build none while the block runs; their backward reruns them).
         layers: install the per-layer guards (in-place mode); virtual mode takes the ``root`` hook only.
@@ -181,9 +213,10 @@ class PerturbationGuards:
         on_mode_change: Callable[[bool], None],
         root: Optional[nn.Module] = None,
         layers: bool = True,
+        on_conversion: Optional[Callable[[], None]] = None,
     ):
         self._handles: List[RemovableHandle] = []
-        self._patched_train: List[nn.Module] = []
+        self._patched: List[Tuple[nn.Module, str]] = []  # (module, attribute) of each guard put in a module's __dict__
         self._queued: Optional[weakref.ReferenceType] = None  # the _BackwardEnd queued on a running backward
         self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
@@ -206,6 +239,8 @@ class PerturbationGuards:
                         # first in line: model.eval() is refused before it switches anything (a layer's guard alone
                         # fires midway, with the root and the modules before that layer already switched)
                         self._patch_train(root, on_mode_change)
+                    if on_conversion is not None:
+                        self._guard_conversions(targets, root, on_conversion)
                 if root is not None:
                     self._handles.append(root.register_forward_hook(self._root_hook))
         except BaseException:
@@ -233,9 +268,9 @@ class PerturbationGuards:
             for handle in self._handles:
                 handle.remove()
             self._handles.clear()
-            for module in self._patched_train:
-                module.__dict__.pop("train", None)
-            self._patched_train.clear()
+            for module, attribute in self._patched:
+                module.__dict__.pop(attribute, None)
+            self._patched.clear()
             self._pending.clear()
             self._fired = None  # a bound method of self: no cycle left behind
 
@@ -332,5 +367,27 @@ class PerturbationGuards:
     # -- train/eval ---------------------------------------------------------------------------
 
     def _patch_train(self, module: nn.Module, on_mode_change: Callable[[bool], None]) -> None:
-        self._patched_train.append(module)  # first: remove() must know of every patch
+        self._patched.append((module, "train"))  # first: remove() must know of every patch
         module.__dict__["train"] = _ModeGuard(module, on_mode_change, type(module).train)
+
+    # -- conversions --------------------------------------------------------------------------
+
+    def _guard_conversions(self, targets: List[LoRATarget], root: Optional[nn.Module], on_conversion: Callable[[], None]) -> None:
+        """Guard ``_apply`` of the root (first in line: refused before anything is converted) and of every perturbed
+        layer (a conversion of a submodule that holds one)."""
+        kinds: Dict[Tuple[torch.dtype, torch.device], List[Tuple[torch.dtype, torch.device]]] = {}  # one list per kind
+        guarded = []
+        for target in targets:
+            weight = target.weight
+            kind = kinds.setdefault((weight.dtype, weight.device), [(weight.dtype, weight.device)])
+            guarded.append((target.module, kind))
+            guarded.extend((alias.module, kind) for alias in target.aliases)
+        if root is not None:
+            guarded.insert(0, (root, [k for k, in kinds.values()]))
+        patched = self._patched
+        for module, kind in guarded:
+            state = module.__dict__
+            if "_apply" in state:  # guarded already (a layer shared by two targets), or the user's own
+                continue
+            patched.append((module, "_apply"))
+            state["_apply"] = _ConversionGuard(module, on_conversion, type(module)._apply, kind)

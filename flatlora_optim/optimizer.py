@@ -552,7 +552,7 @@ class FlatLoRA(torch.optim.Optimizer):
         def install_guards() -> None:  # while the device runs the noise pass (exact restore: before the host waits for it)
             installed.append(PerturbationGuards(
                 self.targets, self._clean_weight, self._release, self._on_mode_change,
-                root=self.model,
+                root=self.model, on_conversion=self._on_conversion,
             ))
 
         try:
@@ -644,6 +644,16 @@ class FlatLoRA(torch.optim.Optimizer):
             f"model.{'train' if mode else 'eval'}() was called while Flat-LoRA noise is in the base weights (inside "
             "opt.perturbed() or between its forward and backward). The weights have been restored; the pending "
             "gradient cannot be computed. Switch modes outside the block, after backward()."
+        )
+
+    def _on_conversion(self) -> None:
+        self._held = False
+        self._restore_now()
+        raise RuntimeError(
+            "The model (or a perturbed layer) was converted to another dtype or device (to(), half(), float(), cuda()...) "
+            "while Flat-LoRA noise is in the base weights (inside opt.perturbed() or between its forward and backward): the "
+            "noise would have gone into the converted weights for good. The weights have been restored and nothing was "
+            "converted; convert the model before the block or after the step (and build the optimizer after moving it)."
         )
 
     # -- optimizer API -------------------------------------------------------------------------

@@ -76,6 +76,46 @@ def test_train_without_mode_change_is_allowed(setup):
     assert not model.training
 
 
+@pytest.mark.parametrize("restore", ["exact", "backup", "host"])
+@pytest.mark.parametrize("where", ["inside", "between forward and backward", "a layer alone"])
+@pytest.mark.parametrize("convert", [lambda m: m.half(), lambda m: m.to(torch.bfloat16), lambda m: m.double()],
+                         ids=["half", "to bfloat16", "double"])
+def test_a_conversion_while_perturbed_restores_and_raises_before_converting(restore, where, convert):
+    """``model.half()`` / ``.to(dtype)`` while the noise is in once carried it into the converted weights (exact
+    restore then refused to restore them, and every later step too). Now the weights are restored and nothing is
+    converted; a conversion that changes nothing passes."""
+    model = make_mlp(seed=2)
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", restore=restore)
+    target = model if where != "a layer alone" else model[0]
+    with pytest.raises(RuntimeError, match=r"converted to another dtype or device.*nothing was\s+converted"):
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
+            model.to(torch.float32).to("cpu").float()  # changes nothing: allowed
+            assert opt.is_perturbed
+            if where != "between forward and backward":
+                convert(target)
+        convert(target)
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(model, before)
+    assert all(p.dtype == torch.float32 for p in model.parameters()), "the refused conversion converted something"
+    assert "_apply" not in model.__dict__ and "_apply" not in model[0].__dict__, "a guard stayed"
+    del loss
+    model.half()  # after the restore: converted as usual
+    assert all(p.dtype == torch.float16 for p in model.parameters())
+
+
+def test_virtual_mode_converts_while_perturbed():
+    """Virtual mode never writes the weights: a conversion inside the block converts the clean weights."""
+    model = make_mlp(seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", mode="virtual")
+    with opt.perturbed():
+        model(batch(0)[0])
+        model.double()
+    assert all(torch.equal(w.double(), model.get_parameter(n)) for n, w in before.items())
+
+
 def test_state_dict_while_perturbed_is_clean(setup):
     model, opt, before = setup
     with opt.perturbed():
