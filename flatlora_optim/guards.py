@@ -36,6 +36,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .interrupts import interrupts_deferred
 from .targets import LoRATarget
+from .uncopyable import Uncopyable
 
 __all__ = ["PerturbationGuards"]
 
@@ -74,7 +75,7 @@ def _register_state_dict_post_hook(module: nn.Module, hook: Callable[..., Any]) 
     return register(hook)
 
 
-class _ModeGuard:
+class _ModeGuard(Uncopyable):
     """``module.train`` while perturbed: a change of mode is reported first (to restore and raise)."""
 
     __slots__ = ("module", "on_mode_change", "original")
@@ -88,7 +89,7 @@ class _ModeGuard:
         return self.original(self.module, mode)
 
 
-class _ConversionGuard:
+class _ConversionGuard(Uncopyable):
     """``module._apply`` while perturbed (what ``to()``, ``half()``, ``float()``, ``cuda()``... call): a conversion that
     would change the perturbed weights' type or device is reported first (to restore and raise). It is told by what
     ``fn`` makes of an empty tensor of each such type and device; a call that changes neither passes."""
@@ -137,7 +138,7 @@ class _SharedCopies:
         return copy
 
 
-class _CleanState:
+class _CleanState(Uncopyable):
     """A ``state_dict`` post-hook: the entries of one owner's perturbed weights become clean copies. ``group``
     holds ``(param_name, target)``: the owner's name for the weight, and the target that perturbs it (another
     layer's, for a weight tied to it)."""
@@ -187,7 +188,7 @@ class _BackwardEnd:
             guards._backward_finished()
 
 
-class PerturbationGuards:
+class PerturbationGuards(Uncopyable):
     """Installs and removes the while-perturbed hooks on a set of targets.
 
     Args:

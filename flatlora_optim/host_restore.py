@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .uncopyable import Uncopyable
+
 __all__ = ["HostCopies", "EarlyRestore", "copy_stream"]
 
 
@@ -124,7 +126,7 @@ class _UseHook:
             (owner._input_done if self.input_done else owner._reached)(self.use)
 
 
-class _ForwardHook:
+class _ForwardHook(Uncopyable):
     """Forward hook of a module that computes with layer ``layer``'s weight: records the use."""
 
     __slots__ = ("owner", "layer")

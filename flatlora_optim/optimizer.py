@@ -41,6 +41,7 @@ from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
 from .sharding import check_row_sharded
 from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
+from .uncopyable import Uncopyable
 from .virtual import VirtualPatches, virtual_refusal
 
 __all__ = ["FlatLoRA"]
@@ -117,7 +118,7 @@ class _StepsElsewhere:
         )
 
 
-class _DrawAgainInBlock:
+class _DrawAgainInBlock(Uncopyable):
     """Forward pre-hook of the model after a ``step()`` inside a ``perturbed()`` block: draws the next step's noise
     before the block's next forward (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper weakly."""
 

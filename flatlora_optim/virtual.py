@@ -33,6 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
 from .targets import LoRATarget
+from .uncopyable import Uncopyable
 
 __all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "virtual_refusal", "INTERCEPTABLE"]
 
@@ -113,28 +114,34 @@ def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
     return None
 
 
-def _noisy_forward(owner: nn.Module, attribute: str, perturber: Perturber, p: TargetPerturbation,
-                   armed: Callable[[], bool], called: Set[int]) -> Callable[[torch.Tensor], torch.Tensor]:
-    plain = getattr(type(owner), attribute).__get__(owner, type(owner))
-    key = id(p.target)
+class _NoisyForward(Uncopyable):
+    """The rerouted base product of one target, put in its module's ``__dict__`` in place of the class's method. An
+    object rather than a closure: ``copy.deepcopy`` would share a function with the copy, which would then compute
+    with the original module's weight; this one refuses to be copied (:mod:`flatlora_optim.uncopyable`)."""
 
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        called.add(key)
+    __slots__ = ("owner", "plain", "perturber", "p", "armed", "called", "key")
+
+    def __init__(self, owner: nn.Module, attribute: str, perturber: Perturber, p: TargetPerturbation,
+                 armed: Callable[[], bool], called: Set[int]):
+        self.owner, self.perturber, self.p, self.armed, self.called = owner, perturber, p, armed, called
+        self.plain = getattr(type(owner), attribute).__get__(owner, type(owner))
+        self.key = id(p.target)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.called.add(self.key)
         if _is_compiling():
             raise RuntimeError(
                 "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
                 "and reroutes modules at run time). Use mode='inplace', which only writes the weights between compiled calls."
             )
-        if not armed() and not torch.is_grad_enabled():
+        if not self.armed() and not torch.is_grad_enabled():
             # after the block, while a graph still waits: a forward without grad (an evaluation) builds no graph and
             # is never rerun by checkpointing, so it gets the model's own forward
-            return plain(x)
-        return NoisyLinearFunction.apply(x, p.target.weight, owner.bias, perturber, p)
-
-    return forward
+            return self.plain(x)
+        return NoisyLinearFunction.apply(x, self.p.target.weight, self.owner.bias, self.perturber, self.p)
 
 
-class _Ran:
+class _Ran(Uncopyable):
     """A forward pre-hook: the LoRA layer ``key`` ran."""
 
     __slots__ = ("ran", "key")
@@ -173,7 +180,7 @@ class VirtualPatches:
                 if attribute in module.__dict__:
                     raise RuntimeError(f"{p.target.name}.{attribute} is already rerouted (two FlatLoRA wrappers in virtual mode on one model?).")
                 self._patched.append((module, attribute))  # first: remove() must know of every patch
-                module.__dict__[attribute] = _noisy_forward(module, attribute, perturber, p, armed, self.called)
+                module.__dict__[attribute] = _NoisyForward(module, attribute, perturber, p, armed, self.called)
         except BaseException:
             self.remove()
             raise

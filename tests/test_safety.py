@@ -440,7 +440,7 @@ def test_virtual_patches_that_fail_leave_the_model_as_built_and_the_step_retryab
 
     model = make_mlp(seed=2)
     opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", mode="virtual")
-    original, calls = virtual._noisy_forward, []
+    original, calls = virtual._NoisyForward, []
 
     def fail_on_the_second_layer(*args):
         calls.append(1)
@@ -448,7 +448,7 @@ def test_virtual_patches_that_fail_leave_the_model_as_built_and_the_step_retryab
             raise RuntimeError("patch failed")
         return original(*args)
 
-    monkeypatch.setattr(virtual, "_noisy_forward", fail_on_the_second_layer)
+    monkeypatch.setattr(virtual, "_NoisyForward", fail_on_the_second_layer)
     with pytest.raises(RuntimeError, match="patch failed"):
         opt.perturb()  # the manual form (a failing perturbed() block restores on its own way out)
     assert not opt.is_perturbed and not any("forward" in m.__dict__ or "base_forward" in m.__dict__ for m in model.modules())
@@ -888,3 +888,41 @@ def test_lora_layers_with_empty_weights_are_skipped_or_refused():
     inject_lora(only_empty, ["0"], r=2, alpha=4)
     with pytest.raises(ValueError, match="empty base weights.*Nothing is left"):
         FlatLoRA(torch.optim.SGD(list(lora_parameters(only_empty)), lr=0.1), only_empty, rho=0.1, schedule="constant")
+
+
+@pytest.mark.parametrize("restore, mode", [("exact", "inplace"), ("host", "inplace"), ("exact", "virtual")])
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save", "deepcopy a layer"])
+def test_copying_the_model_while_perturbed_is_refused_with_a_clear_message(restore, mode, how):
+    """An EMA or teacher copy taken inside the block once failed with an error about the optimizer (or a weak
+    reference); in virtual mode a layer's copy would have shared the original's rerouted forward."""
+    import copy
+
+    from flatlora_optim.uncopyable import COPY_REFUSED
+
+    model = make_mlp(seed=2)
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant",
+                   restore=restore, mode=mode)
+
+    def copy_it():
+        if how == "deepcopy":
+            copy.deepcopy(model)
+        elif how == "torch.save":
+            torch.save(model, io.BytesIO())
+        else:
+            copy.deepcopy(model[0])  # a LoRA layer: its guards (in-place) or its rerouted product (virtual)
+
+    x, y = batch(0)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+        with pytest.raises(TypeError, match="cannot be copied or pickled now"):
+            copy_it()
+    with pytest.raises(TypeError) as refused:
+        copy_it()  # between forward and backward
+    assert str(refused.value) == COPY_REFUSED
+    loss.backward()
+    opt.step()
+    assert_frozen_unchanged(model, before)
+    twin = copy.deepcopy(model)  # after the step: a plain copy, with none of the hooks
+    assert_frozen_unchanged(twin, before)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
