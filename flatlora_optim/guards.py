@@ -203,7 +203,9 @@ class PerturbationGuards(Uncopyable):
             (in-place mode; None: conversions are not guarded).
         root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
             checkpointing the layers build none while the block runs; their backward reruns them).
-        layers: install the per-layer guards (in-place mode); virtual mode takes the ``root`` hook only.
+        layers: install the per-layer guards (in-place mode); virtual mode takes the ``root`` hook and the layers'
+            forward hooks that track their outputs (a loop that calls a submodule of the model: its graph is seen
+            through the first layer output, as in in-place mode), not the train/eval, conversion or state-dict guards.
     """
 
     def __init__(
@@ -234,7 +236,9 @@ class PerturbationGuards(Uncopyable):
         # that held-back Ctrl-C, takes out what went in: nobody else gets this object to remove it
         try:
             with interrupts_deferred():
-                if layers:
+                if not layers:
+                    self._handles.extend(target.module.register_forward_hook(forward_hook) for target in targets)
+                else:
                     self._install(targets, forward_hook, clean_weight, on_mode_change)
                     if root is not None and "train" not in root.__dict__:
                         # first in line: model.eval() is refused before it switches anything (a layer's guard alone

@@ -472,3 +472,30 @@ def test_a_registered_layer_that_reads_its_base_weight_itself_is_refused_at_the_
                         model(x)
                 assert not opt.is_perturbed
         assert_frozen_unchanged(model, before)
+
+
+@pytest.mark.parametrize("mode", ["inplace", "virtual"])
+def test_a_loop_that_checkpoints_a_submodule_gets_the_noisy_grads_with_backward_after_the_block(mode):
+    """Non-reentrant checkpointing of a submodule the loop calls directly (not the model given to FlatLoRA): virtual
+    mode saw no graph through the model's outputs, took its rerouting off at the block's end, and the backward's rerun
+    failed with a CheckpointError; it now tracks the first layer output, as in-place mode does."""
+    from torch.utils.checkpoint import checkpoint
+
+    def grads(after_block):
+        net = nn.Module()
+        net.body = make_mlp(seed=3)
+        before = frozen_weights(net)
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(net)), lr=0.1), net, rho=0.3, schedule="constant", mode=mode)
+        x, y = batch(0)
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(checkpoint(net.body, x, use_reentrant=False), y)
+            if not after_block:
+                loss.backward()
+        if after_block:
+            loss.backward()
+        assert not opt.is_perturbed
+        assert_frozen_unchanged(net, before)
+        return [p.grad.clone() for p in lora_parameters(net)]
+
+    for a, b in zip(grads(True), grads(False)):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
