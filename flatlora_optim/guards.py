@@ -91,29 +91,31 @@ class _ModeGuard(Uncopyable):
 
 class _ConversionGuard(Uncopyable):
     """``module._apply`` while perturbed (what ``to()``, ``half()``, ``float()``, ``cuda()``... call): a conversion that
-    would change the perturbed weights' type or device is reported first (to restore and raise). It is told by what
-    ``fn`` makes of an empty tensor of each such type and device; a call that changes neither passes."""
+    would replace the perturbed weights (another type, device or memory format, ``to_empty``) is reported first (to
+    restore and raise). It is told by what ``fn`` makes of a small tensor like each such weight: the tensor itself
+    (``Tensor.to`` and its kin return their input when nothing changes) passes."""
 
     __slots__ = ("module", "on_conversion", "original", "kinds")
 
     def __init__(self, module: nn.Module, on_conversion: Callable[[], None], original: Callable[..., nn.Module],
-                 kinds: List[Tuple[torch.dtype, torch.device]]):
+                 kinds: List[Tuple[torch.dtype, torch.device, int]]):
         self.module, self.on_conversion, self.original, self.kinds = module, on_conversion, original, kinds
 
     def __call__(self, fn: Callable[[torch.Tensor], Any], *args: Any, **kwargs: Any) -> nn.Module:
-        if any(_converts(fn, dtype, device) for dtype, device in self.kinds):
+        if any(_converts(fn, *kind) for kind in self.kinds):
             self.on_conversion()
         return self.original(self.module, fn, *args, **kwargs)
 
 
-def _converts(fn: Callable[[torch.Tensor], Any], dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether ``fn`` (a ``Module._apply`` function) turns a tensor of ``dtype`` on ``device`` into another type or device
-    (or fails on one: then the conversion is refused as well)."""
+def _converts(fn: Callable[[torch.Tensor], Any], dtype: torch.dtype, device: torch.device, dims: int) -> bool:
+    """Whether ``fn`` (a ``Module._apply`` function) replaces a tensor of ``dtype`` on ``device`` with ``dims``
+    dimensions of 2 (another type, device or memory format: ``Module.to`` converts formats of 4-D and 5-D tensors
+    only), or fails on one: then the conversion is refused as well."""
+    probe = torch.empty((2,) * dims, dtype=dtype, device=device)
     try:
-        out = fn(torch.empty(0, dtype=dtype, device=device))
+        return fn(probe) is not probe
     except Exception:
         return True
-    return not isinstance(out, torch.Tensor) or out.dtype != dtype or out.device != device
 
 
 class _SharedCopies:
@@ -378,15 +380,19 @@ class PerturbationGuards(Uncopyable):
     # -- conversions --------------------------------------------------------------------------
 
     def _guard_conversions(self, targets: List[LoRATarget], root: Optional[nn.Module], on_conversion: Callable[[], None]) -> None:
-        """Guard ``_apply`` of the root (first in line: refused before anything is converted) and of every perturbed
-        layer (a conversion of a submodule that holds one)."""
-        kinds: Dict[Tuple[torch.dtype, torch.device], List[Tuple[torch.dtype, torch.device]]] = {}  # one list per kind
+        """Guard ``_apply`` of the root (first in line: refused before anything is converted), of every perturbed layer,
+        of the module holding its weight and of the modules sharing it (a conversion of a submodule that holds one; of
+        a module between the root and the layers, the modules it reaches before them are converted first)."""
+        kinds: Dict[Tuple[torch.dtype, torch.device, int], List[Tuple[torch.dtype, torch.device, int]]] = {}  # one list per kind
         guarded = []
         for target in targets:
             weight = target.weight
-            kind = kinds.setdefault((weight.dtype, weight.device), [(weight.dtype, weight.device)])
+            key = (weight.dtype, weight.device, weight.dim())
+            kind = kinds.setdefault(key, [key])
             guarded.append((target.module, kind))
+            guarded.append((target.owner, kind))  # the module holding the weight (peft's base_layer), below the LoRA layer
             guarded.extend((alias.module, kind) for alias in target.aliases)
+            guarded.extend((module, kind) for module, _, _ in target.tied)  # a module sharing the weight (a tied lm_head)
         if root is not None:
             guarded.insert(0, (root, [k for k, in kinds.values()]))
         patched = self._patched

@@ -41,7 +41,6 @@ from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
 from .sharding import check_row_sharded
 from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
-from .uncopyable import Uncopyable
 from .virtual import VirtualPatches, virtual_refusal
 
 __all__ = ["FlatLoRA"]
@@ -108,6 +107,8 @@ class _StepsElsewhere:
         owner = self.owner()
         if owner is None or id(optimizer) in _STEPPED_BY_A_WRAPPER or owner._warned_steps_elsewhere:
             return
+        if all(_is_zero(group.get("lr")) for group in optimizer.param_groups):
+            return  # torch.distributed.checkpoint's state initialisation (lr 0) given the wrapped optimizer: no training step
         owner._warned_steps_elsewhere = True
         warnings.warn(
             f"{type(optimizer).__name__}.step() ran without FlatLoRA.step(): Flat-LoRA's noise schedule did not advance "
@@ -118,19 +119,39 @@ class _StepsElsewhere:
         )
 
 
-class _DrawAgainInBlock(Uncopyable):
+class _Inert:
+    """What a copied or unpickled :class:`_DrawAgainInBlock` becomes: a forward pre-hook that does nothing."""
+
+    __slots__ = ()
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        return None
+
+
+def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` run outside ``torch.compile``'s tracing (a hook on a compiled model would be traced, with the noise code)."""
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn)
+
+
+class _DrawAgainInBlock:
     """Forward pre-hook of the model after a ``step()`` inside a ``perturbed()`` block: draws the next step's noise
-    before the block's next forward (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper weakly."""
+    before the block's next forward in training mode (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper
+    weakly. The weights are clean while it waits, so a copy of the model may be taken: the copy gets an inert hook."""
 
     __slots__ = ("owner",)
 
     def __init__(self, owner: FlatLoRA):
         self.owner = weakref.ref(owner)
 
+    @_eager
     def __call__(self, module: nn.Module, args: Any) -> None:
         owner = self.owner()
-        if owner is not None and owner._depth and owner._perturbations is None:
+        if owner is not None and owner._depth and owner._perturbations is None and module.training:
             owner._apply_noise()
+
+    def __reduce_ex__(self, protocol: object) -> Tuple[type, Tuple[()]]:
+        return _Inert, ()
 
 
 class FlatLoRA(torch.optim.Optimizer):
@@ -251,7 +272,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._init_optimizer_hooks()
         self._warned_steps_elsewhere = False
         self._redraw_handle: Optional[RemovableHandle] = None  # see _draw_at_next_forward
-        optimizer.register_step_post_hook(_StepsElsewhere(self))
+        if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
+            optimizer.register_step_post_hook(_StepsElsewhere(self))
 
     def _init_optimizer_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus building param_groups: those are
@@ -398,11 +420,12 @@ class FlatLoRA(torch.optim.Optimizer):
         self._release()
 
     def _draw_at_next_forward(self) -> None:
-        """After a ``step()`` inside a :meth:`perturbed` block: the block's next call of the model draws the next step's
-        noise (a forward pre-hook on the model, until the block ends), as a new block would; without it, a loop inside
-        one block would compute every step after the first at the clean weights."""
-        if self._redraw_handle is None:
-            self._redraw_handle = self.model.register_forward_pre_hook(_DrawAgainInBlock(self))
+        """After a ``step()`` inside a :meth:`perturbed` block: the block's next call of the model in training mode draws
+        the next step's noise (a forward pre-hook on the model, until the block ends), as a new block would; without it,
+        a loop inside one block would compute every step after the first at the clean weights. A forward in eval mode
+        (an evaluation inside the loop) runs at the clean weights."""
+        if self._redraw_handle is None:  # first in line: before FSDP2's pre-hook gathers the shards
+            self._redraw_handle = self.model.register_forward_pre_hook(_DrawAgainInBlock(self), prepend=True)
 
     def _stop_drawing_in_block(self) -> None:
         if self._redraw_handle is not None:
@@ -651,8 +674,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._held = False
         self._restore_now()
         raise RuntimeError(
-            "The model (or a perturbed layer) was converted to another dtype or device (to(), half(), float(), cuda()...) "
-            "while Flat-LoRA noise is in the base weights (inside opt.perturbed() or between its forward and backward): the "
+            "The model (or a module holding a perturbed weight) was converted to another dtype, device or memory format "
+            "(to(), half(), float(), cuda()...) while Flat-LoRA noise is in the base weights (inside opt.perturbed() or between its forward and backward): the "
             "noise would have gone into the converted weights for good. The weights have been restored and nothing was "
             "converted; convert the model before the block or after the step (and build the optimizer after moving it)."
         )
@@ -673,6 +696,8 @@ class FlatLoRA(torch.optim.Optimizer):
         computes = closure is not None and (self._closure_computes is None or self._closure_computes(closure))
         keep = computes and self._noise_fits_closure()
         self._held = False
+        if self._depth:  # a step inside a block: the block's end, which checks virtual mode's rerouting, comes later
+            self._verify_rerouting()
         if not keep:
             self._restore_now()  # the gradient is complete once step() is called
         wrapped = None

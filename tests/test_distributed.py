@@ -305,3 +305,50 @@ def test_fsdp2_unsharded_parameters_are_resharded_before_the_noise_or_refused_af
         assert evaluation == {"noisy_shards": True, "error": None, "restored": True}, (rank, evaluation)
         kept = results["set_reshard_after_backward(False)"]
         assert kept["restored"] and kept["noisy_shards"] and "reshard_after_backward" in (kept["error"] or ""), (rank, kept)
+
+
+def _fsdp_loop_worker(rank: int, world: int, rendezvous: str, backend: str, out_dir: str) -> None:
+    """A training loop inside one block, and the same loop with a block per step, on a model FSDP2 shards at its root
+    only: its pre-forward gathers every weight, and the hook that draws the next step's noise must run before it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = _init(backend, rank, world, rendezvous)
+    mesh = init_device_mesh(device.type, (world,))
+    result = {}
+    for one_block in (True, False):
+        model = make_mlp(seed=0).to(device)
+        fully_shard(model, mesh=mesh)
+        frozen = [p for p in model.parameters() if not p.requires_grad]
+        before = [bits(p.to_local()) for p in frozen]
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", seed=3,
+                       rank_noise="shared")
+
+        def step(s, model=model, opt=opt):
+            x, y = batch(100 * s + rank)
+            nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+            opt.step()
+            opt.zero_grad()
+
+        if one_block:
+            with opt.perturbed():
+                for s in range(3):
+                    step(s)
+        else:
+            for s in range(3):
+                with opt.perturbed():
+                    step(s)
+        restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
+        result[one_block] = (restored, [p.to_local().detach().cpu().clone() for p in lora_parameters(model)])
+    torch.save(result, os.path.join(out_dir, f"loop{rank}.pt"))
+    end_worker_process()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fsdp2_training_loop_inside_one_block_is_a_block_per_step(backend, tmp_path):
+    """(The draw's hook once ran after FSDP2's gather, and the second step refused: "FSDP2 holds ... unsharded".)"""
+    mp.spawn(_fsdp_loop_worker, args=(2, _rendezvous(tmp_path), backend, str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        result = torch.load(tmp_path / f"loop{rank}.pt")
+        assert result[True][0] and result[False][0], "frozen shards not restored bitwise"
+        assert all(torch.equal(a, b) for a, b in zip(result[True][1], result[False][1]))

@@ -636,3 +636,76 @@ def test_a_training_loop_inside_one_block_is_a_block_per_step(restore, mode):
     assert seen == [False, True, True, True]  # the cosine ramp draws nothing at step 0
     reference_seen, reference = run(False)
     assert seen == reference_seen and all(torch.equal(a, b) for a, b in zip(params, reference))
+
+
+class _LookaheadShape(torch.optim.Optimizer):
+    """The shape of timm's ``Lookahead``: an optimizer that skips ``Optimizer.__init__`` on purpose (no hook storage)."""
+
+    def __init__(self, base_optimizer):
+        self._base_optimizer = base_optimizer
+        self.param_groups = base_optimizer.param_groups
+        self.defaults = base_optimizer.defaults
+        self.state = base_optimizer.state
+
+    def step(self, closure=None):
+        return self._base_optimizer.step(closure)
+
+    def zero_grad(self, set_to_none=True):
+        self._base_optimizer.zero_grad(set_to_none)
+
+
+def test_an_optimizer_that_skips_optimizer_init_is_still_wrapped():
+    """The step post-hook that warns about steps outside the wrapper needs the hook storage ``Optimizer.__init__``
+    makes; without it the wrapper once failed to construct."""
+    model = make_mlp(seed=0)
+    before = frozen_weights(model)
+    opt = FlatLoRA(_LookaheadShape(torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2)), model, rho=0.1, schedule="constant")
+    for s in range(2):
+        train_step(model, opt, s)
+    assert opt.step_count == 2
+    assert_frozen_unchanged(model, before)
+
+
+def test_checkpoint_helpers_given_the_wrapped_optimizer_do_not_warn():
+    """DCP's zero-lr state initialisation run on the optimizer FlatLoRA wraps is no training step taken elsewhere."""
+    import warnings
+
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    model = make_mlp(seed=0)
+    inner = torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2)
+    opt = FlatLoRA(inner, model, rho=0.1, schedule="constant")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        get_optimizer_state_dict(model, inner)
+    assert opt.step_count == 0 and not opt._warned_steps_elsewhere
+
+
+def test_in_a_loop_inside_one_block_an_evaluation_runs_clean_and_a_copy_may_be_taken():
+    """After ``step()`` inside the block the weights are clean until the next forward in training mode: an evaluation
+    in eval mode does not draw (in-place mode's ``model.train()`` afterwards would have refused), and the model may be
+    copied (the copy carries an inert hook)."""
+    import copy
+
+    for mode in ("inplace", "virtual"):
+        model = make_mlp(seed=0)
+        before = frozen_weights(model)
+        opt = _opt(model, mode=mode, schedule="constant", total_steps=None)
+        x, y = batch(0)
+        with opt.perturbed():
+            for s in range(2):
+                nn.functional.cross_entropy(model(batch(s)[0]), batch(s)[1]).backward()
+                opt.step()
+                opt.zero_grad()
+                model.eval()
+                with torch.no_grad():
+                    clean_out = model(x)
+                assert not opt.is_perturbed
+                model.train()
+                twin = copy.deepcopy(model)
+                torch.save(model, io.BytesIO())
+                assert_frozen_unchanged(twin, before)
+                with torch.no_grad():
+                    assert torch.equal(twin.eval()(x), clean_out)  # the twin's inert hook draws nothing
+        assert_frozen_unchanged(model, before)
+

@@ -88,7 +88,7 @@ def test_a_conversion_while_perturbed_restores_and_raises_before_converting(rest
     before = frozen_weights(model)
     opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.2, schedule="constant", restore=restore)
     target = model if where != "a layer alone" else model[0]
-    with pytest.raises(RuntimeError, match=r"converted to another dtype or device.*nothing was\s+converted"):
+    with pytest.raises(RuntimeError, match=r"converted to another dtype, device or memory format.*nothing was\s+converted"):
         with opt.perturbed():
             loss = nn.functional.cross_entropy(model(batch(0)[0]), batch(0)[1])
             model.to(torch.float32).to("cpu").float()  # changes nothing: allowed
@@ -926,3 +926,73 @@ def test_copying_the_model_while_perturbed_is_refused_with_a_clear_message(resto
     twin = copy.deepcopy(model)  # after the step: a plain copy, with none of the hooks
     assert_frozen_unchanged(twin, before)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in twin.modules())
+
+
+def test_conversions_of_the_weights_owner_or_of_their_memory_format_are_refused_too():
+    """The probe once used a 1-D tensor (``Module.to`` converts the memory format of 4-D weights only) and guarded the
+    LoRA layer but not the module holding the weight (peft's ``base_layer``): both conversions carried the noise in
+    and the restore then failed, leaving it there."""
+    import peft
+
+    class ConvNet(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3)
+            self.head = nn.Linear(8, 5)
+
+        def forward(self, x):
+            return self.head(self.conv(x).mean((2, 3)))
+
+    x, y = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1])
+    for convert in (lambda m: m.to(memory_format=torch.channels_last), lambda m: m.base_model.model.conv.base_layer.double(),
+                    lambda m: m.to_empty(device="cpu")):
+        torch.manual_seed(0)
+        model = peft.get_peft_model(ConvNet(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["conv"], init_lora_weights=False))
+        before = frozen_weights(model)
+        opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, rho=0.2,
+                       schedule="constant")
+        with pytest.raises(RuntimeError, match="memory format"):
+            with opt.perturbed():
+                nn.functional.cross_entropy(model(x), y)
+                convert(model)
+        assert not opt.is_perturbed
+        assert_frozen_unchanged(model, before)
+        weight = model.base_model.model.conv.base_layer.weight
+        assert weight.dtype == torch.float32 and weight.is_contiguous()
+
+
+def test_a_training_loop_inside_one_block_of_a_compiled_model_traces_no_noise_code():
+    """The hook that draws the next step's noise runs outside torch.compile's tracing: a loop inside one block compiles
+    the graphs a block per step compiles (it once traced the noise code, 27 graphs instead of 3, and failed to compile
+    with inductor)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    def run(one_block):
+        torch._dynamo.reset()
+        counters.clear()
+        model = make_mlp(seed=0)
+        before = frozen_weights(model)
+        compiled = torch.compile(model, backend="eager")
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant")
+
+        def step(s):
+            nn.functional.cross_entropy(compiled(batch(s)[0]), batch(s)[1]).backward()
+            opt.step()
+            opt.zero_grad()
+
+        if one_block:
+            with opt.perturbed():
+                for s in range(4):
+                    step(s)
+        else:
+            for s in range(4):
+                with opt.perturbed():
+                    step(s)
+        assert_frozen_unchanged(model, before)
+        return counters["stats"]["unique_graphs"], [p.detach().clone() for p in lora_parameters(model)]
+
+    graphs, params = run(True)
+    reference_graphs, reference = run(False)
+    assert graphs == reference_graphs
+    assert all(torch.equal(a, b) for a, b in zip(params, reference))

@@ -499,3 +499,20 @@ def test_a_loop_that_checkpoints_a_submodule_gets_the_noisy_grads_with_backward_
 
     for a, b in zip(grads(True), grads(False)):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=0)
+
+
+def test_the_rerouting_check_runs_at_a_step_inside_the_block():
+    """The block's end refuses a layer that reads its base weight itself (no noise in virtual mode). With ``step()``
+    inside the block the noise came off before the block's end, so in a loop inside one block the check never ran and
+    the layers trained without noise, silently."""
+    x, y = batch(0)
+    model = _registered_layer(calls_base=False)
+    opt = FlatLoRA(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1), model, rho=0.3,
+                   schedule="constant", mode="virtual")
+    with pytest.raises(ValueError, match="rerouted no product"):
+        with opt.perturbed():
+            for _ in range(3):
+                nn.functional.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+    assert not opt.is_perturbed and opt.step_count == 0
