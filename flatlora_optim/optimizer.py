@@ -154,6 +154,29 @@ class _DrawAgainInBlock:
         return _Inert, ()
 
 
+class _WarnUndrawn(_DrawAgainInBlock):
+    """Forward pre-hook of each LoRA layer after a ``step()`` inside a ``perturbed()`` block: warns once when a layer
+    computes in training mode before the model's call drew the next step's noise (a loop that calls a submodule of the
+    model given to FlatLoRA: its steps after the first would run at the clean weights, silently). Warns only: a layer's
+    hook may run after FSDP2 gathered its shards, where no noise may go in."""
+
+    __slots__ = ()
+
+    @_eager
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        owner = self.owner()
+        if owner is None or not owner._depth or owner._perturbations is not None or not module.training or owner._warned_undrawn:
+            return
+        owner._warned_undrawn = True
+        warnings.warn(
+            "A LoRA layer ran inside opt.perturbed() after opt.step() without the next step's noise: inside a block, the "
+            "noise of each step after the first is drawn when the model given to FlatLoRA is called, and this loop called "
+            "another module. Call that model, give FlatLoRA the module the loop calls, or use one block per step.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
 class FlatLoRA(torch.optim.Optimizer):
     """Wrap a LoRA optimizer so that every step's gradient is taken at ``W + sBA + e``.
 
@@ -272,6 +295,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._init_optimizer_hooks()
         self._warned_steps_elsewhere = False
         self._redraw_handle: Optional[RemovableHandle] = None  # see _draw_at_next_forward
+        self._undrawn_handles: List[RemovableHandle] = []  # ... and _WarnUndrawn
+        self._warned_undrawn = False
         if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
             optimizer.register_step_post_hook(_StepsElsewhere(self))
 
@@ -426,11 +451,16 @@ class FlatLoRA(torch.optim.Optimizer):
         (an evaluation inside the loop) runs at the clean weights."""
         if self._redraw_handle is None:  # first in line: before FSDP2's pre-hook gathers the shards
             self._redraw_handle = self.model.register_forward_pre_hook(_DrawAgainInBlock(self), prepend=True)
+            if not self._warned_undrawn:  # a loop that calls a submodule: its layers would run clean, silently
+                self._undrawn_handles = [t.module.register_forward_pre_hook(_WarnUndrawn(self)) for t in self.targets]
 
     def _stop_drawing_in_block(self) -> None:
         if self._redraw_handle is not None:
             self._redraw_handle.remove()
             self._redraw_handle = None
+        for handle in self._undrawn_handles:
+            handle.remove()
+        self._undrawn_handles = []
 
     def _verify_rerouting(self) -> None:
         """Virtual mode, until a block has seen the LoRA layers run: refuse layers that ran without the rerouted product

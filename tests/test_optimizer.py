@@ -709,3 +709,27 @@ def test_in_a_loop_inside_one_block_an_evaluation_runs_clean_and_a_copy_may_be_t
                     assert torch.equal(twin.eval()(x), clean_out)  # the twin's inert hook draws nothing
         assert_frozen_unchanged(model, before)
 
+
+
+def test_a_loop_inside_one_block_that_calls_a_submodule_is_warned_about_once():
+    """The draw after ``step()`` waits for a call of the model given to FlatLoRA; a loop that calls a submodule would
+    run its steps after the first at the clean weights. It gets one warning; calling the model itself gets none."""
+    import warnings
+
+    for calls_submodule in (False, True):
+        wrapper = nn.Module()
+        wrapper.body = make_mlp(seed=0)
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(wrapper)), lr=0.1), wrapper, rho=0.1, schedule="constant")
+        wrapper.forward = wrapper.body.forward  # (an nn.Module with the body's forward: the model FlatLoRA was given)
+        run = wrapper.body if calls_submodule else wrapper
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(2):
+                with opt.perturbed():
+                    for s in range(3):
+                        nn.functional.cross_entropy(run(batch(s)[0]), batch(s)[1]).backward()
+                        opt.step()
+                        opt.zero_grad()
+        messages = [str(w.message) for w in caught if "without the next step's noise" in str(w.message)]
+        assert len(messages) == (1 if calls_submodule else 0)
+        assert not any(m._forward_pre_hooks for m in wrapper.modules()), "a hook stayed after the block"
