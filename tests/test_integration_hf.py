@@ -483,3 +483,59 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
     single = _train_tiny_llama(str(tmp_path / "single"), restore, "independent", use_cpu=kind == "cpu")
     assert single["clean"] and single["steps"] == 3
     assert_ddp_matches_one_process(ranks, single["lora"], kind, steps=3)
+
+
+@pytest.mark.parametrize("flag", ["should_epoch_stop", "should_training_stop"])
+def test_a_stop_in_the_middle_of_an_accumulation_window_restores_before_the_epochs_end(tmp_path, flag):
+    """A callback that stops the epoch (or the run) after a micro-batch that is not the window's last: the Trainer leaves
+    the loop there, and the other callbacks' on_epoch_end once saw the noise still in."""
+    model = tiny_llama_with_lora()
+    before = frozen_bits(model)
+    seen = []
+
+    class StopMidWindow(TrainerCallback):
+        def on_substep_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                setattr(control, flag, True)
+
+        def on_epoch_end(self, args, state, control, **kwargs):
+            seen.append(flat_callback.flat.is_perturbed)
+
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=6), train_dataset=lm_data(20), callbacks=[StopMidWindow()])
+    flat_callback = add_flatlora(trainer, rho=0.3, schedule="constant")
+    trainer.train()
+    assert seen and not any(seen), "an on_epoch_end saw the noise in"
+    assert_same_bits(before, frozen_bits(model))
+
+
+def test_train_again_without_resuming_restarts_the_noise_schedule_with_the_trainer(tmp_path):
+    """A second train() of the same Trainer counts from 0 and builds its LR schedule anew; Flat-LoRA went on from where
+    the first run ended (sigma at rho from the first step, no ramp), silently. It restarts with the Trainer, and says so."""
+    model = tiny_llama_with_lora()
+    before = frozen_bits(model)
+    trainer = Trainer(model=model, args=training_args(tmp_path, max_steps=3), train_dataset=lm_data(20))
+    flat_callback = add_flatlora(trainer, rho=0.3)
+    trainer.train()
+    assert flat_callback.flat.step_count == 3
+    with pytest.warns(UserWarning, match="noise schedule restarts at 0"):
+        trainer.train()
+    assert flat_callback.flat.step_count == trainer.state.global_step == 3
+    assert_same_bits(before, frozen_bits(model))
+
+
+def test_virtual_mode_through_add_flatlora_trains_as_in_place_mode(tmp_path):
+    """``mode="virtual"`` is passed through: the same LoRA weights as in-place exact restore, bit for bit, and the noise
+    is really applied (rho 0 gives other weights)."""
+
+    def lora_after(**kwargs):
+        model = tiny_llama_with_lora()
+        before = frozen_bits(model)
+        trainer = Trainer(model=model, args=training_args(tmp_path / str(len(kwargs)), max_steps=3), train_dataset=lm_data(12))
+        add_flatlora(trainer, schedule="constant", **kwargs)
+        trainer.train()
+        assert_same_bits(before, frozen_bits(model))
+        return [p.detach().clone() for p in lora_parameters(model)]
+
+    virtual, inplace, plain = lora_after(rho=0.3, mode="virtual"), lora_after(rho=0.3), lora_after(rho=0.0, restore="exact")
+    assert all(torch.equal(a, b) for a, b in zip(virtual, inplace))
+    assert not all(torch.equal(a, b) for a, b in zip(virtual, plain))

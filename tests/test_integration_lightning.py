@@ -22,7 +22,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import DDP_KINDS, assert_ddp_matches_one_process, bits, free_port, frozen_weights, make_mlp
+from conftest import DDP_KINDS, assert_ddp_matches_one_process, assert_frozen_unchanged, bits, free_port, frozen_weights, make_mlp
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.plugins import MixedPrecision
 from torch import nn
@@ -568,3 +568,64 @@ def test_ddp_strategy_on_two_processes_matches_one_process(tmp_path, restore, la
         trainer_for(tmp_path / "single", [FlatLoRACallback(rho=0.5, schedule="constant", seed=3, restore=restore)], accelerator="cpu",
                     max_steps=3, limit_val_batches=0).fit(single)  # the same 8 samples per step
     assert_ddp_matches_one_process(ranks, [p.detach().cpu() for p in lora_parameters(single)], "cpu", steps=3)
+
+
+class SkipsTheRestOfTheEpoch(LitMLP):
+    """Answers -1 at its third batch: Lightning skips the rest of the epoch, on_train_batch_end included."""
+
+    def on_train_batch_start(self, batch, batch_idx):
+        return -1 if batch_idx == 2 else None
+
+
+class EpochEndProbe(Callback):
+    """At every epoch's end, before FlatLoRACallback's own hook: is the noise out, and may the model switch to eval?"""
+
+    def __init__(self):
+        self.seen = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        flat = next(cb for cb in trainer.callbacks if isinstance(cb, FlatLoRACallback)).flat
+        self.seen.append(flat.is_perturbed)
+        pl_module.eval()  # in-place mode refuses a mode change while the noise is in
+        pl_module.train()
+
+
+def test_a_batch_start_answer_of_minus_one_restores_before_the_epochs_end(tmp_path):
+    """The noise put in at the batch's start stayed in through the epoch-end hooks (a model.eval() there raised; SWA
+    averaged W + e into the weights for good)."""
+    module = SkipsTheRestOfTheEpoch()
+    before = frozen_weights(module)
+    probe = EpochEndProbe()
+    trainer = trainer_for(tmp_path, [probe, FlatLoRACallback(rho=0.2, schedule="constant")], max_epochs=2, limit_val_batches=0)
+    trainer.fit(module, loader())
+    assert probe.seen == [False, False]
+    assert trainer.global_step == 4  # two batches a epoch
+    assert_frozen_unchanged(module, before)
+    assert "on_train_batch_start" not in vars(module), "the module keeps the callback's wrapper after fit"
+
+
+def test_a_gradient_accumulation_scheduler_without_total_steps_is_warned_about(tmp_path):
+    from lightning.pytorch.callbacks import GradientAccumulationScheduler
+
+    trainer = trainer_for(tmp_path, [GradientAccumulationScheduler({0: 1, 1: 2}), FlatLoRACallback(rho=0.2)], max_epochs=2,
+                          limit_val_batches=0)
+    with pytest.warns(UserWarning, match="GradientAccumulationScheduler.*total_steps"):
+        trainer.fit(LitMLP(), loader(16))
+
+
+def test_virtual_mode_through_the_callback_trains_as_in_place_mode(tmp_path):
+    """``FlatLoRACallback(mode="virtual")`` passes the mode through: the same LoRA weights as in-place exact restore, bit
+    for bit, with accumulation; the noise is really applied (rho 0 gives other weights)."""
+
+    def lora_after(rho, **kwargs):
+        module = LitMLP()
+        before = frozen_weights(module)
+        trainer = trainer_for(tmp_path, [FlatLoRACallback(rho=rho, schedule="constant", **kwargs)], max_steps=3,
+                              accumulate_grad_batches=2, limit_val_batches=0)
+        trainer.fit(module, loader(24))
+        assert_frozen_unchanged(module, before)
+        return [p.detach().clone() for p in lora_parameters(module)]
+
+    virtual, inplace, plain = lora_after(0.3, mode="virtual"), lora_after(0.3), lora_after(0.0)
+    assert all(torch.equal(a, b) for a, b in zip(virtual, inplace))
+    assert not all(torch.equal(a, b) for a, b in zip(virtual, plain))

@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 from ..optimizer import FlatLoRA
 
-__all__ = ["find_flatlora", "set_total_steps"]
+__all__ = ["find_flatlora", "set_total_steps", "restart_schedule"]
 
 # Attributes under which framework wrappers keep the optimizer they wrap:
 # accelerate's AcceleratedOptimizer (and so the HF Trainer's) ``.optimizer``,
@@ -45,3 +45,11 @@ def set_total_steps(optimizer: Any, total_steps: int) -> FlatLoRA:
     if flat.schedule.total_steps != total_steps:
         flat.set_total_steps(total_steps)  # NoiseSchedule validates the value
     return flat
+
+
+def restart_schedule(flat: FlatLoRA) -> None:
+    """Set ``flat``'s step count back to 0 (a framework that starts a new run with the same optimizer: the noise
+    schedule starts over with the framework's step count and LR schedule). Refused while its noise is in."""
+    if flat.is_perturbed:
+        raise RuntimeError("restart_schedule() while Flat-LoRA's noise is in the weights: call it between steps.")
+    flat._step_index = 0

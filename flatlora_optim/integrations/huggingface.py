@@ -59,7 +59,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..optimizer import FlatLoRA
 from ..schedule import ScheduleLike
 from ..targets import TargetsLike
-from ._common import find_flatlora, set_total_steps
+from ._common import find_flatlora, restart_schedule, set_total_steps
 
 __all__ = ["FlatLoRACallback", "add_flatlora"]
 
@@ -115,6 +115,15 @@ class FlatLoRACallback(TrainerCallback):
                 "state has no 'flatlora' entry (it was not trained with Flat-LoRA?). The noise schedule restarts at 0.",
                 stacklevel=2,
             )
+        elif state.global_step == 0 and flat.step_count > 0:
+            # train() again without resuming: the Trainer counts from 0 and builds its LR schedule anew; the noise
+            # schedule follows it, as it does step by step (sigma at the Trainer's step t)
+            warnings.warn(
+                f"train() starts at global step 0 while Flat-LoRA is at step {flat.step_count} (an earlier train() of this "
+                "Trainer): the noise schedule restarts at 0 with the Trainer's. Pass resume_from_checkpoint to continue a run.",
+                stacklevel=2,
+            )
+            restart_schedule(flat)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self.released = False
@@ -153,6 +162,13 @@ class FlatLoRACallback(TrainerCallback):
         # at W + e is kept alive somewhere (restore() alone would wait for it to be collected).
         if self.flat is not None and self.flat.is_perturbed:
             self.flat.restore(force=True)
+
+    def on_substep_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        # a micro-batch that is not the window's last: the noise stays for the next one, unless a callback (they run
+        # before this one, which add_flatlora appends) stopped the epoch or the run here, mid-window: the Trainer then
+        # leaves the loop, and the epoch's end must see the clean weights
+        if control.should_epoch_stop or control.should_training_stop:
+            self._restore()
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._restore()

@@ -34,11 +34,14 @@ Per training batch (micro-batch):
   are clean, so validation, checkpointing or logging that Lightning runs after any batch -- even
   in the middle of an accumulation window -- sees clean weights and can switch the model to eval.
   The price is one extra perturb/restore per micro-batch, small next to a forward/backward.
-* ``on_exception`` / ``on_train_end``: restore.
+* ``on_exception`` / ``on_train_epoch_end`` / ``on_train_end``: restore. A module whose ``on_train_batch_start``
+  returns -1 (skip the rest of the epoch) skips ``on_train_batch_end`` too: the callback sees that answer (it wraps
+  the module's hook while fitting) and restores at once, before any epoch-end hook.
 
 The schedule length of a wrapper the callback creates is ``trainer.estimated_stepping_batches``,
 Lightning's own count of optimizer steps (accumulation, ``max_steps``/``max_epochs``,
-``limit_train_batches``, devices included).
+``limit_train_batches``, devices included). It takes the first epoch's accumulation for every epoch: with a
+``GradientAccumulationScheduler`` pass ``total_steps=`` (the callback warns).
 
 Not supported: DeepSpeed and FSDP strategies (they own the optimizer and shard the weights),
 several optimizers in one LightningModule (wrap the LoRA one yourself and return it).
@@ -49,10 +52,11 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from typing import Any, ContextManager, Optional
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 
 from ..optimizer import FlatLoRA
 from ..schedule import ScheduleLike
@@ -60,6 +64,24 @@ from ..targets import TargetsLike
 from ._common import find_flatlora, set_total_steps
 
 __all__ = ["FlatLoRACallback"]
+
+
+class _BatchStartAnswer:
+    """The LightningModule's ``on_train_batch_start`` while fitting: an answer of -1 ("skip the rest of the epoch")
+    restores the noise the callback put in at once -- Lightning then leaves the epoch without ``on_train_batch_end``,
+    and its epoch-end hooks (SWA's averaging, a ``model.eval()``) would see ``W + e``. Holds the callback weakly."""
+
+    __slots__ = ("method", "callback")
+
+    def __init__(self, method: Any, callback: FlatLoRACallback):
+        self.method, self.callback = method, weakref.ref(callback)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        answer = self.method(*args, **kwargs)
+        callback = self.callback()
+        if answer == -1 and callback is not None:
+            callback._end_batch()
+        return answer
 
 
 def _closure_computes(closure: Any) -> bool:
@@ -114,10 +136,18 @@ class FlatLoRACallback(Callback):
         self.flat: Optional[FlatLoRA] = None
         self._owns_wrapper = False
         self._final_backward: Optional[ContextManager[None]] = None  # the batch's backward, between the two hooks
+        self._watched: Optional[pl.LightningModule] = None  # the module whose on_train_batch_start is wrapped
 
     def _schedule_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
             return int(self.total_steps)
+        if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+            warnings.warn(
+                "FlatLoRACallback takes the noise schedule's length from trainer.estimated_stepping_batches, which counts "
+                "the first epoch's accumulation for every epoch; with a GradientAccumulationScheduler the run takes another "
+                "number of optimizer steps. Pass FlatLoRACallback(total_steps=...).",
+                stacklevel=2,
+            )
         estimated = trainer.estimated_stepping_batches
         if not isinstance(estimated, (int, float)) or not math.isfinite(estimated) or estimated <= 0:
             raise ValueError(
@@ -127,6 +157,7 @@ class FlatLoRACallback(Callback):
         return int(estimated)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._watch_batch_start(pl_module)
         optimizers = list(trainer.strategy.optimizers)
         existing = [f for f in (find_flatlora(o) for o in optimizers) if f is not None]
         if existing:
@@ -154,6 +185,24 @@ class FlatLoRACallback(Callback):
         # LR schedulers keep acting on the wrapped optimizer's param_groups, which FlatLoRA shares.
         trainer.strategy.optimizers = [self.flat]
 
+    def _watch_batch_start(self, pl_module: pl.LightningModule) -> None:
+        """Wrap the module's own ``on_train_batch_start`` (see :class:`_BatchStartAnswer`); the base class's never skips."""
+        if type(pl_module).on_train_batch_start is pl.LightningModule.on_train_batch_start or "on_train_batch_start" in vars(pl_module):
+            return
+        pl_module.on_train_batch_start = _BatchStartAnswer(pl_module.on_train_batch_start, self)  # type: ignore[method-assign]
+        self._watched = pl_module
+
+    def _unwatch_batch_start(self) -> None:
+        module, self._watched = self._watched, None
+        if module is not None and isinstance(vars(module).get("on_train_batch_start"), _BatchStartAnswer):
+            del module.on_train_batch_start
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._unwatch_batch_start()
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._unwatch_batch_start()  # (after an exception too, when on_fit_end does not run)
+
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After restore_training_state: a checkpoint's "flatlora" entry is loaded by now.
         flat = self._require()
@@ -161,8 +210,9 @@ class FlatLoRACallback(Callback):
             set_total_steps(flat, self._schedule_length(trainer))
         if trainer.global_step > 0 and flat.step_count == 0:
             warnings.warn(
-                f"Resuming at global step {trainer.global_step} but the Flat-LoRA step count is 0: the checkpoint's optimizer "
-                "state has no 'flatlora' entry. The noise schedule restarts at 0.",
+                f"Fitting from global step {trainer.global_step} but the Flat-LoRA step count is 0: the checkpoint's optimizer "
+                "state has no 'flatlora' entry, or this Trainer fitted before and fit() built a new optimizer. The noise "
+                "schedule restarts at 0.",
                 stacklevel=2,
             )
 
@@ -214,6 +264,9 @@ class FlatLoRACallback(Callback):
         flat._closure_reuses_held_noise, flat._closure_computes = False, None
         if flat.is_perturbed:
             flat.restore(force=True)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end_batch()  # (a backstop: the batch's end, or the answer -1 of on_train_batch_start, restored already)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end_batch()
