@@ -539,3 +539,28 @@ def test_virtual_mode_through_add_flatlora_trains_as_in_place_mode(tmp_path):
     virtual, inplace, plain = lora_after(rho=0.3, mode="virtual"), lora_after(rho=0.3), lora_after(rho=0.0, restore="exact")
     assert all(torch.equal(a, b) for a, b in zip(virtual, inplace))
     assert not all(torch.equal(a, b) for a, b in zip(virtual, plain))
+
+
+class OutOfMemoryOnce(CustomLossTrainer):
+    """Raises accelerate's out-of-memory text once, at the third step's loss, while the noise is in."""
+
+    fired = False
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        if self.state.global_step == 2 and not self.fired:
+            self.fired = True
+            raise RuntimeError("CUDA out of memory. Tried to allocate 1 GiB")
+        return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def test_auto_find_batch_size_restarting_the_loop_after_an_out_of_memory_step(tmp_path):
+    """accelerate catches the error inside train() and runs the training loop again with a smaller batch; the failed
+    step's noise was still in when the loop began again (and the schedule's restart refused to run)."""
+    model = tiny_llama_with_lora()
+    before = frozen_bits(model)
+    trainer = OutOfMemoryOnce(model=model, args=training_args(tmp_path, max_steps=5, auto_find_batch_size=True, per_device_train_batch_size=4),
+                              train_dataset=lm_data(40))
+    flat_callback = add_flatlora(trainer, rho=0.3, schedule="constant")
+    trainer.train()
+    assert trainer.fired and trainer.state.global_step == flat_callback.flat.step_count == 5
+    assert_same_bits(before, frozen_bits(model))

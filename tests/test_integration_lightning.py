@@ -9,6 +9,7 @@ checkpoint continues the noise stream bitwise, and 16-bit AMP with a GradScaler 
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -629,3 +630,36 @@ def test_virtual_mode_through_the_callback_trains_as_in_place_mode(tmp_path):
     virtual, inplace, plain = lora_after(0.3, mode="virtual"), lora_after(0.3), lora_after(0.0)
     assert all(torch.equal(a, b) for a, b in zip(virtual, inplace))
     assert not all(torch.equal(a, b) for a, b in zip(virtual, plain))
+
+
+class SkipsThenFails(SkipsTheRestOfTheEpoch):
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch == 1:
+            raise ValueError("boom")
+        return super().training_step(batch, batch_idx)
+
+
+class SavesTheModule(Callback):
+    def __init__(self):
+        self.saved = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        torch.save(pl_module, io.BytesIO())  # a checkpointing habit: the whole module, during fit
+        self.saved += 1
+
+
+def test_the_batch_start_wrapper_leaves_with_an_exception_and_is_not_pickled(tmp_path):
+    """The wrapper on the module's on_train_batch_start is taken off after a fit that raised (Lightning runs neither
+    on_fit_end nor teardown then), and a copy or pickle of the module during fit carries the module's own hook."""
+    module = SkipsThenFails()
+    saver = SavesTheModule()
+    trainer = trainer_for(tmp_path, [saver, FlatLoRACallback(rho=0.2, schedule="constant")], max_epochs=2, limit_val_batches=0)
+    with pytest.raises(ValueError, match="boom"):
+        trainer.fit(module, loader())
+    assert saver.saved == 2
+    assert "on_train_batch_start" not in vars(module)
+    torch.save(module, io.BytesIO())
+    probe = EpochEndProbe()  # a later fit of the same module, with a new callback, restores at the skip again
+    trainer_for(tmp_path, [probe, FlatLoRACallback(rho=0.2, schedule="constant")], max_epochs=1, limit_val_batches=0).fit(
+        SkipsTheRestOfTheEpoch(), loader())
+    assert probe.seen == [False]

@@ -97,6 +97,7 @@ class FlatLoRACallback(TrainerCallback):
         return self.flat
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._restore()  # a training loop restarted inside train() (auto_find_batch_size after an out-of-memory step)
         if getattr(args, "deepspeed", None):
             raise RuntimeError("Flat-LoRA does not support DeepSpeed: DeepSpeed builds and steps its own optimizer.")
         found = find_flatlora(kwargs.get("optimizer"))
@@ -116,8 +117,8 @@ class FlatLoRACallback(TrainerCallback):
                 stacklevel=2,
             )
         elif state.global_step == 0 and flat.step_count > 0:
-            # train() again without resuming: the Trainer counts from 0 and builds its LR schedule anew; the noise
-            # schedule follows it, as it does step by step (sigma at the Trainer's step t)
+            # train() again without resuming: the Trainer counts from 0 (and builds anew an LR schedule it made itself);
+            # the noise schedule follows its count, as it does step by step (sigma at the Trainer's step t)
             warnings.warn(
                 f"train() starts at global step 0 while Flat-LoRA is at step {flat.step_count} (an earlier train() of this "
                 "Trainer): the noise schedule restarts at 0 with the Trainer's. Pass resume_from_checkpoint to continue a run.",

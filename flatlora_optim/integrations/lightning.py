@@ -71,10 +71,11 @@ class _BatchStartAnswer:
     restores the noise the callback put in at once -- Lightning then leaves the epoch without ``on_train_batch_end``,
     and its epoch-end hooks (SWA's averaging, a ``model.eval()``) would see ``W + e``. Holds the callback weakly."""
 
-    __slots__ = ("method", "callback")
+    __slots__ = ("method", "callback", "previous")
 
-    def __init__(self, method: Any, callback: FlatLoRACallback):
+    def __init__(self, method: Any, callback: FlatLoRACallback, previous: Any):
         self.method, self.callback = method, weakref.ref(callback)
+        self.previous = previous  # what the module's __dict__ held under the name before (usually nothing)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         answer = self.method(*args, **kwargs)
@@ -82,6 +83,15 @@ class _BatchStartAnswer:
         if answer == -1 and callback is not None:
             callback._end_batch()
         return answer
+
+    def __reduce__(self) -> Any:
+        # a copy or a pickle of the module during fit (a checkpointing callback's torch.save(pl_module)) gets the
+        # module's own hook back, without the callback
+        return _unwrapped, (self.method,)
+
+
+def _unwrapped(method: Any) -> Any:
+    return method
 
 
 def _closure_computes(closure: Any) -> bool:
@@ -137,11 +147,13 @@ class FlatLoRACallback(Callback):
         self._owns_wrapper = False
         self._final_backward: Optional[ContextManager[None]] = None  # the batch's backward, between the two hooks
         self._watched: Optional[pl.LightningModule] = None  # the module whose on_train_batch_start is wrapped
+        self._warned_accumulation = False
 
     def _schedule_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
             return int(self.total_steps)
-        if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks):
+        if any(isinstance(c, GradientAccumulationScheduler) for c in trainer.callbacks) and not self._warned_accumulation:
+            self._warned_accumulation = True
             warnings.warn(
                 "FlatLoRACallback takes the noise schedule's length from trainer.estimated_stepping_batches, which counts "
                 "the first epoch's accumulation for every epoch; with a GradientAccumulationScheduler the run takes another "
@@ -187,21 +199,29 @@ class FlatLoRACallback(Callback):
 
     def _watch_batch_start(self, pl_module: pl.LightningModule) -> None:
         """Wrap the module's own ``on_train_batch_start`` (see :class:`_BatchStartAnswer`); the base class's never skips."""
-        if type(pl_module).on_train_batch_start is pl.LightningModule.on_train_batch_start or "on_train_batch_start" in vars(pl_module):
+        current = vars(pl_module).get("on_train_batch_start")
+        if isinstance(current, _BatchStartAnswer):  # left by a fit that ended in a way no hook saw: answer to this callback
+            current.callback = weakref.ref(self)
+        elif current is not None or type(pl_module).on_train_batch_start is not pl.LightningModule.on_train_batch_start:
+            pl_module.on_train_batch_start = _BatchStartAnswer(pl_module.on_train_batch_start, self, current)  # type: ignore[method-assign]
+        else:
             return
-        pl_module.on_train_batch_start = _BatchStartAnswer(pl_module.on_train_batch_start, self)  # type: ignore[method-assign]
         self._watched = pl_module
 
     def _unwatch_batch_start(self) -> None:
         module, self._watched = self._watched, None
-        if module is not None and isinstance(vars(module).get("on_train_batch_start"), _BatchStartAnswer):
-            del module.on_train_batch_start
+        wrapper = vars(module).get("on_train_batch_start") if module is not None else None
+        if isinstance(wrapper, _BatchStartAnswer):
+            if wrapper.previous is None:
+                del module.on_train_batch_start
+            else:
+                module.on_train_batch_start = wrapper.previous
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._unwatch_batch_start()
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        self._unwatch_batch_start()  # (after an exception too, when on_fit_end does not run)
+        self._unwatch_batch_start()
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # After restore_training_state: a checkpoint's "flatlora" entry is loaded by now.
@@ -274,3 +294,4 @@ class FlatLoRACallback(Callback):
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         self._end_final_backward(exception)  # a backward that raised: its block closes without releasing
         self._end_batch()  # the failed batch's graph will never be backpropagated
+        self._unwatch_batch_start()  # (neither on_fit_end nor teardown runs after an exception)
