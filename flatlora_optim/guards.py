@@ -200,8 +200,9 @@ class PerturbationGuards(Uncopyable):
             garbage-collected: the noise may come out once :meth:`pending` says that no graph waits.
         on_mode_change: called with the new mode before ``train(mode)`` changes a layer's mode;
             it is expected to restore and raise.
-        on_conversion: called before a conversion (``to(dtype)``, ``half()``, ``to(device)``...) of the model or of a
-            perturbed layer changes a perturbed weight's type or device; it is expected to restore and raise
+        on_conversion: called before a conversion (``to(dtype)``, ``half()``, ``to(device)``, another memory format,
+            ``to_empty()``...) of the model or of a module holding a perturbed weight replaces that weight; it is expected
+            to restore and raise
             (in-place mode; None: conversions are not guarded).
         root: the wrapped model: a graph that its output carries counts too (under reentrant gradient
             checkpointing the layers build none while the block runs; their backward reruns them).
@@ -383,22 +384,17 @@ class PerturbationGuards(Uncopyable):
         """Guard ``_apply`` of the root (first in line: refused before anything is converted), of every perturbed layer,
         of the module holding its weight and of the modules sharing it (a conversion of a submodule that holds one; of
         a module between the root and the layers, the modules it reaches before them are converted first)."""
-        kinds: Dict[Tuple[torch.dtype, torch.device, int], List[Tuple[torch.dtype, torch.device, int]]] = {}  # one list per kind
-        guarded = []
+        kinds_of: Dict[nn.Module, List[Tuple[torch.dtype, torch.device, int]]] = {} if root is None else {root: []}  # root first
         for target in targets:
             weight = target.weight
-            key = (weight.dtype, weight.device, weight.dim())
-            kind = kinds.setdefault(key, [key])
-            guarded.append((target.module, kind))
-            guarded.append((target.owner, kind))  # the module holding the weight (peft's base_layer), below the LoRA layer
-            guarded.extend((alias.module, kind) for alias in target.aliases)
-            guarded.extend((module, kind) for module, _, _ in target.tied)  # a module sharing the weight (a tied lm_head)
-        if root is not None:
-            guarded.insert(0, (root, [k for k, in kinds.values()]))
-        patched = self._patched
-        for module, kind in guarded:
-            state = module.__dict__
-            if "_apply" in state:  # guarded already (a layer shared by two targets), or the user's own
+            kind = (weight.dtype, weight.device, weight.dim())
+            holders = [target.module, target.owner, *(alias.module for alias in target.aliases), *(m for m, _, _ in target.tied)]
+            for module in holders if root is None else [root, *holders]:
+                kinds = kinds_of.setdefault(module, [])
+                if kind not in kinds:  # (a module holding two weights of other kinds probes both)
+                    kinds.append(kind)
+        for module, kinds in kinds_of.items():
+            if "_apply" in module.__dict__:  # the user's own (or another wrapper's guard)
                 continue
-            patched.append((module, "_apply"))
-            state["_apply"] = _ConversionGuard(module, on_conversion, type(module)._apply, kind)
+            self._patched.append((module, "_apply"))  # first: remove() must know of every patch
+            module.__dict__["_apply"] = _ConversionGuard(module, on_conversion, type(module)._apply, kinds)

@@ -72,6 +72,12 @@ def _is_zero(lr: Any) -> bool:
     return as_real(lr) == 0.0
 
 
+def _every_lr_zero(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether every param group of ``optimizer`` has learning rate 0, as at ``torch.distributed.checkpoint``'s state
+    initialisation."""
+    return all(_is_zero(group.get("lr")) for group in optimizer.param_groups)
+
+
 class _OnWrappedOptimizer:
     """An attribute of :class:`FlatLoRA` that lives on the wrapped optimizer (unset there: ``AttributeError``, so that
     ``getattr(opt, name, default)`` works)."""
@@ -107,20 +113,20 @@ class _StepsElsewhere:
         owner = self.owner()
         if owner is None or id(optimizer) in _STEPPED_BY_A_WRAPPER or owner._warned_steps_elsewhere:
             return
-        if all(_is_zero(group.get("lr")) for group in optimizer.param_groups):
-            return  # torch.distributed.checkpoint's state initialisation (lr 0) given the wrapped optimizer: no training step
+        if _every_lr_zero(optimizer):
+            return  # torch.distributed.checkpoint's state initialisation given the wrapped optimizer: no training step
         owner._warned_steps_elsewhere = True
         warnings.warn(
             f"{type(optimizer).__name__}.step() ran without FlatLoRA.step(): Flat-LoRA's noise schedule did not advance "
             f"(step_count {owner.step_count}, sigma {owner.sigma:.4g}). Step the FlatLoRA wrapper instead of the optimizer "
             "it wraps: opt.step(), scaler.step(opt), and give the wrapper to LR schedulers and frameworks.",
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,  # past torch's step wrapper, which runs the post-hooks: the caller's inner.step() line
         )
 
 
 class _Inert:
-    """What a copied or unpickled :class:`_DrawAgainInBlock` becomes: a forward pre-hook that does nothing."""
+    """What a copied or unpickled :class:`_AfterStepInBlock` hook becomes: a forward pre-hook that does nothing."""
 
     __slots__ = ()
 
@@ -128,44 +134,52 @@ class _Inert:
         return None
 
 
-def _eager(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` run outside ``torch.compile``'s tracing (a hook on a compiled model would be traced, with the noise code)."""
-    disable = getattr(getattr(torch, "compiler", None), "disable", None)
-    return fn if disable is None else disable(fn)
-
-
-class _DrawAgainInBlock:
-    """Forward pre-hook of the model after a ``step()`` inside a ``perturbed()`` block: draws the next step's noise
-    before the block's next forward in training mode (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper
-    weakly. The weights are clean while it waits, so a copy of the model may be taken: the copy gets an inert hook."""
+class _AfterStepInBlock:
+    """Base of the forward pre-hooks that a ``step()`` inside a ``perturbed()`` block puts on the model and its LoRA
+    layers until the block ends (see :meth:`FlatLoRA._draw_at_next_forward`). Holds the wrapper weakly; its subclasses
+    run outside ``torch.compile``'s tracing (a hook on a compiled model would be traced, with the noise code). The
+    weights are clean while it waits, so a copy of the model may be taken: the copy gets an inert hook."""
 
     __slots__ = ("owner",)
 
     def __init__(self, owner: FlatLoRA):
         self.owner = weakref.ref(owner)
 
-    @_eager
-    def __call__(self, module: nn.Module, args: Any) -> None:
+    def _waiting(self, module: nn.Module) -> Optional[FlatLoRA]:
+        """The wrapper, while ``module`` runs in training mode inside the block before the next step's noise is drawn."""
         owner = self.owner()
         if owner is not None and owner._depth and owner._perturbations is None and module.training:
-            owner._apply_noise()
+            return owner
+        return None
 
     def __reduce_ex__(self, protocol: object) -> Tuple[type, Tuple[()]]:
         return _Inert, ()
 
 
-class _WarnUndrawn(_DrawAgainInBlock):
-    """Forward pre-hook of each LoRA layer after a ``step()`` inside a ``perturbed()`` block: warns once when a layer
-    computes in training mode before the model's call drew the next step's noise (a loop that calls a submodule of the
-    model given to FlatLoRA: its steps after the first would run at the clean weights, silently). Warns only: a layer's
-    hook may run after FSDP2 gathered its shards, where no noise may go in."""
+class _DrawAgainInBlock(_AfterStepInBlock):
+    """On the model: draws the next step's noise before the block's next forward in training mode."""
 
     __slots__ = ()
 
-    @_eager
+    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Any) -> None:
-        owner = self.owner()
-        if owner is None or not owner._depth or owner._perturbations is not None or not module.training or owner._warned_undrawn:
+        owner = self._waiting(module)
+        if owner is not None:
+            owner._apply_noise()
+
+
+class _WarnUndrawn(_AfterStepInBlock):
+    """On each LoRA layer: warns once when a layer computes in training mode before the model's call drew the next
+    step's noise (a loop that calls a submodule of the model given to FlatLoRA: its steps after the first would run at
+    the clean weights, silently). Warns only: a layer's hook may run after FSDP2 gathered its shards, where no noise
+    may go in."""
+
+    __slots__ = ()
+
+    @torch.compiler.disable
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        owner = self._waiting(module)
+        if owner is None or owner._warned_undrawn:
             return
         owner._warned_undrawn = True
         warnings.warn(
@@ -424,8 +438,8 @@ class FlatLoRA(torch.optim.Optimizer):
         pass. On an exception the weights are restored at once. Blocks may be nested; entering
         twice in one optimizer step (gradient accumulation) reuses the same draw (with ``restore="subtract"``
         almost: each restore drifts ``W`` in its last bits, and the next block's row stds read the drifted ``W``).
-        A ``step()`` inside the block restores the weights, and the block's next call of the model draws the next
-        step's noise: a training loop inside one block runs as a block per step.
+        A ``step()`` inside the block restores the weights, and the block's next call of the model in training mode
+        draws the next step's noise: a training loop inside one block runs as a block per step.
         """
         self._depth += 1
         try:
@@ -455,6 +469,7 @@ class FlatLoRA(torch.optim.Optimizer):
                 self._undrawn_handles = [t.module.register_forward_pre_hook(_WarnUndrawn(self)) for t in self.targets]
 
     def _stop_drawing_in_block(self) -> None:
+        """Take out the hooks :meth:`_draw_at_next_forward` put on the model and its layers (the block ended)."""
         if self._redraw_handle is not None:
             self._redraw_handle.remove()
             self._redraw_handle = None
@@ -738,7 +753,7 @@ class FlatLoRA(torch.optim.Optimizer):
                     return closure()
 
         skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it
-        if wrapped is not None and computes and self._depth:
+        if computes and self._depth:  # (computes: a closure was given)
             loss = self._closure_step_in_block(wrapped, kwargs)
         else:
             loss = self._inner_step(wrapped, kwargs)
@@ -789,7 +804,7 @@ class FlatLoRA(torch.optim.Optimizer):
         0 on zero gradients: no training step (it must neither take the noise out of a block nor advance the schedule).
         A real first step has a non-zero gradient somewhere. Like those helpers, this looks at the parameters that require
         grad only: an optimizer built from all of a model's parameters holds frozen weights too, which get no gradient."""
-        if self.base_optimizer.state or not all(_is_zero(group.get("lr")) for group in self.param_groups):
+        if self.base_optimizer.state or not _every_lr_zero(self.base_optimizer):
             return False
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.requires_grad]
         return bool(grads) and all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)

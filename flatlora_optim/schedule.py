@@ -79,7 +79,7 @@ class NoiseSchedule:
                     )
         elif not callable(schedule):
             raise ValueError(f"Invalid schedule {schedule!r}: expected a name in {SCHEDULE_NAMES} or a callable factor(step) -> float.")
-        steps = None if total_steps is None else as_int(total_steps)
+        steps = as_int(total_steps)  # (None for None)
         if total_steps is not None and (steps is None or steps <= 0):
             raise ValueError(f"Invalid total_steps {total_steps!r}: expected a positive int (optimizer steps).")
         self.rho = value

@@ -610,8 +610,9 @@ def test_a_gradient_accumulation_scheduler_without_total_steps_is_warned_about(t
 
     trainer = trainer_for(tmp_path, [GradientAccumulationScheduler({0: 1, 1: 2}), FlatLoRACallback(rho=0.2)], max_epochs=2,
                           limit_val_batches=0)
-    with pytest.warns(UserWarning, match="GradientAccumulationScheduler.*total_steps"):
+    with pytest.warns(UserWarning, match="GradientAccumulationScheduler.*total_steps") as caught:
         trainer.fit(LitMLP(), loader(16))
+    assert sum("GradientAccumulationScheduler" in str(w.message) for w in caught) == 1, "warned more than once"
 
 
 def test_virtual_mode_through_the_callback_trains_as_in_place_mode(tmp_path):
@@ -659,7 +660,19 @@ def test_the_batch_start_wrapper_leaves_with_an_exception_and_is_not_pickled(tmp
     assert saver.saved == 2
     assert "on_train_batch_start" not in vars(module)
     torch.save(module, io.BytesIO())
-    probe = EpochEndProbe()  # a later fit of the same module, with a new callback, restores at the skip again
+    probe = EpochEndProbe()  # a later fit of the same module (one epoch: no boom), with a new callback, restores at the skip again
     trainer_for(tmp_path, [probe, FlatLoRACallback(rho=0.2, schedule="constant")], max_epochs=1, limit_val_batches=0).fit(
-        SkipsTheRestOfTheEpoch(), loader())
+        module, loader())
     assert probe.seen == [False]
+    assert "on_train_batch_start" not in vars(module)
+
+
+def test_a_wrapper_left_on_the_module_answers_to_the_new_callback(tmp_path):
+    """A wrapper left by a fit whose end no hook saw is taken over, not wrapped again (the module kept it after fit)."""
+    module = SkipsTheRestOfTheEpoch()
+    FlatLoRACallback(rho=0.2)._watch_batch_start(module)  # its callback is gone at once: the stale wrapper
+    probe = EpochEndProbe()
+    trainer_for(tmp_path, [probe, FlatLoRACallback(rho=0.2, schedule="constant")], max_epochs=1, limit_val_batches=0).fit(
+        module, loader())
+    assert probe.seen == [False]
+    assert "on_train_batch_start" not in vars(module), "the stale wrapper came back after fit"

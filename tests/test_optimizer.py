@@ -553,7 +553,7 @@ def test_step_with_a_closure_inside_a_block_is_the_step_outside_one():
     assert all(torch.equal(a, b) for a, b in zip(run(True), run(False)))
 
 
-def test_stepping_the_wrapped_optimizer_directly_warns_once():
+def test_stepping_the_wrapped_optimizer_directly_warns_once_at_the_callers_line():
     """``inner.step()`` / ``scaler.step(inner)`` leave the noise schedule where it was (at the cosine ramp's start: no
     noise at all); the wrapper says so, once. Steps through the wrapper (GradScaler included) do not warn."""
     import warnings
@@ -580,8 +580,9 @@ def test_stepping_the_wrapped_optimizer_directly_warns_once():
             warnings.simplefilter("always")
             inner.step()
         inner.zero_grad()
-        messages.append([str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)])
-    assert len(messages[0]) == 1 and "AdamW.step() ran without FlatLoRA.step()" in messages[0][0]
+        messages.append([(str(w.message), w.filename) for w in caught if issubclass(w.category, RuntimeWarning)])
+    assert len(messages[0]) == 1 and "AdamW.step() ran without FlatLoRA.step()" in messages[0][0][0]
+    assert messages[0][0][1] == __file__, "the warning points into torch, not at the caller's inner.step()"
     assert messages[1] == [], "warned more than once"
     assert opt.step_count == 2
 
@@ -691,7 +692,7 @@ def test_in_a_loop_inside_one_block_an_evaluation_runs_clean_and_a_copy_may_be_t
         model = make_mlp(seed=0)
         before = frozen_weights(model)
         opt = _opt(model, mode=mode, schedule="constant", total_steps=None)
-        x, y = batch(0)
+        x = batch(0)[0]
         with opt.perturbed():
             for s in range(2):
                 nn.functional.cross_entropy(model(batch(s)[0]), batch(s)[1]).backward()
@@ -706,7 +707,10 @@ def test_in_a_loop_inside_one_block_an_evaluation_runs_clean_and_a_copy_may_be_t
                 torch.save(model, io.BytesIO())
                 assert_frozen_unchanged(twin, before)
                 with torch.no_grad():
-                    assert torch.equal(twin.eval()(x), clean_out)  # the twin's inert hook draws nothing
+                    assert torch.equal(twin(x), twin.eval()(x)), "the twin's hook drew noise"  # in training mode first
+                assert not opt.is_perturbed, "the twin's hook drew noise into the original model"
+                assert torch.equal(twin(x), clean_out)
+                twin.train()
         assert_frozen_unchanged(model, before)
 
 

@@ -117,11 +117,13 @@ class FlatLoRACallback(TrainerCallback):
                 stacklevel=2,
             )
         elif state.global_step == 0 and flat.step_count > 0:
-            # train() again without resuming: the Trainer counts from 0 (and builds anew an LR schedule it made itself);
-            # the noise schedule follows its count, as it does step by step (sigma at the Trainer's step t)
+            # train() again without resuming, or auto_find_batch_size's loop run again after an out-of-memory step: the
+            # Trainer counts from 0 (and builds anew an LR schedule it made itself); the noise schedule follows its count,
+            # as it does step by step (sigma at the Trainer's step t)
             warnings.warn(
-                f"train() starts at global step 0 while Flat-LoRA is at step {flat.step_count} (an earlier train() of this "
-                "Trainer): the noise schedule restarts at 0 with the Trainer's. Pass resume_from_checkpoint to continue a run.",
+                f"The training loop starts at global step 0 while Flat-LoRA is at step {flat.step_count} (an earlier train() "
+                "of this Trainer, or auto_find_batch_size starting the loop again): the noise schedule restarts at 0 with the "
+                "Trainer's. Pass resume_from_checkpoint to continue a run.",
                 stacklevel=2,
             )
             restart_schedule(flat)
