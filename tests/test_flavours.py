@@ -264,6 +264,27 @@ def test_peft_target_parameters_param_wrapper():
     assert torch.equal(bits(target.weight), before)
 
 
+def test_peft_target_parameters_on_a_conv1d_weight_is_refused_clearly():
+    """A transformers ``Conv1D`` stores its weight inputs x outputs: through ``target_parameters`` its rows are input
+    units, and the noise went along the wrong axis, silently. The same layer through ``target_modules`` is handled."""
+    from transformers.pytorch_utils import Conv1D
+
+    class GPT2Like(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_proj = Conv1D(32, 64)
+
+        def forward(self, x):
+            return self.c_proj(x)
+
+    model = peft.get_peft_model(GPT2Like(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=["c_proj.weight"]))
+    with pytest.raises(ValueError, match="Conv1D weight through target_parameters.*target_modules"):
+        FlatLoRA(torch.optim.SGD(_trainable(model), lr=0.1), model, rho=RHO, schedule="constant")
+    model = peft.get_peft_model(GPT2Like(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["c_proj"], fan_in_fan_out=True))
+    opt = FlatLoRA(torch.optim.SGD(_trainable(model), lr=0.1), model, rho=RHO, schedule="constant")
+    assert _only_target(opt).shape == (32, 64)  # rows: the output units
+
+
 class _QuantStandIn(nn.Module):
     """Stands in for bitsandbytes' Linear4bit (detected by class name; bitsandbytes is not needed)."""
 

@@ -223,7 +223,14 @@ def _param_2d(module: nn.Module) -> bool:
 
 def _describe_param(name: str, module: nn.Module) -> LoRATarget:
     # target_parameters: the parameter itself (out x in, as nn.Linear) with the adapters of Linear.
-    return _peft_target(name, module, "peft-param", module.get_base_layer(), module.parameter_name, False, _linear_factors(module), module.lora_A,
+    base = module.get_base_layer()
+    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers' GPT-2 layer: its weight is in x out
+        raise ValueError(
+            f"{name!r} adapts a transformers Conv1D weight through target_parameters: that weight is stored inputs x "
+            "outputs, so its rows are input units and the paper's per-output-unit noise would go along the wrong axis. "
+            "Adapt the layer with target_modules=[...] (peft sets fan_in_fan_out=True for Conv1D), which Flat-LoRA handles."
+        )
+    return _peft_target(name, module, "peft-param", base, module.parameter_name, False, _linear_factors(module), module.lora_A,
                         factors_state=_linear_factors_state(module))
 
 
