@@ -449,8 +449,7 @@ class FlatLoRA(torch.optim.Optimizer):
             self._depth -= 1
             if self._depth == 0:
                 self._stop_drawing_in_block()
-                self._held = False
-                self._restore_now()
+                self.restore(force=True)
             raise
         self._depth -= 1
         if self._depth == 0:
@@ -487,8 +486,7 @@ class FlatLoRA(torch.optim.Optimizer):
         patches.stop_watching()
         self._virtual_verified = not unrouted
         if unrouted:
-            self._held = False
-            self._restore_now()
+            self.restore(force=True)
             raise ValueError(
                 f"mode='virtual' rerouted no product of {unrouted[:3]}: their forward ran without calling the module that holds "
                 "the weight (it reads the weight itself, e.g. F.linear(x, self.base.weight)), so they computed without the "
@@ -707,8 +705,7 @@ class FlatLoRA(torch.optim.Optimizer):
         return clean
 
     def _on_mode_change(self, mode: bool) -> None:
-        self._held = False
-        self._restore_now()
+        self.restore(force=True)
         raise RuntimeError(
             f"model.{'train' if mode else 'eval'}() was called while Flat-LoRA noise is in the base weights (inside "
             "opt.perturbed() or between its forward and backward). The weights have been restored; the pending "
@@ -716,8 +713,7 @@ class FlatLoRA(torch.optim.Optimizer):
         )
 
     def _on_conversion(self) -> None:
-        self._held = False
-        self._restore_now()
+        self.restore(force=True)
         raise RuntimeError(
             "The model (or a module holding a perturbed weight) was converted to another dtype, device or memory format "
             "(to(), half(), float(), cuda()...) while Flat-LoRA noise is in the base weights (inside opt.perturbed() or between its forward and backward): the "
@@ -860,8 +856,7 @@ class FlatLoRA(torch.optim.Optimizer):
         state = dict(state_dict)
         flat = state.pop("flatlora", None)
         loaded = None if flat is None else self._checked_flatlora_state(flat)
-        self._held = False
-        self._restore_now()
+        self.restore(force=True)
         self.base_optimizer.load_state_dict(state)
         if loaded is None:
             warnings.warn("Loading a state_dict without Flat-LoRA state: the noise schedule restarts at step 0.", stacklevel=2)
@@ -875,8 +870,7 @@ class FlatLoRA(torch.optim.Optimizer):
         """Load what :meth:`flatlora_state_dict` gave (the wrapped optimizer's state is loaded apart)."""
         self._refuse_inside_block("load_flatlora_state_dict")
         loaded = self._checked_flatlora_state(flat)
-        self._held = False
-        self._restore_now()
+        self.restore(force=True)
         self._adopt(*loaded)
 
     def _refuse_inside_block(self, what: str, advice: str = "Load before entering the block (or after the step).") -> None:

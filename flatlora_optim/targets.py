@@ -427,6 +427,12 @@ _PACKED_TENSOR_NAMES = {
 _PACKED_PACKAGES = ("bitsandbytes", "auto_gptq", "gptqmodel", "awq", "hqq", "eetq", "optimum.quanto", "aqlm", "torchao")
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """Whether ``module`` is transformers' ``Conv1D`` (GPT-2's layers), told by name: its weight is stored inputs x
+    outputs, the transpose of ``nn.Linear``'s (transformers need not be imported)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
 def packed_weight_reason(module: nn.Module) -> Optional[str]:
     """Why ``module``'s base weight is quantized/packed (so cannot take noise in place), or ``None``.
 

@@ -32,7 +32,7 @@ from torch.utils.hooks import RemovableHandle
 
 from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
-from .targets import LoRATarget
+from .targets import LoRATarget, is_conv1d
 from .uncopyable import Uncopyable
 
 __all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "virtual_refusal", "INTERCEPTABLE"]
@@ -73,10 +73,6 @@ def _is_compiling() -> bool:
     return bool(check()) if check is not None else False
 
 
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
-
-
 def reads_base_weight(target: LoRATarget) -> bool:
     """Whether the LoRA layer reads its base weight outside the base product (DoRA: the row norms of
     ``W + sBA``), where virtual mode's rerouting would leave it the clean ``W``."""
@@ -109,7 +105,7 @@ def interception_point(target: LoRATarget) -> Optional[Tuple[nn.Module, str]]:
         return owner, "base_forward"
     if isinstance(owner, nn.Linear) and type(owner).forward is nn.Linear.forward:
         return owner, "forward"
-    if _is_conv1d(owner):
+    if is_conv1d(owner):
         return owner, "forward"
     return None
 

@@ -17,7 +17,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from ..targets import Adapter, Flavour, LoRATarget, register_flavour
+from ..targets import Adapter, Flavour, LoRATarget, is_conv1d, register_flavour
 
 NAMES = frozenset({"peft", "peft-embedding", "peft-conv", "peft-param"})
 
@@ -224,7 +224,7 @@ def _param_2d(module: nn.Module) -> bool:
 def _describe_param(name: str, module: nn.Module) -> LoRATarget:
     # target_parameters: the parameter itself (out x in, as nn.Linear) with the adapters of Linear.
     base = module.get_base_layer()
-    if type(base).__name__ == "Conv1D" and hasattr(base, "nf"):  # transformers' GPT-2 layer: its weight is in x out
+    if is_conv1d(base):
         raise ValueError(
             f"{name!r} adapts a transformers Conv1D weight through target_parameters: that weight is stored inputs x "
             "outputs, so its rows are input units and the paper's per-output-unit noise would go along the wrong axis. "
