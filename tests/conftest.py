@@ -64,6 +64,19 @@ def train_step(model: nn.Module, opt, seed: int) -> None:
     opt.zero_grad()
 
 
+def steps_in_blocks(opt, step: Callable[[int], None], steps: int, one_block: bool) -> None:
+    """Run ``step(s)`` for ``s`` in ``range(steps)``: the whole loop inside one ``opt.perturbed()`` block, or a block per
+    step (what a loop inside one block must reproduce)."""
+    if one_block:
+        with opt.perturbed():
+            for s in range(steps):
+                step(s)
+    else:
+        for s in range(steps):
+            with opt.perturbed():
+                step(s)
+
+
 def make_mlp(seed: int = 0, dtype: torch.dtype = torch.float32, width: int = 32, bias: bool = True, r: int = 4) -> nn.Module:
     """A 3-layer MLP with LoRALinear on every Linear; B is random so W + sBA != W."""
     gen = torch.Generator().manual_seed(seed)

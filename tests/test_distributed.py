@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from conftest import batch, bits, end_worker_process, make_mlp, train_step  # noqa: E402
+from conftest import batch, bits, end_worker_process, make_mlp, steps_in_blocks, train_step  # noqa: E402
 
 from flatlora_optim import FlatLoRA, lora_parameters  # noqa: E402
 
@@ -330,14 +330,7 @@ def _fsdp_loop_worker(rank: int, world: int, rendezvous: str, backend: str, out_
             opt.step()
             opt.zero_grad()
 
-        if one_block:
-            with opt.perturbed():
-                for s in range(3):
-                    step(s)
-        else:
-            for s in range(3):
-                with opt.perturbed():
-                    step(s)
+        steps_in_blocks(opt, step, 3, one_block)
         restored = all(torch.equal(bits(p.to_local()), b) for p, b in zip(frozen, before))
         result[one_block] = (restored, [p.to_local().detach().cpu().clone() for p in lora_parameters(model)])
     torch.save(result, os.path.join(out_dir, f"loop{rank}.pt"))

@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, train_step
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, steps_in_blocks, train_step
 from torch import nn
 
 from flatlora_optim import FlatLoRA, lora_parameters
@@ -620,16 +620,9 @@ def test_a_training_loop_inside_one_block_is_a_block_per_step(restore, mode):
             loss.backward()
             opt.step()
             opt.zero_grad()
+            assert not opt.is_perturbed  # clean after each step (inside the block too), until the next forward
 
-        if one_block:
-            with opt.perturbed():
-                for s in range(4):
-                    step(s)
-                    assert not opt.is_perturbed  # clean after each step, until the next forward
-        else:
-            for s in range(4):
-                with opt.perturbed():
-                    step(s)
+        steps_in_blocks(opt, step, 4, one_block)
         assert_frozen_unchanged(model, before)
         return seen, [p.detach().clone() for p in lora_parameters(model)]
 

@@ -8,7 +8,7 @@ import signal
 
 import pytest
 import torch
-from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp
+from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, steps_in_blocks
 from torch import nn
 
 from flatlora_optim import FlatLoRA, LoRALinear, lora_parameters
@@ -981,14 +981,7 @@ def test_a_training_loop_inside_one_block_of_a_compiled_model_traces_no_noise_co
             opt.step()
             opt.zero_grad()
 
-        if one_block:
-            with opt.perturbed():
-                for s in range(4):
-                    step(s)
-        else:
-            for s in range(4):
-                with opt.perturbed():
-                    step(s)
+        steps_in_blocks(opt, step, 4, one_block)
         assert_frozen_unchanged(model, before)
         return counters["stats"]["unique_graphs"], [p.detach().clone() for p in lora_parameters(model)]
 
