@@ -32,6 +32,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .claims import claim, release
+from .clean_reruns import CleanRerunWatch
 from .describe import describe_targets, format_targets
 from .guards import PerturbationGuards
 from .host_restore import EarlyRestore
@@ -311,6 +312,11 @@ class FlatLoRA(torch.optim.Optimizer):
         self._redraw_handle: Optional[RemovableHandle] = None  # see _draw_at_next_forward
         self._undrawn_handles: List[RemovableHandle] = []  # ... and _WarnUndrawn
         self._warned_undrawn = False
+        # from the noise's coming off to the next draw or step: a layer rerun inside a backward (checkpointing) raises
+        self._rerun_watch = CleanRerunWatch(self, [(t.name, t.module) for t in self.targets] +
+                                            [(a.name, a.module) for t in self.targets for a in t.aliases])
+        self._drew_this_step = False  # _apply_noise ran since the last step (see _warn_if_no_block)
+        self._warned_no_block = False
         if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
             optimizer.register_step_post_hook(_StepsElsewhere(self))
 
@@ -574,8 +580,10 @@ class FlatLoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _apply_noise(self) -> None:
+        self._drew_this_step = True
         if self._perturbations is not None:
             return
+        self._rerun_watch.disarm()
         self._check_restored()
         if not self._steady.unchanged(self.targets):  # a layer changed since the last step (or none was read yet)
             for target in self.targets:
@@ -659,10 +667,12 @@ class FlatLoRA(torch.optim.Optimizer):
             self._patches = None
             self._perturbations = None
             release(self, self.targets)
+            self._rerun_watch.arm()
             return
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
             return
+        self._rerun_watch.arm()
         failed: List[TargetPerturbation] = []
         swapped = [t.name for t in self.targets if t._pinned is not None and t.live_weight() is not t._pinned]
         try:
@@ -755,9 +765,27 @@ class FlatLoRA(torch.optim.Optimizer):
             loss = self._inner_step(wrapped, kwargs)
         if not skipped:
             self._step_index += 1
+        self._rerun_watch.disarm()
+        self._warn_if_no_block(computes)
         if self._depth:
             self._draw_at_next_forward()
         return loss
+
+    def _warn_if_no_block(self, computes: bool) -> None:
+        """Warn once when a step comes with no draw since the last one (no ``perturbed()`` block, no ``perturb()``, no
+        closure that computes): its gradient was taken at the clean weights, plain LoRA's, silently otherwise -- e.g. a
+        loop that calls ``opt.perturbed()`` without ``with``. Inside a block, :class:`_WarnUndrawn` tells instead."""
+        drew, self._drew_this_step = self._drew_this_step, False
+        if drew or computes or self._depth or self._warned_no_block:
+            return
+        self._warned_no_block = True
+        warnings.warn(
+            "opt.step() came without Flat-LoRA noise in this step: no `with opt.perturbed():` block (or perturb()) ran "
+            "since the last step, so the gradient was taken at the clean weights (plain LoRA). Put the forward inside "
+            "`with opt.perturbed():` (calling opt.perturbed() without `with` does nothing).",
+            RuntimeWarning,
+            stacklevel=4,  # past step() and torch's step wrapper: the caller's opt.step() line
+        )
 
     def _closure_step_in_block(self, closure: Callable[[], Any], kwargs: Dict[str, Any]) -> Any:
         """``step(closure)`` inside a :meth:`perturbed` block: each call of the closure draws and releases its noise as it

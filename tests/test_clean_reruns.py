@@ -1,0 +1,229 @@
+"""A LoRA layer rerun inside a backward after the noise came off is refused; a step without any draw warns.
+
+Reentrant checkpointing of a submodule the loop calls (or around the model's call) builds no graph that Flat-LoRA can
+see while the block runs: the noise came off at the block's end and the backward reran the layers at the clean
+weights, silently (documented as such until this release). A loop that wrote ``opt.perturbed()`` without ``with``
+trained plain LoRA, silently too.
+"""
+
+from __future__ import annotations
+
+import gc
+import warnings
+
+import pytest
+import torch
+from conftest import assert_frozen_unchanged, batch, frozen_weights, make_mlp
+from torch import nn
+from torch.nn.modules.module import _global_forward_pre_hooks
+from torch.utils.checkpoint import checkpoint
+
+from flatlora_optim import FlatLoRA, lora_parameters
+from flatlora_optim.clean_reruns import _RerunCheck
+
+MODES = ["inplace", "virtual"]
+RERUN = "computed again inside backward\\(\\) after Flat-LoRA's noise had come off"
+
+
+def _watches() -> int:
+    """How many rerun watches are registered as global forward pre-hooks right now."""
+    return sum(isinstance(hook, _RerunCheck) for hook in _global_forward_pre_hooks.values())
+
+
+class _Wrapper(nn.Module):
+    """A model whose forward checkpoints its body (``inside``), or a container the loop reaches into (the body)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.body = make_mlp(seed=3)
+        self.reentrant = reentrant
+
+    def forward(self, x):
+        return checkpoint(self.body, x, use_reentrant=self.reentrant)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def _setup(mode: str, reentrant: bool = True, device: str = "cpu"):
+    net = _Wrapper(reentrant).to(device)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(net)), lr=0.1), net, rho=0.3, schedule="constant", mode=mode)
+    x, y = (t.to(device) for t in batch(0))
+    return net, opt, x.requires_grad_(), y  # reentrant checkpointing needs an input that requires grad
+
+
+def _lora_grads(net):
+    return [p.grad.clone() for p in lora_parameters(net)]
+
+
+# the two ways a loop hides the graph from the wrapper: it calls a submodule, or checkpoints around the model's call
+CALLS = {
+    "submodule": lambda net, x: checkpoint(net.body, x, use_reentrant=True),
+    "around the model": lambda net, x: checkpoint(net, x, use_reentrant=True),
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("call", sorted(CALLS))
+def test_a_reentrant_rerun_after_the_block_raises_and_leaves_the_weights_clean(mode, call, device):
+    """(On CUDA the autograd engine runs the backward, and so the rerun and its refusal, on a thread of its own.)"""
+    net, opt, x, y = _setup(mode, device=device)
+    before = frozen_weights(net)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(CALLS[call](net, x), y)
+    assert not opt.is_perturbed  # no graph seen: the noise came off at the block's end ...
+    with pytest.raises(RuntimeError, match=RERUN + ".*use_reentrant=False"):
+        loss.backward()  # ... and the rerun would have computed at the clean weights
+    assert not opt.is_perturbed
+    assert_frozen_unchanged(net, before)
+    # the loop can go on: the same step with the backward inside the block gives the noisy gradients
+    opt.zero_grad()
+    with opt.perturbed():
+        nn.functional.cross_entropy(CALLS[call](net, x), y).backward()
+    inside = _lora_grads(net)
+    opt.zero_grad()
+    with opt.perturbed():
+        nn.functional.cross_entropy(net.body(x), y).backward()  # no checkpointing: the reference
+    for got, want in zip(inside, _lora_grads(net)):
+        torch.testing.assert_close(got, want, rtol=1e-5 if device == "cuda" else 1e-6, atol=1e-7)
+    opt.step()
+    assert _watches() == 0
+    assert_frozen_unchanged(net, before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_the_model_that_checkpoints_inside_its_forward_is_unaffected(mode, reentrant):
+    """The supported forms: the loop calls the model given to FlatLoRA (which checkpoints inside), backward after the
+    block, two micro-batches; or non-reentrant checkpointing of a submodule. Nothing raises, and the gradients are
+    those of the same steps without checkpointing."""
+    net, opt, x, y = _setup(mode, reentrant)
+    grads = {}
+    for run in ("checkpointed", "plain"):
+        opt.zero_grad()
+        for _ in range(2):  # gradient accumulation: the watch armed after the first backward, off at the second draw
+            with opt.perturbed():
+                loss = nn.functional.cross_entropy(net(x) if run == "checkpointed" else net.body(x), y)
+            loss.backward()
+        grads[run] = _lora_grads(net)
+    for got, want in zip(grads["checkpointed"], grads["plain"]):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    if not reentrant:
+        opt.zero_grad()
+        with opt.perturbed():
+            loss = nn.functional.cross_entropy(checkpoint(net.body, x, use_reentrant=False), y)
+        loss.backward()
+        for got, want in zip(_lora_grads(net), grads["plain"]):
+            torch.testing.assert_close(got * 2, want, rtol=1e-6, atol=1e-7)  # one micro-batch against two of the same
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_a_second_backward_through_a_checkpointed_graph_raises(mode, reentrant):
+    """Virtual mode reran the layers without the noise in a second backward (reentrant: silently); in-place mode
+    already refused it. Both raise now."""
+    net, opt, x, y = _setup(mode, reentrant)
+    before = frozen_weights(net)
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="restored|" + RERUN):
+        loss.backward()
+    assert_frozen_unchanged(net, before)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_watch_is_on_only_between_the_noise_coming_off_and_the_step(mode):
+    """A global hook makes every module call take torch's slow path: it is registered only while it is needed, and a
+    forward outside a backward in that window (an evaluation between the backward and the step) is not refused."""
+    net, opt, x, y = _setup(mode)
+    assert not opt._rerun_watch.armed
+    with opt.perturbed():
+        assert not opt._rerun_watch.armed
+        loss = nn.functional.cross_entropy(net(x), y)
+    assert not opt._rerun_watch.armed  # the graph is pending: the noise is still on (in-place) or the layers rerouted (virtual)
+    loss.backward()
+    assert opt._rerun_watch.armed and any(hook is opt._rerun_watch._check for hook in _global_forward_pre_hooks.values())
+    with torch.no_grad():
+        evaluated = net.body(x)
+    torch.testing.assert_close(evaluated, net.body(x).detach(), rtol=0, atol=0)
+    opt.step()
+    assert not opt._rerun_watch.armed
+    with opt.perturbed():  # a loop inside one block: each step() leaves it off
+        for _ in range(2):
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+            assert not opt._rerun_watch.armed
+
+
+def test_a_collected_wrapper_takes_its_watch_off():
+    gc.collect()  # (wrappers of earlier tests left armed)
+    net, opt, x, y = _setup("inplace")
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    assert _watches() == 1
+    del opt, loss  # never stepped: armed until collected
+    gc.collect()
+    assert _watches() == 0
+
+
+def _no_block_warnings(caught) -> list:
+    return [w for w in caught if "came without Flat-LoRA noise" in str(w.message)]
+
+
+def test_perturbed_without_with_warns_once_at_the_step():
+    net, opt, x, y = _setup("inplace")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            opt.perturbed()  # the mistake: a context manager that is never entered
+            nn.functional.cross_entropy(net.body(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    found = _no_block_warnings(caught)
+    assert len(found) == 1 and found[0].category is RuntimeWarning
+    assert found[0].filename == __file__  # points at the loop's opt.step() line
+    assert "without `with` does nothing" in str(found[0].message)
+
+
+@pytest.mark.parametrize("form", ["block per step", "one block", "perturb and restore", "closure", "accumulation"])
+def test_the_usual_loops_do_not_warn_about_a_missing_block(form):
+    net, opt, x, y = _setup("inplace")
+
+    def loss():
+        return nn.functional.cross_entropy(net(x), y)  # the model given to FlatLoRA: inside one block it draws each step
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if form == "one block":
+            with opt.perturbed():
+                for _ in range(3):
+                    loss().backward()
+                    opt.step()
+        for _ in range(3):
+            if form == "block per step":
+                with opt.perturbed():
+                    loss().backward()
+                opt.step()
+            elif form == "perturb and restore":
+                opt.perturb()
+                loss().backward()
+                opt.restore()
+                opt.step()
+            elif form == "closure":
+                def closure():
+                    opt.zero_grad()
+                    value = loss()
+                    value.backward()
+                    return value
+                opt.step(closure)
+            elif form == "accumulation":
+                for _ in range(2):
+                    with opt.perturbed():
+                        loss().backward()
+                opt.step()
+            opt.zero_grad()
+    assert _no_block_warnings(caught) == []
+    assert opt.step_count in (3, 6)
