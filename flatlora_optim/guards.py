@@ -225,6 +225,7 @@ class PerturbationGuards(Uncopyable):
         self._patched: List[Tuple[nn.Module, str]] = []  # (module, attribute) of each guard put in a module's __dict__
         self._queued: Optional[weakref.ReferenceType] = None  # the _BackwardEnd queued on a running backward
         self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
+        self.computed = False  # whether a perturbed layer has computed since the guards went in (a step without warns)
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
         self._keys = itertools.count()
@@ -263,9 +264,8 @@ class PerturbationGuards(Uncopyable):
             for module, attribute, _ in target.tied:  # the same parameter under another name (a tied lm_head, a LoRA alias)
                 owners.setdefault(id(module), (module, []))[1].append((attribute, target))
             self._handles.append(target.module.register_forward_hook(forward_hook))
-            self._patch_train(target.module, on_mode_change)
-            for alias in target.aliases:  # a LoRA layer that computes with the same (tied) weight
-                self._patch_train(alias.module, on_mode_change)
+            for layer in target.layers():  # its aliases: LoRA layers that compute with the same (tied) weight
+                self._patch_train(layer.module, on_mode_change)
         shared_clean = _SharedCopies(clean_weight)
         for owner, group in owners.values():
             self._handles.append(_register_state_dict_post_hook(owner, _CleanState(group, shared_clean)))
@@ -289,6 +289,7 @@ class PerturbationGuards(Uncopyable):
         return bool(self._pending)
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.computed = True
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
         if not self._handles or self._grad_hooked or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
@@ -302,7 +303,7 @@ class PerturbationGuards(Uncopyable):
         self._track(output)
 
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        """The wrapped model's own outputs, each of them: under reentrant gradient checkpointing (transformers'
+        """The wrapped model's own outputs, each of them: under reentrant gradient checkpointing (transformers 4's
         default) the layers run without grad inside the checkpoint, so only the model's outputs carry the graph,
         and its backward runs the layers again: the noise must still be in place then (virtual mode: the layers
         still rerouted). A loss taken from any one output (``.logits`` with the returned ``.loss`` dropped, say)

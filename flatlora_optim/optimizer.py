@@ -31,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .callers import stacklevel_outside
 from .claims import claim, release
 from .clean_reruns import CleanRerunWatch
 from .describe import describe_targets, format_targets
@@ -122,7 +123,7 @@ class _StepsElsewhere:
             f"(step_count {owner.step_count}, sigma {owner.sigma:.4g}). Step the FlatLoRA wrapper instead of the optimizer "
             "it wraps: opt.step(), scaler.step(opt), and give the wrapper to LR schedulers and frameworks.",
             RuntimeWarning,
-            stacklevel=3,  # past torch's step wrapper, which runs the post-hooks: the caller's inner.step() line
+            stacklevel=stacklevel_outside(),  # the caller's inner.step() (or scheduler, GradScaler...) line
         )
 
 
@@ -313,9 +314,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._undrawn_handles: List[RemovableHandle] = []  # ... and _WarnUndrawn
         self._warned_undrawn = False
         # from the noise's coming off to the next draw or step: a layer rerun inside a backward (checkpointing) raises
-        self._rerun_watch = CleanRerunWatch(self, [(t.name, t.module) for t in self.targets] +
-                                            [(a.name, a.module) for t in self.targets for a in t.aliases])
-        self._drew_this_step = False  # _apply_noise ran since the last step (see _warn_if_no_block)
+        self._rerun_watch = CleanRerunWatch(self, [(layer.name, layer.module) for t in self.targets for layer in t.layers()])
+        self._computed_at_noise = False  # a LoRA layer computed at this step's noise (or sigma was 0): see _warn_if_no_block
         self._warned_no_block = False
         if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
             optimizer.register_step_post_hook(_StepsElsewhere(self))
@@ -574,16 +574,16 @@ class FlatLoRA(torch.optim.Optimizer):
     def _release(self) -> None:
         if self._depth or self._held or self._perturbations is None:
             return
+        self._rerun_watch.noise_out_here()  # graphs built from here on are not built at the noise
         if self._guards is not None and self._guards.pending():
             return  # called again by the guards when a backward ends or a graph is released
-        self._restore_now()
+        self._restore_now(watch_reruns=True)
 
     @torch.no_grad()
     def _apply_noise(self) -> None:
-        self._drew_this_step = True
         if self._perturbations is not None:
             return
-        self._rerun_watch.disarm()
+        self._rerun_watch.noise_in()
         self._check_restored()
         if not self._steady.unchanged(self.targets):  # a layer changed since the last step (or none was read yet)
             for target in self.targets:
@@ -594,6 +594,7 @@ class FlatLoRA(torch.optim.Optimizer):
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0
         if sigma == 0.0:
             self._perturbations = []  # nothing to draw this step: later calls in the step do nothing either
+            self._computed_at_noise = True  # (no noise to compute at: the step warns of nothing)
             return
         _resharded(self.model, self.targets, self._sharded_names)
         claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
@@ -646,7 +647,7 @@ class FlatLoRA(torch.optim.Optimizer):
         """Host restore: restore each layer during the backward once autograd is done with its weight (see
         :class:`~flatlora_optim.host_restore.EarlyRestore`). Not for FSDP2 shards, nor for weights that a
         module other than their LoRA layers also computes with (a tied ``lm_head``): those wait for the end."""
-        layers = [([p.target.module, *(a.module for a in p.target.aliases)], functools.partial(self._perturber.restore_early, p),
+        layers = [([layer.module for layer in p.target.layers()], functools.partial(self._perturber.restore_early, p),
                    functools.partial(self._perturber.perturb_again, p))
                   for p in perturbations if p.blocks and not p.target.sharded and not p.target.tied]
         if not layers:
@@ -655,8 +656,12 @@ class FlatLoRA(torch.optim.Optimizer):
         return EarlyRestore(layers, may_restore=lambda: (self._in_final_backward and self._depth == 0) or not self._armed())
 
     @torch.no_grad()
-    def _restore_now(self) -> None:
+    def _restore_now(self, watch_reruns: bool = False) -> None:
+        """Take the noise out now. ``watch_reruns``: a rerun of a graph built at the noise may still come (the noise is
+        let go at a block's end, a ``restore()`` or a backward's end, not by ``step()`` or an error), so
+        :class:`~flatlora_optim.clean_reruns.CleanRerunWatch` refuses one until the next draw or step."""
         if self._guards is not None:
+            self._computed_at_noise |= self._guards.computed
             self._guards.remove()
             self._guards = None
         if self._early is not None:
@@ -667,12 +672,14 @@ class FlatLoRA(torch.optim.Optimizer):
             self._patches = None
             self._perturbations = None
             release(self, self.targets)
-            self._rerun_watch.arm()
+            if watch_reruns:
+                self._rerun_watch.arm()
             return
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
             return
-        self._rerun_watch.arm()
+        if watch_reruns:
+            self._rerun_watch.arm()
         failed: List[TargetPerturbation] = []
         swapped = [t.name for t in self.targets if t._pinned is not None and t.live_weight() is not t._pinned]
         try:
@@ -759,32 +766,35 @@ class FlatLoRA(torch.optim.Optimizer):
                     return closure()
 
         skipped = self._skipped_by_grad_scaler()  # decided before the update: nothing may raise after it
-        if computes and self._depth:  # (computes: a closure was given)
-            loss = self._closure_step_in_block(wrapped, kwargs)
-        else:
-            loss = self._inner_step(wrapped, kwargs)
+        try:
+            if computes and self._depth:  # (computes: a closure was given)
+                loss = self._closure_step_in_block(wrapped, kwargs)
+            else:
+                loss = self._inner_step(wrapped, kwargs)
+        finally:
+            self._rerun_watch.disarm()
         if not skipped:
             self._step_index += 1
-        self._rerun_watch.disarm()
         self._warn_if_no_block(computes)
         if self._depth:
             self._draw_at_next_forward()
         return loss
 
     def _warn_if_no_block(self, computes: bool) -> None:
-        """Warn once when a step comes with no draw since the last one (no ``perturbed()`` block, no ``perturb()``, no
-        closure that computes): its gradient was taken at the clean weights, plain LoRA's, silently otherwise -- e.g. a
-        loop that calls ``opt.perturbed()`` without ``with``. Inside a block, :class:`_WarnUndrawn` tells instead."""
-        drew, self._drew_this_step = self._drew_this_step, False
-        if drew or computes or self._depth or self._warned_no_block:
+        """Warn once when a step comes and no LoRA layer computed at the noise since the last one (no forward inside a
+        ``perturbed()`` block or after ``perturb()``, no closure that computes): its gradient was taken at the clean
+        weights, plain LoRA's, silently otherwise -- e.g. a loop that calls ``opt.perturbed()`` without ``with``, or
+        runs its forward after the block. Inside a block, :class:`_WarnUndrawn` tells instead."""
+        computed, self._computed_at_noise = self._computed_at_noise, False
+        if computed or computes or self._depth or self._warned_no_block:
             return
         self._warned_no_block = True
         warnings.warn(
-            "opt.step() came without Flat-LoRA noise in this step: no `with opt.perturbed():` block (or perturb()) ran "
-            "since the last step, so the gradient was taken at the clean weights (plain LoRA). Put the forward inside "
+            "opt.step() came without Flat-LoRA noise in this step: no LoRA layer computed at the noise since the last "
+            "step, so the gradient was taken at the clean weights (plain LoRA). Run the forward inside "
             "`with opt.perturbed():` (calling opt.perturbed() without `with` does nothing).",
             RuntimeWarning,
-            stacklevel=4,  # past step() and torch's step wrapper: the caller's opt.step() line
+            stacklevel=stacklevel_outside(),
         )
 
     def _closure_step_in_block(self, closure: Callable[[], Any], kwargs: Dict[str, Any]) -> Any:

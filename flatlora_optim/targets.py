@@ -101,6 +101,10 @@ class LoRATarget:
     ``(module, attribute, qualified name)``. ``state_dict()`` while perturbed is made clean under those names too,
     and virtual mode refuses such a weight (it reroutes the target's product only)."""
 
+    def layers(self) -> List[LoRATarget]:
+        """This target and its :attr:`aliases`: every LoRA layer that computes with this weight."""
+        return [self, *self.aliases]
+
     @property
     def weight(self) -> torch.Tensor:
         """The frozen weight parameter, as stored.

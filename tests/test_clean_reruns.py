@@ -22,7 +22,7 @@ from flatlora_optim import FlatLoRA, lora_parameters
 from flatlora_optim.clean_reruns import _RerunCheck
 
 MODES = ["inplace", "virtual"]
-RERUN = "computed again inside backward\\(\\) after Flat-LoRA's noise had come off"
+RERUN = "computed again inside backward\\(\\), for a graph built at Flat-LoRA's noisy weights"
 
 
 def _watches() -> int:
@@ -134,37 +134,98 @@ def test_a_second_backward_through_a_checkpointed_graph_raises(mode, reentrant):
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_the_watch_is_on_only_between_the_noise_coming_off_and_the_step(mode):
-    """A global hook makes every module call take torch's slow path: it is registered only while it is needed, and a
-    forward outside a backward in that window (an evaluation between the backward and the step) is not refused."""
+def test_the_watch_goes_in_only_where_a_rerun_may_follow_and_out_at_the_step(mode):
+    """A global hook makes every module call take torch's slow path: it goes in only where a rerun of a graph built at
+    the noise may still come, until the step, and a forward outside a backward meanwhile (an evaluation between the
+    backward and the step) is not refused."""
     net, opt, x, y = _setup(mode)
-    assert not opt._rerun_watch.armed
     with opt.perturbed():
         assert not opt._rerun_watch.armed
         loss = nn.functional.cross_entropy(net(x), y)
     assert not opt._rerun_watch.armed  # the graph is pending: the noise is still on (in-place) or the layers rerouted (virtual)
     loss.backward()
+    assert not opt._rerun_watch.armed  # the common loop: that backward freed the graph, nothing can rerun it
+    opt.step()
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward(retain_graph=True)  # a graph kept: a second backward would rerun its checkpointed layers
     assert opt._rerun_watch.armed and any(hook is opt._rerun_watch._check for hook in _global_forward_pre_hooks.values())
     with torch.no_grad():
         evaluated = net.body(x)
     torch.testing.assert_close(evaluated, net.body(x).detach(), rtol=0, atol=0)
     opt.step()
     assert not opt._rerun_watch.armed
-    with opt.perturbed():  # a loop inside one block: each step() leaves it off
+    with opt.perturbed():
+        nn.functional.cross_entropy(net(x), y).backward()  # backward inside: the block's end cannot know of a hidden graph
+    assert opt._rerun_watch.armed
+    with opt.perturbed():  # the next draw takes it out (gradient accumulation) ...
+        assert not opt._rerun_watch.armed
+    opt.step()  # ... and so does the step
+    assert not opt._rerun_watch.armed
+    with opt.perturbed():  # a loop inside one block: each step() leaves it out
         for _ in range(2):
             nn.functional.cross_entropy(net(x), y).backward()
             opt.step()
             assert not opt._rerun_watch.armed
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_graph_built_after_the_noise_came_off_reruns_at_the_clean_weights(mode):
+    """Between the Flat-LoRA backward and the step, a loss at the clean weights through the same checkpointing (an
+    auxiliary loss): its rerun is right, and it is not refused."""
+    net, opt, x, y = _setup(mode)
+    with opt.perturbed():
+        nn.functional.cross_entropy(CALLS["submodule"](net, x), y).backward()
+    assert opt._rerun_watch.armed
+    opt.zero_grad()
+    nn.functional.cross_entropy(CALLS["submodule"](net, x), y).backward()  # built after the noise came off
+    clean = _lora_grads(net)
+    opt.zero_grad()
+    nn.functional.cross_entropy(net.body(x), y).backward()
+    for got, want in zip(clean, _lora_grads(net)):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+
+
+def test_a_forced_restore_leaves_no_watch_and_a_stale_one_refuses_only_its_own_graphs():
+    """An error or ``restore(force=True)`` declares the graph dead: no watch. And a wrapper left armed (never stepped,
+    still referenced) does not refuse the reruns of another wrapper's, or plain training's, graphs on the same layers."""
+    net, opt, x, y = _setup("inplace")
+    with pytest.raises(KeyError):
+        with opt.perturbed():
+            nn.functional.cross_entropy(net(x), y).backward()
+            raise KeyError("the loop fails inside the block")
+    assert not opt._rerun_watch.armed
+    with opt.perturbed():
+        nn.functional.cross_entropy(net(x), y).backward()
+    assert opt._rerun_watch.armed  # left so: this wrapper is dropped by the loop but still referenced
+    nn.functional.cross_entropy(CALLS["submodule"](net, x), y).backward()  # plain training with checkpointing
+    other = FlatLoRA(torch.optim.SGD(list(lora_parameters(net)), lr=0.1), net, rho=0.3, schedule="constant")
+    with other.perturbed():
+        nn.functional.cross_entropy(CALLS["submodule"](net, x), y).backward()
+    other.step()
+    assert opt._rerun_watch.armed
+    opt.restore(force=True)
+    assert opt._rerun_watch.armed  # (until its next draw or step)
+
+
+def test_a_compiled_submodule_rerun_is_refused():
+    """``torch.compile(submodule)``: the compiled code calls no layer's hooks, so its wrapper is checked instead (in-place
+    mode; virtual mode refuses to run under torch.compile)."""
+    net, opt, x, y = _setup("inplace")
+    compiled = torch.compile(net.body, backend="eager")
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(checkpoint(compiled, x, use_reentrant=True), y)
+    with pytest.raises(RuntimeError, match=RERUN):
+        loss.backward()
+
+
 def test_a_collected_wrapper_takes_its_watch_off():
     gc.collect()  # (wrappers of earlier tests left armed)
     net, opt, x, y = _setup("inplace")
     with opt.perturbed():
-        loss = nn.functional.cross_entropy(net(x), y)
-    loss.backward()
+        nn.functional.cross_entropy(net(x), y).backward()
     assert _watches() == 1
-    del opt, loss  # never stepped: armed until collected
+    del opt  # never stepped: armed until collected
     gc.collect()
     assert _watches() == 0
 
@@ -173,18 +234,28 @@ def _no_block_warnings(caught) -> list:
     return [w for w in caught if "came without Flat-LoRA noise" in str(w.message)]
 
 
-def test_perturbed_without_with_warns_once_at_the_step():
+@pytest.mark.parametrize("mistake", ["without with", "forward after the block"])
+@pytest.mark.parametrize("scheduled", [False, True])
+def test_a_step_without_a_forward_at_the_noise_warns_once_at_the_callers_line(mistake, scheduled):
+    """``opt.perturbed()`` never entered, or a block around something else than the forward: the steps train plain
+    LoRA. The warning points at the loop's line, also through an LR scheduler's wrapper of ``step()``."""
     net, opt, x, y = _setup("inplace")
+    if scheduled:
+        torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # wraps opt.step
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         for _ in range(3):
-            opt.perturbed()  # the mistake: a context manager that is never entered
-            nn.functional.cross_entropy(net.body(x), y).backward()
+            if mistake == "without with":
+                opt.perturbed()  # a context manager that is never entered
+            else:
+                with opt.perturbed():
+                    inputs = x  # the block holds the data loading, the forward comes after it
+            nn.functional.cross_entropy(net.body(x if mistake == "without with" else inputs), y).backward()
             opt.step()
             opt.zero_grad()
     found = _no_block_warnings(caught)
     assert len(found) == 1 and found[0].category is RuntimeWarning
-    assert found[0].filename == __file__  # points at the loop's opt.step() line
+    assert found[0].filename == __file__  # the loop's opt.step() line
     assert "without `with` does nothing" in str(found[0].message)
 
 

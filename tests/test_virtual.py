@@ -334,7 +334,7 @@ def _checkpointed_grads(mode, checkpointing, loss_from="loss"):
 def test_gradient_checkpointing_gives_the_grads_at_the_noisy_weights(mode, checkpointing, loss_from):
     """Under gradient checkpointing the backward reruns each block's forward. Those reruns must see W + e: the
     LoRA grads equal those of the same step without checkpointing, not plain LoRA's. (Before the fix, reentrant
-    checkpointing -- transformers' default -- silently gave grads partly at the clean weights in both modes, and
+    checkpointing -- transformers 4's default -- silently gave grads partly at the clean weights in both modes, and
     virtual mode failed with a CheckpointError under non-reentrant checkpointing.)"""
     got = _checkpointed_grads(mode, checkpointing, loss_from)
     _assert_same(got, _checkpointed_grads(mode, "off", loss_from))
