@@ -9,19 +9,22 @@ block's end, and a backward after the block reruns those layers at the clean wei
 clean and the noisy weights, silently. A second backward through a checkpointed graph (``retain_graph=True``) in
 virtual mode does the same.
 
-:class:`CleanRerunWatch` closes that hole. When the noise comes off where such a rerun may follow (at a block's end
-or a ``restore()``, and at the end of a backward that kept its graph), a global forward pre-hook goes in until the
-next draw or ``step()``. It refuses a LoRA layer that computes while the autograd engine runs a node built while the
-noise was in (the node's sequence number lies in the step's window of them), before the layer computes. Graphs
-built after the noise came off (a loss at the clean weights before the step) rerun as usual, and in the common loop
-(forward in the block, backward after it, no graph kept) the hook never goes in.
+:class:`CleanRerunWatch` closes that hole. Each draw of a step opens a window of autograd sequence numbers (the
+nodes the thread that put the noise in creates while the noise is in, up to where the caller last let it go). When
+the noise comes off where a rerun of such a graph may follow -- a layer computed without grad at the noise (a
+checkpoint the guards could not track), or a backward through a tracked graph kept it (``retain_graph=True``) -- a
+global forward pre-hook goes in until the next draw or the step. It refuses a LoRA layer, or a ``torch.compile``
+wrapper of a module holding one, that computes while the autograd engine runs a node of one of the step's windows,
+before the layer computes. Graphs built after the noise came off (a loss at the clean weights before the step) rerun
+as usual, reruns while the noise is in again (a second block of the step: the same draw) are not watched, and in the
+common loop (forward in the block, backward after it, no checkpoint without grad) the hook never goes in.
 """
 
 from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any, Dict, Iterable, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,7 +37,6 @@ _current_autograd_node = getattr(torch._C, "_current_autograd_node", None)
 """The autograd node the engine is running on this thread (``None`` outside a backward)."""
 _peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 """The sequence number the next autograd node this thread creates will get (thread-local, increasing)."""
-_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 _WATCHABLE = _current_autograd_node is not None and _peek_sequence_nr is not None
 """A torch without these (none the project supports lacks them) gets no watch."""
 
@@ -52,27 +54,30 @@ def _rerun_refusal(name: str) -> str:
 
 
 class _RerunCheck:
-    """The global forward pre-hook: raises for a watched layer that computes inside a backward, for a node built
-    in ``[first, end)`` (sequence numbers)."""
+    """The global forward pre-hook: raises for a watched layer that computes inside a backward, for a node whose sequence
+    number lies in one of ``windows`` (``[first, end)`` pairs: the step's graphs built at the noise)."""
 
-    __slots__ = ("names", "compiled", "first", "end")
+    __slots__ = ("names", "compiled", "windows")
 
     def __init__(self, names: Dict[int, str]):
         self.names = names
         self.compiled: Dict[int, Optional[str]] = {}  # id of a torch.compile wrapper -> a watched layer inside it, if any
-        self.first = 0
-        self.end = 0
+        self.windows: List[Tuple[int, int]] = []
 
-    @torch.compiler.disable
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
+        if torch.compiler.is_compiling():  # traced while armed (an evaluation compiled before the step): not part of the graph
+            return
         name = self.names.get(id(module))
-        if name is None and type(module).__name__ == "OptimizedModule":  # torch.compile(submodule): its layers get no call
+        # torch.compile(submodule): the compiled code calls its layers without hooks (by class name: no torch._dynamo import)
+        if name is None and type(module).__name__ == "OptimizedModule":
             name = self._inside_compiled(module)
         if name is None:
             return
         node = _current_autograd_node()
-        if node is not None and self.first <= node._sequence_nr() < self.end:
-            raise RuntimeError(_rerun_refusal(name))
+        if node is not None:
+            number = node._sequence_nr()
+            if any(first <= number < end for first, end in self.windows):
+                raise RuntimeError(_rerun_refusal(name))
 
     def _inside_compiled(self, module: nn.Module) -> Optional[str]:
         key = id(module)
@@ -86,9 +91,9 @@ class _RerunCheck:
 class CleanRerunWatch:
     """Watches the LoRA layers for a rerun inside a backward of a graph built at the noise (see the module docstring).
 
-    The window of sequence numbers is taken on the thread that put the noise in: :meth:`noise_in` when the noise goes
-    in, :meth:`noise_out_here` where the caller lets it go (a block's end, ``restore()``). Graphs built on other
-    threads are not told apart (their numbers are another thread's).
+    Sequence numbers are per thread: the windows are the numbers of the thread that put the noise in, so a graph
+    built on another thread is not watched (and a node another thread numbered, a rerun's own nested checkpoint on
+    CUDA's backward thread, could fall in a window by chance).
 
     Args:
         owner: the ``FlatLoRA`` wrapper; when it is collected the watch is taken off (held weakly, through
@@ -100,8 +105,7 @@ class CleanRerunWatch:
         self._check = _RerunCheck({id(module): name for name, module in layers})
         self._handle: Optional[RemovableHandle] = None
         self._thread: Optional[int] = None
-        self._first = 0
-        self._end: Optional[int] = None
+        self._open: Optional[Tuple[int, Optional[int]]] = None  # the window of the draw in place: (first, last let-go)
         weakref.finalize(owner, self.disarm)  # the modules' ids stay meaningful while the wrapper holds the modules
 
     @property
@@ -109,33 +113,39 @@ class CleanRerunWatch:
         return self._handle is not None
 
     def noise_in(self) -> None:
-        """A draw went in: the graphs built from now on, until :meth:`noise_out_here`, are built at the noise."""
+        """A draw went in: graphs built from now on are built at the noise (a rerun meanwhile sees it: no watch)."""
         self.disarm()
         if _WATCHABLE:
             self._thread = threading.get_ident()
-            self._first = _peek_sequence_nr()
-            self._end = None
+            self._open = (_peek_sequence_nr(), None)
 
-    def noise_out_here(self) -> None:
-        """The caller lets the noise go (it may stay until a pending backward ends): the window closes here, if this is
-        the thread that put it in and it is not closed yet."""
-        if self._end is None and self._thread == threading.get_ident():
-            self._end = self._check.end = _peek_sequence_nr()
+    def let_go_here(self) -> None:
+        """The caller lets the noise go (a block's end, ``restore()``; it may stay for a pending backward, and a later
+        block of the step may take it again): the window reaches this far, if this is the thread that put it in."""
+        if self._open is not None and self._thread == threading.get_ident():
+            self._open = (self._open[0], _peek_sequence_nr())
 
     def arm(self) -> None:
-        """The noise came off before the step, where a rerun of a graph built at it may follow: from now on, until
-        :meth:`disarm`, such a rerun raises. Not at the end of a backward that freed its graph (nothing can rerun)."""
-        if not _WATCHABLE or self._thread is None or self._handle is not None:
+        """The noise came off where a rerun of a graph built at it may follow: until the next draw or the step, such a
+        rerun raises. The draw's window closes here (where it was last let go, or, let go on no thread that can tell,
+        at every later number)."""
+        if self._open is None:
             return
-        if torch._C._current_graph_task_id() != -1 and _keeps_graph is not None and not _keeps_graph():
-            return  # the end of a backward (retain_graph=False): its graph is gone, and the others were seen
-        self.noise_out_here()
-        self._check.first = self._first
-        self._check.end = self._end if self._end is not None else 1 << 64  # (closed on another thread: every later node)
-        self._handle = register_module_forward_pre_hook(self._check)
+        first, end = self._open
+        self._open = None
+        self._check.windows.append((first, end if end is not None else 1 << 64))
+        if self._handle is None:
+            self._handle = register_module_forward_pre_hook(self._check)
 
     def disarm(self) -> None:
-        """The next draw or the step came: reruns are the loop's business again."""
+        """Take the hook out (the noise is in again, or the wrapper was collected); the step's windows stay."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+
+    def step_ended(self) -> None:
+        """The step came (or the noise was declared done with, by an error or ``restore(force=True)``): no graph of it
+        may be rerun for this wrapper's sake any more."""
+        self.disarm()
+        self._open = None
+        self._check.windows.clear()

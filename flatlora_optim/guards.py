@@ -41,6 +41,9 @@ from .uncopyable import Uncopyable
 __all__ = ["PerturbationGuards"]
 
 
+_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+"""Whether the backward running now keeps its graph (``retain_graph=True``); read in a callback queued on it."""
+
 class _GraphToken:
     """Stored in a graph node's metadata: its finaliser says that this graph was released."""
 
@@ -225,7 +228,10 @@ class PerturbationGuards(Uncopyable):
         self._patched: List[Tuple[nn.Module, str]] = []  # (module, attribute) of each guard put in a module's __dict__
         self._queued: Optional[weakref.ReferenceType] = None  # the _BackwardEnd queued on a running backward
         self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
-        self.computed = False  # whether a perturbed layer has computed since the guards went in (a step without warns)
+        self.computed = False  # whether a LoRA layer (the target's own) computed since the guards went in (a step without warns)
+        # whether a graph built here may rerun after the noise came off (see clean_reruns): a layer computed without grad
+        # (reentrant checkpointing: the checkpoint's graph is not tracked), or a backward through a tracked graph kept it
+        self.rerun_possible = False
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
         self._keys = itertools.count()
@@ -290,6 +296,8 @@ class PerturbationGuards(Uncopyable):
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.computed = True
+        if not torch.is_grad_enabled():
+            self.rerun_possible = True
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
         if not self._handles or self._grad_hooked or not torch.is_grad_enabled() or not isinstance(output, torch.Tensor) \
@@ -368,6 +376,8 @@ class PerturbationGuards(Uncopyable):
 
     def _backward_finished(self) -> None:
         self._queued = None
+        if _keeps_graph is None or _keeps_graph():  # (a torch that cannot tell: as if kept)
+            self.rerun_possible = True
         if not self._handles:  # these guards were removed meanwhile (a graph kept from an earlier step)
             return
         self._grad_hooked = False  # a later forward's graph gets its own tracked output

@@ -316,6 +316,7 @@ class FlatLoRA(torch.optim.Optimizer):
         # from the noise's coming off to the next draw or step: a layer rerun inside a backward (checkpointing) raises
         self._rerun_watch = CleanRerunWatch(self, [(layer.name, layer.module) for t in self.targets for layer in t.layers()])
         self._computed_at_noise = False  # a LoRA layer computed at this step's noise (or sigma was 0): see _warn_if_no_block
+        self._reruns_possible = False  # a graph of this step built at the noise may rerun after it came off (see _restore_now)
         self._warned_no_block = False
         if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
             optimizer.register_step_post_hook(_StepsElsewhere(self))
@@ -574,7 +575,7 @@ class FlatLoRA(torch.optim.Optimizer):
     def _release(self) -> None:
         if self._depth or self._held or self._perturbations is None:
             return
-        self._rerun_watch.noise_out_here()  # graphs built from here on are not built at the noise
+        self._rerun_watch.let_go_here()  # graphs built from here on are not built at the noise (unless a block takes it again)
         if self._guards is not None and self._guards.pending():
             return  # called again by the guards when a backward ends or a graph is released
         self._restore_now(watch_reruns=True)
@@ -583,7 +584,6 @@ class FlatLoRA(torch.optim.Optimizer):
     def _apply_noise(self) -> None:
         if self._perturbations is not None:
             return
-        self._rerun_watch.noise_in()
         self._check_restored()
         if not self._steady.unchanged(self.targets):  # a layer changed since the last step (or none was read yet)
             for target in self.targets:
@@ -598,6 +598,7 @@ class FlatLoRA(torch.optim.Optimizer):
             return
         _resharded(self.model, self.targets, self._sharded_names)
         claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
+        self._rerun_watch.noise_in()
         try:
             with on_device_of(self.targets), held_views(self.targets, self._steady):
                 self._add_noise(sigma)
@@ -657,11 +658,13 @@ class FlatLoRA(torch.optim.Optimizer):
 
     @torch.no_grad()
     def _restore_now(self, watch_reruns: bool = False) -> None:
-        """Take the noise out now. ``watch_reruns``: a rerun of a graph built at the noise may still come (the noise is
-        let go at a block's end, a ``restore()`` or a backward's end, not by ``step()`` or an error), so
-        :class:`~flatlora_optim.clean_reruns.CleanRerunWatch` refuses one until the next draw or step."""
+        """Take the noise out now. ``watch_reruns``: the noise is let go (a block's end, a ``restore()``, a backward's
+        end; not ``step()`` or an error), so where a graph of the step built at the noise may still rerun (a layer
+        computed without grad at it, or a backward kept its graph), :class:`~flatlora_optim.clean_reruns.CleanRerunWatch`
+        refuses such a rerun until the next draw or the step."""
         if self._guards is not None:
             self._computed_at_noise |= self._guards.computed
+            self._reruns_possible |= self._guards.rerun_possible
             self._guards.remove()
             self._guards = None
         if self._early is not None:
@@ -672,13 +675,13 @@ class FlatLoRA(torch.optim.Optimizer):
             self._patches = None
             self._perturbations = None
             release(self, self.targets)
-            if watch_reruns:
+            if watch_reruns and self._reruns_possible:
                 self._rerun_watch.arm()
             return
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
             return
-        if watch_reruns:
+        if watch_reruns and self._reruns_possible:
             self._rerun_watch.arm()
         failed: List[TargetPerturbation] = []
         swapped = [t.name for t in self.targets if t._pinned is not None and t.live_weight() is not t._pinned]
@@ -772,7 +775,8 @@ class FlatLoRA(torch.optim.Optimizer):
             else:
                 loss = self._inner_step(wrapped, kwargs)
         finally:
-            self._rerun_watch.disarm()
+            self._rerun_watch.step_ended()
+            self._reruns_possible = False
         if not skipped:
             self._step_index += 1
         self._warn_if_no_block(computes)

@@ -141,14 +141,14 @@ def test_the_watch_goes_in_only_where_a_rerun_may_follow_and_out_at_the_step(mod
     net, opt, x, y = _setup(mode)
     with opt.perturbed():
         assert not opt._rerun_watch.armed
-        loss = nn.functional.cross_entropy(net(x), y)
+        loss = nn.functional.cross_entropy(net.body(x), y)  # no checkpointing
     assert not opt._rerun_watch.armed  # the graph is pending: the noise is still on (in-place) or the layers rerouted (virtual)
     loss.backward()
     assert not opt._rerun_watch.armed  # the common loop: that backward freed the graph, nothing can rerun it
     opt.step()
     with opt.perturbed():
-        loss = nn.functional.cross_entropy(net(x), y)
-    loss.backward(retain_graph=True)  # a graph kept: a second backward would rerun its checkpointed layers
+        loss = nn.functional.cross_entropy(net.body(x), y)
+    loss.backward(retain_graph=True)  # a graph kept: a second backward could rerun it (were it checkpointed)
     assert opt._rerun_watch.armed and any(hook is opt._rerun_watch._check for hook in _global_forward_pre_hooks.values())
     with torch.no_grad():
         evaluated = net.body(x)
@@ -156,9 +156,10 @@ def test_the_watch_goes_in_only_where_a_rerun_may_follow_and_out_at_the_step(mod
     opt.step()
     assert not opt._rerun_watch.armed
     with opt.perturbed():
-        nn.functional.cross_entropy(net(x), y).backward()  # backward inside: the block's end cannot know of a hidden graph
-    assert opt._rerun_watch.armed
-    with opt.perturbed():  # the next draw takes it out (gradient accumulation) ...
+        loss = nn.functional.cross_entropy(net(x), y)  # reentrant checkpointing inside: layers computed without grad
+    loss.backward()
+    assert opt._rerun_watch.armed  # a checkpoint the guards could not track may still rerun, until the step
+    with opt.perturbed():  # the next draw takes it out: a rerun now sees the same draw (gradient accumulation) ...
         assert not opt._rerun_watch.armed
     opt.step()  # ... and so does the step
     assert not opt._rerun_watch.armed
@@ -206,6 +207,41 @@ def test_a_forced_restore_leaves_no_watch_and_a_stale_one_refuses_only_its_own_g
     assert opt._rerun_watch.armed
     opt.restore(force=True)
     assert opt._rerun_watch.armed  # (until its next draw or step)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["one block", "two blocks"])
+def test_a_hidden_graph_beside_a_seen_one_is_refused(mode, layout):
+    """One step builds a graph the wrapper sees (the model's call) and one it cannot (a reentrant checkpoint of a
+    submodule), in one block or in two blocks of the same draw, then runs both backwards after the blocks: the first
+    backward's end takes the noise out, and the hidden graph's rerun would be at the clean weights."""
+    net, opt, x, y = _setup(mode)
+    if layout == "one block":
+        with opt.perturbed():
+            seen = nn.functional.cross_entropy(net.body(x), y)
+            hidden = nn.functional.cross_entropy(CALLS["submodule"](net, x), y)
+    else:
+        with opt.perturbed():
+            seen = nn.functional.cross_entropy(net.body(x), y)
+        with opt.perturbed():  # the same draw, the noise still in for the pending graph
+            hidden = nn.functional.cross_entropy(CALLS["submodule"](net, x), y)
+    seen.backward()
+    with pytest.raises(RuntimeError, match=RERUN):
+        hidden.backward()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_two_draws_of_a_step_keep_both_windows(mode):
+    """A block builds a hidden graph (its noise comes off at its end), a second block draws again and runs its own
+    backward inside; the first graph's rerun after that is still refused (the second draw did not forget the first)."""
+    net, opt, x, y = _setup(mode)
+    with opt.perturbed():
+        first = nn.functional.cross_entropy(CALLS["submodule"](net, x), y)
+    assert not opt.is_perturbed
+    with opt.perturbed():
+        nn.functional.cross_entropy(net.body(x), y).backward()
+    with pytest.raises(RuntimeError, match=RERUN):
+        first.backward()
 
 
 def test_a_compiled_submodule_rerun_is_refused():
@@ -298,3 +334,28 @@ def test_the_usual_loops_do_not_warn_about_a_missing_block(form):
             opt.zero_grad()
     assert _no_block_warnings(caught) == []
     assert opt.step_count in (3, 6)
+
+
+def test_a_model_compiled_while_the_watch_is_in_gets_its_graph():
+    """Another model compiled between the backward and the step (the watch in: its hook runs for every module): the
+    hook stays out of the trace, so the model compiles to one graph (with the hook a compiler-disabled function,
+    torch.compile captured no graph, then or after the step)."""
+    from torch._dynamo.utils import counters
+
+    net, opt, x, y = _setup("inplace")
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(net.body(x), y)
+    loss.backward(retain_graph=True)
+    assert opt._rerun_watch.armed
+    other = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]).eval()
+    z = torch.randn(2, 8)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(other, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(z), other(z), rtol=1e-6, atol=1e-6)
+        assert counters["stats"]["unique_graphs"] == 1 and sum(counters["graph_break"].values()) == 0
+        opt.step()
+        compiled(z)
+    assert counters["stats"]["unique_graphs"] >= 1
+    torch._dynamo.reset()
