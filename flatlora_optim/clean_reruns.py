@@ -12,8 +12,10 @@ virtual mode does the same.
 :class:`CleanRerunWatch` closes that hole. Each draw of a step opens a window of autograd sequence numbers (the
 nodes the thread that put the noise in creates while the noise is in, up to where the caller last let it go). When
 the noise comes off where a rerun of such a graph may follow -- a layer computed without grad at the noise (a
-checkpoint the guards could not track), or a backward through a tracked graph kept it (``retain_graph=True``) -- a
-global forward pre-hook goes in until the next draw or the step. It refuses a LoRA layer, or a ``torch.compile``
+checkpoint the guards could not track), a layer computed with grad past the tracked output outside a call of the
+model (a second forward of a submodule, untracked), no layer's hook ran at all (compiled code built before the hooks),
+or a backward through a tracked graph kept it (``retain_graph=True``) -- a global forward pre-hook goes in until the
+next draw or the step. It refuses a LoRA layer, or a ``torch.compile``
 wrapper of a module holding one, that computes while the autograd engine runs a node of one of the step's windows,
 before the layer computes. Graphs built after the noise came off (a loss at the clean weights before the step) rerun
 as usual, reruns while the noise is in again (a second block of the step: the same draw) are not watched, and in the
@@ -144,8 +146,7 @@ class CleanRerunWatch:
             self._handle = None
 
     def step_ended(self) -> None:
-        """The step came (or the noise was declared done with, by an error or ``restore(force=True)``): no graph of it
-        may be rerun for this wrapper's sake any more."""
+        """The step came: no graph of it may be rerun for this wrapper's sake any more."""
         self.disarm()
         self._open = None
         self._check.windows.clear()

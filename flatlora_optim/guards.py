@@ -228,10 +228,15 @@ class PerturbationGuards(Uncopyable):
         self._patched: List[Tuple[nn.Module, str]] = []  # (module, attribute) of each guard put in a module's __dict__
         self._queued: Optional[weakref.ReferenceType] = None  # the _BackwardEnd queued on a running backward
         self._grad_hooked = False  # whether a layer output since the last backward's end (or release) is tracked
-        self.computed = False  # whether a LoRA layer (the target's own) computed since the guards went in (a step without warns)
+        # whether a LoRA layer (a target's own module) / the wrapped model computed since the guards went in (a step with
+        # neither warns; compiled code built before the hooks calls none of them)
+        self.layer_ran = False
+        self.model_ran = False
         # whether a graph built here may rerun after the noise came off (see clean_reruns): a layer computed without grad
-        # (reentrant checkpointing: the checkpoint's graph is not tracked), or a backward through a tracked graph kept it
+        # (reentrant checkpointing: the checkpoint's graph is not tracked), a layer computed with grad past the tracked
+        # output outside a call of the model (a second forward of a submodule: untracked), or a backward kept its graph
         self.rerun_possible = False
+        self._root_running = 0  # calls of the wrapped model under way (its pre-hook counts up, its forward hook down)
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
         self._keys = itertools.count()
@@ -257,6 +262,7 @@ class PerturbationGuards(Uncopyable):
                     if on_conversion is not None:
                         self._guard_conversions(targets, root, on_conversion)
                 if root is not None:
+                    self._handles.append(root.register_forward_pre_hook(self._root_pre_hook))
                     self._handles.append(root.register_forward_hook(self._root_hook))
         except BaseException:
             self.remove()
@@ -295,8 +301,8 @@ class PerturbationGuards(Uncopyable):
         return bool(self._pending)
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        self.computed = True
-        if not torch.is_grad_enabled():
+        self.layer_ran = True
+        if not torch.is_grad_enabled() or (self._grad_hooked and not self._root_running):
             self.rerun_possible = True
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
@@ -310,12 +316,17 @@ class PerturbationGuards(Uncopyable):
         self._grad_hooked = True
         self._track(output)
 
+    def _root_pre_hook(self, module: nn.Module, args: Any) -> None:
+        self._root_running += 1
+
     def _root_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         """The wrapped model's own outputs, each of them: under reentrant gradient checkpointing (transformers 4's
         default) the layers run without grad inside the checkpoint, so only the model's outputs carry the graph,
         and its backward runs the layers again: the noise must still be in place then (virtual mode: the layers
         still rerouted). A loss taken from any one output (``.logits`` with the returned ``.loss`` dropped, say)
         reaches a tracked tensor."""
+        self._root_running = max(self._root_running - 1, 0)
+        self.model_ran = True
         if not self._handles or not torch.is_grad_enabled():
             return
         tensors = _tensors_with_grad(output)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import sys
 import warnings
 import weakref
 from collections import OrderedDict
@@ -663,8 +664,9 @@ class FlatLoRA(torch.optim.Optimizer):
         computed without grad at it, or a backward kept its graph), :class:`~flatlora_optim.clean_reruns.CleanRerunWatch`
         refuses such a rerun until the next draw or the step."""
         if self._guards is not None:
-            self._computed_at_noise |= self._guards.computed
-            self._reruns_possible |= self._guards.rerun_possible
+            self._computed_at_noise |= self._guards.layer_ran or self._guards.model_ran
+            # no layer's hook ran at the noise: compiled code (built before the hooks) may have computed with it
+            self._reruns_possible |= self._guards.rerun_possible or not self._guards.layer_ran
             self._guards.remove()
             self._guards = None
         if self._early is not None:
@@ -790,7 +792,7 @@ class FlatLoRA(torch.optim.Optimizer):
         weights, plain LoRA's, silently otherwise -- e.g. a loop that calls ``opt.perturbed()`` without ``with``, or
         runs its forward after the block. Inside a block, :class:`_WarnUndrawn` tells instead."""
         computed, self._computed_at_noise = self._computed_at_noise, False
-        if computed or computes or self._depth or self._warned_no_block:
+        if computed or computes or self._depth or self._warned_no_block or _compiled_anything():
             return
         self._warned_no_block = True
         warnings.warn(
@@ -980,6 +982,16 @@ class FlatLoRA(torch.optim.Optimizer):
 
 
 MODES = ("inplace", "virtual")
+
+
+def _compiled_anything() -> bool:
+    """Whether torch.compile has built a graph in this process: code it compiled before Flat-LoRA's hooks went in may
+    run the layers without calling them, so a step cannot tell that no layer computed at the noise."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    try:
+        return utils is not None and utils.counters["stats"]["unique_graphs"] > 0
+    except (AttributeError, KeyError, TypeError):
+        return True
 
 
 def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:

@@ -9,6 +9,7 @@ trained plain LoRA, silently too.
 from __future__ import annotations
 
 import gc
+import sys
 import warnings
 
 import pytest
@@ -37,9 +38,10 @@ class _Wrapper(nn.Module):
         super().__init__()
         self.body = make_mlp(seed=3)
         self.reentrant = reentrant
+        self.checkpointing = True
 
     def forward(self, x):
-        return checkpoint(self.body, x, use_reentrant=self.reentrant)
+        return checkpoint(self.body, x, use_reentrant=self.reentrant) if self.checkpointing else self.body(x)
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
@@ -139,15 +141,16 @@ def test_the_watch_goes_in_only_where_a_rerun_may_follow_and_out_at_the_step(mod
     the noise may still come, until the step, and a forward outside a backward meanwhile (an evaluation between the
     backward and the step) is not refused."""
     net, opt, x, y = _setup(mode)
+    net.checkpointing = False
     with opt.perturbed():
         assert not opt._rerun_watch.armed
-        loss = nn.functional.cross_entropy(net.body(x), y)  # no checkpointing
+        loss = nn.functional.cross_entropy(net(x), y)  # the model given to FlatLoRA, no checkpointing
     assert not opt._rerun_watch.armed  # the graph is pending: the noise is still on (in-place) or the layers rerouted (virtual)
     loss.backward()
     assert not opt._rerun_watch.armed  # the common loop: that backward freed the graph, nothing can rerun it
     opt.step()
     with opt.perturbed():
-        loss = nn.functional.cross_entropy(net.body(x), y)
+        loss = nn.functional.cross_entropy(net(x), y)
     loss.backward(retain_graph=True)  # a graph kept: a second backward could rerun it (were it checkpointed)
     assert opt._rerun_watch.armed and any(hook is opt._rerun_watch._check for hook in _global_forward_pre_hooks.values())
     with torch.no_grad():
@@ -155,6 +158,7 @@ def test_the_watch_goes_in_only_where_a_rerun_may_follow_and_out_at_the_step(mod
     torch.testing.assert_close(evaluated, net.body(x).detach(), rtol=0, atol=0)
     opt.step()
     assert not opt._rerun_watch.armed
+    net.checkpointing = True
     with opt.perturbed():
         loss = nn.functional.cross_entropy(net(x), y)  # reentrant checkpointing inside: layers computed without grad
     loss.backward()
@@ -244,6 +248,52 @@ def test_two_draws_of_a_step_keep_both_windows(mode):
         first.backward()
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("layout", ["one block", "two blocks"])
+def test_a_second_submodule_forward_with_its_own_backward_after_the_first_is_refused(mode, layout):
+    """Non-reentrant checkpointing of a submodule the loop calls, two forwards, then a backward of each after the
+    block(s): only the first forward's first layer output is tracked, so the first backward's end takes the noise out
+    and the second forward's checkpoint would recompute at the clean weights (silently, before this release)."""
+    net, opt, x, y = _setup(mode)
+
+    def loss():
+        return nn.functional.cross_entropy(checkpoint(net.body, x, use_reentrant=False), y)
+
+    if layout == "one block":
+        with opt.perturbed():
+            first, second = loss(), loss()
+    else:
+        with opt.perturbed():
+            first = loss()
+        with opt.perturbed():
+            second = loss()
+    first.backward()
+    with pytest.raises(RuntimeError, match=RERUN):
+        second.backward()
+
+
+def test_a_submodule_compiled_before_training_is_watched_and_does_not_warn():
+    """A submodule compiled and run once before the first block (an evaluation): its compiled code calls none of the
+    layers' hooks, so nothing said a layer computed at the noise. Its reentrant rerun after the block is refused, and
+    a correct step (backward inside the block) does not warn of a step without noise."""
+    net, opt, x, y = _setup("inplace")
+    compiled = torch.compile(net.body, backend="eager")
+    with torch.no_grad():
+        compiled(x)  # compiled before Flat-LoRA's hooks exist
+    with opt.perturbed():
+        loss = nn.functional.cross_entropy(checkpoint(compiled, x, use_reentrant=True), y)
+    with pytest.raises(RuntimeError, match=RERUN):
+        loss.backward()
+    opt.zero_grad()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with opt.perturbed():
+            nn.functional.cross_entropy(checkpoint(compiled, x, use_reentrant=True), y).backward()
+        opt.step()
+    assert _no_block_warnings(caught) == []
+    torch._dynamo.reset()
+
+
 def test_a_compiled_submodule_rerun_is_refused():
     """``torch.compile(submodule)``: the compiled code calls no layer's hooks, so its wrapper is checked instead (in-place
     mode; virtual mode refuses to run under torch.compile)."""
@@ -266,6 +316,14 @@ def test_a_collected_wrapper_takes_its_watch_off():
     assert _watches() == 0
 
 
+def _forget_compiled_graphs() -> None:
+    """The no-noise warning stays silent once torch.compile built a graph in the process (compiled code may run the
+    layers without their hooks): earlier tests of this process compiled some."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    if utils is not None:
+        utils.counters.clear()
+
+
 def _no_block_warnings(caught) -> list:
     return [w for w in caught if "came without Flat-LoRA noise" in str(w.message)]
 
@@ -275,6 +333,7 @@ def _no_block_warnings(caught) -> list:
 def test_a_step_without_a_forward_at_the_noise_warns_once_at_the_callers_line(mistake, scheduled):
     """``opt.perturbed()`` never entered, or a block around something else than the forward: the steps train plain
     LoRA. The warning points at the loop's line, also through an LR scheduler's wrapper of ``step()``."""
+    _forget_compiled_graphs()
     net, opt, x, y = _setup("inplace")
     if scheduled:
         torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)  # wraps opt.step
