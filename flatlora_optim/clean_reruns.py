@@ -13,7 +13,8 @@ virtual mode does the same.
 nodes the thread that put the noise in creates while the noise is in, up to where the caller last let it go). When
 the noise comes off where a rerun of such a graph may follow -- a layer computed without grad at the noise (a
 checkpoint the guards could not track), a layer computed with grad past the tracked output outside a call of the
-model (a second forward of a submodule, untracked), no layer's hook ran at all (compiled code built before the hooks),
+model (a second forward of a submodule, untracked), no layer's hook ran at all where torch.compile built code (which
+may run the layers without their hooks),
 or a backward through a tracked graph kept it (``retain_graph=True``) -- a global forward pre-hook goes in until the
 next draw or the step. It refuses a LoRA layer, or a ``torch.compile``
 wrapper of a module holding one, that computes while the autograd engine runs a node of one of the step's windows,
@@ -39,6 +40,9 @@ _current_autograd_node = getattr(torch._C, "_current_autograd_node", None)
 """The autograd node the engine is running on this thread (``None`` outside a backward)."""
 _peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 """The sequence number the next autograd node this thread creates will get (thread-local, increasing)."""
+_MAX_WINDOWS = 64
+"""Windows kept between two steps (a draw each, after the noise came off where a rerun may follow): beyond, the oldest
+go (their graphs long had their backward, in any loop that draws so often between steps)."""
 _WATCHABLE = _current_autograd_node is not None and _peek_sequence_nr is not None
 """A torch without these (none the project supports lacks them) gets no watch."""
 
@@ -135,7 +139,10 @@ class CleanRerunWatch:
             return
         first, end = self._open
         self._open = None
-        self._check.windows.append((first, end if end is not None else 1 << 64))
+        windows = self._check.windows
+        windows.append((first, end if end is not None else 1 << 64))
+        if len(windows) > _MAX_WINDOWS:  # a loop that never steps (perturb/restore alone): keep the latest draws'
+            del windows[0]
         if self._handle is None:
             self._handle = register_module_forward_pre_hook(self._check)
 

@@ -666,7 +666,7 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._guards is not None:
             self._computed_at_noise |= self._guards.layer_ran or self._guards.model_ran
             # no layer's hook ran at the noise: compiled code (built before the hooks) may have computed with it
-            self._reruns_possible |= self._guards.rerun_possible or not self._guards.layer_ran
+            self._reruns_possible |= self._guards.rerun_possible or (not self._guards.layer_ran and _compiled_anything())
             self._guards.remove()
             self._guards = None
         if self._early is not None:

@@ -418,3 +418,27 @@ def test_a_model_compiled_while_the_watch_is_in_gets_its_graph():
         compiled(z)
     assert counters["stats"]["unique_graphs"] >= 1
     torch._dynamo.reset()
+
+
+def test_a_loop_without_steps_keeps_a_bounded_list_of_windows():
+    """Blocks with a reentrant checkpoint and the backward inside, and no step (or many micro-batches in one step):
+    each arms at its end, and the windows of the draws since the last step must not pile up."""
+    from flatlora_optim.clean_reruns import _MAX_WINDOWS
+
+    net, opt, x, y = _setup("inplace")
+    for _ in range(_MAX_WINDOWS + 10):
+        with opt.perturbed():
+            nn.functional.cross_entropy(net(x), y).backward()
+    assert opt._rerun_watch.armed and len(opt._rerun_watch._check.windows) == _MAX_WINDOWS
+    opt.step()
+    assert not opt._rerun_watch.armed and opt._rerun_watch._check.windows == []
+
+
+def test_perturb_and_restore_alone_do_not_arm_without_compiled_code():
+    """No layer computed between perturb() and restore() (a benchmark of them alone): that counts as a possible rerun
+    only where torch.compile built code that may run the layers without their hooks."""
+    _forget_compiled_graphs()
+    net, opt, x, y = _setup("inplace")
+    opt.perturb()
+    opt.restore()
+    assert not opt._rerun_watch.armed
