@@ -12,15 +12,15 @@ virtual mode does the same.
 :class:`CleanRerunWatch` closes that hole. Each draw of a step opens a window of autograd sequence numbers (the
 nodes the thread that put the noise in creates while the noise is in, up to where the caller last let it go). When
 the noise comes off where a rerun of such a graph may follow -- a layer computed without grad at the noise (a
-checkpoint the guards could not track), a layer computed with grad past the tracked output outside a call of the
-model (a second forward of a submodule, untracked), no layer's hook ran at all where torch.compile built code (which
-may run the layers without their hooks),
-or a backward through a tracked graph kept it (``retain_graph=True``) -- a global forward pre-hook goes in until the
-next draw or the step. It refuses a LoRA layer, or a ``torch.compile``
-wrapper of a module holding one, that computes while the autograd engine runs a node of one of the step's windows,
-before the layer computes. Graphs built after the noise came off (a loss at the clean weights before the step) rerun
-as usual, reruns while the noise is in again (a second block of the step: the same draw) are not watched, and in the
-common loop (forward in the block, backward after it, no checkpoint without grad) the hook never goes in.
+checkpoint the guards could not track), the layer whose output is tracked computed again outside a call of the model
+and outside a backward (a second forward of a submodule, untracked), no layer's hook ran at all where torch.compile
+built code (which may run the layers without their hooks), or a backward through a tracked graph kept it
+(``retain_graph=True``) -- a global forward pre-hook goes in until the next draw or the step. It refuses a LoRA
+layer, or a ``torch.compile`` wrapper of a module holding one, that computes while the autograd engine runs a node of
+one of the step's windows, before the layer computes. Graphs built after the noise came off (a loss at the clean
+weights before the step) rerun as usual, reruns while the noise is in again (a second block of the step: the same
+draw) are not watched, and in the common loops (forward in the block, backward after it, one forward per block, no
+reentrant checkpointing) the hook never goes in.
 """
 
 from __future__ import annotations
@@ -40,9 +40,10 @@ _current_autograd_node = getattr(torch._C, "_current_autograd_node", None)
 """The autograd node the engine is running on this thread (``None`` outside a backward)."""
 _peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
 """The sequence number the next autograd node this thread creates will get (thread-local, increasing)."""
-_MAX_WINDOWS = 64
+_MAX_WINDOWS = 4096
 """Windows kept between two steps (a draw each, after the noise came off where a rerun may follow): beyond, the oldest
-go (their graphs long had their backward, in any loop that draws so often between steps)."""
+go, so that a loop that never steps (perturb/restore alone) does not pile them up. A step of more draws that keeps the
+first one's graph for a backward after the last is not watched for that graph."""
 _WATCHABLE = _current_autograd_node is not None and _peek_sequence_nr is not None
 """A torch without these (none the project supports lacks them) gets no watch."""
 

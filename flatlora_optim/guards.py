@@ -43,6 +43,16 @@ __all__ = ["PerturbationGuards"]
 
 _keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
 """Whether the backward running now keeps its graph (``retain_graph=True``); read in a callback queued on it."""
+_current_autograd_node = getattr(torch._C, "_current_autograd_node", lambda: None)
+"""The autograd node running on this thread (``None`` outside a backward: a recomputation inside one is no new forward)."""
+
+
+def _register_always_called(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
+    """A forward hook that runs also when the forward raises (``always_call``, torch >= 2.1; before, only when it returns)."""
+    try:
+        return module.register_forward_hook(hook, always_call=True)
+    except TypeError:
+        return module.register_forward_hook(hook)
 
 class _GraphToken:
     """Stored in a graph node's metadata: its finaliser says that this graph was released."""
@@ -233,10 +243,14 @@ class PerturbationGuards(Uncopyable):
         self.layer_ran = False
         self.model_ran = False
         # whether a graph built here may rerun after the noise came off (see clean_reruns): a layer computed without grad
-        # (reentrant checkpointing: the checkpoint's graph is not tracked), a layer computed with grad past the tracked
-        # output outside a call of the model (a second forward of a submodule: untracked), or a backward kept its graph
+        # (reentrant checkpointing: the checkpoint's graph is not tracked), the layer whose output is tracked computed
+        # again with grad outside a call of the model and outside a backward (a second forward of a submodule: untracked),
+        # or a backward kept its graph
         self.rerun_possible = False
-        self._root_running = 0  # calls of the wrapped model under way (its pre-hook counts up, its forward hook down)
+        self._tracked_layer: Optional[nn.Module] = None  # the layer whose output is tracked (since the last backward's end)
+        # calls of the wrapped model under way: its pre-hook counts up, its forward hook (also run when the forward
+        # raises) down; a call whose pre-hooks installed these guards (a draw inside a loop in one block) is not counted
+        self._root_running = 0
         self._pending: Dict[int, int] = {}  # a tracked forward's key -> its live graph tokens, until a backward reaches it
         self._strict = layers  # in-place: a backward through a tracked graph after the restore is an error
         self._keys = itertools.count()
@@ -263,7 +277,7 @@ class PerturbationGuards(Uncopyable):
                         self._guard_conversions(targets, root, on_conversion)
                 if root is not None:
                     self._handles.append(root.register_forward_pre_hook(self._root_pre_hook))
-                    self._handles.append(root.register_forward_hook(self._root_hook))
+                    self._handles.append(_register_always_called(root, self._root_hook))
         except BaseException:
             self.remove()
             raise
@@ -302,7 +316,8 @@ class PerturbationGuards(Uncopyable):
 
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.layer_ran = True
-        if not torch.is_grad_enabled() or (self._grad_hooked and not self._root_running):
+        if not torch.is_grad_enabled() or (module is self._tracked_layer and not self._root_running
+                                           and _current_autograd_node() is None):
             self.rerun_possible = True
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
@@ -314,6 +329,7 @@ class PerturbationGuards(Uncopyable):
         # layer's output cost a hook per layer and step and a Python call per layer in backward (in-place
         # exact's host work over plain LoRA: 8.2 and 8.6 -> 6.5 and 6.4 ms per step on 2 CPU cores, host_time.py --steps)
         self._grad_hooked = True
+        self._tracked_layer = module
         self._track(output)
 
     def _root_pre_hook(self, module: nn.Module, args: Any) -> None:

@@ -442,3 +442,39 @@ def test_perturb_and_restore_alone_do_not_arm_without_compiled_code():
     opt.perturb()
     opt.restore()
     assert not opt._rerun_watch.armed
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_common_loops_without_reentrant_checkpointing_never_put_the_watch_in(mode):
+    """One forward per block and the backward after it: non-reentrant checkpointing inside the model (its recompute in
+    the backward is no new forward), and a loop that calls a submodule without checkpointing (its later layers are the
+    same forward), leave the global hook out, step after step."""
+    net, opt, x, y = _setup(mode, reentrant=False)
+    for call in (net, net.body):
+        for _ in range(2):
+            with opt.perturbed():
+                loss = nn.functional.cross_entropy(call(x), y)
+            loss.backward()
+            assert not opt._rerun_watch.armed and not any(h is opt._rerun_watch._check for h in _global_forward_pre_hooks.values())
+            opt.step()
+            opt.zero_grad()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_model_call_that_raised_inside_the_block_does_not_blind_the_watch(mode):
+    """A loop that catches an error of the model's forward inside the block (skipping a bad batch) and goes on: the
+    count of the model's calls under way still comes back to 0 (its forward hook runs when the forward raises), so a
+    second, untracked forward of a checkpointed submodule is still seen and its clean rerun refused."""
+    net, opt, x, y = _setup(mode)
+    net.checkpointing = False
+
+    def loss():
+        return nn.functional.cross_entropy(checkpoint(net.body, x, use_reentrant=False), y)
+
+    with opt.perturbed():
+        with pytest.raises(RuntimeError, match="shapes"):
+            net(torch.zeros(2, 3))  # a bad batch: the first layer raises
+        first, second = loss(), loss()
+    first.backward()
+    with pytest.raises(RuntimeError, match=RERUN):
+        second.backward()
