@@ -29,23 +29,20 @@ import threading
 import weakref
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_pre_hook
 from torch.utils.hooks import RemovableHandle
 
+from .torch_internals import can_see_autograd_nodes, current_autograd_node, is_compiling, peek_sequence_nr
+
 __all__ = ["CleanRerunWatch"]
 
-_current_autograd_node = getattr(torch._C, "_current_autograd_node", None)
-"""The autograd node the engine is running on this thread (``None`` outside a backward)."""
-_peek_sequence_nr = getattr(torch._C._autograd, "_get_sequence_nr", None)
-"""The sequence number the next autograd node this thread creates will get (thread-local, increasing)."""
 _MAX_WINDOWS = 4096
 """Windows kept between two steps (a draw each, after the noise came off where a rerun may follow): beyond, the oldest
 go, so that a loop that never steps (perturb/restore alone) does not pile them up. A step of more draws that keeps the
 first one's graph for a backward after the last is not watched for that graph."""
-_WATCHABLE = _current_autograd_node is not None and _peek_sequence_nr is not None
-"""A torch without these (none the project supports lacks them) gets no watch."""
+_WATCHABLE = can_see_autograd_nodes() and peek_sequence_nr is not None
+"""A torch without these gets no watch."""
 
 
 def _rerun_refusal(name: str) -> str:
@@ -72,7 +69,7 @@ class _RerunCheck:
         self.windows: List[Tuple[int, int]] = []
 
     def __call__(self, module: nn.Module, args: Tuple[Any, ...]) -> None:
-        if torch.compiler.is_compiling():  # traced while armed (an evaluation compiled before the step): not part of the graph
+        if is_compiling():  # traced while armed (an evaluation compiled before the step): not part of the graph
             return
         name = self.names.get(id(module))
         # torch.compile(submodule): the compiled code calls its layers without hooks (by class name: no torch._dynamo import)
@@ -80,7 +77,7 @@ class _RerunCheck:
             name = self._inside_compiled(module)
         if name is None:
             return
-        node = _current_autograd_node()
+        node = current_autograd_node()
         if node is not None:
             number = node._sequence_nr()
             if any(first <= number < end for first, end in self.windows):
@@ -124,13 +121,13 @@ class CleanRerunWatch:
         self.disarm()
         if _WATCHABLE:
             self._thread = threading.get_ident()
-            self._open = (_peek_sequence_nr(), None)
+            self._open = (peek_sequence_nr(), None)
 
     def let_go_here(self) -> None:
         """The caller lets the noise go (a block's end, ``restore()``; it may stay for a pending backward, and a later
         block of the step may take it again): the window reaches this far, if this is the thread that put it in."""
         if self._open is not None and self._thread == threading.get_ident():
-            self._open = (self._open[0], _peek_sequence_nr())
+            self._open = (self._open[0], peek_sequence_nr())
 
     def arm(self) -> None:
         """The noise came off where a rerun of a graph built at it may follow: until the next draw or the step, such a

@@ -36,15 +36,10 @@ from torch.utils.hooks import RemovableHandle
 
 from .interrupts import interrupts_deferred
 from .targets import LoRATarget
+from .torch_internals import backward_keeps_graph, current_autograd_node
 from .uncopyable import Uncopyable
 
 __all__ = ["PerturbationGuards"]
-
-
-_keeps_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-"""Whether the backward running now keeps its graph (``retain_graph=True``); read in a callback queued on it."""
-_current_autograd_node = getattr(torch._C, "_current_autograd_node", lambda: None)
-"""The autograd node running on this thread (``None`` outside a backward: a recomputation inside one is no new forward)."""
 
 
 def _register_always_called(module: nn.Module, hook: Callable[..., None]) -> RemovableHandle:
@@ -53,6 +48,7 @@ def _register_always_called(module: nn.Module, hook: Callable[..., None]) -> Rem
         return module.register_forward_hook(hook, always_call=True)
     except TypeError:
         return module.register_forward_hook(hook)
+
 
 class _GraphToken:
     """Stored in a graph node's metadata: its finaliser says that this graph was released."""
@@ -317,7 +313,7 @@ class PerturbationGuards(Uncopyable):
     def _forward_hook(self, module: nn.Module, args: Any, output: Any) -> None:
         self.layer_ran = True
         if not torch.is_grad_enabled() or (module is self._tracked_layer and not self._root_running
-                                           and _current_autograd_node() is None):
+                                           and current_autograd_node() is None):  # (a recompute in a backward: no new forward)
             self.rerun_possible = True
         # torch calls the hooks of a snapshot of the module's hook dict: an earlier hook of the same forward may
         # have restored the weights and removed the guards (model.eval() in a user's hook, say)
@@ -403,7 +399,7 @@ class PerturbationGuards(Uncopyable):
 
     def _backward_finished(self) -> None:
         self._queued = None
-        if _keeps_graph is None or _keeps_graph():  # (a torch that cannot tell: as if kept)
+        if backward_keeps_graph():
             self.rerun_possible = True
         if not self._handles:  # these guards were removed meanwhile (a graph kept from an earlier step)
             return
@@ -426,7 +422,7 @@ class PerturbationGuards(Uncopyable):
         for target in targets:
             weight = target.weight
             kind = (weight.dtype, weight.device, weight.dim())
-            holders = [target.module, target.owner, *(alias.module for alias in target.aliases), *(m for m, _, _ in target.tied)]
+            holders = [*(layer.module for layer in target.layers()), target.owner, *(m for m, _, _ in target.tied)]
             for module in holders if root is None else [root, *holders]:
                 kinds = kinds_of.setdefault(module, [])
                 if kind not in kinds:  # (a module holding two weights of other kinds probes both)

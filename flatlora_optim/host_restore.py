@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from .torch_internals import backward_keeps_graph, current_autograd_node, graph_task_id, is_compiling
 from .uncopyable import Uncopyable
 
 __all__ = ["HostCopies", "EarlyRestore", "copy_stream"]
@@ -99,18 +100,6 @@ def write_back(rows: torch.Tensor, host: torch.Tensor, stream: Optional[Any]) ->
         rows.copy_(host, non_blocking=True)
 
 
-# looked up once: the hooks below run for every LoRA layer in every forward and backward
-_IS_COMPILING: Callable[[], bool] = getattr(getattr(torch, "compiler", None), "is_compiling", lambda: False)
-_GRAPH_TASK_ID: Optional[Callable[[], int]] = getattr(torch._C, "_current_graph_task_id", None)
-_CURRENT_NODE: Optional[Callable[[], Any]] = getattr(torch._C, "_current_autograd_node", None)
-_KEEPS_GRAPH: Optional[Callable[[], bool]] = getattr(getattr(torch._C, "_autograd", None), "_get_current_graph_task_keep_graph", None)
-
-
-def _compiling() -> bool:
-    """Whether torch.compile is tracing this call (a hook on a traced input would not run as one here)."""
-    return bool(_IS_COMPILING())
-
-
 class _UseHook:
     """A hook of one use of a weight (``owner._reached(use)`` / ``owner._input_done(use)``), holding its owner weakly:
     the tensors it sits on keep no graph or restorer alive through it."""
@@ -149,17 +138,6 @@ class _ForwardPreHook(_ForwardHook):
         owner = self.owner()
         if owner is not None and owner._done[self.layer]:
             owner._perturb_again(self.layer)
-
-
-def _pass_keeps_graph() -> bool:
-    """Whether the running backward pass keeps its graph (``retain_graph=True``, ``create_graph=True``), so that a later
-    pass may go through it again; True where torch cannot tell."""
-    return True if _KEEPS_GRAPH is None else bool(_KEEPS_GRAPH())
-
-
-def _graph_task() -> Optional[int]:
-    """The id of the backward pass running this call (-1 outside one); None where torch cannot tell."""
-    return None if _GRAPH_TASK_ID is None else _GRAPH_TASK_ID()
 
 
 class EarlyRestore:
@@ -218,10 +196,11 @@ class EarlyRestore:
         self._handles.clear()
 
     def _used(self, k: int, args: Any, output: Any) -> None:
-        if not self._handles or _in_backward():
+        if not self._handles or current_autograd_node() is not None:  # a checkpoint's rerun of a forward inside a backward
             return
         x = args[0] if args else None
-        if (_compiling() or not torch.is_grad_enabled() or _graph_task() is None or not isinstance(x, torch.Tensor) or not x.requires_grad
+        # (traced by torch.compile: a hook on a traced input would not run as one here)
+        if (is_compiling() or not torch.is_grad_enabled() or graph_task_id() is None or not isinstance(x, torch.Tensor) or not x.requires_grad
                 or not isinstance(output, torch.Tensor) or output.grad_fn is None):
             self._blind[k] = True
             return
@@ -234,12 +213,12 @@ class EarlyRestore:
 
     def _reached(self, use: int) -> None:
         if self._use_pass[use] != -1:
-            self._use_pass[use] = _graph_task()
+            self._use_pass[use] = graph_task_id()
 
     def _input_done(self, use: int) -> None:
-        if not self._handles or self._use_pass[use] in (None, -1) or self._use_pass[use] != _graph_task():
+        if not self._handles or self._use_pass[use] in (None, -1) or self._use_pass[use] != graph_task_id():
             return  # this pass did not reach the use's output, or the use is done already
-        if _pass_keeps_graph():  # the graph stays: a later pass may compute with this use's weight again
+        if backward_keeps_graph():  # the graph stays: a later pass may compute with this use's weight again
             self._use_pass[use] = None
             return
         self._use_pass[use] = -1
@@ -255,8 +234,3 @@ class EarlyRestore:
             return
         self._again[k]()
         self._done[k] = False
-
-
-def _in_backward() -> bool:
-    """Whether this call runs inside a backward pass (a checkpoint's rerun of a forward)."""
-    return _CURRENT_NODE is not None and _CURRENT_NODE() is not None

@@ -672,19 +672,18 @@ class FlatLoRA(torch.optim.Optimizer):
         if self._early is not None:
             self._early.remove()
             self._early = None
+        noise_in = self._patches is not None or bool(self._perturbations)
+        if watch_reruns and self._reruns_possible and noise_in:
+            self._rerun_watch.arm()
         if self._patches is not None:  # virtual mode: nothing was written
             self._patches.remove()
             self._patches = None
             self._perturbations = None
             release(self, self.targets)
-            if watch_reruns and self._reruns_possible:
-                self._rerun_watch.arm()
             return
         perturbations, self._perturbations = self._perturbations, None
         if not perturbations:
             return
-        if watch_reruns and self._reruns_possible:
-            self._rerun_watch.arm()
         failed: List[TargetPerturbation] = []
         swapped = [t.name for t in self.targets if t._pinned is not None and t.live_weight() is not t._pinned]
         try:

@@ -33,6 +33,7 @@ from torch.utils.hooks import RemovableHandle
 from .lora import LoRALinear
 from .perturbation import Perturber, TargetPerturbation
 from .targets import LoRATarget, is_conv1d
+from .torch_internals import is_compiling
 from .uncopyable import Uncopyable
 
 __all__ = ["NoisyLinearFunction", "VirtualPatches", "interception_point", "virtual_refusal", "INTERCEPTABLE"]
@@ -66,11 +67,6 @@ class NoisyLinearFunction(torch.autograd.Function):
         if bias is not None and ctx.needs_input_grad[2]:
             grad_bias = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(bias.dtype)
         return grad_x, grad_weight, grad_bias, None, None
-
-
-def _is_compiling() -> bool:
-    check = getattr(getattr(torch, "compiler", None), "is_compiling", None)  # torch >= 2.3
-    return bool(check()) if check is not None else False
 
 
 def reads_base_weight(target: LoRATarget) -> bool:
@@ -125,7 +121,7 @@ class _NoisyForward(Uncopyable):
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         self.called.add(self.key)
-        if _is_compiling():
+        if is_compiling():
             raise RuntimeError(
                 "FlatLoRA(mode='virtual') cannot run under torch.compile (its forward draws noise from private generators "
                 "and reroutes modules at run time). Use mode='inplace', which only writes the weights between compiled calls."

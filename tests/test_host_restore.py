@@ -705,13 +705,13 @@ def test_without_torchs_keep_graph_query_nothing_is_written_back_early(monkeypat
     """torch before 2.5 cannot say whether a backward keeps its graph (torch._C._autograd._get_current_graph_task_keep_graph):
     host restore then treats every backward as one that may be repeated and writes back at the step's restore only.
     The gradients stay exact restore's, to the bit, the weights come back bitwise."""
-    import flatlora_optim.host_restore as host_restore
+    import flatlora_optim.torch_internals as torch_internals
     from flatlora_optim.perturbation import Perturber
 
     early = []
     restore_early = Perturber.restore_early
     monkeypatch.setattr(Perturber, "restore_early", lambda self, p: (early.append(p.target.name), restore_early(self, p))[1])
-    monkeypatch.setattr(host_restore, "_KEEPS_GRAPH", None)
+    monkeypatch.setattr(torch_internals, "_keeps_graph", None)
     exact, _, _ = _train("exact")
     host, before, model = _train("host")
     assert not early
