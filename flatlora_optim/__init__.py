@@ -6,6 +6,7 @@ weights inside ``with opt.perturbed():`` and restores them bitwise exactly, with
 global RNG. See ``docs/user-guide.md``.
 """
 
+from .claims import restore_weights
 from .describe import describe_targets, format_targets
 from .lora import LoRALinear, inject_lora, lora_parameters
 from .optimizer import FlatLoRA
@@ -27,6 +28,7 @@ __all__ = [
     "Flavour",
     "LoRATarget",
     "Adapter",
+    "restore_weights",
 ]
 
 __version__ = "0.1.0"

@@ -3,17 +3,22 @@
 Two in-place wrappers on one model would each restore against what they wrote: ``a.perturb(); b.perturb();
 a.restore()`` leaves ``b``'s noise and part of ``a``'s in the weights (silently with backup restore). A wrapper
 claims its targets' weights for as long as its noise is in them, and a second one is refused before it writes.
-Entries hold weak references only, so a dropped wrapper or model frees its claims.
+Entries hold weak references only, so a freed wrapper or model frees its claims. A wrapper whose noise is in is not
+freed when the user drops it (the hooks on the model that restore it keep it alive): :func:`restore_weights` takes its
+noise out without it.
 """
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from typing import Any, Dict, List
 
+from torch import nn
+
 from .targets import LoRATarget
 
-__all__ = ["claim", "release"]
+__all__ = ["claim", "release", "restore_weights"]
 
 _HOLDERS: Dict[int, List[Any]] = {}
 """``id(weight) -> [weight, wrapper, holding]`` (weak references, and whether the wrapper's noise is in the weight now).
@@ -42,7 +47,9 @@ def claim(holder: Any, targets: List[LoRATarget]) -> None:
             raise RuntimeError(
                 f"The weight of {target.name} holds the noise of another FlatLoRA wrapper ({entry[1]()!r}). Two wrappers on one "
                 "model must not perturb at the same time: each restores against what it wrote. Use one wrapper, or let the "
-                "other restore (its block ends, its backward runs or its step() is called) first."
+                "other restore (its block ends, its backward runs or its step() is called) first. If you no longer hold it (an "
+                "error between perturb() and restore(), a notebook cell run again), flatlora_optim.restore_weights(model) takes "
+                "its noise out."
             )
     for weight, entry in zip(weights, entries):
         if entry is not None and entry[1]() is holder:
@@ -62,3 +69,24 @@ def release(holder: Any, targets: List[LoRATarget]) -> None:
         entry = _HOLDERS.get(id(target.weight))
         if entry is not None and entry[1]() in (holder, None):
             entry[2] = False
+
+
+def restore_weights(model: nn.Module) -> List[Any]:
+    """Take out the noise any :class:`~flatlora_optim.FlatLoRA` wrapper has in ``model``'s weights now, bitwise exactly
+    (each holder's ``restore(force=True)``), and return those wrappers (none: an empty list, nothing done).
+
+    For noise whose wrapper you no longer hold: an error between ``perturb()`` and ``restore()``, or a notebook cell
+    that raised inside ``perturbed()`` and was run again. Such a wrapper is not freed (the hooks on the model that
+    restore it at the end of the pending backward keep it alive), its noise stays in the weights (in virtual mode, in
+    every forward), and a new wrapper on the model is refused until it comes out. A backward through a graph built at
+    that noise raises afterwards, as after any ``restore(force=True)``.
+    """
+    holders: List[Any] = []
+    for parameter in itertools.chain(model.parameters(), model.buffers()):
+        entry = _entry(parameter)
+        holder = entry[1]() if entry is not None and entry[2] else None
+        if holder is not None and all(holder is not known for known in holders):
+            holders.append(holder)
+    for holder in holders:
+        holder.restore(force=True)
+    return holders

@@ -320,7 +320,8 @@ class FlatLoRA(torch.optim.Optimizer):
         self._reruns_possible = False  # a graph of this step built at the noise may rerun after it came off (see _restore_now)
         self._warned_no_block = False
         if hasattr(optimizer, "_optimizer_step_post_hooks"):  # (timm's Lookahead skips Optimizer.__init__: no hooks there)
-            optimizer.register_step_post_hook(_StepsElsewhere(self))
+            # removed with the wrapper: a loop that builds wrapper after wrapper around one optimizer leaves none behind
+            weakref.finalize(self, optimizer.register_step_post_hook(_StepsElsewhere(self)).remove)
 
     def _init_optimizer_hooks(self) -> None:
         # What torch.optim.Optimizer.__init__ sets up, minus building param_groups: those are
@@ -899,8 +900,8 @@ class FlatLoRA(torch.optim.Optimizer):
         state = dict(state_dict)
         flat = state.pop("flatlora", None)
         loaded = None if flat is None else self._checked_flatlora_state(flat)
+        self.base_optimizer.load_state_dict(state)  # first: where it raises (another layout of groups), the noise stays in
         self.restore(force=True)
-        self.base_optimizer.load_state_dict(state)
         if loaded is None:
             warnings.warn("Loading a state_dict without Flat-LoRA state: the noise schedule restarts at step 0.", stacklevel=2)
             self._step_index = 0
@@ -924,14 +925,22 @@ class FlatLoRA(torch.optim.Optimizer):
         """``(schedule, seed, step)`` from a saved ``"flatlora"`` entry, or a ``ValueError`` before anything changes. Warns
         where the saved run drew its noise otherwise (other target names, another ``rank_noise``): the run then does
         not continue bitwise."""
+        if not isinstance(flat, dict):
+            raise ValueError(
+                f"The Flat-LoRA state must be the dict flatlora_state_dict() gives (the \"flatlora\" entry of opt.state_dict()), not {type(flat).__name__}."
+            )
         if flat.get("version") != _STATE_VERSION:
             raise ValueError(f"Unsupported Flat-LoRA state version {flat.get('version')!r} (this library writes {_STATE_VERSION}).")
+        missing = [key for key in ("step", "seed", "rho", "schedule", "total_steps") if key not in flat]
+        if missing:
+            raise ValueError(f"The Flat-LoRA state lacks {missing}: it is not what flatlora_state_dict() wrote (a truncated or edited checkpoint?).")
+        seed, step = (_whole_number_at_least_0(flat, key) for key in ("seed", "step"))
         schedule: ScheduleLike = flat["schedule"]
         if schedule == "callable":
             if isinstance(self.schedule.schedule, str):
                 raise ValueError("The checkpoint was trained with a callable schedule; construct FlatLoRA with that callable before loading.")
             schedule = self.schedule.schedule
-        loaded = (NoiseSchedule(flat["rho"], schedule, flat["total_steps"]), int(flat["seed"]), int(flat["step"]))
+        loaded = (NoiseSchedule(flat["rho"], schedule, flat["total_steps"]), seed, step)
         saved = flat.get("targets")
         names = [t.name for t in self.targets]
         if saved is not None and list(saved) != names:
@@ -981,6 +990,14 @@ class FlatLoRA(torch.optim.Optimizer):
 
 
 MODES = ("inplace", "virtual")
+
+
+def _whole_number_at_least_0(flat: Dict[str, Any], key: str) -> int:
+    """``flat[key]`` as a Python int, or a ``ValueError`` naming it: a saved seed or step count is a whole number >= 0."""
+    value = as_int(flat[key])
+    if value is None or value < 0:
+        raise ValueError(f"The Flat-LoRA state's {key} is {flat[key]!r}: expected a whole number >= 0 (a corrupt or edited checkpoint?).")
+    return value
 
 
 def _compiled_anything() -> bool:

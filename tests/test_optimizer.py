@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import io
 
 import pytest
@@ -341,6 +342,57 @@ def test_load_state_dict_checks_before_it_changes_anything():
     with pytest.raises(ValueError, match="version"):
         fresh.load_state_dict({**state, "flatlora": {**state["flatlora"], "version": -1}})
     assert fresh.param_groups[0]["lr"] == 0.5 and fresh.step_count == 0
+
+
+def test_a_failing_inner_load_leaves_the_held_noise_in():
+    """The wrapped optimizer loads before the noise comes off: a state dict it refuses (another layout of groups)
+    changes nothing, so the pending backward still runs at the noise it was built at."""
+    model, opt = _wrapped()
+    state = opt.state_dict()
+    state["param_groups"] = state["param_groups"] + [dict(state["param_groups"][0], params=[])]
+    x, y = batch(0)
+    opt.perturb()
+    loss = nn.functional.cross_entropy(model(x), y)
+    with pytest.raises(ValueError, match="parameter groups"):
+        opt.load_state_dict(state)
+    assert opt.is_perturbed, "the refused load took the noise out before the wrapped optimizer raised"
+    loss.backward()  # the graph's weights are still the ones it was built at
+    opt.restore()
+    assert not opt.is_perturbed
+
+
+@pytest.mark.parametrize("edit, message", [
+    ({"seed": -1}, "seed is -1"),
+    ({"step": -5}, "step is -5"),
+    ({"step": 2.7}, "step is 2.7"),
+    ({"step": True}, "step is True"),
+    ("drop", "lacks"),
+    ("none", "must be the dict"),
+], ids=["negative seed", "negative step", "fractional step", "boolean step", "truncated", "None"])
+def test_a_corrupt_flatlora_entry_is_refused_before_anything_changes(edit, message):
+    model, opt = _wrapped(schedule="cosine", total_steps=10)
+    train_step(model, opt, 0)
+    state = opt.state_dict()
+    flat = None if edit == "none" else {"version": state["flatlora"]["version"]} if edit == "drop" else {**state["flatlora"], **edit}
+    _, fresh = _wrapped(make_mlp(seed=0), schedule="cosine", total_steps=10)
+    if flat is not None:  # (a state dict whose entry is None loads as one without it: a plain optimizer's)
+        with pytest.raises(ValueError, match=message):
+            fresh.load_state_dict({**state, "flatlora": flat})
+    with pytest.raises(ValueError, match=message):
+        fresh.load_flatlora_state_dict(flat)
+    assert fresh.step_count == 0 and fresh.seed == 0 and not fresh.state
+
+
+def test_wrappers_built_again_around_one_optimizer_leave_no_hooks_behind():
+    model = make_mlp(seed=0)
+    inner = torch.optim.AdamW(list(lora_parameters(model)), lr=1e-2)
+    before = len(inner._optimizer_step_post_hooks)
+    for _ in range(5):
+        opt = FlatLoRA(inner, model, rho=0.1, schedule="constant")
+    assert len(inner._optimizer_step_post_hooks) == before + 1, "each dropped wrapper left its step hook on the optimizer"
+    del opt
+    gc.collect()
+    assert len(inner._optimizer_step_post_hooks) == before
 
 
 def test_load_state_dict_inside_the_block_is_refused():

@@ -849,6 +849,44 @@ def test_a_second_wrapper_is_refused_while_the_first_ones_noise_is_in():
         pass
 
 
+@pytest.mark.parametrize("mode, restore", [("inplace", "exact"), ("inplace", "backup"), ("inplace", "host"), ("virtual", "exact")])
+def test_noise_of_a_wrapper_no_longer_held_comes_out_with_restore_weights(mode, restore):
+    """A wrapper dropped while its noise is in (an error between perturb() and restore(), a notebook cell run again)
+    is kept alive by its hooks on the model: the weights stay noisy (virtual mode: every forward), and a new wrapper is
+    refused. ``restore_weights(model)`` takes that noise out, bitwise, and the new wrapper then trains."""
+    from flatlora_optim import restore_weights
+
+    model = make_mlp(seed=0)
+    before = frozen_weights(model)
+    x, y = batch(0)
+    with torch.no_grad():
+        clean_out = model(x)
+    assert restore_weights(model) == []  # nothing held: nothing done
+    dropped = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode=mode, restore=restore)
+    dropped.perturb()
+    loss = nn.functional.cross_entropy(model(x), y)  # the graph waits for its backward: the noise stays in
+    del dropped, loss
+    gc.collect()
+    with torch.no_grad():
+        assert not torch.equal(model(x), clean_out), "the dropped wrapper's noise is no longer in: the test shows nothing"
+    fresh = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode=mode, restore=restore)
+    with pytest.raises(RuntimeError, match=r"another FlatLoRA wrapper.*restore_weights\(model\)"):
+        fresh.perturb()
+    restored = restore_weights(model)
+    assert len(restored) == 1 and restored[0] is not fresh and not restored[0].is_perturbed
+    del restored
+    assert_frozen_unchanged(model, before)
+    with torch.no_grad():
+        assert torch.equal(model(x), clean_out)
+    io.BytesIO().write(__import__("pickle").dumps(model))  # virtual mode: no patched layer left behind
+    with fresh.perturbed():
+        loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    fresh.step()
+    assert_frozen_unchanged(model, before)
+    assert restore_weights(model) == []
+
+
 def test_row_stds_of_rows_the_adapter_nearly_cancels_follow_the_formula():
     """The CPU row norms expand ``||W_i + s B_i A||^2``; where the adapter nearly cancels the row the float32 products
     cancelled catastrophically (40% off at 4e-4 of the row's norm, rows clamped to 0). Such rows are summed
