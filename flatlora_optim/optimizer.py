@@ -38,6 +38,7 @@ from .clean_reruns import CleanRerunWatch
 from .describe import describe_targets, format_targets
 from .guards import PerturbationGuards
 from .host_restore import EarlyRestore
+from .interrupts import interrupts_deferred
 from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
@@ -599,16 +600,19 @@ class FlatLoRA(torch.optim.Optimizer):
             self._computed_at_noise = True  # (no noise to compute at: the step warns of nothing)
             return
         _resharded(self.model, self.targets, self._sharded_names)
-        claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
-        self._rerun_watch.noise_in()
-        try:
-            with on_device_of(self.targets), held_views(self.targets, self._steady):
-                self._add_noise(sigma)
-                for target in self.targets:
-                    target._pinned = target.weight if target.sharded else None
-        except BaseException:
-            release(self, self.targets)
-            raise
+        # a Ctrl-C comes once the noise is in and recorded (the caller's error path then restores it): between a layer's
+        # write and its record, or the record and the guards, it would leave noise that nothing restores
+        with interrupts_deferred():
+            claim(self, self.targets)  # another wrapper's noise in these weights: refused before anything is written
+            self._rerun_watch.noise_in()
+            try:
+                with on_device_of(self.targets), held_views(self.targets, self._steady):
+                    self._add_noise(sigma)
+                    for target in self.targets:
+                        target._pinned = target.weight if target.sharded else None
+            except BaseException:
+                release(self, self.targets)
+                raise
 
     def _add_noise(self, sigma: float) -> None:
         """Draw this step's noise and put it in place. ``self._perturbations`` is set only once it is in
@@ -663,7 +667,12 @@ class FlatLoRA(torch.optim.Optimizer):
         """Take the noise out now. ``watch_reruns``: the noise is let go (a block's end, a ``restore()``, a backward's
         end; not ``step()`` or an error), so where a graph of the step built at the noise may still rerun (a layer
         computed without grad at it, or a backward kept its graph), :class:`~flatlora_optim.clean_reruns.CleanRerunWatch`
-        refuses such a rerun until the next draw or the step."""
+        refuses such a rerun until the next draw or the step. A Ctrl-C meanwhile comes once it is done: between the
+        record's hand-over and the layers' restore it would leave noise that nothing restores any more."""
+        with interrupts_deferred():
+            self._take_noise_out(watch_reruns)
+
+    def _take_noise_out(self, watch_reruns: bool) -> None:
         if self._guards is not None:
             self._computed_at_noise |= self._guards.layer_ran or self._guards.model_ran
             # no layer's hook ran at the noise: compiled code (built before the hooks) may have computed with it
