@@ -29,6 +29,7 @@ from torch import nn
 from .devices import made_current
 from .interrupts import interrupts_deferred
 from .sharding import is_dtensor, local, row_range
+from .shared_memory import check_shared_memory
 
 __all__ = [
     "Adapter",
@@ -632,6 +633,7 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
         )
     _warn_unmatched_names(targets, [t.name for t in found] + [a.name for t in found for a in t.aliases] + empty
                           + [n for n, _ in packed] + [n for names in unsupported.values() for n in names])
+    check_shared_memory(model, found)
     return found
 
 

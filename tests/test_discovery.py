@@ -254,3 +254,63 @@ def test_held_views_that_fail_on_entry_hold_nothing():
         with held_views([first, second]):
             pass
     assert first._held is None and second._held is None
+
+
+def _two_layers_over(make_first, make_second):
+    """A model of two LoRALinear layers whose base weights are ``make_first(big)`` and ``make_second(big)`` for one
+    frozen 8 x 12 ``big`` tensor (not itself in the model)."""
+    torch.manual_seed(0)
+    big = torch.randn(8, 12)
+    a, b = nn.Linear(6, 4, bias=False), nn.Linear(6, 4, bias=False)
+    a.weight, b.weight = nn.Parameter(make_first(big), requires_grad=False), nn.Parameter(make_second(big), requires_grad=False)
+    return nn.ModuleDict(dict(a=LoRALinear(a, 2, 4), b=LoRALinear(b, 2, 4)))
+
+
+@pytest.mark.parametrize("first, second", [
+    (lambda big: big[:4, :6], lambda big: big[:4, :6]),  # b.weight = nn.Parameter(a.weight.data): one view, two Parameters
+    (lambda big: big[:4, :6], lambda big: big[2:6, 3:9]),  # overlapping slices
+    (lambda big: big[:, ::2][:4, :6], lambda big: big[:, 2::2][:4, :6]),  # strided, sharing columns 2, 4, ...
+], ids=["same memory", "overlapping slices", "strided, sharing elements"])
+def test_weights_sharing_memory_through_different_tensors_are_refused(first, second):
+    """Each would get noise added twice, and exact restore then left it in (raising that the weight was modified)."""
+    model = _two_layers_over(first, second)
+    before = frozen_weights(model)
+    with pytest.raises(ValueError, match=r"'a' and 'b' hold base weights that share memory.*b\.weight = a\.weight"):
+        discover_targets(model)
+    with pytest.raises(ValueError, match="share memory"):
+        FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, schedule="constant")
+    assert_frozen_unchanged(model, before)
+
+
+def test_weights_in_one_storage_without_a_common_element_are_perturbed_and_restored():
+    """Interleaved columns of one tensor: the spans cross, no element is shared (checked element by element)."""
+    model = _two_layers_over(lambda big: big[:4, 0::2], lambda big: big[:4, 1::2])
+    before = frozen_weights(model)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    with opt.perturbed():
+        assert frozen_weights(model)["a.weight"].ne(before["a.weight"]).any()
+        loss = (model["a"](torch.randn(3, 6)) + model["b"](torch.randn(3, 6))).sum()
+    loss.backward()
+    opt.step()
+    assert_frozen_unchanged(model, before)
+
+
+def test_a_weight_inside_another_parameter_of_the_model_is_named_in_a_warning():
+    """A ``state_dict()`` taken while perturbed gives the perturbed weights' own entries clean, not the bigger tensor's."""
+    class Holder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.big = nn.Parameter(torch.randn(10, 12), requires_grad=False)
+            inner = nn.Linear(6, 4, bias=False)
+            inner.weight = nn.Parameter(self.big.data[1:5, 2:8], requires_grad=False)
+            self.a = LoRALinear(inner, 2, 4)
+
+    model = Holder()
+    with pytest.warns(UserWarning, match=r"share memory with perturbed weights \(\['big'\]\)"):
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    clean = model.big.detach().clone()
+    with opt.perturbed():
+        inside = {k: v.clone() for k, v in model.state_dict().items()}
+    assert torch.equal(inside["a.weight"], clean[1:5, 2:8])  # the weight's own entry: clean
+    assert not torch.equal(inside["big"], clean)  # the bigger tensor's: as the warning says
+    assert torch.equal(model.big, clean)
