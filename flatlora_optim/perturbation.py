@@ -211,18 +211,21 @@ class Perturber:
         former = p.former
         if former is None:
             kernel = self._kernel(p)
+            # the weight's memory as the step's first call found it (detached: a conversion, .half() or .to(), swaps the
+            # parameter's .data): a backward after it forms W + e from the weight its forward used, as autograd keeps a
+            # plain layer's saved weight (and the GPU launch keeps the dtype it was compiled for)
+            rows = p.target.rows().detach()
             if hasattr(kernel, "layer_former"):  # GPU: every block in one launch, same values
-                rows = p.target.rows()
                 former = kernel.layer_former(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), noise_dtype(rows.dtype))
             else:
-                former = functools.partial(self._perturbed_blocks, p)
+                former = functools.partial(self._perturbed_blocks, p, rows)
             p.former = former
         return former()  # no autocast-affected op in it (its row stds, p.scales(), turn autocast off themselves)
 
     @torch.no_grad()
-    def _perturbed_blocks(self, p: TargetPerturbation) -> torch.Tensor:
-        """``fl(W + e)`` block by block, through the per-block interface (the torch kernel; an FSDP2 shard)."""
-        rows = p.target.rows()
+    def _perturbed_blocks(self, p: TargetPerturbation, rows: torch.Tensor) -> torch.Tensor:
+        """``fl(W + e)`` of ``rows`` (``p``'s weight) block by block, through the per-block interface (the torch kernel;
+        an FSDP2 shard)."""
         kernel = self._kernel(p)
         work = noise_dtype(rows.dtype)
         bounds = list(chunk_bounds(*rows.shape))

@@ -783,3 +783,23 @@ def test_host_restore_puts_the_noise_back_when_a_layer_written_back_early_comput
         assert all(torch.equal(bits(layer.weight), b) for layer, b in zip(model, before)), restore
     for g, h in zip(results["exact"], results["host"]):
         torch.testing.assert_close(h, g, rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("convert", ["half", "float"])
+def test_virtual_mode_backward_after_a_conversion_uses_the_forwards_weight_on_gpu(convert):
+    """The GPU form of test_virtual's conversion test: the layer launch kept the parameter, whose ``.data`` a conversion
+    swaps, so the backward's launch read the converted weight (another dtype than the one it was compiled for)."""
+    def grads(conversion):
+        model = _model(torch.bfloat16, rows=256, cols=1024)
+        opt = _opt(model, mode="virtual")
+        x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0), requires_grad=True)
+        with opt.perturbed():
+            loss = model(x).float().square().mean()
+        if conversion is not None:
+            getattr(model, conversion)()
+        loss.backward()
+        return [p.grad.double() for p in lora_parameters(model)] + [x.grad.double()]
+
+    unconverted = grads(None)
+    for got, expected in zip(grads(convert), unconverted):
+        assert torch.equal(got, expected)
