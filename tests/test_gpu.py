@@ -10,7 +10,7 @@ import copy
 
 import pytest
 import torch
-from conftest import assert_standard_normal, bits, normal_sample_report
+from conftest import assert_standard_normal, bits, grads_converted_before_backward, normal_sample_report
 from torch import nn
 
 from flatlora_optim import FlatLoRA, LoRALinear, lora_parameters
@@ -793,13 +793,6 @@ def test_virtual_mode_backward_after_a_conversion_uses_the_forwards_weight_on_gp
         model = _model(torch.bfloat16, rows=256, cols=1024)
         opt = _opt(model, mode="virtual")
         x = torch.randn(8, 1024, device="cuda", dtype=torch.bfloat16, generator=torch.Generator("cuda").manual_seed(0), requires_grad=True)
-        with opt.perturbed():
-            loss = model(x).float().square().mean()
-        if conversion is not None:
-            getattr(model, conversion)()
-        loss.backward()
-        return [p.grad.double() for p in lora_parameters(model)] + [x.grad.double()]
+        return grads_converted_before_backward(model, opt, x, lambda out: out.float().square().mean(), conversion)
 
-    unconverted = grads(None)
-    for got, expected in zip(grads(convert), unconverted):
-        assert torch.equal(got, expected)
+    assert all(torch.equal(got, expected) for got, expected in zip(grads(convert), grads(None)))
