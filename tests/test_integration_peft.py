@@ -124,3 +124,18 @@ def test_get_peft_model_train_with_flatlora(arch):
     layer.merge()
     expected = frozen[probe.name + ".base_layer.weight"].view(torch.float32) + delta
     torch.testing.assert_close(layer.base_layer.weight, expected, rtol=0, atol=1e-6)
+
+
+def test_a_wrapper_used_after_merge_and_unload_says_to_build_a_new_one():
+    """merge_and_unload() takes the adapters out of the model; the old wrapper's layers are merged, and the error used
+    to say only "call model.unmerge_adapter()", which the returned model no longer has adapters for."""
+    base, lora = tiny_llama()
+    model = get_peft_model(base, lora)
+    opt = FlatLoRA(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3), model, rho=0.05, schedule="constant")
+    ids = torch.randint(0, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    merged = model.merge_and_unload()
+    before = {name: bits(p) for name, p in merged.named_parameters()}
+    with pytest.raises(ValueError, match=r"merge_and_unload\(\).*build a new optimizer and FlatLoRA"):
+        with opt.perturbed():
+            merged(input_ids=ids)
+    assert all(torch.equal(bits(p), before[name]) for name, p in merged.named_parameters())

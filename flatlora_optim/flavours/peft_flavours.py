@@ -90,7 +90,9 @@ def _peft_target(
         if module.merged:
             raise ValueError(
                 f"peft adapter(s) {module.merged_adapters} of {name!r} are merged into the base weight; the LoRA "
-                "parameters get no gradient while merged. Call model.unmerge_adapter() (or layer.unmerge()) before training."
+                "parameters get no gradient while merged. Call model.unmerge_adapter() (or layer.unmerge()) before training; "
+                "after merge_and_unload(), which takes the adapters out of the model, build a new optimizer and FlatLoRA for "
+                "the model it returned."
             )
         for a in active():
             label = variant_label(module, a)
