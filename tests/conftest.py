@@ -186,13 +186,3 @@ DDP_TOLERANCE = {"cpu": 1e-6, "cuda": 1e-5}
 """Absolute tolerance between two ranks' averaged gradients and one process's (the sums run in another order; cuBLAS
 picks other kernels for other batch sizes)."""
 
-
-def grads_converted_before_backward(model: nn.Module, opt, x: torch.Tensor, loss_of, conversion) -> list:
-    """The LoRA and input gradients of one block whose model is converted (``conversion``: a method name such as
-    ``"half"``, or None) after the block and before the backward."""
-    with opt.perturbed():
-        loss = loss_of(model(x))
-    if conversion is not None:
-        getattr(model, conversion)()
-    loss.backward()
-    return [p.grad.double() for p in model.parameters() if p.requires_grad] + [x.grad.double()]
