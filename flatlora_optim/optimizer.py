@@ -117,7 +117,7 @@ class _StepsElsewhere:
         owner = self.owner()
         if owner is None or id(optimizer) in _STEPPED_BY_A_WRAPPER or owner._warned_steps_elsewhere:
             return
-        if _every_lr_zero(optimizer):
+        if _every_lr_zero(optimizer) or _called_by_checkpoint_state_init():
             return  # torch.distributed.checkpoint's state initialisation given the wrapped optimizer: no training step
         owner._warned_steps_elsewhere = True
         warnings.warn(
@@ -853,8 +853,8 @@ class FlatLoRA(torch.optim.Optimizer):
         0 on zero gradients: no training step (it must neither take the noise out of a block nor advance the schedule).
         A real first step has a non-zero gradient somewhere. Like those helpers, this looks at the parameters that require
         grad only: an optimizer built from all of a model's parameters holds frozen weights too, which get no gradient."""
-        if self.base_optimizer.state or not _every_lr_zero(self.base_optimizer):
-            return False
+        if self.base_optimizer.state or not (_every_lr_zero(self.base_optimizer) or _called_by_checkpoint_state_init()):
+            return False  # (the cheap tests first: an optimizer without state, such as plain SGD, comes here every step)
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.requires_grad]
         return bool(grads) and all(g is not None for g in grads) and not any(bool(g.any()) for g in grads)
 
@@ -999,6 +999,20 @@ class FlatLoRA(torch.optim.Optimizer):
 
 
 MODES = ("inplace", "virtual")
+
+
+def _called_by_checkpoint_state_init() -> bool:
+    """Whether ``torch.distributed.checkpoint``'s state initialisation (``_init_optim_state``) is calling: before torch
+    2.4 it steps at the optimizer's own learning rates (from 2.4 at 0, which :func:`_every_lr_zero` tells)."""
+    frame = sys._getframe(1)
+    for _ in range(16):  # its step() call, the wrapper's step(), the optimizer hooks' wrappers
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "_init_optim_state" and "distributed" in code.co_filename and "checkpoint" in code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 def _whole_number_at_least_0(flat: Dict[str, Any], key: str) -> int:

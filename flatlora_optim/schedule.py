@@ -19,6 +19,7 @@ import numbers
 import operator
 from typing import Any, Callable, Optional, Union
 
+import numpy as np
 import torch
 
 __all__ = ["NoiseSchedule", "ScheduleLike", "SCHEDULE_NAMES", "as_real", "as_int"]
@@ -45,8 +46,8 @@ def as_real(value: Any) -> Optional[float]:
 def as_int(value: Any) -> Optional[int]:
     """``value`` as a Python int when it is an integer -- an int, a numpy integer, a one-element integer tensor --; None
     for anything else, booleans and floats included (``operator.index``'s rule)."""
-    if isinstance(value, bool) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
-        return None  # (numpy's bool has no __index__)
+    if isinstance(value, (bool, np.bool_)) or (isinstance(value, torch.Tensor) and value.dtype == torch.bool):
+        return None  # (numpy 1.x's bool has __index__; numpy 2's has not)
     try:
         return operator.index(value)
     except TypeError:

@@ -25,10 +25,13 @@ _keeps_graph: Optional[Callable[[], bool]] = getattr(torch._C._autograd, "_get_c
 
 
 def is_compiling() -> bool:
-    """Whether torch.compile is tracing the caller (False on a torch without ``torch.compiler.is_compiling``, >= 2.3).
+    """Whether torch.compile is tracing the caller: ``torch.compiler.is_compiling`` (torch >= 2.3), before it
+    ``torch._utils.is_compiling`` (torch 2.2, which Dynamo folds as well); False where torch has neither.
     Looked up at each call, not at import: Dynamo, tracing this, then sees the attribute it knows and folds it to True
     (a function object kept from import let virtual mode's refusal under tracing fall back to eager, unraised)."""
     check = getattr(getattr(torch, "compiler", None), "is_compiling", None)
+    if check is None:
+        check = getattr(getattr(torch, "_utils", None), "is_compiling", None)
     return bool(check()) if check is not None else False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import io
+import warnings
 
 import pytest
 import torch
@@ -782,3 +783,23 @@ def test_a_loop_inside_one_block_that_calls_a_submodule_is_warned_about_once():
         messages = [str(w.message) for w in caught if "without the next step's noise" in str(w.message)]
         assert len(messages) == (1 if calls_submodule else 0)
         assert not any(m._forward_pre_hooks for m in wrapper.modules()), "a hook stayed after the block"
+
+
+def test_a_state_initialisation_by_the_checkpoint_helpers_of_older_torch_does_not_count():
+    """Before torch 2.4, ``torch.distributed.checkpoint``'s ``_init_optim_state`` steps a fresh optimizer on zero
+    gradients at its own learning rate, not at 0: told by that caller, it is not a training step either. The same
+    step from anywhere else counts."""
+    source = "def _init_optim_state(optim):\n    optim.step()\n"
+    namespace: dict = {}
+    exec(compile(source, "/site-packages/torch/distributed/checkpoint/state_dict.py", "exec"), namespace)
+    for caller, counts in ((namespace["_init_optim_state"], 0), (lambda optim: optim.step(), 1)):
+        model, opt = _wrapped()
+        for p in lora_parameters(model):
+            p.grad = torch.zeros_like(p)
+        assert opt.param_groups[0]["lr"] > 0
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            caller(opt)  # (the step that counts warns that no layer computed at the noise)
+            caller(opt.base_optimizer)  # given the wrapped optimizer: warns only when it is not the initialisation
+        assert opt.step_count == counts
+        assert any("ran without FlatLoRA.step()" in str(w.message) for w in caught) == bool(counts)
