@@ -9,7 +9,7 @@ per method:
   (median of a few blocks), as ``step_time``'s back-to-back figure;
 * ``phases``: the host milliseconds per step spent inside a few library entry points, timed with
   ``time.perf_counter`` around each call over one more block (no profiler: these are real times). Nested
-  entries overlap: ``perturbed_rows`` runs inside the rerouted forward and backward;
+  entries overlap: ``former`` runs inside the rerouted forward;
 * the functions of ``flatlora_optim`` with the most cumulative host time per step (cProfile over one more
   block; the profiler's own cost inflates the figures, Python-heavy ones most, so read them as shares).
 
@@ -55,7 +55,7 @@ PHASES = [
     ("flatlora_optim.optimizer", "FlatLoRA", "zero_grad"),
     ("flatlora_optim.virtual", "NoisyLinearFunction", "forward"),
     ("flatlora_optim.virtual", "NoisyLinearFunction", "backward"),
-    ("flatlora_optim.perturbation", "Perturber", "perturbed_rows"),
+    ("flatlora_optim.perturbation", "Perturber", "former"),
     ("flatlora_optim.guards", "PerturbationGuards", "_forward_hook"),
 ]
 

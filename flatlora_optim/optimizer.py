@@ -43,6 +43,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
 from .sharding import check_row_sharded
+from .shared_memory import warn_of_tensors_holding_targets
 from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
 from .virtual import VirtualPatches, virtual_refusal
@@ -276,6 +277,8 @@ class FlatLoRA(torch.optim.Optimizer):
         _check_sharding(self.targets, mode)
         if mode == "virtual":
             _check_virtual(model, self.targets)
+        else:
+            warn_of_tensors_holding_targets(model, self.targets)
         self.mode = mode
         _check_optimizer_holds_adapters(optimizer, self.targets)
         trainable = [t.name for t in self.targets if t.weight.requires_grad]
@@ -909,8 +912,14 @@ class FlatLoRA(torch.optim.Optimizer):
         state = dict(state_dict)
         flat = state.pop("flatlora", None)
         loaded = None if flat is None else self._checked_flatlora_state(flat)
+        previous = self.base_optimizer.state_dict() if self.is_perturbed else None  # (references, no copies)
         self.base_optimizer.load_state_dict(state)  # first: where it raises (another layout of groups), the noise stays in
-        self.restore(force=True)
+        try:
+            self.restore(force=True)
+        except BaseException:  # a restore that fails (a weight written while perturbed): the wrapped optimizer as it was
+            if previous is not None:
+                self.base_optimizer.load_state_dict(previous)
+            raise
         if loaded is None:
             warnings.warn("Loading a state_dict without Flat-LoRA state: the noise schedule restarts at step 0.", stacklevel=2)
             self._step_index = 0
@@ -1009,7 +1018,7 @@ def _called_by_checkpoint_state_init() -> bool:
         if frame is None:
             return False
         code = frame.f_code
-        if code.co_name == "_init_optim_state" and "distributed" in code.co_filename and "checkpoint" in code.co_filename:
+        if code.co_name == "_init_optim_state" and code.co_filename.replace("\\", "/").endswith("distributed/checkpoint/state_dict.py"):
             return True
         frame = frame.f_back
     return False

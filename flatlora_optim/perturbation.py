@@ -49,7 +49,8 @@ class TargetPerturbation:
     block_seeds: Optional[torch.Tensor] = None  # the blocks' seeds on the device (fused GPU kernel)
     seeds: Optional[List[int]] = None  # every global row block's seed, computed once per step
     kernel: Any = None  # the noise kernel, chosen once per step (see Perturber._kernel)
-    former: Optional[Callable[[], torch.Tensor]] = None  # forms fl(W + e) anew on each call (virtual mode; see Perturber.perturbed_rows)
+    former: Optional[Callable[[], torch.Tensor]] = None  # forms fl(W + e) anew on each call (virtual mode; see Perturber.former)
+    former_at: int = 0  # the address of the weight memory ``former`` reads
     slot: Optional[Tuple[StepGroup, int]] = None
     """Its place in the step's :class:`StepGroup`, whose buffers hold its stds and seeds (``std`` and ``block_seeds``
     are views of them, taken on first use: most steps never need them per layer)."""
@@ -203,24 +204,28 @@ class Perturber:
         return p
 
     def perturbed_rows(self, p: TargetPerturbation) -> torch.Tensor:
-        """A new ``m x n`` tensor holding ``fl(W + e)``: virtual mode's temporary, in forward and again in backward.
+        """A new ``m x n`` tensor holding ``fl(W + e)`` of the weight as it is now (see :meth:`former`)."""
+        return self.former(p, p.target.weight)()
 
-        What forms it is set up on the first call of the step (on CUDA one launch per layer, its arguments
-        computed once: this runs 224 times per step of a 16-block Llama, and its host time shows whenever
-        the GPU has no queued work to hide it)."""
+    def former(self, p: TargetPerturbation, weight: torch.Tensor) -> Callable[[], torch.Tensor]:
+        """What forms ``fl(W + e)`` of ``weight`` (``p``'s weight, as a forward finds it) into a new ``m x n`` tensor at
+        each call: virtual mode's temporary, in forward and, through the same former, again in backward.
+
+        Set up on the step's first call and kept while the weight's memory stays (on CUDA one launch per layer, its
+        arguments computed once: this runs 224 times per step of a 16-block Llama, and its host time shows whenever the
+        GPU has no queued work to hide it). A conversion (``.half()``, ``.to()``) swaps the parameter's ``.data``: the
+        next forward gets a former of the new memory, while a backward still pending forms ``W + e`` from the detached
+        weight its forward used, as autograd keeps a plain layer's saved weight."""
         former = p.former
-        if former is None:
+        if former is None or p.former_at != weight.data_ptr():
             kernel = self._kernel(p)
-            # the weight's memory as the step's first call found it (detached: a conversion, .half() or .to(), swaps the
-            # parameter's .data): a backward after it forms W + e from the weight its forward used, as autograd keeps a
-            # plain layer's saved weight (and the GPU launch keeps the dtype it was compiled for)
             rows = p.target.rows().detach()
             if hasattr(kernel, "layer_former"):  # GPU: every block in one launch, same values
                 former = kernel.layer_former(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), noise_dtype(rows.dtype))
             else:
                 former = functools.partial(self._perturbed_blocks, p, rows)
-            p.former = former
-        return former()  # no autocast-affected op in it (its row stds, p.scales(), turn autocast off themselves)
+            p.former, p.former_at = former, weight.data_ptr()
+        return former  # (no autocast-affected op in it: its row stds, p.scales(), turn autocast off themselves)
 
     @torch.no_grad()
     def _perturbed_blocks(self, p: TargetPerturbation, rows: torch.Tensor) -> torch.Tensor:

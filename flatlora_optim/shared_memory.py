@@ -12,22 +12,28 @@ a warning says.
 from __future__ import annotations
 
 import warnings
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-__all__ = ["check_shared_memory"]
+__all__ = ["check_shared_memory", "warn_of_tensors_holding_targets"]
 
-_EXACT_CHECK_LIMIT = 1 << 24
-"""Elements up to which two strided tensors whose spans cross are compared element by element (beyond: taken as
-overlapping, which refuses rather than risks a double perturbation)."""
+_CHUNK = 1 << 20
+"""Elements whose offsets are formed at once when two strided tensors whose spans cross are compared element by
+element (8 MiB of offsets, whatever the tensors' size)."""
 
 
 def _local(tensor: torch.Tensor) -> Optional[torch.Tensor]:
-    """The tensor whose memory holds ``tensor``'s elements here (a DTensor's local shard), or None without memory."""
-    local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-    if local.device.type == "meta" or local.numel() == 0:
+    """The tensor whose memory holds ``tensor``'s elements here (a DTensor's local shard), or None where there is no
+    plain strided memory to compare (meta, empty, sparse, a wrapper subclass such as a quantized weight)."""
+    try:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        if local.layout != torch.strided or local.device.type == "meta" or local.numel() == 0:
+            return None
+        local.untyped_storage().data_ptr()
+        local.data_ptr()
+    except (RuntimeError, NotImplementedError, TypeError, AttributeError):
         return None
     return local
 
@@ -46,21 +52,49 @@ def _dense(tensor: torch.Tensor) -> bool:
     return last + 1 == tensor.numel()
 
 
-def _element_offsets(tensor: torch.Tensor) -> torch.Tensor:
-    """Every element's offset in its storage (in elements), on the CPU."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for n, s in zip(tensor.shape, tensor.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
-    return offsets.reshape(-1) + tensor.storage_offset()
+def _element_offsets(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """Every element's offset in its storage (in elements), on the CPU, in chunks of at most about ``_CHUNK``."""
+    shape, strides = tensor.shape, tensor.stride()
+    step = max(1, _CHUNK // max(1, tensor[0].numel()))  # rows of the first dimension per chunk
+    for first in range(0, shape[0], step):
+        offsets = torch.arange(first, min(first + step, shape[0]), dtype=torch.int64) * strides[0]
+        for n, s in zip(shape[1:], strides[1:]):
+            offsets = offsets.unsqueeze(-1) + torch.arange(n, dtype=torch.int64) * s
+        yield offsets.reshape(-1) + tensor.storage_offset()
+
+
+def _holds_any(tensor: torch.Tensor, offsets: torch.Tensor) -> Optional[bool]:
+    """Whether one of ``offsets`` is an element of ``tensor`` (solved digit by digit over its strides, largest first,
+    which is exact when each stride passes the span of the smaller ones, as in any slice or transpose of a
+    contiguous tensor); None where the strides are not so nested."""
+    dims = sorted((s, n) for n, s in zip(tensor.shape, tensor.stride()) if n > 1 and s != 0)
+    below = 0  # the largest offset the smaller strides reach
+    for stride, size in dims:
+        if stride <= below:
+            return None
+        below += (size - 1) * stride
+    dims.reverse()
+    rest = offsets - tensor.storage_offset()
+    inside = rest >= 0
+    for stride, size in dims:
+        digit = torch.div(rest, stride, rounding_mode="floor")
+        inside &= digit < size
+        rest = rest - digit * stride
+    return bool((inside & (rest == 0)).any())
 
 
 def _overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether ``a`` and ``b`` (whose spans in one storage cross) have an element in common."""
+    """Whether ``a`` and ``b`` (whose spans in one storage cross) have an element in common: exact for slices and
+    transposes of one tensor, whatever their size; conservatively yes for anything else."""
     if _dense(a) or _dense(b) or a.element_size() != b.element_size():
         return True  # a dense span holds every element inside it; other element sizes: conservatively, yes
-    if max(a.numel(), b.numel()) > _EXACT_CHECK_LIMIT:
-        return True
-    return bool(torch.isin(_element_offsets(a), _element_offsets(b)).any())
+    if a.numel() > b.numel():
+        a, b = b, a
+    for offsets in _element_offsets(a):
+        holds = _holds_any(b, offsets)
+        if holds is None or holds:
+            return True
+    return False
 
 
 def _crossing(tensors: Sequence[Tuple[str, torch.Tensor]]) -> List[Tuple[str, str]]:
@@ -81,13 +115,10 @@ def _crossing(tensors: Sequence[Tuple[str, torch.Tensor]]) -> List[Tuple[str, st
     return pairs
 
 
-def check_shared_memory(model: nn.Module, targets: Sequence) -> None:
-    """Refuse targets whose weights share memory through different tensors; warn of another parameter or buffer of
-    ``model`` that holds a target's weight (``targets``: :class:`~flatlora_optim.targets.LoRATarget` s)."""
-    weights = [(t.name, w) for t in targets if (w := _local(t.weight)) is not None]
-    if not weights:
-        return
-    between_targets = _crossing(weights)
+def check_shared_memory(targets: Sequence) -> None:
+    """Refuse targets whose weights share memory through different tensors (``targets``:
+    :class:`~flatlora_optim.targets.LoRATarget` s): each would get the noise twice."""
+    between_targets = _crossing(_weights(targets))
     if between_targets:
         a, b = between_targets[0]
         raise ValueError(
@@ -96,12 +127,20 @@ def check_shared_memory(model: nn.Module, targets: Sequence) -> None:
             "that memory twice and could not take it out. Tie them through one Parameter (b.weight = a.weight), which is "
             "perturbed once, or leave one out with targets=."
         )
+
+
+def warn_of_tensors_holding_targets(model: nn.Module, targets: Sequence) -> None:
+    """In-place mode: warn of parameters or buffers of ``model`` that hold a target's weight (a slice of a bigger
+    tensor), whose ``state_dict()`` entries hold the noise while it is in (virtual mode writes nothing: no warning)."""
+    weights = _weights(targets)
     weight_ids = {id(t.weight) for t in targets}
     others = []
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         local = _local(tensor) if id(tensor) not in weight_ids else None
         if local is not None:
             others.append((f"state:{name}", local))
+    if not weights or not others:
+        return
     inside = sorted({(a if a.startswith("state:") else b)[len("state:"):] for a, b in _crossing(weights + others)
                      if a.startswith("state:") != b.startswith("state:")})
     if inside:
@@ -109,5 +148,9 @@ def check_shared_memory(model: nn.Module, targets: Sequence) -> None:
             f"Parameters or buffers of the model share memory with perturbed weights ({inside[:3]}): while the noise is in, "
             "their entries of model.state_dict() hold it (only the perturbed weights' own entries are given clean). Save "
             "checkpoints outside opt.perturbed() and after the backward.",
-            stacklevel=4,
+            stacklevel=3,
         )
+
+
+def _weights(targets: Sequence) -> List[Tuple[str, torch.Tensor]]:
+    return [(t.name, w) for t in targets if (w := _local(t.weight)) is not None]

@@ -633,7 +633,7 @@ def discover_targets(model: nn.Module, targets: TargetsLike = None) -> List[LoRA
         )
     _warn_unmatched_names(targets, [t.name for t in found] + [a.name for t in found for a in t.aliases] + empty
                           + [n for n, _ in packed] + [n for names in unsupported.values() for n in names])
-    check_shared_memory(model, found)
+    check_shared_memory(found)
     return found
 
 

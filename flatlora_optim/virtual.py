@@ -46,8 +46,9 @@ class NoisyLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], perturber: Perturber, p: TargetPerturbation) -> torch.Tensor:
-        noisy = perturber.perturbed_rows(p)  # m x n, rows = output units, whatever the storage
-        ctx.perturber, ctx.p = perturber, p
+        former = perturber.former(p, weight)  # forms W + e of this weight: the backward forms the same, even after a conversion
+        noisy = former()  # m x n, rows = output units, whatever the storage
+        ctx.former, ctx.p = former, p
         # x is needed only for a trainable base weight's gradient (as in F.linear); the weight is
         # saved for autograd's version check, so writing it before backward raises.
         ctx.save_for_backward(x if weight.requires_grad else None, weight, bias)
@@ -58,7 +59,7 @@ class NoisyLinearFunction(torch.autograd.Function):
         x, weight, bias = ctx.saved_tensors
         grad_x = grad_weight = grad_bias = None
         if ctx.needs_input_grad[0]:
-            noisy = ctx.perturber.perturbed_rows(ctx.p)
+            noisy = ctx.former()
             grad_x = grad_out @ noisy.to(grad_out.dtype)
             del noisy
         if ctx.needs_input_grad[1]:  # a trainable base weight: its gradient at W + e is x-only

@@ -295,17 +295,20 @@ def test_weights_in_one_storage_without_a_common_element_are_perturbed_and_resto
     assert_frozen_unchanged(model, before)
 
 
+class _WeightInsideABiggerParameter(nn.Module):
+    """A LoRA layer whose frozen weight is a slice of the model's frozen ``big`` parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.big = nn.Parameter(torch.randn(10, 12), requires_grad=False)
+        inner = nn.Linear(6, 4, bias=False)
+        inner.weight = nn.Parameter(self.big.data[1:5, 2:8], requires_grad=False)
+        self.a = LoRALinear(inner, 2, 4)
+
+
 def test_a_weight_inside_another_parameter_of_the_model_is_named_in_a_warning():
     """A ``state_dict()`` taken while perturbed gives the perturbed weights' own entries clean, not the bigger tensor's."""
-    class Holder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.big = nn.Parameter(torch.randn(10, 12), requires_grad=False)
-            inner = nn.Linear(6, 4, bias=False)
-            inner.weight = nn.Parameter(self.big.data[1:5, 2:8], requires_grad=False)
-            self.a = LoRALinear(inner, 2, 4)
-
-    model = Holder()
+    model = _WeightInsideABiggerParameter()
     with pytest.warns(UserWarning, match=r"share memory with perturbed weights \(\['big'\]\)"):
         opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
     clean = model.big.detach().clone()
@@ -314,3 +317,39 @@ def test_a_weight_inside_another_parameter_of_the_model_is_named_in_a_warning():
     assert torch.equal(inside["a.weight"], clean[1:5, 2:8])  # the weight's own entry: clean
     assert not torch.equal(inside["big"], clean)  # the bigger tensor's: as the warning says
     assert torch.equal(model.big, clean)
+
+
+def test_column_blocks_of_one_large_tensor_are_told_apart_quickly():
+    """Two column blocks of one 4096 x 8200 tensor: their spans cross, no element is shared. They are solved stride by
+    stride, in chunks, whatever the size (an element-set comparison refused past 2^24 elements and took seconds)."""
+    from flatlora_optim.shared_memory import _overlap
+
+    big = torch.zeros(4096, 8200)
+    assert not _overlap(big[:, :4100], big[:, 4100:])
+    assert _overlap(big[:, :4101], big[:, 4100:])
+    assert not _overlap(big.t()[:100, :50], big[:50, 100:200]) and _overlap(big.t()[:100, :50], big[:50, 99:200])
+    cube = torch.zeros(4, 6, 8)
+    assert not _overlap(cube[:, ::2], cube[:, 1::2]) and _overlap(cube[:, :, :5], cube[:, :, 4:])
+
+
+def test_tensors_without_plain_memory_in_the_model_do_not_stop_discovery():
+    """A sparse buffer, or a parameter of a wrapper subclass without storage (a quantized weight of a skipped layer),
+    have no memory to compare: discovery used to raise on them."""
+    model = make_mlp(seed=0)
+    model.register_buffer("sparse", torch.eye(3).to_sparse())
+    model.register_buffer("meta", torch.empty(3, device="meta"))
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.1, schedule="constant")
+    assert len(opt.targets) == 3
+
+
+def test_virtual_mode_does_not_warn_of_a_weight_inside_another_parameter():
+    """Virtual mode writes nothing: the bigger tensor's state_dict entry stays clean, so there is nothing to warn of."""
+    import warnings as _warnings
+
+    model = _WeightInsideABiggerParameter()
+    with _warnings.catch_warnings():
+        _warnings.simplefilter("error")
+        opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    clean = model.big.detach().clone()
+    with opt.perturbed():
+        assert torch.equal(model.state_dict()["big"], clean)

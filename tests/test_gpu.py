@@ -794,8 +794,13 @@ def test_virtual_mode_backward_after_a_conversion_forms_the_forwards_w_plus_e_on
     from flatlora_optim.perturbation import Perturber
 
     formed = []
-    original = Perturber.perturbed_rows
-    monkeypatch.setattr(Perturber, "perturbed_rows", lambda self, p: formed.append(original(self, p)) or formed[-1])
+    original = Perturber.former
+
+    def recording(self, p, weight):
+        former = original(self, p, weight)
+        return lambda: formed.append(former()) or formed[-1]
+
+    monkeypatch.setattr(Perturber, "former", recording)
     model = _model(torch.bfloat16, rows=256, cols=1024)
     clean = bits(model[0].weight)
     opt = _opt(model, mode="virtual")

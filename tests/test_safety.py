@@ -941,6 +941,52 @@ def test_noise_of_a_wrapper_no_longer_held_comes_out_with_restore_weights(mode, 
     assert restore_weights(model) == []
 
 
+def test_restore_weights_finds_a_dropped_wrapper_whose_weight_is_not_a_registered_parameter():
+    """A LoRA layer whose frozen weight is a plain attribute (a view of a fused parameter): the claim is on that view,
+    which the model's parameters do not list. restore_weights finds the holder by its layers, not by the parameters."""
+    from flatlora_optim import restore_weights
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.qkv = nn.Parameter(torch.randn(12, 6, generator=torch.Generator().manual_seed(0)), requires_grad=False)
+            q = nn.Linear(6, 4, bias=False)
+            del q.weight
+            q.weight = self.qkv.data[:4]  # a plain attribute, a view of the fused parameter
+            self.q = LoRALinear(q, 2, 4)
+
+        def forward(self, x):
+            return self.q(x)
+
+    model = Fused()
+    clean = bits(model.qkv)
+    with pytest.warns(UserWarning, match="share memory with perturbed weights"):
+        dropped = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    dropped.perturb()
+    loss = model(torch.randn(3, 6)).sum()
+    del dropped, loss
+    gc.collect()
+    assert not torch.equal(bits(model.qkv), clean)
+    assert len(restore_weights(model)) == 1
+    assert torch.equal(bits(model.qkv), clean)
+
+
+def test_a_load_whose_restore_fails_leaves_the_wrapped_optimizer_as_it_was():
+    """load_state_dict loads the wrapped optimizer before the held noise comes off; where that restore then raises (a
+    weight written while perturbed), the wrapped optimizer's state goes back to what it was."""
+    model = make_mlp(seed=0)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    state = opt.state_dict()
+    state["param_groups"][0]["lr"] = 0.5
+    state["flatlora"]["step"] = 7
+    opt.perturb()
+    with torch.no_grad():
+        model[0].weight.mul_(1e6)  # written while perturbed: the exact restore refuses
+    with pytest.raises(RuntimeError, match="modified while perturbed"):
+        opt.load_state_dict(state)
+    assert opt.param_groups[0]["lr"] == 0.1 and opt.step_count == 0
+
+
 def test_row_stds_of_rows_the_adapter_nearly_cancels_follow_the_formula():
     """The CPU row norms expand ``||W_i + s B_i A||^2``; where the adapter nearly cancels the row the float32 products
     cancelled catastrophically (40% off at 4e-4 of the row's norm, rows clamped to 0). Such rows are summed

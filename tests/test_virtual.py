@@ -536,3 +536,30 @@ def test_a_conversion_between_forward_and_backward_leaves_the_gradients_those_of
         return [p.grad.double() for p in lora_parameters(model)] + [x.grad.double()]
 
     assert all(torch.equal(got, expected) for got, expected in zip(grads(convert), grads(None)))
+
+
+def test_after_a_conversion_in_a_step_a_new_forward_forms_w_plus_e_of_the_converted_weight(monkeypatch):
+    """The forward before the conversion and its pending backward form ``W + e`` from the weight that forward used; a
+    forward after it, in the same step, from the converted weight (as a plain layer would compute with it)."""
+    from flatlora_optim.perturbation import Perturber
+
+    formed = []
+    original = Perturber.former
+
+    def recording(self, p, weight):
+        former = original(self, p, weight)
+        return lambda: formed.append(former().dtype) or former()
+
+    monkeypatch.setattr(Perturber, "former", recording)
+    model = make_mlp(seed=3)
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant", mode="virtual")
+    x, y = batch(0)
+    opt.perturb()
+    loss = nn.functional.cross_entropy(model(x), y)
+    model.double()
+    model(x.double())
+    loss.backward()
+    opt.restore()
+    # three layers forward in float32, three in float64, then the first forward's backward in float32 (its first layer's
+    # input needs no gradient, so two layers form W + e there)
+    assert formed == [torch.float32] * 3 + [torch.float64] * 3 + [torch.float32] * 2
