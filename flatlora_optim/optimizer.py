@@ -43,7 +43,7 @@ from .perturbation import Perturber, TargetPerturbation
 from .restore import STRATEGY_NAMES, make_strategy
 from .schedule import NoiseSchedule, ScheduleLike, as_int, as_real
 from .sharding import check_row_sharded
-from .shared_memory import warn_of_tensors_holding_targets
+from .shared_memory import check_shared_memory, warn_of_tensors_holding_targets
 from .steady import SteadyReads
 from .targets import LoRATarget, TargetsLike, discover_targets, held_views, on_device_of
 from .virtual import VirtualPatches, virtual_refusal
@@ -595,6 +595,7 @@ class FlatLoRA(torch.optim.Optimizer):
             for target in self.targets:
                 target.check()  # e.g. merged since construction: raise before touching anything
             _check_one_device(self.targets)
+            check_shared_memory(self.targets)  # e.g. b.weight = nn.Parameter(a.weight.data) since construction
             self._steady.confirm()
         sigma = self.schedule.sigma(self._step_index)
         self._perturber.stream = _rank() if self.rank_noise == "independent" else 0

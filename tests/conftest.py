@@ -102,6 +102,16 @@ def assert_frozen_unchanged(model: nn.Module, before: dict) -> None:
         assert torch.equal(before[name], after[name]), f"{name} changed"
 
 
+def assert_block_refused_untouched(model: nn.Module, opt, error: type, match: str) -> None:
+    """Entering ``opt.perturbed()`` raises ``error`` (its message matching ``match``) before any noise goes in."""
+    before = frozen_weights(model)
+    with pytest.raises(error, match=match):
+        with opt.perturbed():
+            pass
+    assert_frozen_unchanged(model, before)
+    assert not opt.is_perturbed
+
+
 def batch(seed: int = 0, n: int = 16, dtype: torch.dtype = torch.float32):
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, 12, generator=gen).to(dtype), torch.randint(0, 5, (n,), generator=gen)

@@ -10,7 +10,7 @@ import peft
 import pytest
 import torch
 import transformers
-from conftest import assert_frozen_unchanged, frozen_weights, make_mlp
+from conftest import assert_block_refused_untouched, assert_frozen_unchanged, frozen_weights, make_mlp
 from torch import nn
 
 from flatlora_optim import FlatLoRA, LoRALinear, discover_targets, inject_lora, lora_parameters
@@ -353,3 +353,14 @@ def test_virtual_mode_does_not_warn_of_a_weight_inside_another_parameter():
     clean = model.big.detach().clone()
     with opt.perturbed():
         assert torch.equal(model.state_dict()["big"], clean)
+
+
+def test_weights_made_to_share_memory_after_construction_are_refused_at_the_next_draw():
+    """The check runs again whenever a layer changed since the last step (the steady-reads test), so a weight swapped
+    for another tensor over the same memory after the wrapper was built is refused before any noise goes in."""
+    model = _two_layers_over(lambda big: big[:4, :6], lambda big: big[4:, 6:])
+    opt = FlatLoRA(torch.optim.SGD(list(lora_parameters(model)), lr=0.1), model, rho=0.3, schedule="constant")
+    with opt.perturbed():
+        pass
+    model["b"].weight = nn.Parameter(model["a"].weight.data, requires_grad=False)
+    assert_block_refused_untouched(model, opt, ValueError, "'a' and 'b' hold base weights that share memory")

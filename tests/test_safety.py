@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, steps_in_blocks
+from conftest import assert_block_refused_untouched, assert_frozen_unchanged, batch, bits, frozen_weights, make_mlp, steps_in_blocks
 from torch import nn
 
 from flatlora_optim import FlatLoRA, LoRALinear, lora_parameters
@@ -243,12 +243,7 @@ def test_hooks_are_removed_after_restore(setup):
 def test_merged_since_construction_raises_before_touching_weights(setup):
     model, opt, _ = setup
     model[2].merge()
-    merged = frozen_weights(model)
-    with pytest.raises(ValueError, match="merged"):
-        with opt.perturbed():
-            pass
-    assert_frozen_unchanged(model, merged)
-    assert not opt.is_perturbed
+    assert_block_refused_untouched(model, opt, ValueError, "merged")
 
 
 def test_backward_twice_with_retain_graph_raises_clearly(setup):
