@@ -80,16 +80,15 @@ def restore_weights(model: nn.Module) -> List[Any]:
     every forward), and a new wrapper on the model is refused until it comes out. A backward through a graph built at
     that noise raises afterwards, as after any ``restore(force=True)``.
     """
+    holding: List[Any] = []  # every wrapper whose noise is in some weight now, once
+    for weight, wrapper, held in list(_HOLDERS.values()):
+        holder = wrapper() if held and weight() is not None else None
+        if holder is not None and all(holder is not known for known in holding):
+            holding.append(holder)
+    # those whose LoRA layers are in the model: their claims need not be the model's registered parameters (a weight
+    # that is a plain attribute, an FSDP2 shard while the model holds the unsharded copies)
     modules = {id(module) for module in model.modules()}
-    holders: List[Any] = []
-    for weight, wrapper, holding in list(_HOLDERS.values()):
-        holder = wrapper() if holding and weight() is not None else None
-        if holder is None or any(holder is known for known in holders):
-            continue
-        # the holder's targets' modules in the model: its claims need not be the model's registered parameters (a weight
-        # that is a plain attribute, an FSDP2 shard while the model holds the unsharded copies)
-        if getattr(holder, "model", None) is model or any(id(layer.module) in modules for t in holder.targets for layer in t.layers()):
-            holders.append(holder)
+    holders = [h for h in holding if any(id(layer.module) in modules for t in h.targets for layer in t.layers())]
     for holder in holders:
         holder.restore(force=True)
     return holders

@@ -216,15 +216,15 @@ class Perturber:
         GPU has no queued work to hide it). A conversion (``.half()``, ``.to()``) swaps the parameter's ``.data``: the
         next forward gets a former of the new memory, while a backward still pending forms ``W + e`` from the detached
         weight its forward used, as autograd keeps a plain layer's saved weight."""
-        former = p.former
-        if former is None or p.former_at != weight.data_ptr():
+        former, at = p.former, weight.data_ptr()
+        if former is None or p.former_at != at:
             kernel = self._kernel(p)
             rows = p.target.rows().detach()
             if hasattr(kernel, "layer_former"):  # GPU: every block in one launch, same values
                 former = kernel.layer_former(rows, p.scales(), self._device_seeds(p), rows_per_chunk(rows.shape[1]), noise_dtype(rows.dtype))
             else:
                 former = functools.partial(self._perturbed_blocks, p, rows)
-            p.former, p.former_at = former, weight.data_ptr()
+            p.former, p.former_at = former, at
         return former  # (no autocast-affected op in it: its row stds, p.scales(), turn autocast off themselves)
 
     @torch.no_grad()

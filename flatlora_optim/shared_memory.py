@@ -17,6 +17,8 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from .sharding import local as local_shard
+
 __all__ = ["check_shared_memory", "warn_of_tensors_holding_targets"]
 
 _CHUNK = 1 << 20
@@ -28,7 +30,7 @@ def _local(tensor: torch.Tensor) -> Optional[torch.Tensor]:
     """The tensor whose memory holds ``tensor``'s elements here (a DTensor's local shard), or None where there is no
     plain strided memory to compare (meta, empty, sparse, a wrapper subclass such as a quantized weight)."""
     try:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        local = local_shard(tensor)
         if local.layout != torch.strided or local.device.type == "meta" or local.numel() == 0:
             return None
         local.untyped_storage().data_ptr()
@@ -38,18 +40,20 @@ def _local(tensor: torch.Tensor) -> Optional[torch.Tensor]:
     return local
 
 
+def _last_offset(tensor: torch.Tensor) -> int:
+    """How many elements past its first the last element of ``tensor`` lies in memory."""
+    return sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
+
+
 def _span(tensor: torch.Tensor) -> Tuple[Tuple[torch.device, int], int, int]:
     """``((device, storage address), first byte, end byte)`` of the memory ``tensor``'s elements lie in."""
-    size = tensor.element_size()
-    last = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
     start = tensor.data_ptr()
-    return (tensor.device, tensor.untyped_storage().data_ptr()), start, start + (last + 1) * size
+    return (tensor.device, tensor.untyped_storage().data_ptr()), start, start + (_last_offset(tensor) + 1) * tensor.element_size()
 
 
 def _dense(tensor: torch.Tensor) -> bool:
     """Whether ``tensor``'s elements fill its span (no gaps another tensor's elements could sit in)."""
-    last = sum((n - 1) * abs(s) for n, s in zip(tensor.shape, tensor.stride()))
-    return last + 1 == tensor.numel()
+    return _last_offset(tensor) + 1 == tensor.numel()
 
 
 def _element_offsets(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
