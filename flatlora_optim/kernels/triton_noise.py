@@ -282,8 +282,10 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     contiguous and 16-byte aligned (codec variant bit 1): aligned rows are read with wide loads.
 
     ``DOT`` (16-bit weights): ``||W_i + s B_i A||^2 = ||W_i||^2 + 2 s B_i . (A W_i^T) + s^2 B_i (A A^T) B_i^T``,
-    with ``W W^T`` (its diagonal), ``A W^T`` and ``A A^T`` from the tensor cores, all ``ROWS`` rows of the
-    row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
+    with ``A W^T`` and ``A A^T`` from the tensor cores and ``||W_i||^2`` summed element by element in float32
+    (the diagonal of a tensor-core ``W W^T`` product, used before, was off by up to 1e-5 relative: the tensor
+    cores' float32 accumulation is not rounded as IEEE float32 is; it was also 5% slower), all ``ROWS`` rows of
+    the row tile in one program, so ``A`` is read once per ``ROWS`` rows (``R`` at least 16: the rank padded
     with zero rows). Adapters of the weights' type only: every product is exact and the sums are float32.
     The expansion loses accuracy where ``s B_i A`` nearly cancels ``W_i`` (not what a LoRA update does).
     A program takes ``SUB`` rows of a row tile (``ROWS // SUB`` programs per row tile): all of them with
@@ -325,7 +327,7 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     else:
         acc = tl.zeros((SUB, BLOCK_N), dtype=tl.float32)
     ranks = tl.arange(0, R)
-    squares = tl.zeros((SUB, SUB), dtype=tl.float32)  # DOT: W_i . W_k
+    own = tl.zeros((SUB,), dtype=tl.float32)  # DOT: ||W_i||^2
     projections = tl.zeros((SUB, R), dtype=tl.float32)  # DOT: A_j . W_i
     gram = tl.zeros((R, R), dtype=tl.float32)  # DOT: A_j . A_k
     if CONTIG:  # rows start 16-byte aligned and are whole 16-byte vectors long (codec variant bit 1)
@@ -341,7 +343,8 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
             w = tl.load(w_ptr + rows[:, None] * stride_row + cols[None, :] * stride_col, mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         if DOT:
             a_tile = tl.load(a_ptr + ranks[:, None] * a_row + cols[None, :] * a_col, mask=(ranks < rank)[:, None] & col_mask[None, :], other=0.0)
-            squares = tl.dot(w, tl.trans(w), squares)  # its diagonal: ||W_i||^2 (products exact, float32 sums)
+            w_wide = w.to(tl.float32)
+            own += tl.sum(w_wide * w_wide, axis=1)  # products exact, float32 sums
             projections = tl.dot(w, tl.trans(a_tile), projections)
             gram = tl.dot(a_tile, tl.trans(a_tile), gram)
         else:
@@ -360,10 +363,8 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
                 full = w.to(tl.float32) + low_rank
             acc += full * full
     if DOT:
-        inner = tl.arange(0, SUB)
         b = tl.load(b_ptr + rows[:, None] * b_row + ranks[None, :] * b_col, mask=row_mask[:, None] & (ranks < rank)[None, :], other=0.0)
         b = b.to(tl.float32) * s
-        own = tl.sum(tl.where(inner[:, None] == inner[None, :], squares, 0.0), axis=1)
         cross = tl.sum(b * projections, axis=1)
         quadratic = tl.sum(tl.dot(b, gram, input_precision="ieee") * b, axis=1)
         total = tl.maximum(own.to(tl.float64) + (2.0 * cross + quadratic).to(tl.float64), 0.0)  # rounding could take an exact 0 below it
