@@ -266,8 +266,8 @@ def test_fused_row_std_kernel_matches_the_formula():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_tensor_core_row_stds_sum_the_weights_squares_in_float32(dtype):
     """The tensor-core form (16-bit weights, adapters of their type) with ``B = 0``: the std is the weights' own row
-    norm, a float32 sum of exact squares, within 2e-6 relative of float64 over 3000 columns. The diagonal of a
-    tensor-core ``W W^T``, used before, was off by up to 1e-5 (seed 0)."""
+    norm, a float32 sum of exact squares, within 2e-6 relative of float64 over 3000 columns (seed 0). The diagonal of
+    a tensor-core ``W W^T``, used before, was off by 4.6e-6 (bf16) and 8.7e-6 (fp16) here on an H200."""
     pytest.importorskip("triton")
     kernel = kernel_for(torch.device("cuda"))
     gen = torch.Generator(device="cuda").manual_seed(0)
