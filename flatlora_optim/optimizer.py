@@ -252,20 +252,16 @@ class FlatLoRA(torch.optim.Optimizer):
             raise ValueError("The optimizer is already a FlatLoRA; wrap the plain optimizer once.")
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"FlatLoRA wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if _is_accelerate_prepared(optimizer):
+            raise ValueError(
+                f"FlatLoRA was given accelerate's prepared optimizer ({type(optimizer).__name__}). Wrap the plain optimizer, "
+                "then prepare the FlatLoRA: opt = FlatLoRA(torch.optim.AdamW(...), model, ...); model, opt = "
+                "accelerator.prepare(model, opt). The other way round, every micro-batch of a gradient-accumulation window "
+                "would count as an optimizer step and draw new noise (accelerate skips those steps inside its wrapper)."
+            )
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module holding the LoRA layers, got {type(model).__name__}.")
-        given_seed, seed = seed, as_int(seed)  # (a numpy integer or a one-element integer tensor too, as a Python int)
-        if seed is None or seed < 0:
-            raise ValueError(f"Invalid seed {given_seed!r}: expected an int >= 0.")
-        if restore not in STRATEGY_NAMES:
-            make_strategy(restore)  # raises with the list of choices
-        if rank_noise not in ("independent", "shared"):
-            raise ValueError(f"Invalid rank_noise={rank_noise!r}: choose 'independent' (a stream per rank) or 'shared' (the same noise on every rank).")
-        if mode not in MODES:
-            raise ValueError(
-                f"Invalid mode={mode!r}: choose 'inplace' (writes W+e into the weights, restores exactly) or 'virtual' (never writes the weights)."
-            )
-        self.schedule = NoiseSchedule(rho, schedule, total_steps)
+        self.schedule, seed = check_settings(rho, schedule, total_steps, seed=seed, restore=restore, mode=mode, rank_noise=rank_noise)
         self.base_optimizer = optimizer
         self.model = model
         # DDP and torch.compile wrappers add a name prefix ("module.", "_orig_mod."); targets are
@@ -960,6 +956,7 @@ class FlatLoRA(torch.optim.Optimizer):
                 raise ValueError("The checkpoint was trained with a callable schedule; construct FlatLoRA with that callable before loading.")
             schedule = self.schedule.schedule
         loaded = (NoiseSchedule(flat["rho"], schedule, flat["total_steps"]), seed, step)
+        self._warn_of_other_settings(loaded[0], seed, flat["schedule"])
         saved = flat.get("targets")
         names = [t.name for t in self.targets]
         if saved is not None and list(saved) != names:
@@ -977,6 +974,22 @@ class FlatLoRA(torch.optim.Optimizer):
                 stacklevel=3,
             )
         return loaded
+
+    def _warn_of_other_settings(self, schedule: NoiseSchedule, seed: int, schedule_name: str) -> None:
+        """Warn where a loaded state replaces the ``rho``, ``seed`` or schedule this wrapper was built with (the run
+        resumes as saved, as torch keeps a checkpoint's learning rates; a user who passed new values would not see them
+        used). ``total_steps`` is not compared: the integrations set the new run's length after loading."""
+        own_name = "callable" if callable(self.schedule.schedule) else self.schedule.schedule
+        changed = [f"{what}={new!r} (this FlatLoRA has {own!r})" for what, new, own in
+                   (("rho", schedule.rho, self.schedule.rho), ("seed", seed, self._perturber.seed), ("schedule", schedule_name, own_name))
+                   if new != own]
+        if changed:
+            warnings.warn(
+                f"The loaded Flat-LoRA state sets {', '.join(changed)}: a checkpoint's noise settings are kept, so that the run "
+                "continues as it was saved (as torch keeps a checkpoint's learning rates). To go on with other ones, set them "
+                "after loading: opt.schedule = NoiseSchedule(rho, schedule, total_steps).",
+                stacklevel=4,
+            )
 
     def _adopt(self, schedule: NoiseSchedule, seed: int, step: int) -> None:
         self.schedule = schedule
@@ -1049,6 +1062,32 @@ def _check_virtual(model: nn.Module, targets: List[LoRATarget]) -> None:
     refusals = [why for why in map(virtual_refusal, targets) if why is not None]
     if refusals:
         raise ValueError(f"mode='virtual' cannot reroute {len(refusals)} layer(s): {'; '.join(refusals[:3])}. Use mode='inplace'.")
+
+
+def check_settings(rho: float, schedule: ScheduleLike = "cosine", total_steps: Optional[int] = None, *, seed: int = 0,
+                   restore: str = "exact", mode: str = "inplace", rank_noise: str = "independent") -> Tuple[NoiseSchedule, int]:
+    """Check :class:`FlatLoRA`'s settings that need no model, as its constructor does; returns the noise schedule and
+    the seed as an int. The integrations call it where the user gives them, so that a wrong value is refused there and
+    not when training starts."""
+    given_seed, seed_value = seed, as_int(seed)  # (a numpy integer or a one-element integer tensor too, as a Python int)
+    if seed_value is None or seed_value < 0:
+        raise ValueError(f"Invalid seed {given_seed!r}: expected an int >= 0.")
+    if restore not in STRATEGY_NAMES:
+        make_strategy(restore)  # raises with the list of choices
+    if rank_noise not in ("independent", "shared"):
+        raise ValueError(f"Invalid rank_noise={rank_noise!r}: choose 'independent' (a stream per rank) or 'shared' (the same noise on every rank).")
+    if mode not in MODES:
+        raise ValueError(
+            f"Invalid mode={mode!r}: choose 'inplace' (writes W+e into the weights, restores exactly) or 'virtual' (never writes the weights)."
+        )
+    return NoiseSchedule(rho, schedule, total_steps), seed_value
+
+
+def _is_accelerate_prepared(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is accelerate's ``AcceleratedOptimizer`` (or a subclass, such as its DeepSpeed wrapper);
+    accelerate is not imported here: a process that has not imported it holds none."""
+    accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+    return isinstance(accelerated, type) and isinstance(optimizer, accelerated)
 
 
 def _check_optimizer_holds_adapters(optimizer: torch.optim.Optimizer, targets: List[LoRATarget]) -> None:

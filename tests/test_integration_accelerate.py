@@ -208,3 +208,27 @@ def test_ddp_on_two_processes_matches_one_process(tmp_path, restore, kind):
     single = _accelerate_loop(24, restore, "independent", kind)  # 6 batches of 4: 3 steps
     assert single["clean"] and single["steps"] == 3
     assert_ddp_matches_one_process(ranks, single["lora"], kind, steps=3)
+
+
+def test_flatlora_refuses_accelerates_prepared_optimizer():
+    """Wrapping the optimizer accelerate returns (the other order than the documented one) would count every micro-batch
+    of an accumulation window as a step and draw new noise for it: refused, with the documented order in the message."""
+    model = make_mlp()
+    initial = frozen_weights(model)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=3)
+    prepared = accelerator.prepare(torch.optim.AdamW(list(lora_parameters(model))))
+    with pytest.raises(ValueError, match=r"accelerator\.prepare\(model, opt\)"):
+        FlatLoRA(prepared, model, rho=0.1, total_steps=10)
+    assert all(torch.equal(initial[k], v) for k, v in frozen_weights(model).items())
+
+
+def test_count_optimizer_steps_explains_a_loader_without_length():
+    """An iterable dataset has no length before the run: a TypeError that says what to do, not len()'s own."""
+
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(torch.randn(8, 12))
+
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(TypeError, match="total_steps"):
+        count_optimizer_steps(accelerator, accelerator.prepare(DataLoader(Stream(), batch_size=4)))

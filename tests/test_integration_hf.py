@@ -565,3 +565,17 @@ def test_auto_find_batch_size_restarting_the_loop_after_an_out_of_memory_step(tm
         trainer.train()
     assert trainer.fired and trainer.state.global_step == flat_callback.flat.step_count == 5
     assert_same_bits(before, frozen_bits(model))
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(restore="bogus"), ValueError), (dict(rho=-0.1), ValueError),
+                                           (dict(schedule="cosin"), ValueError), (dict(rhoo=0.1), TypeError)])
+def test_add_flatlora_checks_its_arguments_at_the_call(tmp_path, kwargs, error):
+    """A wrong setting is refused by add_flatlora itself, before it installs anything: the Trainer stays as it was (no
+    callback added, create_optimizer and train untouched), so a corrected call goes through."""
+    trainer = Trainer(model=tiny_llama_with_lora(), args=training_args(tmp_path, max_steps=1), train_dataset=lm_data(4))
+    create_optimizer, train = trainer.create_optimizer, trainer.train
+    with pytest.raises(error):
+        add_flatlora(trainer, **kwargs)
+    assert not any(isinstance(c, FlatLoRACallback) for c in trainer.callback_handler.callbacks)
+    assert trainer.create_optimizer == create_optimizer and trainer.train == train
+    assert isinstance(add_flatlora(trainer, rho=0.1), FlatLoRACallback)

@@ -676,3 +676,65 @@ def test_a_wrapper_left_on_the_module_answers_to_the_new_callback(tmp_path):
         module, loader())
     assert probe.seen == [False]
     assert "on_train_batch_start" not in vars(module), "the stale wrapper came back after fit"
+
+
+class StepsEveryOtherBatch(TwoBackwardsMLP):
+    """Manual optimization stepping every second batch: Lightning's estimate (batches) is twice the optimizer's steps."""
+
+    def training_step(self, batch, batch_idx):
+        self.manual_backward(nn.functional.cross_entropy(self(batch[0]), batch[1]))
+        if batch_idx % 2 == 1:
+            self.optimizers().step()
+            self.optimizers().zero_grad()
+
+
+@pytest.mark.parametrize("given", [False, True], ids=["estimated", "total_steps given"])
+def test_manual_optimization_warns_that_the_estimate_counts_batches(tmp_path, given):
+    """Under manual optimization estimated_stepping_batches counts batches (12 here) while the module steps every
+    other batch (6 steps): the schedule would end at half its length's noise. The callback warns once, unless
+    total_steps is given, which then sets the schedule's length."""
+    module = StepsEveryOtherBatch()
+    callback = FlatLoRACallback(rho=0.2, total_steps=6 if given else None)
+    trainer = trainer_for(tmp_path, [callback], max_epochs=2, limit_val_batches=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(module, loader(24))
+    warned = sum("manual optimization" in str(w.message) for w in caught)
+    assert warned == (0 if given else 1)
+    assert callback.flat.step_count == 6
+    assert callback.flat.schedule.total_steps == (6 if given else 12)
+
+
+@pytest.mark.parametrize("kwargs, error", [(dict(restore="bogus"), ValueError), (dict(rho=-1.0), ValueError),
+                                           (dict(schedule="cosin"), ValueError), (dict(total_steps=0), ValueError),
+                                           (dict(seed=-1), ValueError), (dict(mode="virtul"), ValueError),
+                                           (dict(rhoo=0.1), TypeError)])
+def test_callback_checks_its_arguments_when_built(kwargs, error):
+    """A wrong setting is refused where it is written, not when fit() reaches on_fit_start (after the Trainer, the
+    module and its optimizer were set up)."""
+    with pytest.raises(error):
+        FlatLoRACallback(**kwargs)
+
+
+class SchedulerOnFlatLoRA(LitMLP):
+    """The documented way to one learning-rate series: return the FlatLoRA, with the scheduler built on it."""
+
+    def configure_optimizers(self):
+        flat = FlatLoRA(torch.optim.AdamW(list(lora_parameters(self)), lr=1e-2), self, rho=0.2, schedule="constant", seed=5)
+        return {"optimizer": flat, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.StepLR(flat, 1, gamma=0.5), "interval": "step"}}
+
+
+def test_learning_rate_monitor_logs_one_series_with_the_scheduler_on_the_flatlora(tmp_path):
+    """With the scheduler built on the FlatLoRA returned by configure_optimizers, LearningRateMonitor logs one series,
+    and the learning rate halves at every step as the scheduler says (weights clean after the fit)."""
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    module = SchedulerOnFlatLoRA()
+    before = frozen_weights(module)
+    monitor = LearningRateMonitor(logging_interval="step")
+    trainer = trainer_for(tmp_path, [monitor, FlatLoRACallback()], max_steps=4, limit_val_batches=0, log_every_n_steps=1,
+                          logger=pl.loggers.CSVLogger(str(tmp_path)))
+    trainer.fit(module, loader(24))
+    assert list(monitor.lrs) == ["lr-FlatLoRA"]
+    assert monitor.lrs["lr-FlatLoRA"] == pytest.approx([1e-2 * 0.5 ** k for k in range(4)])
+    assert_frozen_unchanged(module, before)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
-from ..optimizer import FlatLoRA
+from ..optimizer import FlatLoRA, check_settings
+from ..schedule import ScheduleLike
 
-__all__ = ["find_flatlora", "set_total_steps", "restart_schedule"]
+__all__ = ["find_flatlora", "set_total_steps", "restart_schedule", "check_integration_settings"]
 
 # Attributes under which framework wrappers keep the optimizer they wrap:
 # accelerate's AcceleratedOptimizer (and so the HF Trainer's) ``.optimizer``,
@@ -53,3 +54,17 @@ def restart_schedule(flat: FlatLoRA) -> None:
     if flat.is_perturbed:
         raise RuntimeError("restart_schedule() while Flat-LoRA's noise is in the weights: call it between steps.")
     flat._step_index = 0
+
+
+_FURTHER_KWARGS = ("mode", "rank_noise")  # FlatLoRA's keyword arguments that the integrations take as **flatlora_kwargs
+
+
+def check_integration_settings(who: str, rho: float, schedule: ScheduleLike, total_steps: Optional[int], seed: int, restore: str,
+                               flatlora_kwargs: Dict[str, Any]) -> None:
+    """Refuse, where the user passes them to an integration, the settings :class:`FlatLoRA` would refuse only when
+    training starts (a misspelt keyword, ``restore="bogus"``, ``rho < 0``). ``total_steps`` None: set later by the
+    framework (a placeholder length is checked)."""
+    unknown = sorted(set(flatlora_kwargs) - set(_FURTHER_KWARGS))
+    if unknown:
+        raise TypeError(f"{who} got unexpected keyword arguments {unknown}; besides its own it takes FlatLoRA's {list(_FURTHER_KWARGS)}.")
+    check_settings(rho, schedule, 1 if total_steps is None else total_steps, seed=seed, restore=restore, **flatlora_kwargs)

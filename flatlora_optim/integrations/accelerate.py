@@ -61,7 +61,14 @@ def count_optimizer_steps(accelerator: Any, dataloader: Any, epochs: int = 1) ->
     """
     accumulation = int(getattr(accelerator, "gradient_accumulation_steps", 1) or 1)
     plugin_kwargs = getattr(getattr(accelerator, "gradient_state", None), "plugin_kwargs", None) or {}
-    batches = len(dataloader)
+    try:
+        batches = len(dataloader)
+    except TypeError:  # an iterable dataset: no length before the run
+        raise TypeError(
+            f"count_optimizer_steps needs a dataloader with a length; {type(dataloader).__name__} has none (an iterable "
+            "dataset?). Count the run's optimizer steps yourself and pass FlatLoRA(..., total_steps=...) or "
+            "set_total_steps(opt, steps)."
+        ) from None
     if plugin_kwargs.get("sync_with_dataloader", True):
         steps = math.ceil(batches / accumulation) * int(epochs)
     else:  # the accumulation window runs across epoch boundaries

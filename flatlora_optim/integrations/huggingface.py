@@ -59,7 +59,7 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 from ..optimizer import FlatLoRA
 from ..schedule import ScheduleLike
 from ..targets import TargetsLike
-from ._common import find_flatlora, restart_schedule, set_total_steps
+from ._common import check_integration_settings, find_flatlora, restart_schedule, set_total_steps
 
 __all__ = ["FlatLoRACallback", "add_flatlora"]
 
@@ -220,6 +220,7 @@ def add_flatlora(
     if "total_steps" in flatlora_kwargs:
         raise ValueError("add_flatlora takes total_steps from the Trainer (state.max_steps); set TrainingArguments(max_steps=...) "
                          "or num_train_epochs instead of passing total_steps.")
+    check_integration_settings("add_flatlora", rho, schedule, None, seed, restore, flatlora_kwargs)
     callback = FlatLoRACallback()
     create_optimizer = trainer.create_optimizer  # bound method of the (sub)class, or a user override
 

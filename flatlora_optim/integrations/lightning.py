@@ -41,7 +41,8 @@ Per training batch (micro-batch):
 The schedule length of a wrapper the callback creates is ``trainer.estimated_stepping_batches``,
 Lightning's own count of optimizer steps (accumulation, ``max_steps``/``max_epochs``,
 ``limit_train_batches``, devices included). It takes the first epoch's accumulation for every epoch: with a
-``GradientAccumulationScheduler`` pass ``total_steps=`` (the callback warns).
+``GradientAccumulationScheduler`` pass ``total_steps=`` (the callback warns), and under manual optimization,
+where Lightning's estimate counts batches, not the optimizer's steps, too (the callback warns).
 
 Not supported: DeepSpeed and FSDP strategies (they own the optimizer and shard the weights),
 several optimizers in one LightningModule (wrap the LoRA one yourself and return it).
@@ -61,7 +62,7 @@ from lightning.pytorch.callbacks import Callback, GradientAccumulationScheduler
 from ..optimizer import FlatLoRA
 from ..schedule import ScheduleLike
 from ..targets import TargetsLike
-from ._common import find_flatlora, set_total_steps
+from ._common import check_integration_settings, find_flatlora, set_total_steps
 
 __all__ = ["FlatLoRACallback"]
 
@@ -136,6 +137,7 @@ class FlatLoRACallback(Callback):
         total_steps: Optional[int] = None,
         **flatlora_kwargs: Any,
     ):
+        check_integration_settings("FlatLoRACallback", rho, schedule, total_steps, seed, restore, flatlora_kwargs)
         self.rho = rho
         self.schedule = schedule
         self.seed = seed
@@ -148,6 +150,7 @@ class FlatLoRACallback(Callback):
         self._final_backward: Optional[ContextManager[None]] = None  # the batch's backward, between the two hooks
         self._watched: Optional[pl.LightningModule] = None  # the module whose on_train_batch_start is wrapped
         self._warned_accumulation = False
+        self._warned_manual = False
 
     def _schedule_length(self, trainer: pl.Trainer) -> int:
         if self.total_steps is not None:
@@ -158,6 +161,16 @@ class FlatLoRACallback(Callback):
                 "FlatLoRACallback takes the noise schedule's length from trainer.estimated_stepping_batches, which counts "
                 "the first epoch's accumulation for every epoch; with a GradientAccumulationScheduler the run takes another "
                 "number of optimizer steps. Pass FlatLoRACallback(total_steps=...).",
+                stacklevel=2,
+            )
+        module = trainer.lightning_module
+        if module is not None and not module.automatic_optimization and not self._warned_manual:
+            self._warned_manual = True
+            warnings.warn(
+                "FlatLoRACallback takes the noise schedule's length from trainer.estimated_stepping_batches, which under "
+                "manual optimization counts training batches, not the optimizer's steps: where training_step does not step "
+                "the optimizer at every batch, the schedule runs longer than training and the noise never reaches rho. Pass "
+                "FlatLoRACallback(total_steps=<optimizer steps of the run>).",
                 stacklevel=2,
             )
         estimated = trainer.estimated_stepping_batches
