@@ -308,6 +308,9 @@ class FlatLoRA(torch.optim.Optimizer):
         # whether a closure given to step() computes at all: set by an integration that can tell one that does not (the
         # Lightning callback: Lightning's own empty closure in manual optimization), which then runs without the noise
         self._closure_computes: Optional[Callable[[Callable[[], Any]], bool]] = None
+        # the run's length is set after a checkpoint is loaded: set by an integration that builds the wrapper and sets
+        # total_steps from its framework's count once training starts (a loaded state's other length then says nothing)
+        self._length_set_after_loading = False
         self.peak_restore_bytes = 0
         self._init_optimizer_hooks()
         self._warned_steps_elsewhere = False
@@ -976,18 +979,20 @@ class FlatLoRA(torch.optim.Optimizer):
         return loaded
 
     def _warn_of_other_settings(self, schedule: NoiseSchedule, seed: int, schedule_name: str) -> None:
-        """Warn where a loaded state replaces the ``rho``, ``seed`` or schedule this wrapper was built with (the run
-        resumes as saved, as torch keeps a checkpoint's learning rates; a user who passed new values would not see them
-        used). ``total_steps`` is not compared: the integrations set the new run's length after loading."""
+        """Warn where a loaded state replaces the ``rho``, ``seed``, schedule or ``total_steps`` this wrapper has (the run
+        resumes as saved, as torch keeps a checkpoint's learning rates; a user who set new values, a longer run say,
+        would not see them used). ``total_steps`` is not compared where an integration sets it after loading."""
         own_name = "callable" if callable(self.schedule.schedule) else self.schedule.schedule
-        changed = [f"{what}={new!r} (this FlatLoRA has {own!r})" for what, new, own in
-                   (("rho", schedule.rho, self.schedule.rho), ("seed", seed, self._perturber.seed), ("schedule", schedule_name, own_name))
-                   if new != own]
+        settings = [("rho", schedule.rho, self.schedule.rho), ("seed", seed, self._perturber.seed), ("schedule", schedule_name, own_name)]
+        if not self._length_set_after_loading:
+            settings.append(("total_steps", schedule.total_steps, self.schedule.total_steps))
+        changed = [f"{what}={new!r} (this FlatLoRA has {own!r})" for what, new, own in settings if new != own]
         if changed:
             warnings.warn(
                 f"The loaded Flat-LoRA state sets {', '.join(changed)}: a checkpoint's noise settings are kept, so that the run "
                 "continues as it was saved (as torch keeps a checkpoint's learning rates). To go on with other ones, set them "
-                "after loading: opt.schedule = NoiseSchedule(rho, schedule, total_steps).",
+                "after loading: opt.set_total_steps(T) for the run's length, opt.schedule = NoiseSchedule(rho, schedule, "
+                "total_steps) for the rest.",
                 stacklevel=4,
             )
 

@@ -738,3 +738,39 @@ def test_learning_rate_monitor_logs_one_series_with_the_scheduler_on_the_flatlor
     assert list(monitor.lrs) == ["lr-FlatLoRA"]
     assert monitor.lrs["lr-FlatLoRA"] == pytest.approx([1e-2 * 0.5 ** k for k in range(4)])
     assert_frozen_unchanged(module, before)
+
+
+class OwnFlatLoRAResized(LitMLP):
+    """A FlatLoRA of its own, set to the resumed run's length in on_train_start (the documented remedy)."""
+
+    def __init__(self):
+        super().__init__(own_flatlora=True)
+
+    def on_train_start(self):
+        self.trainer.optimizers[0].set_total_steps(self.trainer.estimated_stepping_batches)
+
+
+@pytest.mark.parametrize("resized", [False, True], ids=["kept", "set in on_train_start"])
+def test_resuming_a_longer_run_with_an_own_flatlora_warns_of_the_saved_length(tmp_path, resized):
+    """A FlatLoRA returned by configure_optimizers, resumed from a 4-step run for 8 steps: loading keeps the saved
+    length and warns that it differs from the new one; set_total_steps in the module's on_train_start (after Lightning
+    loaded the checkpoint) gives the new run its length. A wrapper the callback builds sets it itself, without warning."""
+    ckpt = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1, filename="{step}")
+    trainer_for(tmp_path, [FlatLoRACallback(), ckpt], max_steps=4, limit_val_batches=0).fit(LitMLP(own_flatlora=True), loader(16))
+    module = OwnFlatLoRAResized() if resized else LitMLP(own_flatlora=True)
+    callback = FlatLoRACallback()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(tmp_path / "b", [callback], max_steps=8, limit_val_batches=0).fit(
+            module, loader(16), ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert sum("total_steps=4 (this FlatLoRA has 8)" in str(w.message) for w in caught) == 1
+    assert callback.flat.step_count == 8
+    assert callback.flat.schedule.total_steps == (8 if resized else 4)
+
+    owned = FlatLoRACallback(rho=0.2, schedule="linear", seed=5)  # the own wrapper's settings: only the length differs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer_for(tmp_path / "c", [owned], max_steps=8, limit_val_batches=0).fit(
+            LitMLP(), loader(16), ckpt_path=str(tmp_path / "ckpt" / "step=4.ckpt"))
+    assert not any("loaded Flat-LoRA state" in str(w.message) for w in caught)
+    assert owned.flat.schedule.total_steps == 8 and owned.flat.step_count == 8

@@ -421,21 +421,26 @@ def test_loading_other_targets_or_a_plain_state_says_so():
 
 
 def test_loading_other_noise_settings_keeps_the_checkpoints_and_says_so():
-    """A state saved at rho 0.1, seed 3, constant schedule, loaded into a wrapper built with other values: the
-    checkpoint's are kept (the run resumes as saved) and a warning names each one that changed; a wrapper built with
-    the same settings loads silently. total_steps is not compared (integrations set it after loading)."""
-    model, opt = _wrapped(seed=3)
+    """A state saved at rho 0.1, seed 3, a linear schedule over 20 steps, loaded into a wrapper built with other values:
+    the checkpoint's are kept (the run resumes as saved) and a warning names each one that changed; a wrapper built
+    with the same settings loads silently, and so does one whose length an integration sets after loading."""
+    model, opt = _wrapped(seed=3, schedule="linear", total_steps=20)
     train_step(model, opt, 0)
     state = opt.state_dict()
-    _, other = _wrapped(make_mlp(seed=0), rho=0.3, seed=9, schedule="linear", total_steps=50)
-    with pytest.warns(UserWarning, match=r"rho=0\.1 \(this FlatLoRA has 0\.3\), seed=3 \(this FlatLoRA has 9\), schedule='constant'"):
+    _, other = _wrapped(make_mlp(seed=0), rho=0.3, seed=9, schedule="cosine", total_steps=50)
+    with pytest.warns(UserWarning, match=r"rho=0\.1 \(this FlatLoRA has 0\.3\), seed=3 \(this FlatLoRA has 9\), "
+                                         r"schedule='linear' \(this FlatLoRA has 'cosine'\), total_steps=20 \(this FlatLoRA has 50\)"):
         other.load_state_dict(state)
-    assert (other.schedule.rho, other.schedule.schedule, other._perturber.seed, other.step_count) == (0.1, "constant", 3, 1)
-    _, same = _wrapped(make_mlp(seed=0), seed=3, total_steps=50)
+    assert (other.schedule.rho, other.schedule.schedule, other.schedule.total_steps, other._perturber.seed, other.step_count) == \
+        (0.1, "linear", 20, 3, 1)
+    _, same = _wrapped(make_mlp(seed=0), seed=3, schedule="linear", total_steps=20)
+    _, longer = _wrapped(make_mlp(seed=0), seed=3, schedule="linear", total_steps=50)
+    longer._length_set_after_loading = True  # as the Lightning and transformers integrations mark the wrappers they size
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         same.load_state_dict(state)
         same.load_flatlora_state_dict(opt.flatlora_state_dict())
+        longer.load_state_dict(state)
 
 
 def test_resume_through_torch_distributed_checkpoint_helpers_with_the_flatlora_state():

@@ -85,6 +85,7 @@ class FlatLoRACallback(TrainerCallback):
     def __init__(self, optimizer: Optional[FlatLoRA] = None, *, sync_total_steps: bool = True):
         self.flat = optimizer
         self.sync_total_steps = sync_total_steps
+        self._mark_length_set_after_loading(optimizer)
         self.released = False  # final_backward() took this step's noise out before the optimizer step (add_flatlora)
         self._forward_hook: Any = None  # before_forward on the model being trained, from on_train_begin to the end of train()
 
@@ -95,6 +96,16 @@ class FlatLoRACallback(TrainerCallback):
                 "the Trainer, or pass optimizers=(FlatLoRA(...), None) together with the callback."
             )
         return self.flat
+
+    def _mark_length_set_after_loading(self, optimizer: Any) -> None:
+        """A FlatLoRA whose length this callback sets at on_train_begin, after the Trainer loaded a checkpoint into it: its
+        load does not warn of the checkpoint's other total_steps (its constructor's is a placeholder)."""
+        flat = find_flatlora(optimizer)
+        if flat is not None and self.sync_total_steps:
+            flat._length_set_after_loading = True
+
+    def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        self._mark_length_set_after_loading(kwargs.get("optimizer"))  # Trainer(..., optimizers=(FlatLoRA(...), None))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
         self._restore()  # a training loop restarted inside train() (auto_find_batch_size after an out-of-memory step)
@@ -242,6 +253,7 @@ def add_flatlora(
                 **flatlora_kwargs,
             )
             trainer.optimizer = flat
+        flat._length_set_after_loading = True  # the callback's on_train_begin sets it, after a checkpoint's state is loaded
         callback.flat = flat
         return trainer.optimizer
 

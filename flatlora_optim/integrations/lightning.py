@@ -207,6 +207,7 @@ class FlatLoRACallback(Callback):
             **self.flatlora_kwargs,
         )
         self._owns_wrapper = True
+        self.flat._length_set_after_loading = True  # on_train_start sets it, after a checkpoint's state is loaded
         # LR schedulers keep acting on the wrapped optimizer's param_groups, which FlatLoRA shares.
         trainer.strategy.optimizers = [self.flat]
 
