@@ -253,7 +253,7 @@ def add_flatlora(
                 **flatlora_kwargs,
             )
             trainer.optimizer = flat
-        flat._length_set_after_loading = True  # the callback's on_train_begin sets it, after a checkpoint's state is loaded
+        callback._mark_length_set_after_loading(flat)  # its on_train_begin sets the length, after a checkpoint is loaded
         callback.flat = flat
         return trainer.optimizer
 

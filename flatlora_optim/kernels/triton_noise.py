@@ -323,7 +323,7 @@ def _row_std_kernel(layers_ptr, adapters_ptr, factors_ptr, rowtile_layer_ptr, ou
     if ACC_FP64:
         acc = tl.zeros((SUB, BLOCK_N), dtype=tl.float64)
     elif DOT:
-        acc = tl.zeros((1, 1), dtype=tl.float32)  # unused: the sums are in the products below
+        acc = tl.zeros((1, 1), dtype=tl.float32)  # unused: the sums are in own, projections and gram below
     else:
         acc = tl.zeros((SUB, BLOCK_N), dtype=tl.float32)
     ranks = tl.arange(0, R)
